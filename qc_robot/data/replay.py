@@ -1,0 +1,144 @@
+"""Replay of whole episodes, sampled as action chunks.
+
+One flat, preallocated store of transitions in time order; an episode is a run of rows that
+ends with ``terminals = 1``. Offline data is loaded first, online transitions are appended after
+it, so the offline data stays in the replay (the paper's protocol). Storage is a torch tensor on
+the learner's device: sampling is an on-device gather, with no host copies inside an update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from qc_robot.data.batch import ChunkBatch
+
+_FIELDS = ("observations", "actions", "rewards", "terminals", "masks", "next_observations")
+
+
+class ChunkReplay:
+    """Transition store with the chunk-sequence sampling of QC_SPEC.
+
+    Rows hold ``observations``, ``actions``, ``rewards``, ``terminals`` (episode ended: termination
+    or time limit), ``masks`` (1 - terminated) and ``next_observations``. When full, the oldest
+    *online* rows are overwritten; the first ``keep`` rows (the offline dataset) never are.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        capacity: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
+        self.device = torch.device(device)
+        z = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=self.device)  # noqa: E731
+        self._data: dict[str, torch.Tensor] = {
+            "observations": z(capacity, obs_dim),
+            "actions": z(capacity, act_dim),
+            "rewards": z(capacity),
+            "terminals": z(capacity),
+            "masks": z(capacity),
+            "next_observations": z(capacity, obs_dim),
+        }
+        self.size = 0
+        self.keep = 0  # rows protected from overwrite (the offline dataset)
+        self._cursor = 0  # next row to write once full
+
+    # -- filling -----------------------------------------------------------------------------
+    def add_offline(self, data: Mapping[str, np.ndarray]) -> None:
+        """Load a dataset of whole episodes (flat arrays with the fields above) and protect it."""
+        n = self._append(data)
+        self.keep = self.size
+        self._cursor = self.size % self.capacity if self.size < self.capacity else self.keep
+        del n
+
+    def add(self, transition: Mapping[str, np.ndarray | float]) -> None:
+        """Append one online transition (fields above, unbatched)."""
+        row = {k: np.asarray(transition[k], dtype=np.float32)[None] for k in _FIELDS}
+        self._append(row)
+
+    def _append(self, data: Mapping[str, np.ndarray]) -> int:
+        n = len(data["rewards"])
+        for k in _FIELDS:
+            if k not in data:
+                raise KeyError(f"replay data is missing '{k}'")
+            if len(data[k]) != n:
+                raise ValueError(f"replay field '{k}' has {len(data[k])} rows, rewards has {n}")
+        if self.size + n <= self.capacity:
+            rows = slice(self.size, self.size + n)
+            for k in _FIELDS:
+                self._data[k][rows] = _tensor(data[k], self.device).reshape(self._data[k][rows].shape)
+            self.size += n
+            return n
+        if self.keep + n > self.capacity:
+            raise ValueError(
+                f"replay capacity {self.capacity} cannot hold {self.keep} protected rows plus {n} new ones"
+            )
+        # Ring over the online region [keep, capacity).
+        for j in range(n):
+            if self._cursor >= self.capacity or self._cursor < self.keep:
+                self._cursor = self.keep
+            for k in _FIELDS:
+                self._data[k][self._cursor] = _tensor(data[k][j], self.device)
+            self._cursor += 1
+        self.size = self.capacity
+        return n
+
+    # -- sampling ----------------------------------------------------------------------------
+    def sample(self, batch_size: int, horizon: int, discount: float, generator: torch.Generator | None = None) -> ChunkBatch:
+        """Sample ``batch_size`` chunks of length ``horizon`` with uniformly drawn start rows.
+
+        Start rows are drawn from [0, size - horizon] so a chunk never runs past the stored
+        data; a chunk may run past its episode's end, and ``valid``/``masks`` then mark the
+        padding exactly as QC_SPEC prescribes.
+        """
+        if self.size < horizon:
+            raise ValueError(f"replay holds {self.size} transitions, fewer than one chunk ({horizon})")
+        start = torch.randint(0, self.size - horizon + 1, (batch_size,), device=self.device, generator=generator)
+        return self.gather(start, horizon, discount)
+
+    def gather(self, start: torch.Tensor, horizon: int, discount: float) -> ChunkBatch:
+        """Build the chunk batch for given start rows (B,)."""
+        d = self._data
+        idx = start[:, None] + torch.arange(horizon, device=self.device)  # (B, h)
+        rewards = d["rewards"][idx]  # (B, h)
+        terminals = torch.cummax(d["terminals"][idx], dim=1).values  # (B, h) episode ended by step k
+        masks = torch.cummin(d["masks"][idx], dim=1).values  # (B, h) no true termination up to k
+        valid = torch.ones_like(terminals)
+        valid[:, 1:] = 1.0 - terminals[:, :-1]  # steps after the end are padding
+        powers = discount ** torch.arange(horizon, device=self.device, dtype=torch.float32)
+        cum_rewards = torch.cumsum(rewards * powers * valid, dim=1)  # (B, h) Σ_{j≤k} γ^j r_{t+j}
+        return ChunkBatch(
+            observations=d["observations"][start],
+            actions=d["actions"][idx],  # (B, h, A)
+            rewards=cum_rewards,
+            masks=masks,
+            terminals=terminals,
+            valid=valid,
+            next_observations=d["next_observations"][start + horizon - 1],
+        )
+
+    # -- inspection --------------------------------------------------------------------------
+    def numpy(self) -> dict[str, np.ndarray]:
+        """The stored rows as numpy arrays (in storage order)."""
+        return {k: v[: self.size].cpu().numpy() for k, v in self._data.items()}
+
+    def state_dict(self) -> dict[str, object]:
+        return {"size": self.size, "keep": self.keep, "cursor": self._cursor,
+                "data": {k: v[: self.size].cpu() for k, v in self._data.items()}}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        data = state["data"]
+        assert isinstance(data, Mapping)
+        n = int(state["size"])  # type: ignore[arg-type]
+        for k in _FIELDS:
+            self._data[k][:n] = data[k].to(self.device)
+        self.size, self.keep, self._cursor = n, int(state["keep"]), int(state["cursor"])  # type: ignore[arg-type]
+
+
+def _tensor(x: np.ndarray | torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
