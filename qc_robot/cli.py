@@ -45,6 +45,12 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def _is_override(arg: str) -> bool:
+    """'a.b=c' or '+x=1' is an override of its own, not the value of a preceding flag."""
+    key = arg.partition("=")[0].lstrip("+~")
+    return "=" in arg and key.replace(".", "").replace("_", "").replace("-", "").isalnum()
+
+
 def flags_to_overrides(args: list[str]) -> list[str]:
     """['--policy', 'm.onnx', '--x=1', 'a=b'] → ['policy=m.onnx', 'x=1', 'a=b']."""
     out: list[str] = []
@@ -52,10 +58,11 @@ def flags_to_overrides(args: list[str]) -> list[str]:
     while i < len(args):
         a = args[i]
         if a.startswith("--") and len(a) > 2:
-            key = a[2:].replace("-", "_")
-            if "=" in key:
-                out.append(key)
-            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, eq, value = a[2:].partition("=")
+            key = key.replace("-", "_")  # --log-dir → log_dir; values are left as written
+            if eq:
+                out.append(f"{key}={value}")
+            elif i + 1 < len(args) and not args[i + 1].startswith("--") and not _is_override(args[i + 1]):
                 out.append(f"{key}={args[i + 1]}")
                 i += 1
             else:
@@ -70,15 +77,19 @@ def compose(verb: str, overrides: list[str]) -> Any:
     """The verb's config as a validated dataclass."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     from qc_robot.config import to_dataclass
 
     schema = _load(VERBS[verb].schema)
+    # configs/<verb>.yaml lists "<verb>_schema" first in its defaults: the dataclass is the base
+    # of the composed config, so every field can be overridden and unknown keys or bad types fail.
+    ConfigStore.instance().store(name=f"{verb}_schema", node=schema)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = hydra_compose(config_name=verb, overrides=overrides)
-    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)  # unknown keys / bad types raise
-    return to_dataclass(schema, merged)
+    OmegaConf.resolve(cfg)
+    return to_dataclass(schema, cfg)
 
 
 def _usage() -> str:

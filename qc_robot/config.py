@@ -48,6 +48,10 @@ class AgentConfig:
     """0: time enters the flow net as a scalar; >0: that many Fourier features."""
     compile: bool = False
     """torch.compile the update (pays off on GPU and for long CPU runs)."""
+    sample_dtype: str = "float32"
+    """dtype of the no-grad sampling inside an update (best-of-N / distillation targets):
+    'float32' or 'bfloat16' (bf16 weight copies; Euler state, normalization and the target
+    critic stay fp32). Acting always runs in fp32."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
 
@@ -57,9 +61,10 @@ class EnvConfig:
     """A simulated task."""
 
     name: str = "cube-single-task1"
-    """Short task name understood by ``sim.tasks`` (e.g. cube-double-task2, scene-task2)."""
-    sparse_reward: bool = False
-    """r = -1 unless the env reward is 0 (the paper's setting for scene and puzzle)."""
+    """Short task name ('' in ``eval``: the checkpoint's task); understood by ``sim.tasks`` (e.g. cube-double-task2, scene-task2)."""
+    sparse_reward: bool | None = None
+    """r = -1 unless the env reward is 0; None: the task's default (sparse for scene and puzzle,
+    as in the paper)."""
     max_episode_steps: int = 0
     """0: the task's own limit."""
 

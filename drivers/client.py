@@ -1,0 +1,249 @@
+"""The robot-side ZeroMQ client: handshake, chunk requests, heartbeats, reconnects.
+
+A DEALER socket talks to the server's ROUTER. Requests are asynchronous: ``request`` sends an
+observation and returns its request id at once; ``poll`` returns the reply to the *outstanding*
+request only. Replies to anything else (a request given up after a timeout, a superseded one, a
+previous server) are counted and dropped, so a late reply is never executed at the wrong step.
+
+Reconnecting: a request timeout, a ``no_session`` error (the server restarted) or a server Bye
+make the client open a fresh socket (dropping anything queued for the old server) and send Hello
+again, without blocking the control loop: ``request`` returns None until a Welcome is back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from qc_robot import protocol as P
+
+log = logging.getLogger("qc_robot.client")
+
+
+class HandshakeError(ConnectionError):
+    """The server refused the driver (``error`` holds its Error) or did not answer."""
+
+    def __init__(self, message: str, error: P.Error | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    chunks: int = 0
+    errors: int = 0
+    stale_dropped: int = 0
+    timeouts: int = 0
+    reconnects: int = 0
+
+
+class PolicyClient:
+    """Connects one driver to a policy server."""
+
+    def __init__(self, address: str, hello: P.Hello, *, context: zmq.Context | None = None,
+                 hello_retry_s: float = 0.5) -> None:
+        self.address, self.hello = address, hello
+        self.hello_retry_s = hello_retry_s
+        self.welcome: P.Welcome | None = None
+        self.stats = ClientStats()
+        self.last_error: P.Error | None = None
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+        self._outstanding: int | None = None
+        self._hello_sent = -1e9
+        self._last_send = 0.0
+        self._hb_seq = 0
+        self._pong: dict[int, float] = {}
+
+    # -- connection ----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.welcome is not None and self._sock is not None
+
+    def connect(self, timeout_s: float = 10.0) -> P.Welcome:
+        """Blocking handshake; raises HandshakeError if refused or unanswered within ``timeout_s``."""
+        self._new_socket()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._maybe_send_hello()
+            self._pump(min(0.05, max(0.0, deadline - time.monotonic())))
+            if self.welcome is not None:
+                return self.welcome
+            if self.last_error is not None and self.last_error.code != P.ErrorCode.NO_SESSION:
+                raise HandshakeError(f"server refused the driver: {self.last_error.code}: "
+                                     f"{self.last_error.message}", self.last_error)
+        raise HandshakeError(f"no answer from {self.address} within {timeout_s:.1f} s")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            if self.welcome is not None:
+                self._send(P.Bye("driver closing"))
+            self._sock.close(0)
+            self._sock = None
+        self.welcome = None
+
+    def reconnect(self) -> None:
+        """Fresh socket and handshake in the background (``ready`` turns True on Welcome)."""
+        self.stats.reconnects += 1
+        log.warning("reconnecting to %s", self.address)
+        self._new_socket()
+
+    def _new_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # never queue requests for a server that is not there
+        s.setsockopt(zmq.RECONNECT_IVL, 100)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        s.connect(self.address)
+        self._sock, self.welcome, self.last_error = s, None, None
+        self._outstanding, self._hello_sent = None, -1e9
+
+    def _maybe_send_hello(self) -> None:
+        if self.welcome is None and time.monotonic() - self._hello_sent > self.hello_retry_s:
+            if self._send(self.hello):
+                self._hello_sent = time.monotonic()
+
+    def _send(self, msg: P.Message) -> bool:
+        assert self._sock is not None
+        try:
+            self._sock.send(P.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:  # not connected (IMMEDIATE) or flooded: the caller retries later
+            return False
+        self._last_send = time.monotonic()
+        return True
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def request(self, obs: dict[str, np.ndarray], episode_id: int, step: int, reset: bool = False) -> int | None:
+        """Send an observation; returns its request id, or None if it could not be sent now."""
+        if not self.ready:
+            self._maybe_send_hello()
+            self._pump(0.0)
+            if not self.ready:
+                return None
+        rid = next(self._ids)
+        if not self._send(P.Observation(rid, episode_id, step, time.time(), obs, reset)):
+            return None
+        self._outstanding = rid
+        self.stats.requests += 1
+        return rid
+
+    def poll(self, timeout_s: float = 0.0) -> P.Chunk | P.Error | None:
+        """The reply to the outstanding request if it is here (waiting up to ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            reply = self._pump(max(0.0, deadline - time.monotonic()))
+            if reply is not None or time.monotonic() >= deadline:
+                return reply
+
+    def cancel(self, timed_out: bool = False) -> None:
+        """Forget the outstanding request; its reply will be dropped. A timeout reconnects."""
+        self._outstanding = None
+        if timed_out:
+            self.stats.timeouts += 1
+            self.reconnect()
+
+    def send_transition(self, tr: P.Transition) -> bool:
+        """Fire-and-forget; False if not sent (not connected)."""
+        return self.ready and self._send(tr)
+
+    def heartbeat(self) -> None:
+        """Send a Heartbeat if nothing was sent for the server's heartbeat interval."""
+        if self.ready and self.welcome and time.monotonic() - self._last_send > self.welcome.heartbeat_s:
+            self.ping()
+
+    def ping(self, timeout_s: float = 0.0) -> float | None:
+        """Send a Heartbeat; with ``timeout_s`` > 0 wait for the echo and return the round trip (s)."""
+        if self._sock is None:
+            self._new_socket()
+        self._hb_seq += 1
+        seq, t0 = self._hb_seq, time.monotonic()
+        if not self._send(P.Heartbeat(seq, time.time())):
+            return None
+        deadline = t0 + timeout_s
+        while time.monotonic() < deadline:
+            self._pump(max(0.0, deadline - time.monotonic()))
+            if seq in self._pong:
+                return self._pong.pop(seq) - t0
+        return None
+
+    # -- receive -------------------------------------------------------------------------------
+
+    def _pump(self, timeout_s: float) -> P.Chunk | P.Error | None:
+        """Handle everything that arrived; return the reply to the outstanding request, if any."""
+        if self._sock is None:
+            return None
+        if not self._sock.poll(int(timeout_s * 1e3)):
+            return None
+        while True:
+            try:
+                data = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            try:
+                msg = P.decode(data)
+            except P.ProtocolError as e:
+                log.warning("undecodable message from server: %s", e)
+                continue
+            reply = self._handle(msg)
+            if reply is not None:
+                return reply
+
+    def _handle(self, msg: P.Message) -> P.Chunk | P.Error | None:
+        if isinstance(msg, P.Chunk):
+            if msg.request_id != self._outstanding:
+                self.stats.stale_dropped += 1
+                return None
+            self._outstanding = None
+            self.stats.chunks += 1
+            return msg
+        if isinstance(msg, P.Welcome):
+            if self.welcome is None:
+                self.welcome = msg
+                for w in msg.warnings:
+                    log.warning("server: %s", w)
+            return None
+        if isinstance(msg, P.Heartbeat):
+            self._pong[msg.seq] = time.monotonic()
+            return None
+        if isinstance(msg, P.Bye):
+            log.warning("server said bye: %s", msg.reason)
+            self.reconnect()
+            return None
+        if isinstance(msg, P.Error):
+            self.stats.errors += 1
+            self.last_error = msg
+            mine = msg.request_id is not None and msg.request_id == self._outstanding
+            if msg.code == P.ErrorCode.NO_SESSION and self.welcome is not None:
+                log.warning("server lost our session (restarted?): handshaking again")
+                self._new_socket()
+                self.stats.reconnects += 1
+                return msg if mine else None
+            if mine:
+                self._outstanding = None
+                return msg
+            if msg.request_id is None:
+                log.warning("server error: %s: %s", msg.code, msg.message)
+            else:
+                self.stats.stale_dropped += 1
+            return None
+        log.warning("unexpected %s from server", msg.TYPE)
+        return None
+
+    def __enter__(self) -> PolicyClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,45 @@
+"""``qc-robot drive`` configuration (schema of ``configs/drive.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from drivers.safety import SafetyConfig
+from qc_robot.config import EnvConfig
+
+
+@dataclass
+class DriveConfig:
+    """Run a driver against a policy server for a number of episodes."""
+
+    driver: str = "sim"
+    """Registered driver name (drivers.registry): 'sim' or 'mock'."""
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(name="cube-double-task2"))
+    """The simulated task (sim driver only)."""
+    server: str = "tcp://127.0.0.1:5555"
+    episodes: int = 10
+    seed: int = 0
+    """Episode i resets with seed + i."""
+    mode: str = "open_loop"
+    """'open_loop' (QC: run the whole chunk, then ask) or 'latency_aware' (ask early, drop stale)."""
+    request_threshold: float = 0.5
+    """latency_aware: ask for the next chunk when this fraction of H (or the measured delay, if
+    larger) is left in the queue."""
+    realtime: bool = True
+    """sim: wall-clock robot (True) or lockstep (False: the world waits for the policy)."""
+    time_scale: float = 1.0
+    """Speed-up of the wall clock (sim and the control loop), e.g. 5 in tests."""
+    latency_ms: float = 0.0
+    """sim: actuation latency."""
+    obs_noise: float = 0.0
+    """sim: observation noise std."""
+    request_timeout_s: float = 2.0
+    """A chunk not back after this long is given up (a late reply is then never executed)."""
+    connect_timeout_s: float = 30.0
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    driver_args: dict[str, Any] = field(default_factory=dict)
+    """Further driver-specific config keys (override the common ones above)."""
+    send_transitions: bool = True
+    """Stream executed transitions when the server asks for them (it logs episodes)."""
+    log_level: str = "WARNING"

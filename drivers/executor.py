@@ -1,0 +1,182 @@
+"""The chunk broker on the robot side: which action to execute this control step.
+
+Two strategies, one object:
+
+* ``open_loop`` (QC's default): execute all H actions of a chunk, then ask again. Never
+  requests while a chunk is queued, so no inference is wasted.
+* ``latency_aware``: ask for the next chunk early, when the queue falls to the measured
+  inference delay (or ``threshold``·H, whichever is larger); every action carries the step it
+  was planned for (chunk start_step + i) and actions whose step has passed are dropped. The
+  delay is *measured* per reply as the control steps between request and arrival.
+
+The executor returns None when it has nothing valid for the step; the safety layer then holds.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from qc_robot import protocol as P
+
+log = logging.getLogger("qc_robot.executor")
+MODES = ("open_loop", "latency_aware")
+
+
+class ChunkSource(Protocol):
+    """What the executor needs from a client (``drivers.client.PolicyClient`` implements it)."""
+
+    def request(self, obs: dict[str, np.ndarray], episode_id: int, step: int, reset: bool = False) -> int | None: ...
+
+    def poll(self, timeout_s: float = 0.0) -> P.Chunk | P.Error | None: ...
+
+    def cancel(self, timed_out: bool = False) -> None: ...
+
+
+@dataclass
+class ExecutorStats:
+    requests: int = 0
+    chunks: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    executed: int = 0
+    empty: int = 0
+    """Steps with nothing to execute (held by the safety layer)."""
+    dropped_stale: int = 0
+    """Actions dropped because their step had passed when they arrived."""
+    rtt_ms: list[float] = field(default_factory=list)
+    delay_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Inflight:
+    request_id: int
+    step: int
+    sent: float
+
+
+class ChunkExecutor:
+    """Turns a stream of chunk replies into one action per control step."""
+
+    def __init__(self, source: ChunkSource, chunk_len: int, mode: str = "open_loop", threshold: float = 0.5,
+                 request_timeout_s: float = 2.0, wait_when_empty: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.source, self.chunk_len, self.mode = source, chunk_len, mode
+        self.threshold, self.request_timeout_s = threshold, request_timeout_s
+        self.wait_when_empty = wait_when_empty
+        """Lockstep drivers: block for each reply (the world waits too, so the delay is 0 steps)."""
+        self.clock = clock
+        self.stats = ExecutorStats()
+        self._queue: collections.deque[tuple[int, np.ndarray]] = collections.deque()  # (step, action)
+        self._inflight: _Inflight | None = None
+        self._recent_delays: collections.deque[int] = collections.deque(maxlen=8)
+
+    @property
+    def delay_steps(self) -> int:
+        """Measured inference delay in control steps (max of the last 8 replies; 0 before any)."""
+        return max(self._recent_delays, default=0)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def reset(self) -> None:
+        """New episode: drop queued actions and forget the request in flight (its reply is stale)."""
+        self._queue.clear()
+        if self._inflight is not None:
+            self.source.cancel()
+            self._inflight = None
+
+    def act(self, obs: dict[str, np.ndarray], step: int, episode_id: int) -> np.ndarray | None:
+        """The action for control ``step`` of ``episode_id`` (None: nothing valid, hold)."""
+        self._accept(self.source.poll(0.0), step)
+        if self._inflight is not None and self.clock() - self._inflight.sent > self.request_timeout_s:
+            log.warning("request %d unanswered after %.1f s: given up", self._inflight.request_id,
+                        self.request_timeout_s)
+            self.stats.timeouts += 1
+            self.source.cancel(timed_out=True)
+            self._inflight = None
+        self._drop_stale(step)
+        if self._inflight is None and self._want_chunk():
+            rid = self.source.request(obs, episode_id, step, reset=step == 0)
+            if rid is not None:
+                self.stats.requests += 1
+                self._inflight = _Inflight(rid, step, self.clock())
+        if self.wait_when_empty:  # the world waits for the policy: no step passes during inference
+            while self._inflight is not None:
+                left = self.request_timeout_s - (self.clock() - self._inflight.sent)
+                if left <= 0:
+                    self.stats.timeouts += 1
+                    self.source.cancel(timed_out=True)
+                    self._inflight = None
+                    break
+                self._accept(self.source.poll(min(left, 0.05)), step)
+        return self._pop(step)
+
+    def idle(self, deadline: float, next_step: int) -> None:
+        """Wait for replies until ``deadline`` (on ``clock``) between ticks, so a reply is taken in
+        (and its round trip measured) when it arrives, not at the next tick."""
+        while self._inflight is not None:
+            left = deadline - self.clock()
+            if left < 1e-3:  # socket polls have 1 ms resolution: do not spin
+                return
+            self._accept(self.source.poll(left), next_step)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _want_chunk(self) -> bool:
+        if self.mode == "open_loop":
+            return not self._queue  # never ask while a chunk is queued
+        low_water = max(math.ceil(self.threshold * self.chunk_len), self.delay_steps)
+        return len(self._queue) <= low_water
+
+    def _accept(self, reply: P.Chunk | P.Error | None, step: int) -> None:
+        if reply is None or self._inflight is None:
+            return
+        if reply.request_id != self._inflight.request_id:
+            return  # the client filters these; belt and braces
+        sent_step, rtt = self._inflight.step, self.clock() - self._inflight.sent
+        self._inflight = None
+        if isinstance(reply, P.Error):
+            self.stats.errors += 1
+            log.warning("request %d failed: %s: %s", reply.request_id, reply.code, reply.message)
+            return
+        if reply.start_step != sent_step:
+            log.error("chunk for step %d answers a request made at step %d: dropped", reply.start_step, sent_step)
+            return
+        self.stats.chunks += 1
+        delay = step - sent_step
+        self._recent_delays.append(delay)
+        if len(self.stats.rtt_ms) < 100_000:
+            self.stats.rtt_ms.append(rtt * 1e3)
+            self.stats.delay_steps.append(delay)
+        actions = np.asarray(reply.actions, np.float32)  # (H, A)
+        if self.mode == "open_loop":
+            self._queue = collections.deque((step + i, a) for i, a in enumerate(actions))
+        else:  # each action keeps the step it was planned for; the newest chunk replaces the rest
+            self._queue = collections.deque((reply.start_step + i, a) for i, a in enumerate(actions))
+            if delay >= len(actions):
+                log.warning("inference delay %d steps >= chunk length %d: every action is stale",
+                            delay, len(actions))
+
+    def _drop_stale(self, step: int) -> None:
+        while self._queue and self._queue[0][0] < step:
+            self._queue.popleft()
+            self.stats.dropped_stale += 1
+
+    def _pop(self, step: int) -> np.ndarray | None:
+        self._drop_stale(step)
+        if self._queue and self._queue[0][0] == step:
+            self.stats.executed += 1
+            return self._queue.popleft()[1]
+        self.stats.empty += 1
+        return None

@@ -1,0 +1,182 @@
+"""The safety layer that wraps every driver (on by default).
+
+Per control tick the loop hands it the policy's action for this step, or None when it has no
+fresh one. The layer then:
+
+* rejects NaN/inf or wrongly shaped actions (treated as "no fresh action");
+* clips to the driver's action limits and to ``max_delta`` change per step;
+* holds (sends the driver's hold action) whenever there is no fresh action, including at
+  start-up until the first valid action arrives, so a robot that connects before the policy
+  is ready waits instead of tripping;
+* trips the watchdog once actions have been flowing and none arrived for ``watchdog_s``:
+  ``on_timeout='hold'`` keeps holding and resumes with the next fresh action, ``'stop'`` calls
+  the driver's ``stop()`` and ignores actions until ``rearm()`` (an operator decision).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from drivers.base import Driver, DriverSpec, StepInfo
+
+log = logging.getLogger("qc_robot.safety")
+
+
+@dataclass
+class SafetyConfig:
+    """Safety limits applied on the robot side, whatever the server sends."""
+
+    enabled: bool = True
+    """False keeps only the driver's own limit clipping (never recommended on hardware)."""
+    max_delta: list[float] = field(default_factory=list)
+    """Largest change of the command per step: [] = off, one value for all dims, or one per dim."""
+    watchdog_s: float = 0.5
+    """No fresh action for this long (after the first one) trips the watchdog."""
+    on_timeout: str = "hold"
+    """'hold' (keep sending the hold action, resume on the next fresh one) or 'stop' (latched)."""
+
+
+@dataclass
+class SafetyStats:
+    fresh: int = 0
+    held: int = 0
+    rejected: int = 0
+    clipped: int = 0
+    delta_limited: int = 0
+    trips: int = 0
+
+
+class SafeDriver:
+    """A driver behind the safety layer; offers the driver API plus ``act(action | None)``."""
+
+    def __init__(self, driver: Driver, cfg: SafetyConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.driver, self.cfg, self.clock = driver, cfg or SafetyConfig(), clock
+        if self.cfg.on_timeout not in ("hold", "stop"):
+            raise ValueError(f"on_timeout must be 'hold' or 'stop', got {self.cfg.on_timeout!r}")
+        a = driver.spec.action_dim
+        md = np.asarray(self.cfg.max_delta, np.float32)
+        if md.size not in (0, 1, a) or np.any(md <= 0):
+            raise ValueError(f"max_delta needs 0, 1 or {a} positive values, got {self.cfg.max_delta}")
+        self._max_delta = None if md.size == 0 else np.broadcast_to(md, (a,)).copy()
+        self.stats = SafetyStats()
+        self.rearm()
+
+    # -- the driver API, delegated -------------------------------------------------------------
+    @property
+    def spec(self) -> DriverSpec:
+        return self.driver.spec
+
+    @property
+    def realtime(self) -> bool:
+        return self.driver.realtime
+
+    @property
+    def name(self) -> str:
+        return self.driver.name
+
+    def connect(self) -> None:
+        self.driver.connect()
+
+    def close(self) -> None:
+        self.driver.close()
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        self.rearm()
+        return self.driver.reset(seed)
+
+    def get_observation(self) -> dict[str, np.ndarray]:
+        return self.driver.get_observation()
+
+    def step_info(self) -> StepInfo:
+        return self.driver.step_info()
+
+    def send_action(self, action: Any) -> np.ndarray:
+        return self.act(action)
+
+    def __enter__(self) -> SafeDriver:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- safety --------------------------------------------------------------------------------
+    @property
+    def tripped(self) -> bool:
+        return self._tripped
+
+    @property
+    def waiting_for_first_action(self) -> bool:
+        return self._last_fresh is None
+
+    def rearm(self) -> None:
+        """Back to start-up state: hold until the first valid action; clears a latched stop."""
+        self._last_fresh: float | None = None
+        self._last_cmd: np.ndarray | None = None
+        self._tripped = False
+        self._stopped = False
+
+    def act(self, action: Any | None) -> np.ndarray:
+        """One control tick: apply ``action`` (or a hold) through the limits; returns what was applied."""
+        now = self.clock()
+        a = self._validate(action)
+        if self._stopped:
+            return self.driver.hold_action()  # latched: nothing reaches the robot until rearm()
+        if a is None:
+            if self._last_fresh is not None and not self._tripped and now - self._last_fresh > self.cfg.watchdog_s:
+                self._trip(now)
+                if self._stopped:
+                    return self.driver.hold_action()
+            self.stats.held += 1
+            return self._command(self.driver.hold_action())
+        self._last_fresh = now
+        if self._tripped:
+            log.info("fresh actions again: watchdog cleared")
+            self._tripped = False
+        self.stats.fresh += 1
+        return self._command(a)
+
+    def _validate(self, action: Any | None) -> np.ndarray | None:
+        if action is None:
+            return None
+        a = np.asarray(action, dtype=np.float32)
+        if a.shape != (self.spec.action_dim,) or not np.all(np.isfinite(a)):
+            self.stats.rejected += 1
+            log.warning("rejected action %s (shape %s): holding instead", np.array2string(a, precision=3), a.shape)
+            return None
+        return a
+
+    def _command(self, a: np.ndarray) -> np.ndarray:
+        if not self.cfg.enabled:
+            applied = self.driver.send_action(a)
+            self._last_cmd = applied
+            return applied
+        lim = np.clip(a, self.spec.action_low, self.spec.action_high)
+        if np.any(lim != a):
+            self.stats.clipped += 1
+        if self._max_delta is not None and self._last_cmd is not None:
+            limited = np.clip(lim, self._last_cmd - self._max_delta, self._last_cmd + self._max_delta)
+            if np.any(limited != lim):
+                self.stats.delta_limited += 1
+            lim = limited
+        applied = self.driver.send_action(lim)
+        self._last_cmd = applied
+        return applied
+
+    def _trip(self, now: float) -> None:
+        self.stats.trips += 1
+        self._tripped = True
+        waited = now - self._last_fresh if self._last_fresh is not None else 0.0
+        if self.cfg.on_timeout == "stop":
+            log.error("watchdog: no fresh action for %.3f s: stopping the robot (rearm to resume)", waited)
+            self._stopped = True
+            self.driver.stop()
+        else:
+            log.warning("watchdog: no fresh action for %.3f s: holding", waited)

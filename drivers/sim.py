@@ -1,0 +1,184 @@
+"""A MuJoCo (OGBench) robot that behaves like hardware.
+
+Realtime mode (default): the simulated robot runs its own controller thread that ticks at the
+control rate in wall-clock time (``time_scale`` speeds the clock up for tests). Each tick it
+applies the newest command that has *arrived* (sent ``latency_ms`` earlier) or, if none arrived
+since the previous tick, the hold action, like a robot controller with a one-tick watchdog. The
+world keeps moving while the policy thinks, so inference delay has its real cost.
+
+Lockstep mode (``realtime=False``): each ``send_action`` advances exactly one control step, with
+latency expressed as whole steps of delay; deterministic for a seed (conformance tests, evals).
+
+Only the gymnasium API of ``sim.tasks.make_env`` is used; mujoco/ogbench are imported when the
+driver connects, so ``import drivers.sim`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from drivers.base import Driver, DriverSpec, StepInfo
+from policies.base import ObsField
+
+log = logging.getLogger("qc_robot.sim")
+
+
+@dataclass
+class SimConfig:
+    env: str = "cube-double-task2"
+    """Task name from ``sim.tasks`` (e.g. cube-double-task2)."""
+    sparse_reward: bool | None = None
+    """None: the task's paper default."""
+    max_episode_steps: int = 0
+    """0: the task's own limit."""
+    realtime: bool = True
+    time_scale: float = 1.0
+    """Wall-clock speed-up of the realtime controller (1 = real time)."""
+    latency_ms: float = 0.0
+    """Actuation latency: a command takes effect this long after ``send_action``."""
+    obs_noise: float = 0.0
+    """Std of Gaussian noise added to every observation read (sensor noise)."""
+    seed: int = 0
+    obs_key: str = "state"
+
+
+class SimDriver(Driver):
+    """OGBench task as a robot: observation ``{obs_key: (obs_dim,) float64}``, actions in [-1, 1]."""
+
+    name = "sim"
+
+    def __init__(self, cfg: SimConfig | None = None) -> None:
+        from sim.tasks import task_spec  # static table, no simulator import
+
+        self.cfg = cfg = cfg or SimConfig()
+        if cfg.time_scale <= 0:
+            raise ValueError("time_scale must be > 0")
+        self.task = task_spec(cfg.env)
+        limit = cfg.max_episode_steps or self.task.max_episode_steps
+        a = self.task.act_dim
+        self.spec = DriverSpec([ObsField(cfg.obs_key, (self.task.obs_dim,), "float64")], a, -np.ones(a),
+                               np.ones(a), self.task.control_hz, limit)
+        self.realtime = cfg.realtime
+        self._period = 1.0 / (self.task.control_hz * cfg.time_scale)  # wall seconds per tick
+        self._latency_s = cfg.latency_ms / 1e3 / cfg.time_scale
+        self._latency_steps = int(round(cfg.latency_ms / 1e3 * self.task.control_hz))
+        self._env: Any = None
+        self._lock = threading.Lock()  # guards obs and info between the tick thread and readers
+        self._inbox: collections.deque[tuple[float, np.ndarray]] = collections.deque()
+        self._pipe: collections.deque[np.ndarray] = collections.deque()  # lockstep latency FIFO
+        self._obs = np.zeros(self.task.obs_dim)
+        self._info = StepInfo()
+        self._noise_rng = np.random.default_rng(cfg.seed + 1)
+        self._thread: threading.Thread | None = None
+        self._running = threading.Event()
+        self.missed_ticks = 0
+        """Realtime ticks that found no new command (hold applied)."""
+        self.overruns = 0
+        """Realtime ticks that started more than a period late."""
+
+    def connect(self) -> None:
+        if self._env is None:
+            from sim.tasks import make_env
+
+            self._env = make_env(self.cfg.env, sparse_reward=self.cfg.sparse_reward,
+                                 max_episode_steps=self.spec.max_episode_steps, seed=self.cfg.seed)
+
+    def close(self) -> None:
+        self._stop_clock()
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        self.connect()
+        self._stop_clock()
+        with self._lock:
+            obs, _ = self._env.reset(seed=seed)
+            self._obs = np.asarray(obs, np.float64)
+            self._info = StepInfo()
+            self._inbox.clear()
+            self._pipe.clear()
+            if seed is not None:
+                self._noise_rng = np.random.default_rng(seed + 1)
+        if self.realtime:
+            self._running.set()
+            self._thread = threading.Thread(target=self._clock, name="sim-robot", daemon=True)
+            self._thread.start()
+        return self.get_observation()
+
+    def get_observation(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            obs = self._obs.copy()
+        if self.cfg.obs_noise > 0:
+            obs = obs + self._noise_rng.normal(0.0, self.cfg.obs_noise, obs.shape)
+        return {self.cfg.obs_key: obs}
+
+    def step_info(self) -> StepInfo:
+        with self._lock:
+            return self._info
+
+    def _apply(self, action: np.ndarray) -> None:
+        if self._env is None:
+            raise RuntimeError("sim driver not connected")
+        if self.realtime:
+            self._inbox.append((time.monotonic() + self._latency_s, action.copy()))
+            return
+        self._pipe.append(action.copy())  # lockstep: the command takes effect k steps later
+        cmd = self._pipe.popleft() if len(self._pipe) > self._latency_steps else self.hold_action()
+        self._step(cmd)
+
+    def stop(self) -> None:
+        self._inbox.clear()  # pending commands are dropped; the controller holds from now on
+        self._pipe.clear()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _step(self, cmd: np.ndarray) -> None:
+        """One control step; a finished episode ignores further steps.
+
+        Only one thread steps at a time (the tick thread, or the caller in lockstep), so the
+        physics runs outside the lock and readers wait only for the assignment, not the step.
+        """
+        if self._info.terminated or self._info.truncated:
+            return
+        obs, reward, terminated, truncated, info = self._env.step(cmd)
+        new_info = StepInfo(float(reward), bool(info.get("success", False)), bool(terminated),
+                            bool(truncated), self._info.step + 1)
+        with self._lock:
+            self._obs = np.asarray(obs, np.float64)
+            self._info = new_info
+
+    def _clock(self) -> None:
+        """The robot controller: tick at the control rate, apply the newest arrived command."""
+        next_tick = time.monotonic() + self._period
+        while self._running.is_set():
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            now = time.monotonic()
+            if now - next_tick > self._period:
+                self.overruns += 1
+                next_tick = now  # do not try to catch up: a real controller would not either
+            cmd = None
+            while self._inbox and self._inbox[0][0] <= now:
+                cmd = self._inbox.popleft()[1]
+            if cmd is None:
+                self.missed_ticks += 1
+                cmd = self.hold_action()
+            self._step(cmd)
+            if self._info.terminated or self._info.truncated:
+                return
+            next_tick += self._period
+
+    def _stop_clock(self) -> None:
+        self._running.clear()
+        if self._thread is not None:
+            self._thread.join(2.0)
+            self._thread = None

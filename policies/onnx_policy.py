@@ -1,0 +1,141 @@
+"""Serve an exported ``model.onnx`` with onnxruntime alone (numpy + onnxruntime; no torch).
+
+The file describes itself (:mod:`policies.onnx_metadata`): observation keys, shapes and order,
+chunk length, control rate and action limits. The graph already returns actions in robot units
+clipped to the limits, so this module only checks observations, concatenates them in spec order
+and times the call.
+
+Observation checks: every key of the spec must be present with exactly its shape, a real numeric
+dtype (cast to float32) and finite values; otherwise ValueError naming the key. Keys the spec
+does not name are ignored, so a driver may send more than a policy uses (images, timestamps).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from policies.base import ChunkResult, PolicySpec
+from policies.onnx_metadata import MetadataError, PolicyMetadata
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class OnnxPolicy:
+    """A :class:`policies.base.Policy` backed by an onnxruntime session.
+
+    ``providers``: 'auto' (CUDA when onnxruntime-gpu sees a GPU, else CPU), 'cpu' or 'cuda'.
+    ``threads``: intra-op threads (1 is fastest per call on a loaded robot PC; see
+    docs/benchmarks_inference.md). ``warmup``: calls made at load so the first real call is not
+    slower (allocations, CUDA kernels).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        providers: str = "auto",
+        threads: int = 1,
+        warmup: int = 10,
+        version: str | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # The optional `noise` input is an overridable initializer by design, about which
+        # onnxruntime warns at every load; keep errors only.
+        opts.log_severity_level = 3
+        chosen = _providers(providers)
+        self.session = ort.InferenceSession(self.path, opts, providers=chosen)
+        self.provider: str = self.session.get_providers()[0]
+        if providers == "cuda" and self.provider != CUDA:
+            raise RuntimeError(f"providers='cuda' but onnxruntime fell back to {self.provider}")
+        props = dict(self.session.get_modelmeta().custom_metadata_map)
+        try:
+            self.meta = PolicyMetadata.from_props(props)
+        except MetadataError as e:
+            raise MetadataError(f"{self.path}: {e}") from e
+        self.spec: PolicySpec = self.meta.to_spec(version)
+        self._offsets = np.cumsum([0] + [math.prod(f.shape) for f in self.meta.obs_fields])
+        names = {i.name for i in self.session.get_inputs()}
+        names |= {i.name for i in self.session.get_overridable_initializers()}
+        if "observation" not in names:
+            raise MetadataError(f"{self.path}: graph has no 'observation' input")
+        self._has_noise = "noise" in names
+        zeros = np.zeros((1, self.meta.obs_dim), np.float32)
+        for _ in range(warmup):
+            self.session.run(["actions"], {"observation": zeros})
+
+    def predict(self, obs: dict[str, np.ndarray]) -> ChunkResult:
+        """One chunk (H, A) float32 in robot units for one unbatched observation dict."""
+        flat = self.flatten(obs)[None]  # (1, O)
+        t0 = time.perf_counter()
+        actions = self.session.run(["actions"], {"observation": flat})[0]  # (1, H, A)
+        infer_s = time.perf_counter() - t0
+        return ChunkResult(actions=actions[0], infer_s=infer_s)
+
+    def flatten(self, obs: dict[str, Any]) -> np.ndarray:
+        """Check ``obs`` against the spec and concatenate it in spec order: (O,) float32."""
+        if not isinstance(obs, dict):
+            raise ValueError(f"observation must be a dict of arrays, got {type(obs).__name__}")
+        parts = []
+        for f in self.meta.obs_fields:
+            if f.key not in obs:
+                raise ValueError(
+                    f"observation {f.key!r} missing (expected keys {[g.key for g in self.meta.obs_fields]})"
+                )
+            arr = np.asarray(obs[f.key])
+            if arr.shape != f.shape:
+                raise ValueError(f"observation {f.key!r} has shape {arr.shape}, expected {f.shape}")
+            if arr.dtype.kind not in "biuf":
+                raise ValueError(
+                    f"observation {f.key!r} has dtype {arr.dtype}, not castable to float32"
+                )
+            arr = arr.astype(np.float32, copy=False)
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"observation {f.key!r} has non-finite values (NaN or inf)")
+            parts.append(arr.reshape(-1))
+        return np.concatenate(parts)
+
+    def predict_batch(self, obs_flat: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """Actions (B, H, A) for flat observations (B, O); fixed ``noise`` makes it deterministic.
+
+        ``noise`` is (B, N, D) for best-of-N and (B, D) for fql (D = H·A); without it the graph
+        draws its own. For tests and benchmarks: no per-key checks here.
+        """
+        obs_flat = np.ascontiguousarray(obs_flat, np.float32)
+        if obs_flat.ndim != 2 or obs_flat.shape[1] != self.meta.obs_dim:
+            raise ValueError(f"obs_flat must be (B, {self.meta.obs_dim}), got {obs_flat.shape}")
+        feed = {"observation": obs_flat}
+        if noise is not None:
+            if not self._has_noise:
+                raise ValueError("this file was exported without a noise input (noise_input=False)")
+            want = (obs_flat.shape[0], *self.meta.noise_shape)
+            noise = np.ascontiguousarray(noise, np.float32)
+            if noise.shape != want:
+                raise ValueError(f"noise must be {want}, got {noise.shape}")
+            feed["noise"] = noise
+        return self.session.run(["actions"], feed)[0]
+
+
+def _providers(which: str) -> list[str]:
+    available = ort.get_available_providers()
+    if which == "cpu":
+        return [CPU]
+    if which == "cuda":
+        if CUDA not in available:
+            raise RuntimeError(
+                f"providers='cuda' but onnxruntime offers only {available} (install onnxruntime-gpu)"
+            )
+        return [CUDA, CPU]
+    if which == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    raise ValueError(f"providers must be 'auto', 'cpu' or 'cuda', got {which!r}")

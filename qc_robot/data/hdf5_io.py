@@ -1,0 +1,380 @@
+"""Episode files in the robomimic HDF5 layout: one reader and one writer for sim and robot data.
+
+Layout (plain h5py can read it; robomimic files load too)::
+
+    data                       attrs: total (transitions), env_args (JSON string),
+                                      format='qc-robot-hdf5', format_version=1
+    data/demo_<i>              attrs: num_samples (written last: marks the episode complete)
+        actions (N, A) float32, rewards (N,), dones (N,)  (dones = true termination)
+        obs/<key> (N, ...), next_obs/<key> (N, ...)   (sim data: the single key 'state')
+        <extra> (N, ...)        optional per-step arrays, e.g. robomimic's 'states'
+    mask/<filter>              optional lists of demo names (e.g. train / valid)
+
+The writer completes and flushes one whole episode at a time, then bumps ``total``. A demo group
+without ``num_samples`` is an episode whose write never finished: readers skip it (that is the
+hook for step-level crash safety later).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+
+FORMAT = "qc-robot-hdf5"
+FORMAT_VERSION = 1
+_DEMO_RE = re.compile(r"^demo_(\d+)$")
+_RESERVED = {"actions", "rewards", "dones", "obs", "next_obs"}
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, malformed or holds bad values; the message names file and key."""
+
+
+# -- writing -------------------------------------------------------------------------------------
+class EpisodeWriter:
+    """Append whole episodes to an HDF5 file; use as a context manager.
+
+    ``mode='w'`` creates (truncates) the file, ``mode='a'`` appends to an existing file of ours
+    (numbering continues after its highest demo; ``env_args`` must match).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], env_args: Mapping[str, Any], mode: str = "w"
+    ) -> None:
+        if mode not in ("w", "a"):
+            raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
+        self.path = os.fspath(path)
+        self.env_args = dict(env_args)
+        env_json = json.dumps(self.env_args, sort_keys=True)
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        appending = mode == "a" and os.path.exists(self.path)
+        self._file = h5py.File(self.path, "a" if appending else "w")
+        if appending:
+            data = self._file.get("data")
+            if not isinstance(data, h5py.Group) or data.attrs.get("format") != FORMAT:
+                self._file.close()
+                raise DatasetError(f"{self.path}: cannot append, not a {FORMAT} file")
+            if json.loads(str(data.attrs["env_args"])) != json.loads(env_json):
+                self._file.close()
+                raise DatasetError(
+                    f"{self.path}: data.attrs['env_args'] differs from the writer's env_args"
+                )
+            self._data = data
+            self._next = 1 + max((int(m[1]) for k in data if (m := _DEMO_RE.match(k))), default=-1)
+        else:
+            self._data = self._file.create_group("data")
+            self._data.attrs["total"] = 0
+            self._data.attrs["env_args"] = env_json
+            self._data.attrs["format"] = FORMAT
+            self._data.attrs["format_version"] = FORMAT_VERSION
+            self._next = 0
+        self._file.flush()
+
+    def add_episode(
+        self,
+        obs: Mapping[str, np.ndarray],
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        dones: np.ndarray,
+        next_obs: Mapping[str, np.ndarray],
+        attrs: Mapping[str, Any] | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
+    ) -> str:
+        """Write one complete episode of N steps and flush; returns its demo name.
+
+        ``obs``/``next_obs`` map keys to (N, ...) arrays; ``dones`` is the true-termination flag.
+        ``extras`` are further (N, ...) arrays stored beside ``actions`` (e.g. MuJoCo ``states``).
+        """
+        actions = np.asarray(actions, dtype=np.float32)
+        if actions.ndim != 2 or len(actions) == 0:
+            raise ValueError(f"actions must be (N, A) with N > 0, got shape {actions.shape}")
+        n = len(actions)
+        arrays: dict[str, np.ndarray] = {
+            "actions": actions,
+            "rewards": np.asarray(rewards, dtype=np.float32),
+            "dones": np.asarray(dones, dtype=np.float32),
+        }
+        for k in ("rewards", "dones"):
+            if arrays[k].shape != (n,):
+                raise ValueError(f"{k} must have shape ({n},), got {arrays[k].shape}")
+        if set(obs) != set(next_obs) or not obs:
+            raise ValueError(
+                f"obs and next_obs need the same non-empty keys, got {sorted(obs)} / {sorted(next_obs)}"
+            )
+        for group, d in (("obs", obs), ("next_obs", next_obs)):
+            for k, v in d.items():
+                v = np.asarray(v)
+                if len(v) != n or v.shape != np.shape(obs[k]):
+                    raise ValueError(
+                        f"{group}/{k} has shape {v.shape}, expected ({n}, ...) matching obs/{k}"
+                    )
+                arrays[f"{group}/{k}"] = v
+        for k, v in (extras or {}).items():
+            if k in _RESERVED or "/" in k:
+                raise ValueError(f"extra key {k!r} is reserved or nested")
+            v = np.asarray(v)
+            if len(v) != n:
+                raise ValueError(f"extra {k!r} has {len(v)} rows, expected {n}")
+            arrays[k] = v
+
+        name = f"demo_{self._next}"
+        grp = self._data.create_group(name)
+        for k, v in arrays.items():
+            grp.create_dataset(k, data=v)
+        for k, v in (attrs or {}).items():
+            grp.attrs[k] = v
+        grp.attrs["num_samples"] = n  # last: the episode is complete
+        self._data.attrs["total"] = int(self._data.attrs["total"]) + n
+        self._file.flush()
+        self._next += 1
+        return name
+
+    def set_filter(self, name: str, demos: Sequence[str]) -> None:
+        """Write ``mask/<name>``: a list of demo names (robomimic filter keys, e.g. train/valid)."""
+        mask = self._file.require_group("mask")
+        if name in mask:
+            del mask[name]
+        mask.create_dataset(name, data=np.array([d.encode() for d in demos], dtype="S"))
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> EpisodeWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# -- reading -------------------------------------------------------------------------------------
+@dataclass
+class FlatDataset:
+    """All demos concatenated in demo order, as the replay wants them (float32 arrays)."""
+
+    observations: np.ndarray  # (T, O)
+    actions: np.ndarray  # (T, A)
+    rewards: np.ndarray  # (T,)
+    terminals: np.ndarray  # (T,) 1 at each demo's last row (episode ended)
+    masks: np.ndarray  # (T,) 1 - dones (0: true termination, stop bootstrapping)
+    next_observations: np.ndarray  # (T, O)
+    obs_keys: list[str]
+    obs_shapes: dict[str, tuple[int, ...]]
+    env_args: dict[str, Any]
+    episode_ends: np.ndarray  # (E,) int64 exclusive end row of each demo
+    demo_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def as_replay_dict(self) -> dict[str, np.ndarray]:
+        """The mapping ``ChunkReplay.add_offline`` takes."""
+        return {
+            "observations": self.observations,
+            "actions": self.actions,
+            "rewards": self.rewards,
+            "terminals": self.terminals,
+            "masks": self.masks,
+            "next_observations": self.next_observations,
+        }
+
+
+def _demo_names(data: h5py.Group) -> list[str]:
+    demos = [k for k in data if _DEMO_RE.match(k)]
+    return sorted(demos, key=lambda k: int(k.split("_")[1]))
+
+
+def _open(path: str) -> h5py.File:
+    if not os.path.exists(path):
+        raise DatasetError(f"{path}: file not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DatasetError(f"{path}: not an HDF5 file ({e})") from None
+
+
+def _check_header(path: str, f: h5py.File) -> tuple[h5py.Group, dict[str, Any]]:
+    data = f.get("data")
+    if not isinstance(data, h5py.Group):
+        raise DatasetError(f"{path}: not the robomimic layout: no group 'data'")
+    fmt = data.attrs.get("format")
+    # No 'format' attr: a plain robomimic file, which we read as well.
+    if fmt is not None and _str(fmt) != FORMAT:
+        raise DatasetError(f"{path}: data.attrs['format'] is {_str(fmt)!r}, expected {FORMAT!r}")
+    if int(data.attrs.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
+        raise DatasetError(f"{path}: data.attrs['format_version'] is newer than {FORMAT_VERSION}")
+    raw = data.attrs.get("env_args", "{}")
+    try:
+        env_args = json.loads(_str(raw))
+    except json.JSONDecodeError:
+        raise DatasetError(f"{path}: data.attrs['env_args'] is not valid JSON") from None
+    return data, env_args
+
+
+def _str(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _read_demo(path: str, demo: h5py.Group, obs_keys: list[str]) -> dict[str, np.ndarray]:
+    """Read and check one complete demo; raises DatasetError naming file and key."""
+    where = f"{path}: {demo.name}"
+    out: dict[str, np.ndarray] = {}
+    for k in ("actions", "rewards", "dones"):
+        if k not in demo:
+            raise DatasetError(f"{where}/{k} is missing")
+        out[k] = np.asarray(demo[k][()], dtype=np.float32)
+    n = len(out["actions"])
+    if out["actions"].ndim != 2:
+        raise DatasetError(f"{where}/actions has shape {out['actions'].shape}, expected (N, A)")
+    if int(demo.attrs["num_samples"]) != n:
+        raise DatasetError(
+            f"{where}/actions has {n} rows but attrs['num_samples'] = {int(demo.attrs['num_samples'])}"
+        )
+    for k in ("rewards", "dones"):
+        if out[k].shape != (n,):
+            raise DatasetError(f"{where}/{k} has shape {out[k].shape}, expected ({n},)")
+    for group in ("obs", "next_obs"):
+        for key in obs_keys:
+            full = f"{group}/{key}"
+            if full not in demo:
+                raise DatasetError(f"{where}/{full} is missing")
+            v = np.asarray(demo[full][()], dtype=np.float32)
+            if len(v) != n:
+                raise DatasetError(f"{where}/{full} has {len(v)} rows, actions has {n}")
+            out[full] = v
+    for k, v in out.items():
+        if not np.isfinite(v).all():
+            raise DatasetError(f"{where}/{k} contains NaN or inf")
+    return out
+
+
+def load_flat(
+    path: str | os.PathLike[str],
+    obs_keys: list[str] | None = None,
+    reward_shift: float = 0.0,
+    sparse_reward: bool = False,
+    filter_key: str | None = None,
+) -> FlatDataset:
+    """Load every complete demo of ``path`` as flat float32 arrays.
+
+    Observations of several keys are flattened per step and concatenated in ``obs_keys`` order
+    (default: the sorted keys of the first demo). ``sparse_reward`` maps rewards to 0 where they
+    are 0 and -1 elsewhere (the paper's sparse setting) before ``reward_shift`` is added.
+    ``filter_key`` restricts to the demos listed in ``mask/<filter_key>``.
+    """
+    path = os.fspath(path)
+    with _open(path) as f:
+        data, env_args = _check_header(path, f)
+        names = _demo_names(data)
+        if filter_key is not None:
+            mask = f.get(f"mask/{filter_key}")
+            if mask is None:
+                raise DatasetError(f"{path}: mask/{filter_key} is missing")
+            wanted = {_str(x) for x in mask[()]}
+            names = [n for n in names if n in wanted]
+        complete = [n for n in names if "num_samples" in data[n].attrs]
+        if len(complete) < len(names):
+            warnings.warn(
+                f"{path}: skipping {len(names) - len(complete)} incomplete demo(s)", stacklevel=2
+            )
+        if not complete:
+            raise DatasetError(f"{path}: empty file: no complete data/demo_<i> groups")
+        first = data[complete[0]]
+        if "obs" not in first:
+            raise DatasetError(f"{path}: {first.name}/obs is missing")
+        keys = list(obs_keys) if obs_keys is not None else sorted(first["obs"].keys())
+        if not keys:
+            raise DatasetError(f"{path}: {first.name}/obs has no keys")
+        demos = [_read_demo(path, data[n], keys) for n in complete]
+        if filter_key is None and "total" in data.attrs:
+            total = sum(len(d["actions"]) for d in demos)
+            if int(data.attrs["total"]) != total:
+                raise DatasetError(
+                    f"{path}: data.attrs['total'] = {int(data.attrs['total'])}, demos hold {total}"
+                )
+
+    obs_shapes = {k: tuple(demos[0][f"obs/{k}"].shape[1:]) for k in keys}
+    act_dim = demos[0]["actions"].shape[1]
+    for name, d in zip(complete, demos, strict=True):
+        if d["actions"].shape[1] != act_dim:
+            raise DatasetError(
+                f"{path}: data/{name}/actions has width {d['actions'].shape[1]}, first demo has {act_dim}"
+            )
+        for k in keys:
+            for group in ("obs", "next_obs"):
+                if d[f"{group}/{k}"].shape[1:] != obs_shapes[k]:
+                    raise DatasetError(
+                        f"{path}: data/{name}/{group}/{k} has step shape {d[f'{group}/{k}'].shape[1:]}, "
+                        f"expected {obs_shapes[k]}"
+                    )
+
+    def flat(group: str) -> np.ndarray:
+        # per demo: (N, *shape) -> (N, prod(shape)), keys side by side -> (N, O); demos stacked -> (T, O)
+        return np.concatenate(
+            [
+                np.concatenate(
+                    [d[f"{group}/{k}"].reshape(len(d["actions"]), -1) for k in keys], axis=1
+                )
+                for d in demos
+            ]
+        )
+
+    lengths = np.array([len(d["actions"]) for d in demos], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    terminals = np.zeros(int(ends[-1]), dtype=np.float32)
+    terminals[ends - 1] = 1.0
+    rewards = np.concatenate([d["rewards"] for d in demos])
+    if sparse_reward:
+        rewards = np.where(rewards == 0.0, 0.0, -1.0).astype(np.float32)
+    return FlatDataset(
+        observations=flat("obs"),
+        actions=np.concatenate([d["actions"] for d in demos]),
+        rewards=(rewards + np.float32(reward_shift)).astype(np.float32),
+        terminals=terminals,
+        masks=1.0 - np.concatenate([d["dones"] for d in demos]),
+        next_observations=flat("next_obs"),
+        obs_keys=keys,
+        obs_shapes=obs_shapes,
+        env_args=env_args,
+        episode_ends=ends,
+        demo_names=complete,
+    )
+
+
+def validate(path: str | os.PathLike[str]) -> list[str]:
+    """Problems found in ``path`` (an empty list means the file loads cleanly)."""
+    path = os.fspath(path)
+    problems: list[str] = []
+    try:
+        with _open(path) as f:
+            data, _ = _check_header(path, f)
+            names = _demo_names(data)
+            for n in names:
+                if "num_samples" not in data[n].attrs:
+                    problems.append(f"{path}: data/{n} is incomplete (no attrs['num_samples'])")
+    except DatasetError as e:
+        return [str(e)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_flat(path)
+    except DatasetError as e:
+        problems.append(str(e))
+    return problems

@@ -1,0 +1,259 @@
+"""Export an acting policy to one self-describing, self-verified ``model.onnx``.
+
+The graph holds the whole acting rule (see :mod:`qc_robot.export.graph`): observation
+normalization, every Euler step, best-of-N scoring and argmax (or the one-step actor), then the
+map from agent space [-1, 1] to robot units and the clip to [low, high]. Metadata
+(:class:`policies.onnx_metadata.PolicyMetadata`) goes into ``metadata_props``.
+
+Noise design: one file, noise optional.
+    Inputs are ``observation`` (batch, O) and ``noise`` ((batch, N, D) for best-of-N,
+    (batch, D) for fql). ``noise`` is an ONNX *overridable initializer*: a graph input that also
+    has an initializer (IR >= 4), here an empty (0, ...) tensor. Feed only ``observation`` and the
+    graph draws standard-normal noise itself (an ``If`` on ``Size(noise) == 0`` runs
+    RandomNormalLike only then); feed ``noise`` and the output is a deterministic function of
+    the inputs (parity tests, replay, future real-time-chunking guidance). So serving, tests and
+    guidance use the very same file, and the parity check runs on the file that ships.
+    ``noise_input=False`` removes the ``noise`` input altogether (a file that can only sample);
+    it is verified through the optional-noise model it is cut from.
+
+Export checks itself: the file is written next to ``out_path`` under a temporary name, run with
+onnxruntime on fixed noise and compared with torch; only a file within ``parity_tol`` is moved
+into place, otherwise :class:`ExportParityError` is raised and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+import qc_robot
+from policies.onnx_metadata import PolicyMetadata
+from qc_robot.agent.acting import ActingPolicy
+from qc_robot.export.graph import ExportGraph, obs_dim_of
+from qc_robot.export.verify import ExportParityError, verify_file
+
+__all__ = ["ExportParityError", "build_metadata", "export_policy", "run_export"]
+
+log = logging.getLogger(__name__)
+
+
+def export_policy(
+    acting: ActingPolicy,
+    meta: PolicyMetadata,
+    out_path: str | os.PathLike[str],
+    opset: int = 18,
+    noise_input: bool = True,
+    verify: bool = True,
+    parity_tol: float = 1e-4,
+    lean: bool = True,
+) -> Path:
+    """Trace ``acting`` into ``out_path`` with ``meta`` embedded; returns the path.
+
+    ``lean=False`` exports the acting rule as written (kept for benchmarks and as a fallback);
+    the lean graph precomputes what is constant across samples and steps.
+    Raises ValueError when ``meta`` disagrees with ``acting`` and :class:`ExportParityError`
+    when onnxruntime and torch disagree by more than ``parity_tol``.
+    """
+    meta = dataclasses.replace(meta, noise_input=noise_input)
+    _check_meta(acting, meta)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    acting = acting.eval()
+    graph = ExportGraph(acting, meta.action_low, meta.action_high, lean=lean).eval()
+    model = _trace(graph, meta, opset)
+    full = _add_noise_source(model, meta.noise_shape, optional=True)
+    shipped = full if noise_input else _add_noise_source(model, meta.noise_shape, optional=False)
+    for m in (full, shipped):
+        helper.set_model_props(m, meta.to_props())
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_full = out.with_name(f".{out.name}.full-tmp-{os.getpid()}")
+    try:
+        onnx.save(shipped, tmp)
+        if verify:
+            ref = ExportGraph(acting, meta.action_low, meta.action_high, lean=False).eval()
+            if noise_input:
+                verify_file(tmp, ref, acting, meta, parity_tol)
+            else:
+                onnx.save(full, tmp_full)
+                verify_file(tmp_full, ref, acting, meta, parity_tol)
+                verify_file(tmp, None, acting, meta, parity_tol)  # sampling only: runs, in limits
+        os.replace(tmp, out)
+    finally:
+        for p in (tmp, tmp_full):
+            p.unlink(missing_ok=True)
+    return out
+
+
+def _check_meta(acting: ActingPolicy, meta: PolicyMetadata) -> None:
+    meta.validate()
+    obs_dim = obs_dim_of(acting)
+    expect: dict[str, Any] = {
+        "actor_type": acting.actor_type,
+        "chunk_len": acting.chunk_len,
+        "action_dim": acting.action_dim,
+        "obs_dim": obs_dim,
+    }
+    if acting.actor_type == "best_of_n":
+        expect.update(flow_steps=acting.flow_steps, q_agg=acting.q_agg)
+    for key, value in expect.items():
+        if getattr(meta, key) != value:
+            raise ValueError(f"metadata {key}={getattr(meta, key)!r} but the policy has {value!r}")
+
+
+def _trace(graph: ExportGraph, meta: PolicyMetadata, opset: int) -> onnx.ModelProto:
+    """torch.onnx (dynamo) export with a dynamic batch; returns the ModelProto."""
+    obs = torch.zeros(2, meta.obs_dim)
+    noise = torch.zeros(2, *meta.noise_shape)
+    batch = torch.export.Dim("batch")
+    # the dynamo exporter reports progress on stdout and warns about optional packages: quiet
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                graph,
+                (obs, noise),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["observation", "noise"],
+                output_names=["actions"],
+                dynamic_shapes={"observation": {0: batch}, "noise": {0: batch}},
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    assert program is not None
+    return program.model_proto
+
+
+def _add_noise_source(
+    model: onnx.ModelProto, noise_shape: tuple[int, ...], optional: bool
+) -> onnx.ModelProto:
+    """Rewire the traced ``noise`` input: optional (drawn when empty) or always drawn in-graph."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # work on a copy
+    g = model.graph
+    tail = list(noise_shape)
+    for n in g.node:  # every consumer of the traced input now reads the resolved noise
+        n.input[:] = ["noise_used" if x == "noise" else x for x in n.input]
+
+    def draw_nodes(out: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("Shape", ["observation"], ["ns_batch"], start=0, end=1),
+            helper.make_node("Concat", ["ns_batch", "ns_tail"], ["ns_shape"], axis=0),
+            helper.make_node(
+                "ConstantOfShape",
+                ["ns_shape"],
+                ["ns_zeros"],
+                value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]),
+            ),
+            helper.make_node("RandomNormalLike", ["ns_zeros"], [out], mean=0.0, scale=1.0),
+        ]
+
+    tail_init = helper.make_tensor("ns_tail", TensorProto.INT64, [len(tail)], tail)
+    given = [i for i in g.input if i.name == "noise"][0]
+    if optional:
+        # empty default → "not fed"; the batch dim gets its own name so a fed noise is not tied
+        # to the observation's symbolic batch by name only
+        given.type.tensor_type.shape.dim[0].dim_param = "noise_batch"
+        g.initializer.append(helper.make_tensor("noise", TensorProto.FLOAT, [0, *tail], []))
+        draw = helper.make_graph(
+            draw_nodes("ns_drawn"),
+            "draw_noise",
+            [],
+            [helper.make_tensor_value_info("ns_drawn", TensorProto.FLOAT, None)],
+        )
+        keep = helper.make_graph(
+            [helper.make_node("Identity", ["noise"], ["ns_given"])],
+            "given_noise",
+            [],
+            [helper.make_tensor_value_info("ns_given", TensorProto.FLOAT, None)],
+        )
+        head = [
+            helper.make_node("Size", ["noise"], ["ns_size"]),
+            helper.make_node("Equal", ["ns_size", "ns_zero"], ["ns_empty"]),
+            helper.make_node(
+                "If", ["ns_empty"], ["noise_used"], then_branch=draw, else_branch=keep
+            ),
+        ]
+        g.initializer.append(helper.make_tensor("ns_zero", TensorProto.INT64, [], [0]))
+    else:
+        g.input.remove(given)
+        head = draw_nodes("noise_used")
+    g.initializer.append(tail_init)
+    nodes = head + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    model.ir_version = max(model.ir_version, 4)  # overridable initializers need IR >= 4
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_metadata(
+    acting: ActingPolicy,
+    obs_fields: list[Any],
+    action_low: np.ndarray,
+    action_high: np.ndarray,
+    control_hz: float,
+    num_samples: int,
+    train_step: int = 0,
+    config_hash: str = "",
+) -> PolicyMetadata:
+    """Metadata for ``acting`` with the versions of this process filled in."""
+    return PolicyMetadata(
+        obs_fields=list(obs_fields),
+        action_dim=acting.action_dim,
+        chunk_len=acting.chunk_len,
+        control_hz=float(control_hz),
+        action_low=np.asarray(action_low, np.float32),
+        action_high=np.asarray(action_high, np.float32),
+        actor_type=acting.actor_type,
+        num_samples=num_samples if acting.actor_type == "best_of_n" else 1,
+        flow_steps=acting.flow_steps,
+        q_agg=acting.q_agg,
+        train_step=int(train_step),
+        config_hash=config_hash,
+        code_version=qc_robot.__version__,
+        torch_version=torch.__version__,
+    )
+
+
+def run_export(cfg: Any) -> int:
+    """CLI ``qc-robot export``: checkpoint → verified model.onnx. Returns an exit code."""
+    from qc_robot.train.checkpoint import load_checkpoint  # lazy: the learner side is heavy
+
+    ckpt = load_checkpoint(cfg.checkpoint, device="cpu")  # tracing and verification run on CPU
+    acting = ckpt.agent.acting_policy()
+    control_hz = cfg.control_hz if cfg.control_hz > 0 else ckpt.control_hz
+    meta = build_metadata(
+        acting,
+        ckpt.obs_fields,
+        ckpt.action_low,
+        ckpt.action_high,
+        control_hz,
+        num_samples=ckpt.agent.cfg.num_samples,
+        train_step=ckpt.step,
+        config_hash=ckpt.config_hash,
+    )
+    path = export_policy(
+        acting, meta, cfg.out, opset=cfg.opset, verify=cfg.verify, parity_tol=cfg.parity_tol
+    )
+    print(
+        f"exported {meta.actor_type} policy (step {meta.train_step}, H={meta.chunk_len}, "
+        f"A={meta.action_dim}, obs_dim={meta.obs_dim}) to {path}"
+        + (f"; onnxruntime matches torch within {cfg.parity_tol:g}" if cfg.verify else "")
+    )
+    return 0

@@ -1,0 +1,382 @@
+"""The qc-robot wire protocol, version 1: message types and a msgpack codec. No sockets here.
+
+Every message is one msgpack map ``{"v": 1, "type": <name>, ...fields}``; numpy arrays travel as
+msgpack ExtType 1 (dtype name, shape, raw little-endian bytes) and only dtypes in an allow-list
+are accepted, so decoding never builds objects (no pickle, no object/void/complex dtypes).
+``docs/protocol.md`` is the language-neutral specification of the same format.
+
+Imports only numpy, msgpack and the standard library, so a robot PC needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+ARRAY_EXT = 1
+"""msgpack ExtType code of an ndarray."""
+MAX_MESSAGE_BYTES = 64 << 20
+MAX_NDIM = 16
+ALLOWED_DTYPES: tuple[str, ...] = (
+    "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+    "float16", "float32", "float64",
+)  # fmt: skip
+
+
+class ErrorCode:
+    """Values of ``Error.code``."""
+
+    BAD_MESSAGE = "bad_message"  # undecodable bytes, bad field types, missing fields
+    UNKNOWN_TYPE = "unknown_type"
+    VERSION = "version"  # protocol version not spoken by the receiver
+    NO_SESSION = "no_session"  # observation before a (valid) handshake: send Hello again
+    SPEC_MISMATCH = "spec_mismatch"  # driver and policy disagree (obs, action dim, rate)
+    BAD_OBSERVATION = "bad_observation"  # missing key, wrong shape/dtype, NaN/inf
+    POLICY_ERROR = "policy_error"  # inference failed or produced NaN / wrong shape
+    TOO_MANY_CLIENTS = "too_many_clients"
+    SUPERSEDED = "superseded"  # a newer observation from the same driver replaced this one
+    INTERNAL = "internal"
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded or does not follow the protocol; ``code`` is an ErrorCode."""
+
+    def __init__(self, message: str, code: str = ErrorCode.BAD_MESSAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages. Field order is documentation only: on the wire every field is a named map entry.
+
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+
+
+@dataclass
+class Hello(Message):
+    """Driver → server, first message: who the driver is and what it observes and accepts."""
+
+    TYPE: ClassVar[str] = "hello"
+    driver: str
+    obs_spec: list[dict[str, Any]]
+    """One ``{"key": str, "shape": [int], "dtype": str}`` per observation array."""
+    action_dim: int
+    action_low: np.ndarray
+    """(A,) float32, the driver's own action limits."""
+    action_high: np.ndarray
+    control_hz: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Welcome(Message):
+    """Server → driver, answer to an accepted Hello: the policy's spec and a session id."""
+
+    TYPE: ClassVar[str] = "welcome"
+    session: str
+    obs_spec: list[dict[str, Any]]
+    action_dim: int
+    chunk_len: int
+    control_hz: float
+    action_low: np.ndarray
+    """(A,) float32: every served action lies in [action_low, action_high]."""
+    action_high: np.ndarray
+    policy_version: str
+    actor_type: str = ""
+    heartbeat_s: float = 1.0
+    """The driver should send a Heartbeat when it has sent nothing for this long."""
+    session_timeout_s: float = 10.0
+    """The server forgets a driver that sent nothing for this long."""
+    log_transitions: bool = False
+    """True when the server records episodes: the driver should stream Transition messages."""
+    warnings: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Observation(Message):
+    """Driver → server: one observation; the server answers with a Chunk (or an Error)."""
+
+    TYPE: ClassVar[str] = "observation"
+    request_id: int
+    episode_id: int
+    step: int
+    """Control step (since the episode's reset) at which ``obs`` was read."""
+    timestamp: float
+    """Driver clock (seconds) when ``obs`` was read."""
+    obs: dict[str, np.ndarray]
+    reset: bool = False
+    """True on the first observation of an episode."""
+
+
+@dataclass
+class Chunk(Message):
+    """Server → driver: the action chunk computed from the observation ``request_id``."""
+
+    TYPE: ClassVar[str] = "chunk"
+    request_id: int
+    episode_id: int
+    start_step: int
+    """``step`` of the answered observation: ``actions[i]`` is meant for step start_step + i."""
+    actions: np.ndarray
+    """(H, A) float32, already clipped to the policy's action limits."""
+    policy_version: str
+    queue_ms: float
+    """Received → inference started."""
+    infer_ms: float
+    """Inference alone, as the policy measured it (device time included)."""
+    total_ms: float
+    """Received → reply encoded (everything the server did)."""
+    clipped: int = 0
+    """Number of action elements the server moved into the limits."""
+
+
+@dataclass
+class Transition(Message):
+    """Driver → server (no reply): K executed steps, for episode logging and online learning."""
+
+    TYPE: ClassVar[str] = "transition"
+    episode_id: int
+    start_step: int
+    obs: dict[str, np.ndarray]
+    """(K, ...) per key: the observation each action was chosen from."""
+    actions: np.ndarray
+    """(K, A) float32: the actions actually applied (after the driver's safety layer)."""
+    rewards: np.ndarray
+    """(K,) float32."""
+    terminals: np.ndarray
+    """(K,) bool: true termination (success/failure), stops bootstrapping."""
+    truncated: np.ndarray
+    """(K,) bool: time limit or operator stop."""
+    next_obs: dict[str, np.ndarray]
+    success: bool = False
+    """Whether the episode has succeeded by the last of these steps."""
+
+
+@dataclass
+class Heartbeat(Message):
+    """Either direction; the server echoes every Heartbeat it receives (before or after Hello)."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    seq: int
+    timestamp: float
+
+
+@dataclass
+class Error(Message):
+    """Server → driver. Its shape is frozen across protocol versions so any peer can read it."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    request_id: int | None = None
+
+
+@dataclass
+class Bye(Message):
+    """Either direction: the sender is closing the session."""
+
+    TYPE: ClassVar[str] = "bye"
+    reason: str = ""
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    c.TYPE: c for c in (Hello, Welcome, Observation, Chunk, Transition, Heartbeat, Error, Bye)
+}
+
+
+def obs_spec_to_wire(fields: Any) -> list[dict[str, Any]]:
+    """Objects with ``key``/``shape``/``dtype`` (e.g. ``policies.base.ObsField``) → wire form."""
+    return [{"key": str(f.key), "shape": [int(s) for s in f.shape], "dtype": str(f.dtype)} for f in fields]
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays: ExtType(1, u8 len(dtype) | dtype ascii | u8 ndim | ndim × u32 LE | raw LE C-order data)
+
+
+def pack_array(arr: np.ndarray) -> msgpack.ExtType:
+    """An ndarray as ExtType 1; raises ProtocolError for dtypes outside the allow-list."""
+    arr = np.asarray(arr)
+    name = arr.dtype.name
+    if name not in ALLOWED_DTYPES:
+        raise ProtocolError(f"dtype {arr.dtype} is not allowed on the wire (allowed: {ALLOWED_DTYPES})")
+    if arr.ndim > MAX_NDIM:
+        raise ProtocolError(f"array has {arr.ndim} dims, at most {MAX_NDIM} allowed")
+    wire = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))  # always little-endian
+    head = bytes([len(name)]) + name.encode("ascii") + bytes([arr.ndim])
+    head += struct.pack(f"<{arr.ndim}I", *arr.shape)
+    return msgpack.ExtType(ARRAY_EXT, head + wire.tobytes())
+
+
+def unpack_array(payload: bytes) -> np.ndarray:
+    """Inverse of :func:`pack_array`; validates every length. Returns a fresh writable array."""
+    try:
+        n = payload[0]
+        name = payload[1 : 1 + n].decode("ascii")
+        ndim = payload[1 + n]
+        off = 2 + n
+        shape = struct.unpack_from(f"<{ndim}I", payload, off)
+    except (IndexError, UnicodeDecodeError, struct.error) as e:
+        raise ProtocolError(f"truncated or malformed array header: {e}") from None
+    if name not in ALLOWED_DTYPES:
+        raise ProtocolError(f"array dtype {name!r} is not allowed")
+    if ndim > MAX_NDIM:
+        raise ProtocolError(f"array has {ndim} dims, at most {MAX_NDIM} allowed")
+    off += 4 * ndim
+    dtype = np.dtype(name).newbyteorder("<")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(payload) - off != expected:
+        raise ProtocolError(f"array {name}{list(shape)} needs {expected} data bytes, got {len(payload) - off}")
+    arr = np.frombuffer(payload, dtype=dtype, offset=off, count=math.prod(shape)).reshape(shape)
+    if name == "bool" and arr.size and np.frombuffer(payload, np.uint8, offset=off).max() > 1:
+        raise ProtocolError("bool array holds bytes other than 0/1")
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return pack_array(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    raise ProtocolError(f"cannot encode {type(obj).__name__} (only msgpack types and ndarrays)")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != ARRAY_EXT:
+        raise ProtocolError(f"unknown msgpack ext type {code}")
+    return unpack_array(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages ⇄ bytes
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a message (one ZeroMQ frame)."""
+    if type(msg) not in MESSAGE_TYPES.values():
+        raise ProtocolError(f"not a protocol message: {type(msg).__name__}")
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
+    for f in dataclasses.fields(msg):
+        body[f.name] = getattr(msg, f.name)
+    try:
+        return msgpack.packb(body, default=_default, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        if isinstance(e, ProtocolError):
+            raise
+        raise ProtocolError(f"cannot encode {msg.TYPE}: {e}") from None
+
+
+def decode(data: bytes | bytearray | memoryview) -> Message:
+    """Parse and validate one message; raises ProtocolError (with ``code``) on anything wrong."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        body = msgpack.unpackb(bytes(data), raw=False, ext_hook=_ext_hook, strict_map_key=True, timestamp=0)
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack raises many types on garbage: report them all the same way
+        raise ProtocolError(f"undecodable message ({type(e).__name__}: {e})") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"message must be a map, got {type(body).__name__}")
+    version = body.get("v")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ProtocolError("message has no integer protocol version 'v'")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} not supported (this side speaks {PROTOCOL_VERSION})",
+                            ErrorCode.VERSION)
+    kind = body.get("type")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r}", ErrorCode.UNKNOWN_TYPE)
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{kind}: missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _check(body[f.name], hints[f.name], f"{kind}.{f.name}")
+    return cls(**kwargs)  # unknown keys are ignored: later minor revisions may add fields
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    """Validate ``value`` against the annotation ``tp``; coerce ints to float where a float is due."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check(value, inner, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{where}: expected bool, got {type(value).__name__}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(f"{where}: expected int, got {type(value).__name__}")
+        return value
+    if tp is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ProtocolError(f"{where}: expected number, got {type(value).__name__}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"{where}: expected str, got {type(value).__name__}")
+        return value
+    if tp is np.ndarray:
+        if not isinstance(value, np.ndarray):
+            raise ProtocolError(f"{where}: expected an array (ext type {ARRAY_EXT}), got {type(value).__name__}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected list, got {type(value).__name__}")
+        (inner,) = typing.get_args(tp)
+        return [_check(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected map, got {type(value).__name__}")
+        _, inner = typing.get_args(tp)
+        return {k: _check(v, inner, f"{where}[{k!r}]") for k, v in value.items()}
+    raise ProtocolError(f"{where}: unsupported field type {tp}")  # pragma: no cover
+
+
+def check_obs_spec(spec: list[dict[str, Any]], where: str = "obs_spec") -> list[tuple[str, tuple[int, ...], str]]:
+    """Validate a wire obs spec; returns ``(key, shape, dtype)`` tuples."""
+    out = []
+    for i, f in enumerate(spec):
+        key, shape, dtype = f.get("key"), f.get("shape"), f.get("dtype")
+        if not isinstance(key, str) or not key:
+            raise ProtocolError(f"{where}[{i}]: 'key' must be a non-empty string")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise ProtocolError(f"{where}[{i}] ({key}): 'shape' must be a list of non-negative ints")
+        if dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"{where}[{i}] ({key}): dtype {dtype!r} not in {ALLOWED_DTYPES}")
+        out.append((key, tuple(shape), str(dtype)))
+    return out

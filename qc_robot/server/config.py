@@ -1,0 +1,34 @@
+"""``qc-robot serve`` configuration (schema of ``configs/serve.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeConfig:
+    """The control server: one policy, many drivers, ZeroMQ ROUTER socket."""
+
+    policy: str = "???"
+    """Path to a self-describing ``model.onnx`` (or ``hold:OBS_DIM:ACT_DIM:H`` / ``random:...``
+    for bring-up without a trained model; the observation key is ``state``)."""
+    bind: str = "tcp://127.0.0.1:5555"
+    """ZeroMQ endpoint to bind. Loopback by default: the protocol has no authentication."""
+    allow_remote: bool = False
+    """Must be true to bind anything but loopback/ipc/inproc (put it behind a trusted network)."""
+    threads: int = 1
+    """Intra-op threads of the ONNX runtime session."""
+    providers: str = "auto"
+    """onnxruntime execution providers: 'auto', 'cpu', 'cuda' (see policies.onnx_policy)."""
+    workers: int = 1
+    """Inference worker threads. >1 lets drivers' inferences overlap (the policy must be
+    thread-safe: onnxruntime sessions are)."""
+    max_clients: int = 8
+    """Drivers served at once; further Hellos are refused with ``too_many_clients``."""
+    heartbeat_s: float = 1.0
+    """Advertised to drivers: send a Heartbeat after this long without sending anything."""
+    session_timeout_s: float = 10.0
+    """A driver silent for this long is forgotten (its partial episode log is written)."""
+    log_dir: str = ""
+    """Directory for HDF5 episode logs of everything served ('' = off)."""
+    log_level: str = "INFO"

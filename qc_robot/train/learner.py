@@ -1,0 +1,224 @@
+"""One learner loop for offline, online and offline→online training.
+
+Offline phase: ``offline_steps`` updates on the dataset. Online phase: ``online_steps`` env steps
+in sim, each chunk executed open-loop in full, ``utd`` updates per env step, online transitions
+appended to the same replay (the offline data stays in it). Either phase may be 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from policies.base import ObsField
+from qc_robot.agent.agent import QCAgent
+from qc_robot.config import TrainConfig
+from qc_robot.data.replay import ChunkReplay
+from qc_robot.train.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint
+from qc_robot.train.evaluate import EvalResult, agent_policy, evaluate
+from qc_robot.train.logs import RunLogger
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    env_steps: int
+    last_eval: EvalResult | None
+
+
+def _dataset(cfg: TrainConfig):  # noqa: ANN202 (FlatDataset)
+    from qc_robot.data.hdf5_io import load_flat
+    from sim.tasks import task_spec
+
+    sparse = cfg.env.sparse_reward
+    if sparse is None:
+        sparse = task_spec(cfg.env.name).sparse_default
+    return load_flat(cfg.data.path, reward_shift=cfg.data.reward_shift, sparse_reward=sparse)
+
+
+def _obs_stats(observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return observations.mean(axis=0), observations.std(axis=0)
+
+
+class Learner:
+    """Owns the agent, the replay, the sim env for online steps, and the run directory."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from sim.tasks import task_spec
+
+        self.cfg = cfg
+        t = cfg.training
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed)
+        self.task = task_spec(cfg.env.name)
+        self.run_dir = Path(t.run_dir)
+        ckpt_path = self.run_dir / CHECKPOINT
+        resume = t.resume and ckpt_path.exists()
+
+        data = _dataset(cfg) if (t.offline_steps > 0 or Path(cfg.data.path).exists()) else None
+        obs_dim = data.observations.shape[1] if data is not None else self.task.obs_dim
+        act_dim = data.actions.shape[1] if data is not None else self.task.act_dim
+        self.agent = QCAgent(cfg.agent, obs_dim, act_dim)
+        if data is not None:
+            self.agent.set_normalizer(*_obs_stats(data.observations))
+        offline_rows = len(data.rewards) if data is not None else 0
+        self.replay = ChunkReplay(obs_dim, act_dim, offline_rows + t.online_steps + 1, self.agent.device)
+        if data is not None:
+            self.replay.add_offline(data.as_replay_dict())
+        self.sampler = torch.Generator(device=self.agent.device).manual_seed(t.seed)
+        self.env_rng = np.random.default_rng(t.seed)
+        self.step = 0  # gradient updates
+        self.env_steps = 0
+        self.logger = RunLogger(self.run_dir, resume=resume)
+        self.last_eval: EvalResult | None = None
+        self._eval_step = -1
+        if resume:
+            self._restore(load_checkpoint(ckpt_path, device=str(self.agent.device)))
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        online = self.replay.numpy()
+        online = {k: v[self.replay.keep:] for k, v in online.items()}
+        return Checkpoint(
+            agent=self.agent, config=self.cfg, step=self.step, env_steps=self.env_steps,
+            obs_fields=[ObsField("state", (self.agent.obs_dim,), "float32")],
+            action_low=-np.ones(self.agent.act_dim, np.float32),
+            action_high=np.ones(self.agent.act_dim, np.float32),
+            control_hz=self.task.control_hz, config_hash=config_hash(self.cfg),
+            extra={"sampler": self.sampler.get_state(), "online_rows": online,
+                   "env_rng": self.env_rng.bit_generator.state},
+        )
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir / CHECKPOINT, self.checkpoint())
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        self.agent.load_state_dict(ckpt.agent.state_dict())
+        self.step, self.env_steps = ckpt.step, ckpt.env_steps
+        self.sampler.set_state(ckpt.extra["sampler"])
+        self.env_rng.bit_generator.state = ckpt.extra["env_rng"]
+        rows = ckpt.extra["online_rows"]
+        for i in range(len(rows["rewards"])):
+            self.replay.add({k: v[i] for k, v in rows.items()})
+
+    # -- phases ------------------------------------------------------------------------------
+    def update(self) -> dict[str, torch.Tensor]:
+        a = self.cfg.agent
+        batch = self.replay.sample(a.batch_size, a.horizon, a.discount, generator=self.sampler)
+        self.step += 1
+        return self.agent.update(batch)
+
+    def maybe_log(self, info: dict[str, torch.Tensor], phase: str, t0: float, bar: tqdm | None) -> None:
+        t = self.cfg.training
+        if t.log_interval and self.step % t.log_interval == 0:
+            metrics = {k: float(v) for k, v in info.items()}  # one host sync per log interval
+            metrics["time/updates_per_s"] = t.log_interval / max(time.perf_counter() - t0, 1e-9)
+            metrics["env_steps"] = float(self.env_steps)
+            self.logger.log(self.step, {"phase_online": float(phase == "online"), **metrics})
+            if bar is not None:
+                bar.set_postfix(critic=f"{metrics.get('critic/loss', float('nan')):.3g}",
+                                succ=f"{self.last_eval.success_rate:.2f}" if self.last_eval else "-")
+
+    def maybe_eval(self, phase: str, force: bool = False) -> None:
+        t = self.cfg.training
+        due = t.eval_interval and self.step % t.eval_interval == 0
+        if (due or force) and t.eval_episodes > 0 and self._eval_step != self.step:
+            self._eval_step = self.step
+            self.last_eval = evaluate(agent_policy(self.agent, seed=10_000 + self.step), self.cfg.env.name,
+                                      t.eval_episodes, seed=10_000, sparse_reward=self.cfg.env.sparse_reward,
+                                      max_episode_steps=self.cfg.env.max_episode_steps)
+            self.logger.log_eval(self.step, self.env_steps, phase, self.last_eval.as_dict())
+            self.save()
+        if t.save_interval and self.step % t.save_interval == 0:
+            self.save()
+
+    def run_offline(self) -> None:
+        t = self.cfg.training
+        remaining = t.offline_steps - self.step
+        if remaining <= 0:
+            return
+        bar = tqdm(total=t.offline_steps, initial=self.step, desc="offline", disable=not t.progress)
+        t0 = time.perf_counter()
+        for _ in range(remaining):
+            info = self.update()
+            self.maybe_log(info, "offline", t0, bar)
+            if t.log_interval and self.step % t.log_interval == 0:
+                t0 = time.perf_counter()
+            self.maybe_eval("offline")
+            bar.update(1)
+        bar.close()
+
+    def run_online(self) -> None:
+        """Online steps in sim: act once per chunk, append each step, ``utd`` updates per step."""
+        from sim.tasks import make_env
+
+        t, a = self.cfg.training, self.cfg.agent
+        if self.env_steps >= t.online_steps:
+            return
+        env = make_env(self.cfg.env.name, sparse_reward=self.cfg.env.sparse_reward,
+                       max_episode_steps=self.cfg.env.max_episode_steps)
+        act_gen = torch.Generator(device=self.agent.device).manual_seed(t.seed + 1 + self.env_steps)
+        obs, _ = env.reset(seed=int(self.env_rng.integers(2**31)))
+        queue: list[np.ndarray] = []
+        bar = tqdm(total=t.online_steps, initial=self.env_steps, desc="online", disable=not t.progress)
+        t0 = time.perf_counter()
+        info: dict[str, torch.Tensor] = {}
+        while self.env_steps < t.online_steps:
+            if not queue:  # the chunk runs open-loop in full before the next query
+                queue = list(self.agent.act(obs[None], generator=act_gen)[0])
+            action = queue.pop(0)
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            self.replay.add({"observations": obs, "actions": action, "rewards": reward,
+                             "terminals": float(terminated or truncated), "masks": 1.0 - float(terminated),
+                             "next_observations": next_obs})
+            self.env_steps += 1
+            obs = next_obs
+            if terminated or truncated:
+                obs, _ = env.reset(seed=int(self.env_rng.integers(2**31)))
+                queue = []
+            if self.env_steps > t.start_online_updates and self.replay.size >= a.horizon:
+                for _ in range(t.utd):
+                    info = self.update()
+                    self.maybe_log(info, "online", t0, bar)
+                    if t.log_interval and self.step % t.log_interval == 0:
+                        t0 = time.perf_counter()
+                    self.maybe_eval("online")
+            bar.update(1)
+        bar.close()
+        env.close()
+
+    def run(self) -> TrainResult:
+        t = self.cfg.training
+        self.run_offline()
+        if t.offline_steps > 0 and t.online_steps > 0:
+            self.maybe_eval("offline", force=True)  # the offline end point, for offline→online curves
+        self.run_online()
+        self.maybe_eval("online" if t.online_steps else "offline", force=True)
+        self.save()
+        self.logger.close()
+        return TrainResult(self.run_dir, self.step, self.env_steps, self.last_eval)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    return Learner(cfg).run()
+
+
+def run_train(cfg: TrainConfig) -> int:
+    """CLI entry."""
+    if cfg.training.offline_steps > 0 and not Path(cfg.data.path).exists():
+        print(f"qc-robot train: no dataset at {cfg.data.path}. Generate one first:\n"
+              f"  qc-robot datagen env={cfg.env.name} data.path={cfg.data.path}")
+        return 2
+    result = train(cfg)
+    ev = result.last_eval
+    print(f"done: {result.step} updates, {result.env_steps} env steps; "
+          f"success {ev.success_rate:.3f}" if ev else "done", f"→ {result.run_dir / CHECKPOINT}")
+    return 0

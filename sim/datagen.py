@@ -1,0 +1,243 @@
+"""OGBench-style play data from the package's scripted oracles, labelled for one evaluation task.
+
+Recipe (facts from OGBench's ``data_gen_scripts/generate_manipspace.py``, which the pip package
+does not ship): the goal-conditioned env in ``mode='data_collection'`` with
+``terminate_at_goal=False``; ``PlanOracle`` agents (cube / button / drawer / window) with
+temporally smoothed plan noise (``noise``, ``noise_smoothing=0.5``); whenever the oracle reports
+``done`` the env draws a new random target (``set_new_target(p_stack=...)``) and the oracle for
+that target's kind takes over. Puzzle uses the button oracle with the gripper kept closed; scene
+episodes where the cube leaves the visible table are regenerated (the script's health check).
+
+Labels mirror ``ogbench.relabel_utils.relabel_dataset`` (used by ``make_env_and_datasets`` for
+every ``*-singletask-*`` dataset), which we call directly on each episode's pre-action MuJoCo
+state (``info['prev_qpos']``, ``info['prev_button_states']``): per subtask success (cube within
+0.04 of its target, buttons equal, drawer/window within 0.04), ``reward = #solved - #subtasks``
+and ``mask = 1 - all(solved)``. That is exactly what the singletask env returns on the same
+state (``success_timing='pre'``). We store ``dones = 1 - mask``: the true-termination flag.
+Every episode ends at ``episode_length`` (a time limit, not a termination).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from qc_robot.config import DatagenConfig
+from qc_robot.data.hdf5_io import EpisodeWriter, load_flat
+from sim.tasks import TaskSpec, task_spec
+
+NOISE_SMOOTHING = 0.5  # OGBench's default for PlanOracle play data
+
+
+@contextlib.contextmanager
+def _seeded_global_numpy(seed: int) -> Iterator[None]:
+    """OGBench oracles draw from the global ``np.random``: seed it, then restore the caller's state."""
+    state = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def _p_stack(family: str, rng: np.random.Generator) -> float:
+    """Per-episode stacking probability for cube targets (OGBench's schedule)."""
+    if family == "cube-single":
+        return 0.0
+    ranges = {"cube-double": (0.0, 0.25), "cube-triple": (0.05, 0.35), "cube-quadruple": (0.1, 0.5)}
+    if family in ranges:
+        return float(rng.uniform(*ranges[family]))
+    return 0.5
+
+
+def _make_oracles(spec: TaskSpec, env: Any, noise: float) -> dict[str, Any]:
+    from ogbench.manipspace.oracles.plan.button_plan import ButtonPlanOracle
+    from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
+    from ogbench.manipspace.oracles.plan.drawer_plan import DrawerPlanOracle
+    from ogbench.manipspace.oracles.plan.window_plan import WindowPlanOracle
+
+    kw = dict(env=env, noise=noise, noise_smoothing=NOISE_SMOOTHING)
+    if spec.dataset_family.startswith("cube"):
+        return {"cube": CubePlanOracle(**kw)}
+    if spec.dataset_family == "scene":
+        return {
+            "cube": CubePlanOracle(**kw),
+            "button": ButtonPlanOracle(**kw),
+            "drawer": DrawerPlanOracle(**kw),
+            "window": WindowPlanOracle(**kw),
+        }
+    if spec.dataset_family.startswith("puzzle"):
+        return {"button": ButtonPlanOracle(gripper_always_closed=True, **kw)}
+    raise NotImplementedError(f"no scripted oracle for task family {spec.dataset_family!r}")
+
+
+def _scene_healthy(qpos: np.ndarray) -> bool:
+    """OGBench's scene check: the cube never leaves the table except into the drawer."""
+    xyz = qpos[:, 14:17]  # (N, 3) first cube's position
+    too_right = (xyz[:, 1] >= 0.29).any()
+    too_left = ((xyz[:, 1] <= -0.3) & ((xyz[:, 2] < 0.06) | (xyz[:, 2] > 0.08))).any()
+    return not (too_right or too_left)
+
+
+def _rollout(
+    env: Any, oracles: dict[str, Any], length: int, p_stack: float, reset_seed: int | None
+) -> dict[str, np.ndarray]:
+    """One play episode of ``length`` steps; arrays of the pre-action state per step."""
+    ob, info = env.reset(seed=reset_seed)
+    agent = oracles[info["privileged/target_task"]]
+    agent.reset(ob, info)
+    obs, next_obs, actions, qpos, qvel, buttons = [], [], [], [], [], []
+    for _ in range(length):
+        action = np.clip(np.asarray(agent.select_action(ob, info), dtype=np.float64), -1.0, 1.0)
+        next_ob, _, _, _, info = env.step(action)
+        if agent.done:
+            # New random target whenever the current one is handled (OGBench's play recipe).
+            agent_ob, agent_info = env.set_new_target(p_stack=p_stack)
+            agent = oracles[agent_info["privileged/target_task"]]
+            agent.reset(agent_ob, agent_info)
+        obs.append(ob)
+        next_obs.append(next_ob)
+        actions.append(action)
+        qpos.append(info["prev_qpos"])
+        qvel.append(info["prev_qvel"])
+        if "prev_button_states" in info:
+            buttons.append(info["prev_button_states"])
+        ob = next_ob
+    out = {
+        "obs": np.asarray(obs, dtype=np.float32),  # (N, O)
+        "next_obs": np.asarray(next_obs, dtype=np.float32),  # (N, O)
+        "actions": np.asarray(actions, dtype=np.float32),  # (N, 5)
+        "qpos": np.asarray(qpos),  # (N, nq)
+        "qvel": np.asarray(qvel),  # (N, nv)
+    }
+    if buttons:
+        out["button_states"] = np.asarray(buttons, dtype=np.int64)  # (N, num_buttons)
+    return out
+
+
+def label_episode(
+    spec: TaskSpec, label_env: Any, qpos: np.ndarray, button_states: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rewards, dones) of the evaluation task for per-step states, via OGBench's own relabeller."""
+    from ogbench.relabel_utils import relabel_dataset
+
+    ds: dict[str, np.ndarray] = {"qpos": qpos}
+    if button_states is not None:
+        ds["button_states"] = button_states
+    relabel_dataset(spec.singletask_env_id, label_env, ds)
+    return ds["rewards"].astype(np.float32), (1.0 - ds["masks"]).astype(np.float32)
+
+
+def generate(
+    task: str,
+    num_episodes: int,
+    episode_length: int,
+    noise: float,
+    seed: int,
+    out_path: str,
+    progress: bool = True,
+    save_states: bool = True,
+) -> str:
+    """Generate ``num_episodes`` play episodes of ``episode_length`` steps into ``out_path``.
+
+    Deterministic given ``seed``. Rewards and ``dones`` belong to ``task``'s evaluation goal, so
+    one file trains one task. ``save_states`` also stores robomimic-style ``states`` (qpos|qvel
+    of the observed state) and, for scene/puzzle, ``button_states``, so labels can be re-checked.
+    Returns ``out_path``.
+    """
+    import gymnasium
+    import ogbench  # noqa: F401  (registers the envs)
+
+    spec = task_spec(task)
+    if num_episodes <= 0 or episode_length <= 0:
+        raise ValueError("num_episodes and episode_length must be positive")
+    env = gymnasium.make(
+        spec.play_env_id, terminate_at_goal=False, mode="data_collection"
+    ).unwrapped
+    oracles = _make_oracles(spec, env, noise)
+    label_env = gymnasium.make(spec.singletask_env_id)
+    env_args = {
+        "task": spec.name,
+        "env_id": spec.env_id,
+        "singletask_env_id": spec.singletask_env_id,
+        "play_env_id": spec.play_env_id,
+        "control_hz": spec.control_hz,
+        "obs_keys": ["state"],
+        "obs_dim": spec.obs_dim,
+        "act_dim": spec.act_dim,
+        "source": "qc-robot datagen (ogbench PlanOracle play data)",
+        "noise": noise,
+        "noise_smoothing": NOISE_SMOOTHING,
+        "seed": seed,
+        "episode_length": episode_length,
+        "reward": "ogbench singletask: #solved subtasks - #subtasks, on the pre-action state; dones = success",
+        "sparse_reward": False,
+    }
+    rng = np.random.default_rng(seed)
+    with _seeded_global_numpy(seed), EpisodeWriter(out_path, env_args, mode="w") as writer:
+        bar = tqdm(
+            total=num_episodes * episode_length,
+            desc=f"datagen {task}",
+            unit="step",
+            disable=not progress,
+        )
+        first = True
+        for ep in range(num_episodes):
+            while True:
+                p_stack = _p_stack(spec.dataset_family, rng)
+                roll = _rollout(env, oracles, episode_length, p_stack, seed if first else None)
+                first = False
+                if spec.dataset_family != "scene" or _scene_healthy(roll["qpos"]):
+                    break
+            rewards, dones = label_episode(spec, label_env, roll["qpos"], roll.get("button_states"))
+            extras: dict[str, np.ndarray] = {}
+            if save_states:
+                extras["states"] = np.concatenate(
+                    [roll["qpos"], roll["qvel"]], axis=1
+                )  # (N, nq+nv)
+                if "button_states" in roll:
+                    extras["button_states"] = roll["button_states"]
+            writer.add_episode(
+                obs={"state": roll["obs"]},
+                actions=roll["actions"],
+                rewards=rewards,
+                dones=dones,
+                next_obs={"state": roll["next_obs"]},
+                attrs={"episode": ep, "p_stack": p_stack, "nq": roll["qpos"].shape[1]},
+                extras=extras,
+            )
+            bar.update(episode_length)
+        bar.close()
+    env.close()
+    label_env.close()
+    return out_path
+
+
+def run_datagen(cfg: DatagenConfig) -> int:
+    """CLI entry of ``qc-robot datagen``: generate the dataset, print a summary, return 0."""
+    path = cfg.data.path.replace("${env.name}", cfg.env.name)
+    start = time.perf_counter()
+    generate(
+        cfg.env.name,
+        num_episodes=cfg.data.num_episodes,
+        episode_length=cfg.data.episode_length,
+        noise=cfg.data.noise,
+        seed=cfg.data.seed,
+        out_path=path,
+        progress=cfg.progress,
+    )
+    elapsed = time.perf_counter() - start
+    ds = load_flat(path)
+    n = len(ds)
+    print(
+        f"datagen {cfg.env.name}: {len(ds.episode_ends)} episodes, {n} transitions "
+        f"({n / max(elapsed, 1e-9):.0f} steps/s), success-label rate {float(np.mean(1.0 - ds.masks)):.4f}, "
+        f"mean reward {float(np.mean(ds.rewards)):.3f} -> {os.path.abspath(path)}"
+    )
+    return 0

@@ -1,0 +1,151 @@
+"""Registry of simulated tasks: OGBench manipulation single-task environments under short names.
+
+``cube-double-task2`` maps to OGBench's ``cube-double-play-singletask-task2-v0``. OGBench
+builds these environments offline (``make_env_and_datasets(id, env_only=True)``); only the
+datasets need a download, and ``sim.datagen`` makes those locally instead.
+
+Facts from the installed ``ogbench`` package (``manipspace/__init__.py``, ``envs/*.py``):
+singletask envs use ``success_timing='pre'`` (reward, success and ``terminated`` describe the
+state *before* the action), ``terminate_at_goal=True`` and ``permute_blocks=False`` (the goal is
+fixed per task). The reward is ``#solved subtasks - #subtasks`` (0 exactly at success). Goal
+images are only rendered when ``reset(options={'render_goal': True})`` asks for one, so resets
+stay cheap (about 5-12 ms here) and need no GL context.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium
+import numpy as np
+
+CONTROL_HZ = 20.0  # OGBench manipspace: 0.05 s control step (25 physics substeps of 2 ms)
+ACT_DIM = 5  # relative end-effector xyz, yaw, gripper; all in [-1, 1]
+NUM_TASKS = 5
+
+# family -> (OGBench env prefix, obs_dim, max_episode_steps, sparse by default in the QC paper)
+_FAMILIES: dict[str, tuple[str, int, int, bool]] = {
+    "cube-single": ("cube-single", 28, 200, False),
+    "cube-double": ("cube-double", 37, 500, False),
+    "cube-triple": ("cube-triple", 46, 1000, False),
+    "cube-quadruple": ("cube-quadruple", 55, 1000, False),
+    "scene": ("scene", 40, 750, True),
+    "puzzle-3x3": ("puzzle-3x3", 55, 500, True),
+    "puzzle-4x4": ("puzzle-4x4", 83, 500, True),
+}
+_NAME_RE = re.compile(r"^(?P<family>.+)-task(?P<task>\d+)$")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Static description of one task; building it needs no simulator."""
+
+    name: str
+    """Short name, e.g. ``cube-double-task2``."""
+    env_id: str
+    """OGBench dataset-style id, e.g. ``cube-double-play-singletask-task2-v0``."""
+    dataset_family: str
+    """``cube-single``, ``cube-double``, ..., ``scene``, ``puzzle-3x3``."""
+    obs_dim: int
+    act_dim: int
+    control_hz: float
+    max_episode_steps: int
+    sparse_default: bool
+    """The paper's reward setting: sparse for scene and puzzle."""
+    task_id: int
+    """OGBench evaluation task number (1-5)."""
+    play_env_id: str
+    """Goal-conditioned env id used in ``data_collection`` mode by datagen, e.g. ``cube-double-v0``."""
+
+    @property
+    def singletask_env_id(self) -> str:
+        """The gymnasium id of the evaluation env (``cube-double-singletask-task2-v0``)."""
+        return f"{self.dataset_family}-singletask-task{self.task_id}-v0"
+
+
+def list_tasks() -> list[str]:
+    """All registered short task names."""
+    return [f"{fam}-task{i}" for fam in _FAMILIES for i in range(1, NUM_TASKS + 1)]
+
+
+def task_spec(name: str) -> TaskSpec:
+    """Spec of task ``name`` (no env is built). Raises ValueError listing the known names."""
+    m = _NAME_RE.match(name)
+    if m is None or m["family"] not in _FAMILIES or not 1 <= int(m["task"]) <= NUM_TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
+    family, task_id = m["family"], int(m["task"])
+    prefix, obs_dim, max_steps, sparse = _FAMILIES[family]
+    return TaskSpec(
+        name=name,
+        env_id=f"{prefix}-play-singletask-task{task_id}-v0",
+        dataset_family=family,
+        obs_dim=obs_dim,
+        act_dim=ACT_DIM,
+        control_hz=CONTROL_HZ,
+        max_episode_steps=max_steps,
+        sparse_default=sparse,
+        task_id=task_id,
+        play_env_id=f"{prefix}-v0",
+    )
+
+
+def sparsify(rewards: np.ndarray) -> np.ndarray:
+    """The paper's sparse reward: 0 where the task reward is 0 (success), else -1."""
+    r = np.asarray(rewards, dtype=np.float32)
+    return np.where(r == 0.0, 0.0, -1.0).astype(np.float32)
+
+
+class TaskEnv(gymnasium.Wrapper):
+    """Uniform step API over an OGBench singletask env.
+
+    ``step`` returns ``(obs float64 (obs_dim,), reward float, terminated, truncated, info)`` with
+    ``info['success']`` a bool. The first ``reset`` without a seed uses the seed given here, so
+    a seeded env replays the same episode sequence.
+    """
+
+    def __init__(
+        self, env: gymnasium.Env, spec: TaskSpec, sparse_reward: bool, seed: int | None
+    ) -> None:
+        super().__init__(env)
+        self.task = spec
+        self.sparse_reward = sparse_reward
+        self._pending_seed = seed
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        if seed is None and self._pending_seed is not None:
+            seed = self._pending_seed
+        self._pending_seed = None
+        obs, info = self.env.reset(seed=seed, options=options)
+        return np.asarray(obs, dtype=np.float64), info
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        r = float(reward)
+        if self.sparse_reward:
+            r = 0.0 if r == 0.0 else -1.0
+        info["success"] = bool(info.get("success", False))
+        return np.asarray(obs, dtype=np.float64), r, bool(terminated), bool(truncated), info
+
+
+def make_env(
+    name: str,
+    sparse_reward: bool | None = None,
+    max_episode_steps: int = 0,
+    seed: int | None = None,
+) -> TaskEnv:
+    """Build the evaluation env of task ``name``.
+
+    ``sparse_reward=None`` uses the task's paper default; ``max_episode_steps=0`` keeps the
+    task's own limit. The episode terminates on success (OGBench singletask behaviour).
+    """
+    spec = task_spec(name)
+    import ogbench  # heavy import (mujoco, dm_control): only when an env is needed
+
+    limit = max_episode_steps if max_episode_steps > 0 else spec.max_episode_steps
+    env = ogbench.make_env_and_datasets(spec.env_id, env_only=True, max_episode_steps=limit)
+    sparse = spec.sparse_default if sparse_reward is None else sparse_reward
+    return TaskEnv(env, spec, sparse, seed)

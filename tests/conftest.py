@@ -1,0 +1,18 @@
+"""Shared fixtures: a tiny locally generated dataset (real MuJoCo, real HDF5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cube-single-task1 play data: 3 episodes x 60 steps from OGBench's oracle."""
+    from sim.datagen import generate
+
+    out = tmp_path_factory.mktemp("data") / "cube-single-task1.hdf5"
+    generate("cube-single-task1", num_episodes=3, episode_length=60, noise=0.1, seed=0,
+             out_path=str(out), progress=False)
+    return out
