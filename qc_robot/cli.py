@@ -8,6 +8,7 @@ so ``qc-robot serve`` on a robot PC never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from dataclasses import dataclass
@@ -37,6 +38,16 @@ VERBS: dict[str, Verb] = {
                   "serve an ONNX policy's action chunks over ZeroMQ"),
     "drive": Verb("drivers.config:DriveConfig", "drivers.runner:run_drive",
                   "run a robot driver (sim or real) against a policy server"),
+    "finetune": Verb("qc_robot.finetune.config:FinetuneConfig", "qc_robot.finetune.loop:run_finetune",
+                     "fine-tune a checkpoint online from robots' transitions via the server's learner port"),
+    "teleop": Verb("qc_robot.teleop.config:TeleopConfig", "qc_robot.teleop.session:run_teleop",
+                   "drive a robot from keyboard/gamepad/spacemouse and record demos (crash-safe)"),
+    "replay": Verb("qc_robot.teleop.config:ReplayConfig", "qc_robot.teleop.replay:run_replay",
+                   "play a recorded episode back through a driver: replay FILE episode=N"),
+    "dataset": Verb("qc_robot.teleop.config:DatasetConfig", "qc_robot.data.tools:run_dataset",
+                    "dataset info|validate|merge|split|recover FILE..."),
+    "calibrate": Verb("calibration.cli:CalibrateConfig", "calibration.cli:run_calibrate",
+                      "measure latency, dataset stats and sim physics into calibration/<robot_id>.json"),
 }
 
 
@@ -73,6 +84,25 @@ def flags_to_overrides(args: list[str]) -> list[str]:
     return out
 
 
+def positional_to_overrides(schema: Any, args: list[str]) -> list[str]:
+    """Leading bare words → the fields named in ``schema.POSITIONAL`` (``dataset info f.hdf5``).
+
+    If the last named field is a list it takes all remaining bare words.
+    """
+    names = list(getattr(schema, "POSITIONAL", ()))
+    n = next((i for i, a in enumerate(args) if a.startswith("-") or "=" in a), len(args))
+    if not names or n == 0:
+        return args
+    words = ["'" + w.replace("\\", "\\\\").replace("'", "\\'") + "'" for w in args[:n]]  # Hydra-quoted
+    is_list = str({f.name: f.type for f in dataclasses.fields(schema)}[names[-1]]).startswith("list")
+    if n > len(names) and not is_list:
+        raise ValueError(f"too many positional arguments {args[:n]}; expected {' '.join(names)}")
+    out = [f"{k}={w}" for k, w in zip(names[:-1] if is_list else names, words, strict=False)]
+    if is_list and n >= len(names):
+        out.append(f"{names[-1]}=[{','.join(words[len(names) - 1:])}]")
+    return out + args[n:]
+
+
 def compose(verb: str, overrides: list[str]) -> Any:
     """The verb's config as a validated dataclass."""
     from hydra import compose as hydra_compose
@@ -99,8 +129,18 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_known_warnings() -> None:
+    """Headless MuJoCo (no DISPLAY: we never open a window) and OGBench's float64 Box bounds warn
+    on every env build; neither is actionable for a user of the CLI."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*DISPLAY environment variable.*")
+    warnings.filterwarnings("ignore", message=r".*precision lowered by casting.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -111,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     show = "--cfg" in rest or "--help" in rest or "-h" in rest
     rest = [a for a in rest if a not in ("--cfg", "--help", "-h")]
     try:
+        rest = positional_to_overrides(_load(VERBS[verb].schema), rest)
         cfg = compose(verb, flags_to_overrides(rest))
     except Exception as e:  # Hydra/OmegaConf errors: show the message, not a traceback
         print(f"qc-robot {verb}: bad configuration: {e}", file=sys.stderr)

@@ -48,10 +48,10 @@ class AgentConfig:
     """0: time enters the flow net as a scalar; >0: that many Fourier features."""
     compile: bool = False
     """torch.compile the update (pays off on GPU and for long CPU runs)."""
-    sample_dtype: str = "float32"
+    sample_dtype: str = "auto"
     """dtype of the no-grad sampling inside an update (best-of-N / distillation targets):
-    'float32' or 'bfloat16' (bf16 weight copies; Euler state, normalization and the target
-    critic stay fp32). Acting always runs in fp32."""
+    'float32', 'bfloat16' (bf16 weight copies; Euler state, normalization and the target
+    critic stay fp32) or 'auto' (bf16 where the hardware has it natively). Acting is fp32."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
 
@@ -81,6 +81,9 @@ class DataConfig:
     noise: float = 0.1
     """Std of the oracle's action noise in datagen."""
     seed: int = 0
+    task_goal_prob: float = 0.0
+    """datagen, cube tasks: fraction of the oracle's new targets set to the evaluation task's
+    goals (0 = OGBench's plain play data)."""
     reward_shift: float = 0.0
     """Added to every logged reward when loading (robomimic uses -1)."""
 
@@ -105,6 +108,8 @@ class TrainingConfig:
     resume: bool = False
     """Resume from ``run_dir``'s last checkpoint if it exists."""
     progress: bool = True
+    threads: int = 0
+    """torch CPU threads (0: torch's default, all cores)."""
 
 
 @dataclass

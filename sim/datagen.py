@@ -85,10 +85,39 @@ def _scene_healthy(qpos: np.ndarray) -> bool:
     return not (too_right or too_left)
 
 
+def _task_goal_target(env: Any, goals: np.ndarray, rng: np.random.Generator) -> tuple[Any, Any] | None:
+    """Point the cube oracle at the evaluation task's goal for one cube not yet there.
+
+    Uses the cube env's data-collection target (the same mocap target ``set_new_target`` moves),
+    so the oracle and the recorded observation see an ordinary play target. None when every
+    cube already sits at its goal.
+    """
+    xyz = np.array([env._data.joint(f"object_joint_{i}").qpos[:3] for i in range(len(goals))])
+    away = [i for i in range(len(goals)) if np.linalg.norm(xyz[i] - goals[i]) > 0.04]
+    if not away:
+        return None
+    block = int(rng.choice(away))
+    env._target_block = block
+    for i, mocap in enumerate(env._cube_target_mocap_ids):
+        env._data.mocap_pos[mocap] = goals[i] if i == block else (0.0, 0.0, -0.3)
+    return env.compute_observation(), env.get_reset_info()
+
+
 def _rollout(
-    env: Any, oracles: dict[str, Any], length: int, p_stack: float, reset_seed: int | None
+    env: Any,
+    oracles: dict[str, Any],
+    length: int,
+    p_stack: float,
+    reset_seed: int | None,
+    task_goals: np.ndarray | None = None,
+    task_goal_prob: float = 0.0,
+    rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
-    """One play episode of ``length`` steps; arrays of the pre-action state per step."""
+    """One play episode of ``length`` steps; arrays of the pre-action state per step.
+
+    With ``task_goals`` (cube tasks), each new target is, with probability ``task_goal_prob``,
+    one of the evaluation task's goals instead of a random one ("task-directed play").
+    """
     ob, info = env.reset(seed=reset_seed)
     agent = oracles[info["privileged/target_task"]]
     agent.reset(ob, info)
@@ -99,6 +128,10 @@ def _rollout(
         if agent.done:
             # New random target whenever the current one is handled (OGBench's play recipe).
             agent_ob, agent_info = env.set_new_target(p_stack=p_stack)
+            if task_goals is not None and rng is not None and rng.uniform() < task_goal_prob:
+                directed = _task_goal_target(env, task_goals, rng)
+                if directed is not None:
+                    agent_ob, agent_info = directed
             agent = oracles[agent_info["privileged/target_task"]]
             agent.reset(agent_ob, agent_info)
         obs.append(ob)
@@ -143,12 +176,15 @@ def generate(
     out_path: str,
     progress: bool = True,
     save_states: bool = True,
+    task_goal_prob: float = 0.0,
 ) -> str:
     """Generate ``num_episodes`` play episodes of ``episode_length`` steps into ``out_path``.
 
     Deterministic given ``seed``. Rewards and ``dones`` belong to ``task``'s evaluation goal, so
     one file trains one task. ``save_states`` also stores robomimic-style ``states`` (qpos|qvel
     of the observed state) and, for scene/puzzle, ``button_states``, so labels can be re-checked.
+    ``task_goal_prob`` > 0 (cube tasks only) makes that fraction of the oracle's targets the
+    evaluation task's goals: small play datasets otherwise rarely contain a solved task.
     Returns ``out_path``.
     """
     import gymnasium
@@ -162,6 +198,11 @@ def generate(
     ).unwrapped
     oracles = _make_oracles(spec, env, noise)
     label_env = gymnasium.make(spec.singletask_env_id)
+    task_goals = None
+    if task_goal_prob > 0:
+        if not spec.dataset_family.startswith("cube"):
+            raise ValueError(f"task_goal_prob is only supported for cube tasks, not {spec.name}")
+        task_goals = np.asarray(label_env.unwrapped.task_infos[spec.task_id - 1]["goal_xyzs"])  # (cubes, 3)
     env_args = {
         "task": spec.name,
         "env_id": spec.env_id,
@@ -178,6 +219,7 @@ def generate(
         "episode_length": episode_length,
         "reward": "ogbench singletask: #solved subtasks - #subtasks, on the pre-action state; dones = success",
         "sparse_reward": False,
+        "task_goal_prob": task_goal_prob,
     }
     rng = np.random.default_rng(seed)
     with _seeded_global_numpy(seed), EpisodeWriter(out_path, env_args, mode="w") as writer:
@@ -191,7 +233,8 @@ def generate(
         for ep in range(num_episodes):
             while True:
                 p_stack = _p_stack(spec.dataset_family, rng)
-                roll = _rollout(env, oracles, episode_length, p_stack, seed if first else None)
+                roll = _rollout(env, oracles, episode_length, p_stack, seed if first else None,
+                                task_goals, task_goal_prob, rng)
                 first = False
                 if spec.dataset_family != "scene" or _scene_healthy(roll["qpos"]):
                     break
@@ -231,6 +274,7 @@ def run_datagen(cfg: DatagenConfig) -> int:
         seed=cfg.data.seed,
         out_path=path,
         progress=cfg.progress,
+        task_goal_prob=cfg.data.task_goal_prob,
     )
     elapsed = time.perf_counter() - start
     ds = load_flat(path)

@@ -123,3 +123,14 @@ def test_run_datagen_cli_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert "1 episodes, 20 transitions" in out and "cube-single-task2.hdf5" in out
     assert len(load_flat(tmp_path / "cube-single-task2.hdf5")) == 20
+
+
+def test_task_directed_play_contains_solved_tasks(tmp_path):
+    """Plain play rarely solves a cube-double task; task-directed targets make solved states appear."""
+    plain = generate("cube-double-task1", 1, 300, 0.1, 3, str(tmp_path / "plain.hdf5"), progress=False)
+    directed = generate("cube-double-task1", 1, 300, 0.1, 3, str(tmp_path / "directed.hdf5"),
+                        progress=False, task_goal_prob=1.0)
+    solved_plain = float(np.sum(load_flat(plain).masks == 0))
+    solved_directed = float(np.sum(load_flat(directed).masks == 0))
+    assert solved_directed > solved_plain
+    assert solved_directed > 0

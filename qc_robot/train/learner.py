@@ -18,6 +18,7 @@ from tqdm import tqdm
 from policies.base import ObsField
 from qc_robot.agent.agent import QCAgent
 from qc_robot.config import TrainConfig
+from qc_robot.data.batch import ChunkBatch
 from qc_robot.data.replay import ChunkReplay
 from qc_robot.train.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint
 from qc_robot.train.evaluate import EvalResult, agent_policy, evaluate
@@ -56,6 +57,8 @@ class Learner:
 
         self.cfg = cfg
         t = cfg.training
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
         self.task = task_spec(cfg.env.name)
@@ -110,9 +113,11 @@ class Learner:
             self.replay.add({k: v[i] for k, v in rows.items()})
 
     # -- phases ------------------------------------------------------------------------------
-    def update(self) -> dict[str, torch.Tensor]:
+    def update(self, batch: ChunkBatch | None = None) -> dict[str, torch.Tensor]:
+        """One gradient update on ``batch`` (default: a batch sampled from the replay)."""
         a = self.cfg.agent
-        batch = self.replay.sample(a.batch_size, a.horizon, a.discount, generator=self.sampler)
+        if batch is None:
+            batch = self.replay.sample(a.batch_size, a.horizon, a.discount, generator=self.sampler)
         self.step += 1
         return self.agent.update(batch)
 
@@ -139,6 +144,14 @@ class Learner:
             self.save()
         if t.save_interval and self.step % t.save_interval == 0:
             self.save()
+
+    def add_step(self, obs: np.ndarray, action: np.ndarray, reward: float, terminated: bool, truncated: bool,
+                 next_obs: np.ndarray, replay: ChunkReplay | None = None) -> None:
+        """Append one env step to ``replay`` (default: the learner's): terminals = the episode ended
+        (either way), masks = 1 - true termination."""
+        (self.replay if replay is None else replay).add({
+            "observations": obs, "actions": action, "rewards": reward, "terminals": float(terminated or truncated),
+            "masks": 1.0 - float(terminated), "next_observations": next_obs})
 
     def run_offline(self) -> None:
         t = self.cfg.training
@@ -176,9 +189,7 @@ class Learner:
                 queue = list(self.agent.act(obs[None], generator=act_gen)[0])
             action = queue.pop(0)
             next_obs, reward, terminated, truncated, _ = env.step(action)
-            self.replay.add({"observations": obs, "actions": action, "rewards": reward,
-                             "terminals": float(terminated or truncated), "masks": 1.0 - float(terminated),
-                             "next_observations": next_obs})
+            self.add_step(obs, action, reward, terminated, truncated, next_obs)
             self.env_steps += 1
             obs = next_obs
             if terminated or truncated:
