@@ -40,6 +40,11 @@ class DriveConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     driver_args: dict[str, Any] = field(default_factory=dict)
     """Further driver-specific config keys (override the common ones above)."""
+    calibration: str = ""
+    """Calibration file (``calibration/<robot_id>.json``, '' = none): the executor's initial delay
+    estimate, the sim's physics/delay/noise; its id goes into the Hello and every logged episode."""
+    randomize_physics: bool = False
+    """sim: draw physical parameters per episode from the calibration's ranges."""
     send_transitions: bool = True
     """Stream executed transitions when the server asks for them (it logs episodes)."""
     log_level: str = "WARNING"

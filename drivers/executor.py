@@ -67,7 +67,7 @@ class ChunkExecutor:
 
     def __init__(self, source: ChunkSource, chunk_len: int, mode: str = "open_loop", threshold: float = 0.5,
                  request_timeout_s: float = 2.0, wait_when_empty: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, initial_delay_steps: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.source, self.chunk_len, self.mode = source, chunk_len, mode
@@ -75,6 +75,8 @@ class ChunkExecutor:
         self.wait_when_empty = wait_when_empty
         """Lockstep drivers: block for each reply (the world waits too, so the delay is 0 steps)."""
         self.clock = clock
+        self.initial_delay_steps = max(0, int(initial_delay_steps))
+        """Delay estimate before any reply is measured (e.g. the calibration file's)."""
         self.stats = ExecutorStats()
         self._queue: collections.deque[tuple[int, np.ndarray]] = collections.deque()  # (step, action)
         self._inflight: _Inflight | None = None
@@ -82,8 +84,9 @@ class ChunkExecutor:
 
     @property
     def delay_steps(self) -> int:
-        """Measured inference delay in control steps (max of the last 8 replies; 0 before any)."""
-        return max(self._recent_delays, default=0)
+        """Measured inference delay in control steps (max of the last 8 replies; before any, the
+        initial estimate)."""
+        return max(self._recent_delays, default=self.initial_delay_steps)
 
     @property
     def queued(self) -> int:

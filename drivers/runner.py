@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from calibration.files import load_calibration
 from drivers.client import HandshakeError, PolicyClient
 from drivers.config import DriveConfig
 from drivers.executor import ChunkExecutor
@@ -146,7 +147,8 @@ def build_driver(cfg: DriveConfig) -> SafeDriver:
     values: dict[str, Any] = dict(env=cfg.env.name, sparse_reward=cfg.env.sparse_reward,
                                   max_episode_steps=cfg.env.max_episode_steps, realtime=cfg.realtime,
                                   time_scale=cfg.time_scale, latency_ms=cfg.latency_ms,
-                                  obs_noise=cfg.obs_noise, seed=cfg.seed)
+                                  obs_noise=cfg.obs_noise, seed=cfg.seed, calibration=cfg.calibration,
+                                  randomize=cfg.randomize_physics)
     values.update(cfg.driver_args)
     scale = cfg.time_scale
     return SafeDriver(make_driver(cfg.driver, driver_config(cfg.driver, **values)), cfg.safety,
@@ -158,11 +160,14 @@ def run_drive(cfg: DriveConfig) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         driver = build_driver(cfg)
-    except ValueError as e:
+        cal = load_calibration(cfg.calibration, task=cfg.env.name if cfg.driver == "sim" else None) \
+            if cfg.calibration else None
+    except ValueError as e:  # CalibrationError is a ValueError
         print(f"drive: {e}")
         return 2
     driver.connect()
-    client = PolicyClient(cfg.server, driver.spec.hello(cfg.driver, {"mode": cfg.mode}))
+    meta = {"mode": cfg.mode, "calibration_id": cal.id if cal is not None else ""}
+    client = PolicyClient(cfg.server, driver.spec.hello(cfg.driver, meta))
     try:
         welcome = client.connect(cfg.connect_timeout_s)
     except HandshakeError as e:
@@ -172,7 +177,8 @@ def run_drive(cfg: DriveConfig) -> int:
     print(f"connected to {cfg.server}: policy {welcome.policy_version} ({welcome.actor_type}), "
           f"H={welcome.chunk_len}, session {welcome.session}; mode {cfg.mode}, driver {cfg.driver}")
     executor = ChunkExecutor(client, welcome.chunk_len, cfg.mode, cfg.request_threshold, cfg.request_timeout_s,
-                             wait_when_empty=not driver.realtime)
+                             wait_when_empty=not driver.realtime,
+                             initial_delay_steps=cal.inference_delay_steps if cal is not None else 0)
     pacer = Pacer(driver.spec.control_hz * cfg.time_scale) if driver.realtime else None
     results: list[EpisodeResult] = []
     try:

@@ -9,8 +9,13 @@ world keeps moving while the policy thinks, so inference delay has its real cost
 Lockstep mode (``realtime=False``): each ``send_action`` advances exactly one control step, with
 latency expressed as whole steps of delay; deterministic for a seed (conformance tests, evals).
 
-Only the gymnasium API of ``sim.tasks.make_env`` is used; mujoco/ogbench are imported when the
-driver connects, so ``import drivers.sim`` stays cheap.
+Calibration (``calibration/<robot_id>.json``, optional): its identified physical parameters are
+applied to the MuJoCo model, its control delay and observation noise are used where the config
+leaves ``latency_ms``/``obs_noise`` at 0, and with ``randomize`` every episode draws the parameters
+from the file's ranges (domain randomization for training and robustness evals).
+
+Only the gymnasium API of ``sim.tasks.make_env`` (plus ``env.unwrapped.model`` for calibration)
+is used; mujoco/ogbench are imported when the driver connects, so ``import drivers.sim`` stays cheap.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ class SimConfig:
     """Std of Gaussian noise added to every observation read (sensor noise)."""
     seed: int = 0
     obs_key: str = "state"
+    calibration: str = ""
+    """Path of a calibration file ('' = the stock model): physics applied, delay and noise defaulted."""
+    randomize: bool = False
+    """Draw the physical parameters per episode from the calibration's ranges."""
 
 
 class SimDriver(Driver):
@@ -67,8 +76,26 @@ class SimDriver(Driver):
                                np.ones(a), self.task.control_hz, limit)
         self.realtime = cfg.realtime
         self._period = 1.0 / (self.task.control_hz * cfg.time_scale)  # wall seconds per tick
-        self._latency_s = cfg.latency_ms / 1e3 / cfg.time_scale
-        self._latency_steps = int(round(cfg.latency_ms / 1e3 * self.task.control_hz))
+        self.calibration: Any = None
+        self.calibration_id = ""
+        """Id of the calibration in use (recorded with every logged episode); '' = none."""
+        latency_ms, self._obs_noise = cfg.latency_ms, cfg.obs_noise
+        if cfg.calibration:
+            from calibration.files import load_calibration  # stdlib + numpy only
+
+            self.calibration = load_calibration(cfg.calibration, task=cfg.env)
+            self.calibration_id = self.calibration.id
+            if latency_ms <= 0:  # an explicit latency in the config wins over the calibration's
+                latency_ms = self.calibration.control_delay_steps * 1e3 / self.task.control_hz
+            if self._obs_noise <= 0:
+                self._obs_noise = self.calibration.obs_noise
+        if cfg.randomize and (self.calibration is None or not (self.calibration.physics or {}).get("ranges")):
+            raise ValueError("randomize needs a calibration file with physics ranges")
+        self.latency_ms = latency_ms
+        self._latency_s = latency_ms / 1e3 / cfg.time_scale
+        self._latency_steps = int(round(latency_ms / 1e3 * self.task.control_hz))
+        self._physics: Any = None  # calibration.randomization.PhysicsParams once connected
+        self._phys_rng = np.random.default_rng(cfg.seed + 2)
         self._env: Any = None
         self._lock = threading.Lock()  # guards obs and info between the tick thread and readers
         self._inbox: collections.deque[tuple[float, np.ndarray]] = collections.deque()
@@ -89,6 +116,25 @@ class SimDriver(Driver):
 
             self._env = make_env(self.cfg.env, sparse_reward=self.cfg.sparse_reward,
                                  max_episode_steps=self.spec.max_episode_steps, seed=self.cfg.seed)
+            if self.calibration is not None and self.calibration.physics:
+                from calibration.randomization import PhysicsParams
+
+                self._env.reset(seed=self.cfg.seed)  # OGBench compiles the MjModel on the first reset
+                self._physics = PhysicsParams(self._env)
+                self._physics.apply(self.calibration.physics["params"])
+
+    @property
+    def physics_params(self) -> dict[str, float]:
+        """Physical parameters applied to the model now (the stock model's if uncalibrated)."""
+        from calibration.randomization import nominal_params
+
+        return dict(self._physics.current) if self._physics is not None else nominal_params()
+
+    def sim_state(self) -> np.ndarray:
+        """MuJoCo qpos|qvel of the current state (robomimic ``states``; for system identification)."""
+        with self._lock:
+            d = self._env.unwrapped.data
+            return np.concatenate([d.qpos, d.qvel])
 
     def close(self) -> None:
         self._stop_clock()
@@ -99,6 +145,13 @@ class SimDriver(Driver):
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         self.connect()
         self._stop_clock()
+        if seed is not None:
+            self._phys_rng = np.random.default_rng(seed + 2)
+        if self.cfg.randomize and self._physics is not None:
+            from calibration.randomization import sample_params
+
+            phys = self.calibration.physics
+            self._physics.apply(sample_params(phys["ranges"], self._phys_rng, phys["params"]))
         with self._lock:
             obs, _ = self._env.reset(seed=seed)
             self._obs = np.asarray(obs, np.float64)
@@ -116,8 +169,8 @@ class SimDriver(Driver):
     def get_observation(self) -> dict[str, np.ndarray]:
         with self._lock:
             obs = self._obs.copy()
-        if self.cfg.obs_noise > 0:
-            obs = obs + self._noise_rng.normal(0.0, self.cfg.obs_noise, obs.shape)
+        if self._obs_noise > 0:
+            obs = obs + self._noise_rng.normal(0.0, self._obs_noise, obs.shape)
         return {self.cfg.obs_key: obs}
 
     def step_info(self) -> StepInfo:

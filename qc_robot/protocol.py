@@ -163,6 +163,11 @@ class Transition(Message):
     next_obs: dict[str, np.ndarray]
     success: bool = False
     """Whether the episode has succeeded by the last of these steps."""
+    policy_version: str = ""
+    """Version of the policy whose chunk produced these steps ('' = unknown: the server fills in
+    the version of the last chunk it served to this session)."""
+    intervention: np.ndarray | None = None
+    """(K,) bool, optional: True where a human operator's action replaced the policy's."""
 
 
 @dataclass
@@ -192,8 +197,84 @@ class Bye(Message):
     reason: str = ""
 
 
+# -- the learner link (server's learner port; docs/protocol.md section 10) --------------------
+
+
+@dataclass
+class Subscribe(Message):
+    """Learner → server: stream every journaled transition with ``seq >= from_seq``."""
+
+    TYPE: ClassVar[str] = "subscribe"
+    learner: str
+    from_seq: int
+    """First sequence number wanted: the learner's last applied seq + 1 (1 = everything)."""
+    window: int = 256
+    """Records the server may send beyond the last ``ack`` (flow control)."""
+
+
+@dataclass
+class Subscribed(Message):
+    """Server → learner, answer to Subscribe: where the journal stands and what is served."""
+
+    TYPE: ClassVar[str] = "subscribed"
+    journal_id: str
+    """Identity of the journal: sequence numbers are meaningful only within one journal."""
+    first_seq: int
+    """Oldest record still in the journal."""
+    next_seq: int
+    """Sequence number the next recorded transition will get."""
+    policy_version: int
+    """Version number of the served policy (0: the one the server started with)."""
+
+
+@dataclass
+class TransitionBatch(Message):
+    """Server → learner: consecutive journal records, in increasing ``seq``."""
+
+    TYPE: ClassVar[str] = "transition_batch"
+    records: list[dict[str, Any]]
+    """Each ``{"seq": int, "session": str, "driver": str, "policy_version": str, "t": float,
+    "transition": bin}``; ``transition`` is an encoded Transition message."""
+
+
+@dataclass
+class Ack(Message):
+    """Learner → server: flow control and durability of what the learner has."""
+
+    TYPE: ClassVar[str] = "ack"
+    seq: int
+    """Every record with seq <= this was received, in order."""
+    persisted_seq: int = 0
+    """Every record with seq <= this is in a learner checkpoint (the journal may drop them)."""
+
+
+@dataclass
+class PolicyPush(Message):
+    """Learner → server: a new exported policy to serve from the next chunk on."""
+
+    TYPE: ClassVar[str] = "policy_push"
+    version: int
+    """Must exceed the served version (a stale push is refused)."""
+    onnx: bytes
+    """The self-describing model.onnx file."""
+    sha256: str
+    """Hex SHA-256 of ``onnx``."""
+
+
+@dataclass
+class PolicyAck(Message):
+    """Server → learner: the outcome of a PolicyPush."""
+
+    TYPE: ClassVar[str] = "policy_ack"
+    version: int
+    accepted: bool
+    reason: str = ""
+    """Why a push was refused (stale version, checksum, spec mismatch, load failure)."""
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    c.TYPE: c for c in (Hello, Welcome, Observation, Chunk, Transition, Heartbeat, Error, Bye)
+    c.TYPE: c for c in (Hello, Welcome, Observation, Chunk, Transition, Heartbeat, Error, Bye,
+                        Subscribe, Subscribed, TransitionBatch, Ack, PolicyPush, PolicyAck)
 }
 
 
@@ -349,6 +430,10 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ProtocolError(f"{where}: expected str, got {type(value).__name__}")
+        return value
+    if tp is bytes:
+        if not isinstance(value, bytes):
+            raise ProtocolError(f"{where}: expected bin, got {type(value).__name__}")
         return value
     if tp is np.ndarray:
         if not isinstance(value, np.ndarray):

@@ -11,8 +11,9 @@ Layout (plain h5py can read it; robomimic files load too)::
     mask/<filter>              optional lists of demo names (e.g. train / valid)
 
 The writer completes and flushes one whole episode at a time, then bumps ``total``. A demo group
-without ``num_samples`` is an episode whose write never finished: readers skip it (that is the
-hook for step-level crash safety later).
+without ``num_samples`` is an episode whose write never finished: readers skip it. A kill in the
+middle of an HDF5 write can still damage the file's structure; crash-safe recording
+(``qc_robot.data.recorder``) therefore journals steps elsewhere and commits episodes atomically.
 """
 
 from __future__ import annotations
@@ -280,6 +281,16 @@ def load_flat(
     ``filter_key`` restricts to the demos listed in ``mask/<filter_key>``.
     """
     path = os.fspath(path)
+    try:
+        return _load_flat(path, obs_keys, reward_shift, sparse_reward, filter_key)
+    except (KeyError, OSError, RuntimeError) as e:
+        # h5py's own errors: a damaged file (e.g. a link past the end after a killed write)
+        raise DatasetError(f"{path}: damaged HDF5 structure ({e})") from None
+
+
+def _load_flat(
+    path: str, obs_keys: list[str] | None, reward_shift: float, sparse_reward: bool, filter_key: str | None
+) -> FlatDataset:
     with _open(path) as f:
         data, env_args = _check_header(path, f)
         names = _demo_names(data)
@@ -371,6 +382,8 @@ def validate(path: str | os.PathLike[str]) -> list[str]:
                     problems.append(f"{path}: data/{n} is incomplete (no attrs['num_samples'])")
     except DatasetError as e:
         return [str(e)]
+    except (KeyError, OSError, RuntimeError) as e:
+        return [f"{path}: damaged HDF5 structure ({e})"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

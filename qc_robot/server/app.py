@@ -27,6 +27,7 @@ from qc_robot import protocol as P
 from qc_robot.server.checks import check_hello, check_observation, sanitize_actions
 from qc_robot.server.config import ServeConfig
 from qc_robot.server.episode_log import EpisodeLogger
+from qc_robot.server.learner_link import LearnerLink, check_transition
 
 log = logging.getLogger("qc_robot.server")
 _LOCAL_PREFIXES = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")
@@ -40,6 +41,10 @@ class _Session:
     driver: str
     last_seen: float
     served: int = 0
+    calibration_id: str = ""
+    """From the driver's Hello meta: recorded with each logged episode."""
+    last_version: str = ""
+    """Policy version of the last chunk sent to this driver (stamped on its transitions)."""
 
 
 @dataclass
@@ -69,7 +74,7 @@ class ControlServer:
     def __init__(self, policy: Policy, bind: str = "tcp://127.0.0.1:5555", *, workers: int = 1,
                  max_clients: int = 8, heartbeat_s: float = 1.0, session_timeout_s: float = 10.0,
                  episode_logger: EpisodeLogger | None = None, allow_remote: bool = False,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, learner_link: LearnerLink | None = None) -> None:
         if not allow_remote and not bind.startswith(_LOCAL_PREFIXES):
             raise ValueError(f"refusing to bind {bind}: the protocol is unauthenticated; use loopback/ipc "
                              "or set allow_remote=true on a trusted network")
@@ -77,6 +82,12 @@ class ControlServer:
         self.workers, self.max_clients = max(1, workers), max_clients
         self.heartbeat_s, self.session_timeout_s = heartbeat_s, session_timeout_s
         self.logger = episode_logger
+        self.link = learner_link
+        """Journals transitions for, and takes policy pushes from, a learner (qc-robot finetune)."""
+        self.policy_version = int(self.spec.version) if str(self.spec.version).isdigit() else 0
+        """Number of the served policy: 0 at start, then each accepted push's version."""
+        if learner_link is not None:
+            learner_link.attach(self)
         self.stats = ServerStats()
         self.address = ""
         """The bound endpoint (a concrete port when ``bind`` asked for ``*``)."""
@@ -103,6 +114,12 @@ class ControlServer:
             raise RuntimeError(f"server could not bind {self.bind}: {self._start_error}")
         for t in self._threads[1:]:
             t.start()
+        if self.link is not None:
+            try:
+                self.link.start(timeout)
+            except RuntimeError:
+                self.stop()
+                raise
         log.info("serving policy %s (H=%d, A=%d, %.1f Hz) on %s", self.spec.version, self.spec.chunk_len,
                  self.spec.action_dim, self.spec.control_hz, self.address)
         return self
@@ -115,6 +132,12 @@ class ControlServer:
             t.join(timeout)
         if self.logger is not None:
             self.logger.close()
+        if self.link is not None:
+            self.link.stop(timeout)
+
+    def swap_policy(self, policy: Policy, version: int) -> None:
+        """Serve ``policy`` from the next chunk on; a chunk in inference keeps the policy it started with."""
+        self.policy, self.spec, self.policy_version = policy, policy.spec, version
 
     def __enter__(self) -> ControlServer:
         return self.start()
@@ -129,7 +152,7 @@ class ControlServer:
         results = self._ctx.socket(zmq.PULL)
         try:
             router.setsockopt(zmq.LINGER, 0)
-            router.bind(self.bind)
+            _bind_retrying(router, self.bind)
             results.bind(self._results)
             self.address = router.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as e:
@@ -154,9 +177,12 @@ class ControlServer:
                     self._on_frames(router, frames)
                 for _ in range(256 if results in events else 0):
                     try:
-                        router.send_multipart(results.recv_multipart(zmq.NOBLOCK))
+                        ident, reply, version = results.recv_multipart(zmq.NOBLOCK)
+                        router.send_multipart([ident, reply])
                     except zmq.Again:
                         break
+                    if ident in self._sessions and version:
+                        self._sessions[ident].last_version = version.decode()
                 if time.monotonic() > next_sweep:
                     self._expire_sessions()
                     next_sweep = time.monotonic() + 0.5
@@ -219,13 +245,21 @@ class ControlServer:
         elif isinstance(msg, P.Transition):
             if session is None:
                 self._error(router, ident, P.ErrorCode.NO_SESSION, "transition before handshake")
-            elif self.logger is not None:
-                try:
-                    self.logger.add(session.id, session.driver, msg)
-                except ValueError as e:
-                    self._error(router, ident, P.ErrorCode.BAD_MESSAGE, str(e))
+            else:
+                self._on_transition(router, ident, session, msg, frames[1])
         else:
             self._error(router, ident, P.ErrorCode.UNKNOWN_TYPE, f"a driver may not send {msg.TYPE!r}")
+
+    def _on_transition(self, router: zmq.Socket, ident: bytes, session: _Session, msg: P.Transition,
+                       raw: bytes) -> None:
+        try:
+            if self.link is not None:  # journaled first: the learner's copy is the durable one
+                check_transition(msg)
+                self.link.record(session.id, session.driver, msg.policy_version or session.last_version, raw)
+            if self.logger is not None:
+                self.logger.add(session.id, session.driver, msg, session.calibration_id)
+        except ValueError as e:
+            self._error(router, ident, P.ErrorCode.BAD_MESSAGE, str(e))
 
     def _on_hello(self, router: zmq.Socket, ident: bytes, hello: P.Hello, now: float) -> None:
         if ident not in self._sessions and len(self._sessions) >= self.max_clients:
@@ -237,7 +271,8 @@ class ControlServer:
             return
         if ident in self._sessions:
             self._drop(ident)  # a repeated Hello restarts the session
-        s = _Session(ident, uuid.uuid4().hex[:12], hello.driver, now)
+        s = _Session(ident, uuid.uuid4().hex[:12], hello.driver, now,
+                     calibration_id=str(hello.meta.get("calibration_id", "") or ""))
         self._sessions[ident] = s
         log.info("driver %r connected: session %s (%d active)", hello.driver, s.id, len(self._sessions))
         spec = self.spec
@@ -246,7 +281,7 @@ class ControlServer:
             chunk_len=spec.chunk_len, control_hz=float(spec.control_hz), action_low=spec.action_low,
             action_high=spec.action_high, policy_version=str(spec.version), actor_type=spec.actor_type,
             heartbeat_s=self.heartbeat_s, session_timeout_s=self.session_timeout_s,
-            log_transitions=self.logger is not None, warnings=warnings))
+            log_transitions=self.logger is not None or self.link is not None, warnings=warnings))
 
     def _enqueue(self, router: zmq.Socket, job: _Job) -> None:
         with self._slots_lock:
@@ -284,7 +319,9 @@ class ControlServer:
                 with self._slots_lock:
                     job = self._slots.pop(ident, None)
                 if job is not None:
-                    push.send_multipart([ident, P.encode(self._infer(job))])
+                    reply = self._infer(job)
+                    version = reply.policy_version if isinstance(reply, P.Chunk) else ""
+                    push.send_multipart([ident, P.encode(reply), version.encode()])
         finally:
             push.close(0)
 
@@ -292,15 +329,17 @@ class ControlServer:
         """The reply to one observation: a checked, clipped Chunk or an Error; never raises."""
         t_start = time.perf_counter()
         rid = job.msg.request_id
+        policy = self.policy  # one policy computes the whole chunk, even if a push lands meanwhile
+        spec = policy.spec
         try:
-            result = self.policy.predict(job.obs)
+            result = policy.predict(job.obs)
         except ValueError as e:
             return self._worker_error(P.ErrorCode.BAD_OBSERVATION, f"policy refused the observation: {e}", rid)
         except Exception as e:
             log.exception("inference failed for request %d", rid)
             return self._worker_error(P.ErrorCode.POLICY_ERROR, f"inference failed: {type(e).__name__}: {e}", rid)
         try:
-            actions, n_clipped = sanitize_actions(self.spec, result.actions)
+            actions, n_clipped = sanitize_actions(spec, result.actions)
         except ValueError as e:
             return self._worker_error(P.ErrorCode.POLICY_ERROR, str(e), rid)
         if n_clipped:
@@ -312,7 +351,7 @@ class ControlServer:
         self.stats.chunks += 1
         t_end = time.perf_counter()
         return P.Chunk(request_id=rid, episode_id=job.msg.episode_id, start_step=job.msg.step, actions=actions,
-                       policy_version=str(self.spec.version), queue_ms=(t_start - job.t_recv) * 1e3,
+                       policy_version=str(spec.version), queue_ms=(t_start - job.t_recv) * 1e3,
                        infer_ms=float(result.infer_s) * 1e3, total_ms=(t_end - job.t_recv) * 1e3,
                        clipped=n_clipped)
 
@@ -347,11 +386,12 @@ def run_serve(cfg: ServeConfig) -> int:
         logger = EpisodeLogger(cfg.log_dir, _env_args(policy))
         log.info("logging served episodes to %s", logger.path)
     try:
+        link = _learner_link(cfg)
         server = ControlServer(policy, cfg.bind, workers=cfg.workers, max_clients=cfg.max_clients,
                                heartbeat_s=cfg.heartbeat_s, session_timeout_s=cfg.session_timeout_s,
-                               episode_logger=logger, allow_remote=cfg.allow_remote)
+                               episode_logger=logger, allow_remote=cfg.allow_remote, learner_link=link)
         server.start()
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         log.error("%s", e)
         return 2
     done = threading.Event()
@@ -364,8 +404,41 @@ def run_serve(cfg: ServeConfig) -> int:
     return 0
 
 
+def _learner_link(cfg: ServeConfig) -> LearnerLink | None:
+    """The learner port from the config (None when ``learner_bind`` is empty)."""
+    if not cfg.learner_bind:
+        return None
+    from policies.onnx_policy import OnnxPolicy
+    from qc_robot.server.journal import Journal
+    from qc_robot.server.learner_link import CurveKeys
+
+    curve = None
+    if cfg.curve_secret_key:
+        curve = CurveKeys.from_files(cfg.curve_secret_key, authorized_dir=cfg.curve_authorized_dir)
+
+    def loader(path: str, version: str) -> Policy:
+        return OnnxPolicy(path, providers=cfg.providers, threads=cfg.threads, version=version)
+
+    return LearnerLink(cfg.learner_bind, Journal(cfg.journal_dir), curve=curve, prune=cfg.journal_prune,
+                       timeout_s=cfg.learner_timeout_s, policy_loader=loader)
+
+
 def _env_args(policy: Policy) -> dict[str, Any]:
     spec = policy.spec
     return {"source": "qc-robot serve", "policy_version": str(spec.version), "actor_type": spec.actor_type,
             "obs_keys": [f.key for f in spec.obs_fields], "action_dim": spec.action_dim,
             "chunk_len": spec.chunk_len, "control_hz": float(spec.control_hz)}
+
+
+def _bind_retrying(sock: zmq.Socket, address: str, patience_s: float = 3.0) -> None:
+    """Bind, retrying briefly on EADDRINUSE: ZeroMQ releases a closed socket's port asynchronously,
+    so a server restarted on its old port can race its predecessor's teardown."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            sock.bind(address)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -32,3 +32,18 @@ class ServeConfig:
     log_dir: str = ""
     """Directory for HDF5 episode logs of everything served ('' = off)."""
     log_level: str = "INFO"
+    learner_bind: str = ""
+    """Learner port for ``qc-robot finetune`` ('' = off; e.g. tcp://127.0.0.1:5556): transitions
+    are journaled and streamed to the learner, which pushes new policies back."""
+    journal_dir: str = "runs/serve-journal"
+    """Durable transition journal (and pushed policies) when the learner port is on; reuse the
+    directory across server restarts so an unacknowledged backlog is re-sent."""
+    journal_prune: bool = False
+    """Delete journal segments once a learner has them in a checkpoint (default: keep everything)."""
+    learner_timeout_s: float = 10.0
+    """A learner silent for this long is unsubscribed (its data stays in the journal)."""
+    curve_secret_key: str = ""
+    """The server's CURVE key file (``name.key_secret`` from ``zmq.auth.create_certificates``):
+    encrypts and authenticates the learner port. Required for a non-loopback ``learner_bind``."""
+    curve_authorized_dir: str = ""
+    """Directory of the public key files (``*.key``) of learners allowed to connect."""

@@ -32,6 +32,7 @@ class _OpenEpisode:
     episode_id: int
     parts: list[Transition] = field(default_factory=list)
     success: bool = False
+    calibration_id: str = ""
 
 
 class EpisodeLogger:
@@ -48,8 +49,10 @@ class EpisodeLogger:
         self._thread.start()
         self.episodes_written = 0
 
-    def add(self, session: str, driver: str, tr: Transition) -> None:
-        """Append K steps; closes the episode if its last row ends it. Raises ValueError on bad rows."""
+    def add(self, session: str, driver: str, tr: Transition, calibration_id: str = "") -> None:
+        """Append K steps; closes the episode if its last row ends it. Raises ValueError on bad rows.
+
+        ``calibration_id`` (from the driver's Hello) is written to the episode's attrs."""
         k = len(tr.actions)
         if tr.actions.ndim != 2 or k == 0:
             raise ValueError("transition actions must be (K, A) with K > 0")
@@ -60,7 +63,8 @@ class EpisodeLogger:
             raise ValueError("transition obs/next_obs need the same keys and K rows")
         for (s, eid) in [key for key in self._open if key[0] == session and key[1] != tr.episode_id]:
             self._close(s, eid)  # the driver moved on to a new episode
-        ep = self._open.setdefault((session, tr.episode_id), _OpenEpisode(session, driver, tr.episode_id))
+        ep = self._open.setdefault((session, tr.episode_id),
+                                   _OpenEpisode(session, driver, tr.episode_id, calibration_id=calibration_id))
         ep.parts.append(tr)
         ep.success = ep.success or tr.success
         if bool(tr.terminals[-1]) or bool(tr.truncated[-1]):
@@ -99,6 +103,7 @@ class EpisodeLogger:
                         next_obs={k: cat([p.next_obs[k] for p in parts]) for k in parts[0].next_obs},
                         attrs={"session": ep.session, "driver": ep.driver, "episode_id": ep.episode_id,
                                "start_step": parts[0].start_step, "success": ep.success,
+                               "calibration_id": ep.calibration_id,
                                "complete": bool(dones[-1] or parts[-1].truncated[-1])},
                     )
                     self.episodes_written += 1

@@ -1,0 +1,226 @@
+"""``qc-robot calibrate``: measure a robot and write ``calibration/<robot_id>.json``.
+
+Steps (``step=``): ``excite`` logs an excitation dataset from the driver; ``latency`` measures round
+trips through the server and the driver's actuation delay; ``normalization`` computes dataset
+statistics; ``sysid`` fits the sim's physics to the dataset; ``all`` runs latency, normalization
+and sysid (the last two when a dataset is given); ``check`` compares a new dataset (and the link)
+against the stored calibration and exits 1 on drift. Each step updates only its own section of an
+existing file, so steps can be run on different days.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calibration.files import (
+    Calibration,
+    CalibrationError,
+    default_path,
+    load_calibration,
+    save_calibration,
+)
+
+STEPS = ("excite", "latency", "normalization", "sysid", "all", "check")
+
+
+@dataclass
+class CalibrateConfig:
+    """Calibrate one robot (or the sim standing in for it)."""
+
+    step: str = "all"
+    """excite | latency | normalization | sysid | all | check."""
+    robot_id: str = "sim"
+    """Names the file: calibration/<robot_id>.json (unless ``out`` is set)."""
+    out: str = ""
+    """Calibration file path ('' = calibration/<robot_id>.json)."""
+    task: str = "cube-single-task1"
+    """Sim task the robot's data corresponds to (obs layout; the model sysid replays in)."""
+    dataset: str = ""
+    """HDF5 episodes of the robot (normalization, sysid, check; excite writes it)."""
+    driver: str = "sim"
+    """Registered driver for excite/latency."""
+    driver_args: dict[str, Any] = field(default_factory=dict)
+    """Driver config keys (e.g. calibration: hidden.json to make the sim a 'different robot')."""
+    realtime: bool = True
+    time_scale: float = 1.0
+    latency_ms: float = 0.0
+    """sim driver: injected actuation latency (the latency step should recover it)."""
+    obs_noise: float = 0.0
+    server: str = "local"
+    """Policy server for round trips; 'local' starts an in-process hold-policy server (measures the
+    link and the driver, not your model's inference: use the real server for that)."""
+    requests: int = 50
+    trials: int = 8
+    """Step tests for the actuation delay."""
+    step_dim: int = 0
+    step_value: float = 0.5
+    episodes: int = 3
+    """excite/sysid: episodes written / used."""
+    steps: int = 50
+    """excite/sysid: steps per episode written / used."""
+    kinds: list[str] = field(default_factory=lambda: ["kp", "damping", "armature", "frictionloss"])
+    """Physical parameter kinds to fit (calibration.randomization.PARAM_KINDS)."""
+    max_delay: int = 4
+    max_iters: int = 12
+    range_k: float = 3.0
+    """Randomization ranges: fitted value ± range_k standard errors ..."""
+    range_min_frac: float = 0.1
+    """... and at least ± this fraction."""
+    plot: str = ""
+    """sysid PNG ('' = next to the calibration file: <robot_id>_sysid.png)."""
+    drift_factor: float = 2.0
+    """check: drift when the replay error exceeds drift_factor x the calibrated one."""
+    seed: int = 0
+    log_level: str = "WARNING"
+
+
+def _driver(cfg: CalibrateConfig) -> Any:
+    from drivers.registry import driver_config, make_driver
+
+    values: dict[str, Any] = dict(env=cfg.task, realtime=cfg.realtime, time_scale=cfg.time_scale,
+                                  latency_ms=cfg.latency_ms, obs_noise=cfg.obs_noise, seed=cfg.seed)
+    values.update(cfg.driver_args)
+    return make_driver(cfg.driver, driver_config(cfg.driver, **values))
+
+
+def _latency(cfg: CalibrateConfig) -> dict[str, Any]:
+    from calibration.latency import measure_latency
+
+    driver = _driver(cfg)
+    server = None
+    try:
+        address = cfg.server
+        if cfg.server == "local":
+            from policies.base import PolicySpec
+            from policies.scripted import HoldPolicy
+            from qc_robot.server.app import ControlServer
+
+            s = driver.spec
+            spec = PolicySpec(s.obs_fields, s.action_dim, 5, s.control_hz, actor_type="hold", version="calibrate")
+            server = ControlServer(HoldPolicy(spec), "tcp://127.0.0.1:*").start()
+            address = server.address
+        return measure_latency(driver, address, cfg.requests, cfg.trials, cfg.step_dim, cfg.step_value,
+                               cfg.time_scale, seed=cfg.seed)
+    finally:
+        if server is not None:
+            server.stop()
+        driver.close()
+
+
+def _sysid(cfg: CalibrateConfig, out: Path) -> dict[str, Any]:
+    from calibration.sysid import Replayer, identify, load_trajectories, plot_fit
+
+    trajs = load_trajectories(cfg.dataset, cfg.episodes, cfg.steps)
+    rep = Replayer(cfg.task, cfg.seed)
+    try:
+        res = identify(cfg.task, trajs, cfg.kinds, cfg.max_delay, cfg.max_iters, cfg.range_k, cfg.range_min_frac,
+                       replayer=rep)
+        png = cfg.plot or str(out.with_name(f"{out.stem}_sysid.png"))
+        plot_fit(cfg.task, trajs, res, png, replayer=rep)
+    finally:
+        rep.close()
+    fit = res.to_dict()
+    print(f"sysid: replay error {res.error_before:.4f} -> {res.error_after:.4f} (x{res.reduction:.1f}); "
+          f"joint pos RMSE {res.joint_pos_rmse[0]:.4f} -> {res.joint_pos_rmse[1]:.4f} rad; control delay "
+          f"{res.delay_steps} steps; {res.evals} replays in {res.seconds:.1f} s; plot {png}")
+    for k in cfg.kinds:
+        lo, hi = res.ranges[k]
+        print(f"  {k:<13} {res.params[k]:8.4f}  (se {res.sigma[k]:.3f} in fit coords)  range [{lo:.4f}, {hi:.4f}]")
+    return {"params": res.params, "ranges": res.ranges, "control_delay_steps": res.delay_steps,
+            "sigma": res.sigma, "env": cfg.task, "dataset": os.path.abspath(cfg.dataset), "plot": png,
+            "fit": {k: v for k, v in fit.items() if k not in ("params", "ranges", "control_delay_steps", "sigma")}}
+
+
+def _check(cfg: CalibrateConfig, cal: Calibration) -> int:
+    """Drift report of a new dataset against the calibration; 1 if anything drifted."""
+    import numpy as np
+
+    drifted = []
+    if cal.physics is not None and cfg.dataset:
+        from calibration.sysid import Replayer, load_trajectories, obs_scale, residuals, rms
+
+        trajs = load_trajectories(cfg.dataset, cfg.episodes, cfg.steps)
+        rep = Replayer(cfg.task, cfg.seed)
+        err = rms(residuals(rep, trajs, cal.physics["params"], cal.control_delay_steps, obs_scale(trajs)))
+        rep.close()
+        ref = float(cal.physics["fit"]["error_after"]) if "fit" in cal.physics else float("nan")
+        bad = bool(err > cfg.drift_factor * ref)
+        print(f"check physics: replay error {err:.4f} (calibrated {ref:.4f}){'  DRIFT' if bad else '  ok'}")
+        drifted += ["physics"] if bad else []
+    if cal.normalization is not None and cfg.dataset:
+        from calibration.normalization import dataset_stats
+
+        new, old = dataset_stats(cfg.dataset), cal.normalization
+        for key in sorted(set(new["obs"]) & set(old["obs"])):
+            shift = np.abs(np.subtract(new["obs"][key]["mean"], old["obs"][key]["mean"]))
+            z = float(np.max(shift / (np.asarray(old["obs"][key]["std"]) + 1e-6)))
+            print(f"check normalization: obs/{key} mean moved by up to {z:.2f} std")
+    if cal.latency is not None and cfg.driver:
+        new_lat = _latency(cfg)
+        a, b = new_lat["actuation_delay_steps"], cal.latency["actuation_delay_steps"]
+        print(f"check latency: actuation delay {a} steps (calibrated {b}), rtt p90 "
+              f"{new_lat['rtt_ms']['p90']:.1f} ms (calibrated {cal.latency['rtt_ms']['p90']:.1f})"
+              f"{'  DRIFT' if a != b else '  ok'}")
+        drifted += ["latency"] if a != b else []
+    print(f"check {cal.id}: " + (f"drift in {', '.join(drifted)}: re-run calibrate" if drifted else "no drift"))
+    return 1 if drifted else 0
+
+
+def run_calibrate(cfg: CalibrateConfig) -> int:
+    """``qc-robot calibrate``: run ``cfg.step``; returns the exit code (2 on bad input)."""
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.step not in STEPS:
+        print(f"calibrate: step must be one of {STEPS}, got {cfg.step!r}")
+        return 2
+    try:
+        out = Path(cfg.out) if cfg.out else default_path(cfg.robot_id)
+        if cfg.step == "excite":
+            from calibration.excitation import record_excitation
+
+            if not cfg.dataset:
+                raise CalibrationError("excite needs dataset=<path to write>")
+            driver = _driver(cfg)
+            try:
+                record_excitation(driver, cfg.dataset, cfg.episodes, cfg.steps, cfg.seed,
+                                  {"task": cfg.task, "robot_id": cfg.robot_id}, cfg.time_scale)
+            finally:
+                driver.close()
+            print(f"excite: {cfg.episodes} x {cfg.steps} steps written to {cfg.dataset}")
+            return 0
+        cal = load_calibration(out, robot_id=cfg.robot_id, task=cfg.task) if out.exists() else None
+        if cfg.step == "check":
+            if cal is None:
+                raise CalibrationError(f"{out}: nothing to check against (run calibrate first)")
+            return _check(cfg, cal)
+        if cal is None:
+            cal = Calibration(robot_id=cfg.robot_id, task=cfg.task)
+        needs_data = cfg.step in ("normalization", "sysid")
+        if needs_data and not cfg.dataset:
+            raise CalibrationError(f"step {cfg.step} needs dataset=<robot episodes .hdf5>")
+        if cfg.step in ("latency", "all"):
+            cal.latency = _latency(cfg)
+            cal.control_hz = float(cal.latency["control_hz"])
+            lat = cal.latency
+            print(f"latency: rtt p50/p90/p99 {lat['rtt_ms']['p50']:.2f}/{lat['rtt_ms']['p90']:.2f}/"
+                  f"{lat['rtt_ms']['p99']:.2f} ms -> inference delay {lat['inference_delay_steps']} steps; "
+                  f"actuation p50/p90 {lat['actuation_ms']['p50']:.1f}/{lat['actuation_ms']['p90']:.1f} ms -> "
+                  f"{lat['actuation_delay_steps']} steps; obs noise std {lat['obs_noise_std']:.2g}")
+        if cfg.step in ("normalization", "all") and cfg.dataset:
+            from calibration.normalization import dataset_stats
+
+            cal.normalization = dataset_stats(cfg.dataset)
+            print(f"normalization: {cal.normalization['transitions']} transitions of "
+                  f"{cal.normalization['episodes']} episodes; action limits {cal.normalization['action_limits']}")
+        if cfg.step in ("sysid", "all") and cfg.dataset:
+            cal.physics = _sysid(cfg, out)
+    except (CalibrationError, ValueError, OSError, RuntimeError) as e:
+        print(f"calibrate: {e}")
+        return 2
+    path = save_calibration(cal, out)
+    print(f"wrote {path} (id {cal.id})")
+    return 0
+

@@ -1,0 +1,243 @@
+"""Per-robot calibration files: one versioned JSON file per robot, ``calibration/<robot_id>.json``.
+
+The sim driver, the drive runner (chunk executor) and training read it; every episode logged
+with it records its :attr:`Calibration.id` (robot id + content hash), so a mismatch between the
+calibration a policy was trained with and the one the robot runs is visible in the data instead
+of at deployment. Loading validates everything and raises :class:`CalibrationError` naming the
+file and the field. numpy and the standard library only: robot PCs load this too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calibration.randomization import PARAM_KINDS, check_params
+
+FORMAT = "qc-robot-calibration"
+VERSION = 1
+CALIBRATION_DIR = Path(__file__).resolve().parent
+SECTIONS = ("latency", "normalization", "physics")
+
+
+class CalibrationError(ValueError):
+    """A calibration file is missing, malformed, from another version or for another robot/task."""
+
+
+@dataclass
+class Calibration:
+    """What one robot's calibration holds; sections are None until measured."""
+
+    robot_id: str
+    task: str = ""
+    """Sim task the sections were measured for (obs layout and sim model); '' = any."""
+    control_hz: float = 20.0
+    latency: dict[str, Any] | None = None
+    """``calibration.latency.measure_latency`` output: rtt_ms / actuation_ms stats (p50, p90, p99,
+    mean, max, n), ``inference_delay_steps``, ``actuation_delay_steps``, ``obs_noise_std``."""
+    normalization: dict[str, Any] | None = None
+    """``calibration.normalization.dataset_stats`` output: per obs key and for actions, mean, std,
+    min, max, percentiles; ``action_limits``; the dataset it came from."""
+    physics: dict[str, Any] | None = None
+    """``params`` (kind → value, see ``calibration.randomization``), ``ranges`` (kind → [lo, hi]),
+    ``control_delay_steps``, ``sigma`` and the fit report."""
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    notes: str = ""
+
+    def content(self) -> dict[str, Any]:
+        """The hashed part: everything that changes behaviour (not the timestamp or notes)."""
+        return {"robot_id": self.robot_id, "task": self.task, "control_hz": self.control_hz,
+                "latency": self.latency, "normalization": self.normalization, "physics": self.physics}
+
+    @property
+    def id(self) -> str:
+        """``<robot_id>@<12 hex of sha256 of the content>``: recorded with every episode."""
+        blob = json.dumps(self.content(), sort_keys=True, separators=(",", ":"))
+        return f"{self.robot_id}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, **self.content(), "created": self.created,
+                "notes": self.notes, "id": self.id}
+
+    # -- what the consumers read ---------------------------------------------------------------
+
+    @property
+    def inference_delay_steps(self) -> int:
+        """Initial delay estimate for the latency-aware executor (0 without a latency section)."""
+        return int((self.latency or {}).get("inference_delay_steps", 0))
+
+    @property
+    def control_delay_steps(self) -> int:
+        """Actuation delay for the sim: the fitted one if physics is identified, else the measured one."""
+        if self.physics is not None:
+            return int(self.physics.get("control_delay_steps", 0))
+        return int((self.latency or {}).get("actuation_delay_steps", 0))
+
+    @property
+    def obs_noise(self) -> float:
+        return float((self.latency or {}).get("obs_noise_std", 0.0))
+
+
+def default_path(robot_id: str, directory: str | os.PathLike[str] | None = None) -> Path:
+    """``calibration/<robot_id>.json`` (the package directory unless ``directory`` is given)."""
+    if not robot_id or any(c in robot_id for c in "/\\") or robot_id.startswith("."):
+        raise CalibrationError(f"robot_id {robot_id!r} is not a valid file name")
+    return Path(directory or CALIBRATION_DIR) / f"{robot_id}.json"
+
+
+def save_calibration(cal: Calibration, path: str | os.PathLike[str] | None = None) -> Path:
+    """Validate and write atomically (a crash never leaves half a file); returns the path."""
+    data = cal.to_json()
+    validate(data, "calibration")  # never write what we would refuse to read
+    p = Path(path) if path else default_path(cal.robot_id)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def load_calibration(path: str | os.PathLike[str], robot_id: str | None = None,
+                     task: str | None = None) -> Calibration:
+    """Read and validate ``path``; ``robot_id``/``task`` (when given) must match the file's."""
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"{p}: calibration file not found (run `qc-robot calibrate robot_id=...`)")
+    try:
+        data = json.loads(p.read_text(), parse_constant=lambda c: float(c))
+    except json.JSONDecodeError as e:
+        raise CalibrationError(f"{p}: not valid JSON ({e})") from None
+    validate(data, str(p))
+    cal = Calibration(robot_id=data["robot_id"], task=data.get("task", ""), control_hz=float(data["control_hz"]),
+                      latency=data.get("latency"), normalization=data.get("normalization"),
+                      physics=data.get("physics"), created=str(data.get("created", "")),
+                      notes=str(data.get("notes", "")))
+    if robot_id is not None and cal.robot_id != robot_id:
+        raise CalibrationError(f"{p}: calibration is for robot {cal.robot_id!r}, not {robot_id!r}")
+    if task and cal.task and cal.task != task:
+        raise CalibrationError(f"{p}: calibration was measured on task {cal.task!r}, this run uses {task!r}")
+    return cal
+
+
+def validate(data: Any, where: str) -> None:
+    """Raise CalibrationError on the first problem in a decoded calibration file."""
+    def fail(msg: str) -> None:
+        raise CalibrationError(f"{where}: {msg}")
+
+    if not isinstance(data, dict):
+        fail("top level must be a JSON object")
+    if data.get("format") != FORMAT:
+        fail(f"'format' is {data.get('format')!r}, expected {FORMAT!r} (not a calibration file)")
+    version = data.get("version")
+    if not isinstance(version, int) or version != VERSION:
+        newer = isinstance(version, int) and version > VERSION
+        fail(f"'version' is {version!r}, this qc-robot reads version {VERSION}"
+             + (" (written by a newer qc-robot: upgrade)" if newer else " (re-run calibrate)"))
+    for key, typ in (("robot_id", str), ("control_hz", (int, float))):
+        if key not in data:
+            fail(f"missing field {key!r}")
+        if not isinstance(data[key], typ) or isinstance(data[key], bool):
+            fail(f"{key!r} has the wrong type ({type(data[key]).__name__})")
+    if not data["robot_id"]:
+        fail("'robot_id' is empty")
+    bad = _first_non_finite(data, "")
+    if bad is not None:
+        fail(f"{bad} is NaN or infinite")
+    if data["control_hz"] <= 0:
+        fail("'control_hz' must be > 0")
+    for s in SECTIONS:
+        if data.get(s) is not None and not isinstance(data[s], dict):
+            fail(f"section {s!r} must be an object or null")
+    if data.get("latency") is not None:
+        _check_latency(data["latency"], fail)
+    if data.get("normalization") is not None:
+        _check_normalization(data["normalization"], fail)
+    if data.get("physics") is not None:
+        _check_physics(data["physics"], fail)
+
+
+def _first_non_finite(x: Any, path: str) -> str | None:
+    if isinstance(x, float) and not math.isfinite(x):
+        return path or "value"
+    if isinstance(x, dict):
+        for k, v in x.items():
+            if (r := _first_non_finite(v, f"{path}.{k}" if path else str(k))) is not None:
+                return r
+    if isinstance(x, list):
+        for i, v in enumerate(x):
+            if (r := _first_non_finite(v, f"{path}[{i}]")) is not None:
+                return r
+    return None
+
+
+def _need(sec: dict[str, Any], name: str, keys: tuple[str, ...], fail: Any) -> None:
+    for k in keys:
+        if k not in sec:
+            fail(f"section {name!r} is missing field {k!r}")
+
+
+def _check_latency(sec: dict[str, Any], fail: Any) -> None:
+    _need(sec, "latency", ("rtt_ms", "actuation_ms", "inference_delay_steps", "actuation_delay_steps"), fail)
+    for k in ("inference_delay_steps", "actuation_delay_steps"):
+        if not isinstance(sec[k], int) or sec[k] < 0:
+            fail(f"latency.{k} must be an integer >= 0, got {sec[k]!r}")
+    for k in ("rtt_ms", "actuation_ms"):
+        st = sec[k]
+        if not isinstance(st, dict) or not {"p50", "p90", "p99"} <= set(st):
+            fail(f"latency.{k} must hold p50, p90 and p99")
+        if not st["p50"] <= st["p90"] <= st["p99"]:
+            fail(f"latency.{k} percentiles are not increasing (p50 <= p90 <= p99)")
+
+
+def _check_normalization(sec: dict[str, Any], fail: Any) -> None:
+    _need(sec, "normalization", ("obs", "action", "action_limits"), fail)
+    groups = {f"obs.{k}": v for k, v in sec["obs"].items()} if isinstance(sec["obs"], dict) else None
+    if not groups:
+        fail("normalization.obs must map observation keys to statistics")
+    groups["action"] = sec["action"]
+    for name, st in groups.items():
+        if not isinstance(st, dict):
+            fail(f"normalization.{name} must be an object")
+        _need(st, f"normalization.{name}", ("mean", "std", "min", "max"), fail)
+        n = len(st["mean"])
+        if any(len(st[k]) != n for k in ("std", "min", "max")):
+            fail(f"normalization.{name}: mean/std/min/max lengths differ")
+        if any(s < 0 for s in st["std"]):
+            fail(f"normalization.{name}.std has negative entries")
+        if any(lo > hi for lo, hi in zip(st["min"], st["max"], strict=True)):
+            fail(f"normalization.{name}: min > max (range inverted)")
+    lim = sec["action_limits"]
+    if not isinstance(lim, dict) or "low" not in lim or "high" not in lim or len(lim["low"]) != len(lim["high"]):
+        fail("normalization.action_limits needs 'low' and 'high' of equal length")
+    if any(lo > hi for lo, hi in zip(lim["low"], lim["high"], strict=True)):
+        fail("normalization.action_limits: low > high (range inverted)")
+
+
+def _check_physics(sec: dict[str, Any], fail: Any) -> None:
+    _need(sec, "physics", ("params", "ranges", "control_delay_steps"), fail)
+    try:
+        check_params(sec["params"], "physics.params")
+    except ValueError as e:
+        fail(str(e))
+    d = sec["control_delay_steps"]
+    if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+        fail(f"physics.control_delay_steps must be an integer >= 0, got {d!r}")
+    if not isinstance(sec["ranges"], dict):
+        fail("physics.ranges must map parameter kinds to [low, high]")
+    for k, r in sec["ranges"].items():
+        if k not in PARAM_KINDS:
+            fail(f"physics.ranges: unknown parameter {k!r}; known: {sorted(PARAM_KINDS)}")
+        if not isinstance(r, list) or len(r) != 2:
+            fail(f"physics.ranges.{k} must be [low, high]")
+        lo, hi = r
+        if lo > hi:
+            fail(f"physics.ranges.{k} = [{lo}, {hi}] is inverted (low > high)")
+        kind = PARAM_KINDS[k]
+        if lo < kind.lower or hi > kind.upper:
+            fail(f"physics.ranges.{k} = [{lo}, {hi}] leaves the allowed [{kind.lower}, {kind.upper}]")

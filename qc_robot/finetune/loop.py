@@ -1,0 +1,290 @@
+"""``qc-robot finetune``: online QC fine-tuning from what robots experience, through the server.
+
+The offline checkpoint gives the agent, the task and the dataset; :class:`~qc_robot.train.learner.Learner`
+owns the agent, the replay (offline data kept, online episodes appended), ``update`` and the
+checkpoint, exactly as in ``qc-robot train``. This module only feeds it: records stream in from
+the server's journal (:class:`~qc_robot.finetune.client.LearnerClient`), whole episodes go into
+the replay, operator steps also into an intervention buffer that supplies
+``intervention_fraction`` of each batch, ``utd`` updates run per received env step, and every
+``push_every`` updates the acting policy is exported (verified) and pushed to the server, which
+serves it from its next chunk. Checkpoints carry the last applied journal seq, the open episodes
+and the intervention buffer, so a restarted learner resumes exactly where its checkpoint was and
+the server re-sends the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import logging
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qc_robot.data.batch import ChunkBatch
+from qc_robot.data.replay import ChunkReplay
+from qc_robot.finetune.client import LearnerClient, Record
+from qc_robot.finetune.config import FinetuneConfig
+from qc_robot.finetune.episodes import (
+    Episode,
+    EpisodeAssembler,
+    intervention_segments,
+    load_reward_fn,
+)
+from qc_robot.server.learner_link import CurveKeys
+from qc_robot.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from qc_robot.train.learner import CHECKPOINT, Learner
+
+log = logging.getLogger("qc_robot.finetune")
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    updates: int
+    """Online updates done (all runs of this run_dir)."""
+    env_steps: int
+    applied_seq: int
+    policy_version: int
+    episodes: int
+    successes: int
+
+
+def export_onnx_bytes(agent: Any, offline: Checkpoint, train_step: int, verify: bool = True) -> bytes:
+    """The agent's acting policy as a self-describing, verified model.onnx, in memory."""
+    from qc_robot.export.onnx_export import build_metadata, export_policy
+
+    acting = copy.deepcopy(agent.acting_policy()).cpu()  # a copy: export must not touch training nets
+    meta = build_metadata(acting, offline.obs_fields, offline.action_low, offline.action_high, offline.control_hz,
+                          num_samples=agent.cfg.num_samples, train_step=train_step,
+                          config_hash=offline.config_hash)
+    with tempfile.TemporaryDirectory(prefix="qc-push-") as d:
+        return export_policy(acting, meta, Path(d) / "model.onnx", verify=verify).read_bytes()
+
+
+def _cat(a: ChunkBatch, b: ChunkBatch) -> ChunkBatch:
+    return ChunkBatch(**{f.name: torch.cat([getattr(a, f.name), getattr(b, f.name)])
+                         for f in dataclasses.fields(ChunkBatch)})
+
+
+class Finetuner:
+    """One learner loop fed by a server's learner port."""
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        self.cfg = cfg
+        self.offline = load_checkpoint(cfg.checkpoint, device=cfg.device or None)
+        tcfg = copy.deepcopy(self.offline.config)
+        t = tcfg.training
+        t.run_dir, t.resume, t.seed = cfg.run_dir, True, cfg.seed
+        t.offline_steps, t.online_steps, t.utd = 0, cfg.replay_capacity, cfg.utd
+        t.eval_episodes, t.eval_interval, t.save_interval, t.progress = 0, 0, 0, False
+        t.log_interval = cfg.log_interval
+        if cfg.threads and hasattr(t, "threads"):
+            t.threads = cfg.threads
+        elif cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.data_path:
+            tcfg.data.path = cfg.data_path
+        if not Path(tcfg.data.path).exists():
+            log.warning("offline dataset %s not found: the replay starts with online data only", tcfg.data.path)
+        ckpt_path = Path(cfg.run_dir) / CHECKPOINT
+        resumed = ckpt_path.exists()
+        self.learner = lr = Learner(tcfg)
+        state: dict[str, Any] = {}
+        if resumed:
+            state = load_checkpoint(ckpt_path, device="cpu").extra.get("finetune", {})
+            log.info("resuming %s: %d updates, journal seq %d", ckpt_path, lr.step, state.get("applied_seq", 0))
+        else:
+            lr.agent.load_state_dict(self.offline.agent.state_dict())
+            lr.step = self.offline.step
+        a = tcfg.agent
+        self.horizon, self.discount, self.batch_size = a.horizon, a.discount, a.batch_size
+        self.interventions = ChunkReplay(lr.agent.obs_dim, lr.agent.act_dim, cfg.intervention_capacity,
+                                         lr.agent.device)
+        self.assembler = EpisodeAssembler([f.key for f in self.offline.obs_fields], lr.agent.obs_dim,
+                                          load_reward_fn(cfg.reward_fn))
+        self.applied_seq: int = state.get("applied_seq", 0)
+        self.journal_id: str = state.get("journal_id", "")
+        self.updates: int = state.get("updates", 0)
+        self.policy_version: int = state.get("policy_version", 0)
+        self.episodes: int = state.get("episodes", 0)
+        self.successes: int = state.get("successes", 0)
+        self.rejected = 0
+        if "assembler" in state:
+            self.assembler.load_state_dict(state["assembler"])
+        if "interventions" in state:
+            self.interventions.load_state_dict(state["interventions"])
+        self._last_push = self.updates
+        self._stop = threading.Event()
+        self.client: LearnerClient | None = None
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def apply(self, records: list[Record]) -> None:
+        """Take records in seq order; each is applied exactly once (older seqs are ignored)."""
+        for r in records:
+            if r.seq <= self.applied_seq:
+                continue
+            try:
+                finished = self.assembler.add(r.seq, r.session, r.policy_version, r.transition)
+            except ValueError as e:
+                self.rejected += 1
+                log.error("record %d from %s (%s) refused: %s", r.seq, r.driver, r.session, e)
+                finished = []
+            else:
+                self.learner.env_steps += len(r.transition.actions)
+            for ep in finished:
+                self._add_episode(ep)
+            self.applied_seq = r.seq
+
+    def _add_episode(self, ep: Episode) -> None:
+        rows, lr = ep.rows, self.learner
+        for i in range(ep.length):
+            lr.add_step(rows["obs"][i], rows["actions"][i], float(rows["rewards"][i]), bool(rows["terminated"][i]),
+                        bool(rows["truncated"][i]), rows["next_obs"][i])
+        for start, stop in intervention_segments(rows["intervention"], self.horizon):
+            for i in range(start, stop):
+                end = i == stop - 1 and not (rows["terminated"][i] or rows["truncated"][i])
+                lr.add_step(rows["obs"][i], rows["actions"][i], float(rows["rewards"][i]),
+                            bool(rows["terminated"][i]), bool(rows["truncated"][i]) or end, rows["next_obs"][i],
+                            replay=self.interventions)
+        self.episodes += 1
+        self.successes += int(ep.success)
+        path = Path(self.cfg.run_dir) / "episodes.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["episode", "env_steps", "updates", "length", "success", "return", "interventions",
+                            "policy_versions", "session"])
+            w.writerow([self.episodes, lr.env_steps, self.updates, ep.length, int(ep.success),
+                        float(rows["rewards"].sum()), int(rows["intervention"].sum()), " ".join(ep.policy_versions),
+                        ep.session])
+
+    # -- training ------------------------------------------------------------------------------
+
+    def owed(self) -> int:
+        """Updates due for the env steps received (``utd`` per step after ``start_updates``)."""
+        steps = self.learner.env_steps - self.cfg.start_updates
+        if steps <= 0 or self.learner.replay.size < self.horizon:
+            return 0
+        return self.cfg.utd * steps - self.updates
+
+    def sample(self) -> ChunkBatch:
+        """A batch: ``intervention_fraction`` of it from the intervention buffer once that holds a chunk."""
+        gen, b = self.learner.sampler, self.batch_size
+        n_int = int(round(b * self.cfg.intervention_fraction)) if self.interventions.size >= self.horizon else 0
+        main = self.learner.replay.sample(b - n_int, self.horizon, self.discount, generator=gen)
+        if n_int == 0:
+            return main
+        return _cat(main, self.interventions.sample(n_int, self.horizon, self.discount, generator=gen))
+
+    def push(self) -> bool:
+        """Export the current policy and push it; True when the server serves it now."""
+        assert self.client is not None
+        t0 = time.perf_counter()
+        onnx = export_onnx_bytes(self.learner.agent, self.offline, self.learner.step, self.cfg.verify_export)
+        version = max(self.policy_version, self.client.server_version) + 1
+        ack = self.client.push_policy(version, onnx, self.cfg.push_timeout_s)
+        self._last_push = self.updates
+        if ack is None:
+            log.warning("policy v%d: no answer from the server within %.0f s", version, self.cfg.push_timeout_s)
+            return False
+        if not ack.accepted:
+            log.warning("policy v%d refused: %s", version, ack.reason)
+            return False
+        self.policy_version = version
+        log.info("pushed policy v%d (%d updates, %.0f KiB, %.1f s)", version, self.updates, len(onnx) / 1024,
+                 time.perf_counter() - t0)
+        return True
+
+    def save(self) -> Path:
+        ckpt = self.learner.checkpoint()
+        ckpt.extra["finetune"] = {
+            "applied_seq": self.applied_seq, "journal_id": self.journal_id, "updates": self.updates,
+            "policy_version": self.policy_version, "episodes": self.episodes, "successes": self.successes,
+            "assembler": self.assembler.state_dict(), "interventions": self.interventions.state_dict()}
+        path = save_checkpoint(Path(self.cfg.run_dir) / CHECKPOINT, ckpt)
+        if self.client is not None:
+            self.client.persisted(self.applied_seq)  # the server may now prune what we hold
+        return path
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _done(self, t_start: float, last_data: float) -> bool:
+        c, now = self.cfg, time.monotonic()
+        return bool(self._stop.is_set()
+                    or (c.max_updates and self.updates >= c.max_updates)
+                    or (c.max_env_steps and self.learner.env_steps >= c.max_env_steps and self.owed() <= 0)
+                    or (c.max_wall_s and now - t_start >= c.max_wall_s)
+                    or (c.idle_stop_s and now - last_data >= c.idle_stop_s and self.owed() <= 0))
+
+    def run(self) -> FinetuneResult:
+        c = self.cfg
+        curve = (CurveKeys.from_files(c.curve_secret_key, c.curve_server_key) if c.curve_secret_key else None)
+        self.client = LearnerClient(c.server, self.applied_seq + 1, name=f"finetune:{c.run_dir}",
+                                    window=c.window, heartbeat_s=c.heartbeat_s, timeout_s=c.timeout_s,
+                                    curve=curve, journal_id=self.journal_id).start()
+        t_start = last_data = t_log = time.monotonic()
+        info: dict[str, torch.Tensor] = {}
+        try:
+            while not self._done(t_start, last_data):
+                records = self.client.get(timeout_s=0.0 if self.owed() > 0 else 0.05)
+                if records:
+                    self.apply(records)
+                    last_data = time.monotonic()
+                    self.journal_id = self.client.journal_id
+                if self.owed() <= 0:
+                    continue
+                info = self.learner.update(self.sample())
+                self.updates += 1
+                self.learner.maybe_log(info, "online", t_log, None)
+                if c.log_interval and self.updates % c.log_interval == 0:
+                    t_log = time.monotonic()
+                    log.info("updates %d  env steps %d  episodes %d (success %d)  seq %d  pending %d  policy v%d",
+                             self.updates, self.learner.env_steps, self.episodes, self.successes,
+                             self.applied_seq, self.assembler.pending_steps, self.policy_version)
+                if c.push_every and self.updates - self._last_push >= c.push_every:
+                    self.push()
+                if c.save_every and self.updates % c.save_every == 0:
+                    self.save()
+            if c.push_on_exit and self.updates > self._last_push:
+                self.push()
+        finally:
+            self.save()
+            time.sleep(min(0.2, 2 * c.heartbeat_s))  # let the final ack (persisted seq) go out
+            self.client.close()
+            self.learner.logger.close()
+        return FinetuneResult(Path(c.run_dir), self.updates, self.learner.env_steps, self.applied_seq,
+                              self.policy_version, self.episodes, self.successes)
+
+
+def run_finetune(cfg: FinetuneConfig) -> int:
+    """CLI entry: fine-tune until a limit or Ctrl-C / SIGTERM (which save and exit cleanly)."""
+    # our loggers at log_level; third parties (the ONNX exporter is chatty at INFO) at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qc_robot").setLevel(cfg.log_level.upper())
+    try:
+        ft = Finetuner(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qc-robot finetune: {e}")
+        return 2
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: ft.stop())
+    r = ft.run()
+    print(f"done: {r.updates} online updates, {r.env_steps} env steps, {r.episodes} episodes "
+          f"({r.successes} successes), journal seq {r.applied_seq}, policy v{r.policy_version} → "
+          f"{r.run_dir / CHECKPOINT}")
+    return 0
+
+
+__all__ = ["FinetuneResult", "Finetuner", "export_onnx_bytes", "run_finetune"]

@@ -1,0 +1,1 @@
+"""Teleoperation: devices, the recording session and replay."""

@@ -1,0 +1,242 @@
+"""Teleop devices behind one small interface: ``read() -> TeleopCommand(action, events)``.
+
+A device turns operator input into a 5-D end-effector command in the OGBench layout
+(``[dx, dy, dz, dyaw, gripper]`` in [-1, 1]; gripper +1 closes, -1 opens, relative) plus
+session events (start, end as success/failure, discard, quit). The session does not care which
+device it talks to: keyboard (``qc_robot.teleop.keyboard``), gamepad (evdev), 3D mouse
+(pyspacemouse), or the scripted operator that drives the same path in tests
+(``qc_robot.teleop.scripted``). Hardware libraries are imported when a device opens, so they
+stay optional extras (``pip install qc-robot[teleop]``).
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+ACTION_DIM = 5  # dx, dy, dz, dyaw, gripper
+
+
+class Event(str, enum.Enum):
+    START = "start"
+    SUCCESS = "success"
+    """End the episode and label it a success."""
+    FAILURE = "failure"
+    DISCARD = "discard"
+    """Drop the episode in progress and record it again."""
+    QUIT = "quit"
+
+
+@dataclass
+class TeleopCommand:
+    action: np.ndarray | None
+    """(5,) float32 command, or None for "no command this tick" (the safety layer holds)."""
+    events: list[Event] = field(default_factory=list)
+
+
+class TeleopDevice(ABC):
+    """One operator input device. ``open``/``close`` bracket use; ``read`` never blocks."""
+
+    name: str = "device"
+
+    def open(self) -> None:  # noqa: B027 - optional hook
+        """Acquire the device (terminal mode, HID handle)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release it; must restore whatever ``open`` changed."""
+
+    @abstractmethod
+    def read(self) -> TeleopCommand:
+        """The command for this control tick and any events since the last read."""
+
+    def help(self) -> str:
+        """Key/button help printed when the session starts."""
+        return ""
+
+    def episode_started(self, obs: Mapping[str, np.ndarray]) -> None:  # noqa: B027 - optional hook
+        """Called after the robot was reset for a new episode."""
+
+    def episode_ended(self) -> None:  # noqa: B027 - optional hook
+        """Called when the episode ends (any reason)."""
+
+    def __enter__(self) -> TeleopDevice:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _missing(extra: str, err: ImportError) -> RuntimeError:
+    return RuntimeError(f"this device needs {extra!r} ({err}); install it with "
+                        f"`pip install 'qc-robot[teleop]'` or `pip install {extra}`")
+
+
+class GamepadDevice(TeleopDevice):
+    """A gamepad through Linux evdev: left stick x/y, right stick z/yaw, buttons for events.
+
+    A (south) toggles the gripper, Start starts, Y (north) success, B (east) failure,
+    X (west) discard, Select quits. Axis values are normalised by the device's own range.
+    """
+
+    name = "gamepad"
+
+    def __init__(self, path: str = "", speed: float = 0.5, deadzone: float = 0.1) -> None:
+        self.path, self.speed, self.deadzone = path, speed, deadzone
+        self._dev: Any = None
+        self._axes: dict[int, float] = {}
+        self._gripper = -1.0
+        self._pending: list[Event] = []
+
+    def open(self) -> None:
+        try:
+            import evdev
+        except ImportError as e:
+            raise _missing("evdev", e) from None
+        self._ev = evdev.ecodes
+        paths = [self.path] if self.path else evdev.list_devices()
+        for p in paths:
+            dev = evdev.InputDevice(p)
+            caps = dev.capabilities()
+            if evdev.ecodes.EV_ABS in caps and evdev.ecodes.EV_KEY in caps:
+                self._dev = dev
+                self._absinfo = {code: info for code, info in caps[evdev.ecodes.EV_ABS]}
+                return
+        raise RuntimeError(f"no gamepad found among {paths or 'the input devices (check permissions on /dev/input)'}")
+
+    def close(self) -> None:
+        if self._dev is not None:
+            self._dev.close()
+            self._dev = None
+
+    def _norm(self, code: int, value: int) -> float:
+        info = self._absinfo.get(code)
+        if info is None or info.max == info.min:
+            return 0.0
+        v = 2.0 * (value - info.min) / (info.max - info.min) - 1.0
+        return 0.0 if abs(v) < self.deadzone else float(v)
+
+    def read(self) -> TeleopCommand:
+        e = self._ev
+        buttons = {e.BTN_START: Event.START, e.BTN_NORTH: Event.SUCCESS, e.BTN_EAST: Event.FAILURE,
+                   e.BTN_WEST: Event.DISCARD, e.BTN_SELECT: Event.QUIT}
+        try:
+            for ev in iter(self._dev.read_one, None):
+                if ev.type == e.EV_ABS:
+                    self._axes[ev.code] = self._norm(ev.code, ev.value)
+                elif ev.type == e.EV_KEY and ev.value == 1:
+                    if ev.code == e.BTN_SOUTH:
+                        self._gripper = -self._gripper
+                    elif ev.code in buttons:
+                        self._pending.append(buttons[ev.code])
+        except OSError:  # unplugged: no command (the safety layer holds), tell the operator
+            return TeleopCommand(None, [])
+        ax = self._axes
+        a = np.array([-ax.get(e.ABS_Y, 0.0), -ax.get(e.ABS_X, 0.0), -ax.get(e.ABS_RY, 0.0),
+                      -ax.get(e.ABS_RX, 0.0), 0.0], np.float32) * self.speed
+        a[4] = self._gripper
+        events, self._pending = self._pending, []
+        return TeleopCommand(np.clip(a, -1, 1), events)
+
+    def help(self) -> str:
+        return ("gamepad: left stick x/y, right stick z/yaw, A gripper, Start start, Y success, "
+                "B failure, X discard, Select quit")
+
+
+class SpaceMouseDevice(TeleopDevice):
+    """A 3Dconnexion SpaceMouse through pyspacemouse: translation → xyz, twist → yaw.
+
+    Left button toggles the gripper; right button ends the episode as a success. Start, failure,
+    discard and quit come from the keyboard when the session runs in a terminal (see make_device).
+    """
+
+    name = "spacemouse"
+
+    def __init__(self, speed: float = 0.5, deadzone: float = 0.05) -> None:
+        self.speed, self.deadzone = speed, deadzone
+        self._sm: Any = None
+        self._gripper = -1.0
+        self._buttons = [0, 0]
+
+    def open(self) -> None:
+        try:
+            import pyspacemouse
+        except ImportError as e:
+            raise _missing("pyspacemouse", e) from None
+        if not pyspacemouse.open():
+            raise RuntimeError("no SpaceMouse found (check the USB connection and hidraw permissions)")
+        self._sm = pyspacemouse
+
+    def close(self) -> None:
+        if self._sm is not None:
+            self._sm.close()
+            self._sm = None
+
+    def read(self) -> TeleopCommand:
+        s = self._sm.read()
+        v = np.array([s.y, -s.x, s.z, -s.yaw], np.float32)
+        v[np.abs(v) < self.deadzone] = 0.0
+        events: list[Event] = []
+        buttons = list(getattr(s, "buttons", getattr(s, "button", [])))[:2] + [0, 0]
+        if buttons[0] and not self._buttons[0]:
+            self._gripper = -self._gripper
+        if buttons[1] and not self._buttons[1]:
+            events.append(Event.SUCCESS)
+        self._buttons = buttons[:2]
+        a = np.append(np.clip(v * self.speed, -1, 1), self._gripper).astype(np.float32)
+        return TeleopCommand(a, events)
+
+    def help(self) -> str:
+        return "spacemouse: push/pull/lift = xyz, twist = yaw, left button gripper, right button success"
+
+
+class MergedDevice(TeleopDevice):
+    """Motion from one device, events from both (a SpaceMouse plus the terminal's keys)."""
+
+    def __init__(self, motion: TeleopDevice, events: TeleopDevice) -> None:
+        self.motion, self.events = motion, events
+        self.name = f"{motion.name}+{events.name}"
+
+    def open(self) -> None:
+        self.motion.open()
+        try:
+            self.events.open()
+        except Exception:
+            self.motion.close()
+            raise
+
+    def close(self) -> None:
+        self.events.close()
+        self.motion.close()
+
+    def read(self) -> TeleopCommand:
+        m, e = self.motion.read(), self.events.read()
+        return TeleopCommand(m.action, m.events + e.events)
+
+    def help(self) -> str:
+        return self.motion.help() + "\n" + self.events.help()
+
+
+def make_device(name: str, speed: float = 0.5, **kw: Any) -> TeleopDevice:
+    """'keyboard', 'gamepad', 'spacemouse' (both + terminal keys for events when stdin is a tty).
+
+    The scripted operator needs the simulator and is built by the session, not here.
+    """
+    from qc_robot.teleop.keyboard import KeyboardDevice
+
+    if name == "keyboard":
+        return KeyboardDevice(speed=speed, **kw)
+    motion: TeleopDevice
+    if name == "gamepad":
+        motion = GamepadDevice(speed=speed)
+    elif name == "spacemouse":
+        motion = SpaceMouseDevice(speed=speed)
+    else:
+        raise ValueError(f"unknown teleop device {name!r}; known: keyboard, gamepad, spacemouse, scripted")
+    return MergedDevice(motion, KeyboardDevice(speed=speed, motion=False)) if sys.stdin.isatty() else motion
