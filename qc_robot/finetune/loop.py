@@ -233,7 +233,7 @@ class Finetuner:
         self.client = LearnerClient(c.server, self.applied_seq + 1, name=f"finetune:{c.run_dir}",
                                     window=c.window, heartbeat_s=c.heartbeat_s, timeout_s=c.timeout_s,
                                     curve=curve, journal_id=self.journal_id).start()
-        t_start = last_data = t_log = time.monotonic()
+        t_start = last_data = time.monotonic()
         info: dict[str, torch.Tensor] = {}
         try:
             while not self._done(t_start, last_data):
@@ -246,9 +246,8 @@ class Finetuner:
                     continue
                 info = self.learner.update(self.sample())
                 self.updates += 1
-                self.learner.maybe_log(info, "online", t_log, None)
+                self.learner.maybe_log(info, "online")
                 if c.log_interval and self.updates % c.log_interval == 0:
-                    t_log = time.monotonic()
                     log.info("updates %d  env steps %d  episodes %d (success %d)  seq %d  pending %d  policy v%d",
                              self.updates, self.learner.env_steps, self.episodes, self.successes,
                              self.applied_seq, self.assembler.pending_steps, self.policy_version)

@@ -83,6 +83,7 @@ class Learner:
         self.logger = RunLogger(self.run_dir, resume=resume)
         self.last_eval: EvalResult | None = None
         self._eval_step = -1
+        self._log_t0 = time.perf_counter()
         if resume:
             self._restore(load_checkpoint(ckpt_path, device=str(self.agent.device)))
 
@@ -121,16 +122,25 @@ class Learner:
         self.step += 1
         return self.agent.update(batch)
 
-    def maybe_log(self, info: dict[str, torch.Tensor], phase: str, t0: float, bar: tqdm | None) -> None:
+    def maybe_log(self, info: dict[str, torch.Tensor], phase: str, bar: tqdm | None = None) -> None:
+        """Every ``log_interval`` updates: one host sync, a metrics row, the progress bar."""
         t = self.cfg.training
-        if t.log_interval and self.step % t.log_interval == 0:
-            metrics = {k: float(v) for k, v in info.items()}  # one host sync per log interval
-            metrics["time/updates_per_s"] = t.log_interval / max(time.perf_counter() - t0, 1e-9)
-            metrics["env_steps"] = float(self.env_steps)
-            self.logger.log(self.step, {"phase_online": float(phase == "online"), **metrics})
-            if bar is not None:
-                bar.set_postfix(critic=f"{metrics.get('critic/loss', float('nan')):.3g}",
-                                succ=f"{self.last_eval.success_rate:.2f}" if self.last_eval else "-")
+        if not (t.log_interval and self.step % t.log_interval == 0):
+            return
+        now = time.perf_counter()
+        metrics = {k: float(v) for k, v in info.items()}
+        metrics["time/updates_per_s"] = t.log_interval / max(now - self._log_t0, 1e-9)
+        metrics["env_steps"] = float(self.env_steps)
+        self._log_t0 = now
+        self.logger.log(self.step, {"phase_online": float(phase == "online"), **metrics})
+        if bar is not None:
+            bar.set_postfix(critic=f"{metrics.get('critic/loss', float('nan')):.3g}",
+                            succ=f"{self.last_eval.success_rate:.2f}" if self.last_eval else "-")
+
+    def train_step(self, phase: str, bar: tqdm | None = None) -> None:
+        """One update, then logging and evaluation when they are due."""
+        self.maybe_log(self.update(), phase, bar)
+        self.maybe_eval(phase)
 
     def maybe_eval(self, phase: str, force: bool = False) -> None:
         t = self.cfg.training
@@ -159,13 +169,9 @@ class Learner:
         if remaining <= 0:
             return
         bar = tqdm(total=t.offline_steps, initial=self.step, desc="offline", disable=not t.progress)
-        t0 = time.perf_counter()
+        self._log_t0 = time.perf_counter()
         for _ in range(remaining):
-            info = self.update()
-            self.maybe_log(info, "offline", t0, bar)
-            if t.log_interval and self.step % t.log_interval == 0:
-                t0 = time.perf_counter()
-            self.maybe_eval("offline")
+            self.train_step("offline", bar)
             bar.update(1)
         bar.close()
 
@@ -182,8 +188,7 @@ class Learner:
         obs, _ = env.reset(seed=int(self.env_rng.integers(2**31)))
         queue: list[np.ndarray] = []
         bar = tqdm(total=t.online_steps, initial=self.env_steps, desc="online", disable=not t.progress)
-        t0 = time.perf_counter()
-        info: dict[str, torch.Tensor] = {}
+        self._log_t0 = time.perf_counter()
         while self.env_steps < t.online_steps:
             if not queue:  # the chunk runs open-loop in full before the next query
                 queue = list(self.agent.act(obs[None], generator=act_gen)[0])
@@ -197,11 +202,7 @@ class Learner:
                 queue = []
             if self.env_steps > t.start_online_updates and self.replay.size >= a.horizon:
                 for _ in range(t.utd):
-                    info = self.update()
-                    self.maybe_log(info, "online", t0, bar)
-                    if t.log_interval and self.step % t.log_interval == 0:
-                        t0 = time.perf_counter()
-                    self.maybe_eval("online")
+                    self.train_step("online", bar)
             bar.update(1)
         bar.close()
         env.close()
