@@ -24,10 +24,15 @@ import zmq
 
 from policies.base import Policy
 from qc_robot import protocol as P
-from qc_robot.server.checks import check_hello, check_observation, sanitize_actions
+from qc_robot.server.checks import (
+    check_hello,
+    check_observation,
+    check_transition,
+    sanitize_actions,
+)
 from qc_robot.server.config import ServeConfig
 from qc_robot.server.episode_log import EpisodeLogger
-from qc_robot.server.learner_link import LearnerLink, check_transition
+from qc_robot.server.learner_link import LearnerLink
 
 log = logging.getLogger("qc_robot.server")
 _LOCAL_PREFIXES = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from policies.base import PolicySpec
-from qc_robot.protocol import Hello, ProtocolError, check_obs_spec
+from qc_robot.protocol import Hello, ProtocolError, Transition, check_obs_spec
 
 _NUMERIC_KINDS = "biuf"
 
@@ -83,3 +83,17 @@ def sanitize_actions(spec: PolicySpec, actions: Any) -> tuple[np.ndarray, int]:
     a = a.astype(np.float32)
     clipped = np.clip(a, spec.action_low, spec.action_high)  # (H, A)
     return clipped, int(np.count_nonzero(clipped != a))
+
+
+def check_transition(tr: Transition) -> None:
+    """Raise ValueError unless ``tr``'s arrays agree on K (the learner relies on it)."""
+    k = len(tr.actions)
+    if tr.actions.ndim != 2 or k == 0:
+        raise ValueError("transition actions must be (K, A) with K > 0")
+    for name in ("rewards", "terminals", "truncated"):
+        if getattr(tr, name).shape != (k,):
+            raise ValueError(f"transition {name} must have shape ({k},)")
+    if tr.intervention is not None and tr.intervention.shape != (k,):
+        raise ValueError(f"transition intervention must have shape ({k},)")
+    if set(tr.obs) != set(tr.next_obs) or any(len(v) != k for v in [*tr.obs.values(), *tr.next_obs.values()]):
+        raise ValueError("transition obs/next_obs need the same keys and K rows")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from qc_robot.protocol import Transition
+from qc_robot.server.checks import check_transition
 
 log = logging.getLogger("qc_robot.server")
 
@@ -53,14 +54,7 @@ class EpisodeLogger:
         """Append K steps; closes the episode if its last row ends it. Raises ValueError on bad rows.
 
         ``calibration_id`` (from the driver's Hello) is written to the episode's attrs."""
-        k = len(tr.actions)
-        if tr.actions.ndim != 2 or k == 0:
-            raise ValueError("transition actions must be (K, A) with K > 0")
-        for name in ("rewards", "terminals", "truncated"):
-            if getattr(tr, name).shape != (k,):
-                raise ValueError(f"transition {name} must have shape ({k},)")
-        if set(tr.obs) != set(tr.next_obs) or any(len(v) != k for v in [*tr.obs.values(), *tr.next_obs.values()]):
-            raise ValueError("transition obs/next_obs need the same keys and K rows")
+        check_transition(tr)
         for (s, eid) in [key for key in self._open if key[0] == session and key[1] != tr.episode_id]:
             self._close(s, eid)  # the driver moved on to a new episode
         ep = self._open.setdefault((session, tr.episode_id),

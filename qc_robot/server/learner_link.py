@@ -85,20 +85,6 @@ class PolicyHost(Protocol):
     def swap_policy(self, policy: Policy, version: int) -> None: ...
 
 
-def check_transition(tr: P.Transition) -> None:
-    """Raise ValueError unless ``tr``'s arrays agree on K (the learner relies on it)."""
-    k = len(tr.actions)
-    if tr.actions.ndim != 2 or k == 0:
-        raise ValueError("transition actions must be (K, A) with K > 0")
-    for name in ("rewards", "terminals", "truncated"):
-        if getattr(tr, name).shape != (k,):
-            raise ValueError(f"transition {name} must have shape ({k},)")
-    if tr.intervention is not None and tr.intervention.shape != (k,):
-        raise ValueError(f"transition intervention must have shape ({k},)")
-    if set(tr.obs) != set(tr.next_obs) or any(len(v) != k for v in [*tr.obs.values(), *tr.next_obs.values()]):
-        raise ValueError("transition obs/next_obs need the same keys and K rows")
-
-
 def same_spec(a: PolicySpec, b: PolicySpec) -> list[str]:
     """Differences that would break connected drivers if a policy with spec ``b`` replaced ``a``."""
     problems = []
