@@ -162,11 +162,13 @@ def main() -> int:
                   f"training.online_steps={n_steps}", "training.utd=1", "training.eval_interval=0",
                   "training.eval_episodes=0", "training.save_interval=0", "training.threads=1",
                   "training.progress=false", "training.log_interval=250", f"training.seed={cfg.training.seed}"])
-        text, wall = run(cmd, args.arm_timeout, out / "train_inprocess.log")
-        m = re.search(r"done: (\d+) updates, (\d+) env steps", text)
+        _, wall = run(cmd, args.arm_timeout, out / "train_inprocess.log")
+        done = load_checkpoint(run_dir / "checkpoint.pt")  # `train` prints no counts without an eval
+        updates, env_steps = done.step - offline_step, done.env_steps
+        del done
         k, n, step = evaluate(run_dir / "checkpoint.pt", args.episodes, args.seed, out / "eval_inprocess.log")
         rows.append(dict(arm="in-process online loop (`qc-robot train` resume)", k=k, n=n,
-                         updates=int(m.group(1)) - offline_step, env_steps=int(m.group(2)), wall=wall, pushes="—",
+                         updates=updates, env_steps=env_steps, wall=wall, pushes="—",
                          cmd=" ".join(cmd)))
 
     if "stack" in arms:

@@ -37,6 +37,9 @@ class DriveConfig:
     request_timeout_s: float = 2.0
     """A chunk not back after this long is given up (a late reply is then never executed)."""
     connect_timeout_s: float = 30.0
+    tick_wait: float = 0.5
+    """Realtime drivers: the fraction of a control period a tick with nothing queued may wait for
+    the reply to its request before holding (0: never wait, hold one tick per chunk)."""
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     driver_args: dict[str, Any] = field(default_factory=dict)
     """Further driver-specific config keys (override the common ones above)."""

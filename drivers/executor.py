@@ -67,13 +67,18 @@ class ChunkExecutor:
 
     def __init__(self, source: ChunkSource, chunk_len: int, mode: str = "open_loop", threshold: float = 0.5,
                  request_timeout_s: float = 2.0, wait_when_empty: bool = False,
-                 clock: Callable[[], float] = time.monotonic, initial_delay_steps: int = 0) -> None:
+                 clock: Callable[[], float] = time.monotonic, initial_delay_steps: int = 0,
+                 tick_wait_s: float = 0.0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.source, self.chunk_len, self.mode = source, chunk_len, mode
         self.threshold, self.request_timeout_s = threshold, request_timeout_s
         self.wait_when_empty = wait_when_empty
         """Lockstep drivers: block for each reply (the world waits too, so the delay is 0 steps)."""
+        self.tick_wait_s = tick_wait_s
+        """Realtime drivers: how long a tick with nothing queued may wait for the reply to the request
+        it just sent. A reply within it serves this very tick (QC's open loop: the chunk answering
+        the observation of step t starts at t) instead of costing a held tick per chunk."""
         self.clock = clock
         self.initial_delay_steps = max(0, int(initial_delay_steps))
         """Delay estimate before any reply is measured (e.g. the calibration file's)."""
@@ -123,6 +128,10 @@ class ChunkExecutor:
                     self._inflight = None
                     break
                 self._accept(self.source.poll(min(left, 0.05)), step)
+        elif self.tick_wait_s > 0 and not self._queue and self._inflight is not None:
+            deadline = self.clock() + self.tick_wait_s
+            while self._inflight is not None and (left := deadline - self.clock()) > 1e-4:
+                self._accept(self.source.poll(left), step)
         return self._pop(step)
 
     def idle(self, deadline: float, next_step: int) -> None:

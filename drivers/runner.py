@@ -178,6 +178,7 @@ def run_drive(cfg: DriveConfig) -> int:
           f"H={welcome.chunk_len}, session {welcome.session}; mode {cfg.mode}, driver {cfg.driver}")
     executor = ChunkExecutor(client, welcome.chunk_len, cfg.mode, cfg.request_threshold, cfg.request_timeout_s,
                              wait_when_empty=not driver.realtime,
+                             tick_wait_s=cfg.tick_wait / (driver.spec.control_hz * cfg.time_scale) if driver.realtime else 0.0,
                              initial_delay_steps=cal.inference_delay_steps if cal is not None else 0)
     pacer = Pacer(driver.spec.control_hz * cfg.time_scale) if driver.realtime else None
     results: list[EpisodeResult] = []

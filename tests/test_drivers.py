@@ -220,6 +220,18 @@ def test_open_loop_requests_once_per_chunk(delay: int) -> None:
         assert [s for s in executed if req <= s < req + h] == list(range(req, req + h))
 
 
+def test_realtime_open_loop_serves_a_fast_reply_in_the_same_tick() -> None:
+    """A reply within the tick's wait budget is executed at once: no held tick per chunk."""
+    h, steps = 5, 40
+    src = FakeSource(h, 2, delay=0)
+    ex = ChunkExecutor(src, h, "open_loop", wait_when_empty=False, tick_wait_s=0.01)
+    executed = [ex.act({}, t, 0) for t in range(steps)]
+    assert all(a is not None for a in executed) and ex.stats.empty == 0
+    assert src.requests == list(range(0, steps, h))
+    without = ChunkExecutor(FakeSource(h, 2, delay=0), h, "open_loop", wait_when_empty=False)
+    assert sum(without.act({}, t, 0) is None for t in range(steps)) > 0  # the hold this removes
+
+
 def test_open_loop_with_lockstep_runner_requests_every_h_steps() -> None:
     src = FakeSource(4, 2)
     ex = ChunkExecutor(src, 4, "open_loop", wait_when_empty=True)

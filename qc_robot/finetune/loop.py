@@ -237,7 +237,11 @@ class Finetuner:
         info: dict[str, torch.Tensor] = {}
         try:
             while not self._done(t_start, last_data):
-                records = self.client.get(timeout_s=0.0 if self.owed() > 0 else 0.05)
+                # max_env_steps reached: stop taking data (it stays in the journal), only pay the
+                # updates owed; else a learner that keeps pace with the robot never catches up
+                # and overshoots the limit by however much arrives meanwhile.
+                full = bool(c.max_env_steps and self.learner.env_steps >= c.max_env_steps)
+                records = [] if full else self.client.get(timeout_s=0.0 if self.owed() > 0 else 0.05)
                 if records:
                     self.apply(records)
                     last_data = time.monotonic()

@@ -231,6 +231,6 @@ def run_train(cfg: TrainConfig) -> int:
         return 2
     result = train(cfg)
     ev = result.last_eval
-    print(f"done: {result.step} updates, {result.env_steps} env steps; "
-          f"success {ev.success_rate:.3f}" if ev else "done", f"→ {result.run_dir / CHECKPOINT}")
+    success = f"; success {ev.success_rate:.3f}" if ev else ""
+    print(f"done: {result.step} updates, {result.env_steps} env steps{success} → {result.run_dir / CHECKPOINT}")
     return 0
