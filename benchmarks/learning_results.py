@@ -50,8 +50,10 @@ def plot(runs: list[dict], out: Path) -> None:
     for r in runs:
         xs = [e[0] for e in r["evals"]]
         ys = [e[3] for e in r["evals"]]
-        label = {"best_of_n": "QC (best-of-N)", "fql": "QC-FQL"}.get(r["cfg"]["agent"]["actor_type"], r["dir"].name)
-        ax.plot(xs, ys, marker="o", label=label)
+        kind = r["cfg"]["agent"]["actor_type"]
+        label = {"best_of_n": "QC (best-of-N)", "fql": "QC-FQL"}.get(kind, r["dir"].name)
+        style = {"best_of_n": dict(marker="s", ls="--"), "fql": dict(marker="o", ls="-")}.get(kind, {})
+        ax.plot(xs, ys, label=label, alpha=0.85, **style)
         if r["offline_end"] and r["online_end"]:
             ax.axvline(r["offline_end"][0], color="grey", ls=":", lw=1)
     ax.set_xlabel("gradient updates (offline, then one per online env step)")
