@@ -197,7 +197,7 @@ def _check_latency(sec: dict[str, Any], fail: Any) -> None:
 
 def _check_normalization(sec: dict[str, Any], fail: Any) -> None:
     _need(sec, "normalization", ("obs", "action", "action_limits"), fail)
-    groups = {f"obs.{k}": v for k, v in sec["obs"].items()} if isinstance(sec["obs"], dict) else None
+    groups: dict[str, Any] = {f"obs.{k}": v for k, v in sec["obs"].items()} if isinstance(sec["obs"], dict) else {}
     if not groups:
         fail("normalization.obs must map observation keys to statistics")
     groups["action"] = sec["action"]

@@ -160,7 +160,7 @@ def to_dataclass(cls: type[T], cfg: Any) -> T:
 
 
 def _build(cls: Any, data: Any) -> Any:
-    if not dataclasses.is_dataclass(cls):
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         return data
     kwargs = {}
     hints = {f.name: f for f in dataclasses.fields(cls)}

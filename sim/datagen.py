@@ -202,7 +202,8 @@ def generate(
     if task_goal_prob > 0:
         if not spec.dataset_family.startswith("cube"):
             raise ValueError(f"task_goal_prob is only supported for cube tasks, not {spec.name}")
-        task_goals = np.asarray(label_env.unwrapped.task_infos[spec.task_id - 1]["goal_xyzs"])  # (cubes, 3)
+        infos = label_env.unwrapped.task_infos  # type: ignore[attr-defined]
+        task_goals = np.asarray(infos[spec.task_id - 1]["goal_xyzs"])  # (cubes, 3)
     env_args = {
         "task": spec.name,
         "env_id": spec.env_id,

@@ -17,6 +17,9 @@ from torch import nn
 class ObsNormalizer(nn.Module):
     """(obs - mean) / std with statistics fixed from the offline data."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, obs_dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(obs_dim))
@@ -118,6 +121,8 @@ def aggregate_q(q: torch.Tensor, how: str) -> torch.Tensor:
 
 class TimeEmbedding(nn.Module):
     """Flow time t ∈ [0, 1] as a scalar, or as fixed Fourier features when dims > 0."""
+
+    freqs: torch.Tensor
 
     def __init__(self, dims: int = 0) -> None:
         super().__init__()

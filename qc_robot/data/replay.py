@@ -9,6 +9,7 @@ the learner's device: sampling is an on-device gather, with no host copies insid
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,17 +128,15 @@ class ChunkReplay:
         """The stored rows as numpy arrays (in storage order)."""
         return {k: v[: self.size].cpu().numpy() for k, v in self._data.items()}
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self) -> dict[str, Any]:
         return {"size": self.size, "keep": self.keep, "cursor": self._cursor,
                 "data": {k: v[: self.size].cpu() for k, v in self._data.items()}}
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        data = state["data"]
-        assert isinstance(data, Mapping)
-        n = int(state["size"])  # type: ignore[arg-type]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        n = int(state["size"])
         for k in _FIELDS:
-            self._data[k][:n] = data[k].to(self.device)
-        self.size, self.keep, self._cursor = n, int(state["keep"]), int(state["cursor"])  # type: ignore[arg-type]
+            self._data[k][:n] = state["data"][k].to(self.device)
+        self.size, self.keep, self._cursor = n, int(state["keep"]), int(state["cursor"])
 
 
 def _tensor(x: np.ndarray | torch.Tensor | float, device: torch.device) -> torch.Tensor:

@@ -40,7 +40,8 @@ def evaluate(policy: ChunkFn, env_name: str, episodes: int, seed: int, sparse_re
     for ep in tqdm(range(episodes), desc="eval", disable=not progress, leave=False):
         obs, _ = env.reset(seed=seed + ep)
         queue: list[np.ndarray] = []
-        ret, length, done, info = 0.0, 0, False, {}
+        ret, length, done = 0.0, 0, False
+        info: dict = {}
         while not done:
             if not queue:
                 queue = list(policy(obs))
