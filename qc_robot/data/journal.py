@@ -19,10 +19,8 @@ Arrays use the protocol's typed ndarray extension (no pickle); numpy and msgpack
 from __future__ import annotations
 
 import os
-import struct
 import time
 import uuid
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,10 +28,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from qc_robot.data.frames import pack_frame, read_frame
 from qc_robot.protocol import ARRAY_EXT, pack_array, unpack_array
 
 MAGIC = b"QCJRNL01"
-_HEAD = struct.Struct("<II")
 MAX_FRAME_BYTES = 256 << 20
 
 
@@ -57,8 +55,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 def encode_frame(payload: Mapping[str, Any]) -> bytes:
     """One length-prefixed, checksummed frame."""
-    body = msgpack.packb(dict(payload), default=_default, use_bin_type=True)
-    return _HEAD.pack(len(body), zlib.crc32(body)) + body
+    return pack_frame(msgpack.packb(dict(payload), default=_default, use_bin_type=True))
 
 
 @dataclass
@@ -161,32 +158,28 @@ class JournalReadout:
 def read_journal(path: str) -> JournalReadout:
     """Rebuild the episode in ``path``, dropping a torn or corrupt tail."""
     with open(path, "rb") as f:
-        data = f.read()
-    if not data.startswith(MAGIC):
-        raise JournalError(f"{path}: not a qc-robot journal (bad magic)")
-    off, frames, ep = len(MAGIC), 0, None
-    while off + _HEAD.size <= len(data):
-        n, crc = _HEAD.unpack_from(data, off)
-        body = data[off + _HEAD.size : off + _HEAD.size + n]
-        if n > MAX_FRAME_BYTES or len(body) < n or zlib.crc32(body) != crc:
-            break
-        try:
-            frame = msgpack.unpackb(body, raw=False, ext_hook=_ext_hook, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException):
-            break
-        kind = frame.get("kind")
-        if kind == "begin" and ep is None:
-            ep = RecordedEpisode(uuid=frame["uuid"], env_args=frame["env_args"], attrs=frame["attrs"],
-                                 obs=[frame["obs"]])
-        elif kind == "step" and ep is not None:
-            ep.add_step(frame["action"], frame["reward"], frame["done"], frame["obs"])
-        elif kind == "end" and ep is not None:
-            ep.label = frame["label"]
-            ep.attrs.update(frame["attrs"])
-        else:
-            break
-        off += _HEAD.size + n
-        frames += 1
+        if f.read(len(MAGIC)) != MAGIC:
+            raise JournalError(f"{path}: not a qc-robot journal (bad magic)")
+        size = os.fstat(f.fileno()).st_size
+        off, frames, ep = len(MAGIC), 0, None
+        while (body := read_frame(f, MAX_FRAME_BYTES)) is not None:
+            try:
+                frame = msgpack.unpackb(body, raw=False, ext_hook=_ext_hook, strict_map_key=False)
+            except (ValueError, msgpack.UnpackException):
+                break
+            kind = frame.get("kind")
+            if kind == "begin" and ep is None:
+                ep = RecordedEpisode(uuid=frame["uuid"], env_args=frame["env_args"], attrs=frame["attrs"],
+                                     obs=[frame["obs"]])
+            elif kind == "step" and ep is not None:
+                ep.add_step(frame["action"], frame["reward"], frame["done"], frame["obs"])
+            elif kind == "end" and ep is not None:
+                ep.label = frame["label"]
+                ep.attrs.update(frame["attrs"])
+            else:
+                break
+            off = f.tell()
+            frames += 1
     if ep is None:
         raise JournalError(f"{path}: no readable 'begin' frame (the crash came before the first step)")
-    return JournalReadout(ep, frames, len(data) - off)
+    return JournalReadout(ep, frames, size - off)

@@ -21,11 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import threading
 import time
 import uuid
-import zlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +31,9 @@ from typing import Any, BinaryIO
 
 import msgpack
 
+from qc_robot.data.frames import HEAD, pack_frame, read_frame
+
 log = logging.getLogger("qc_robot.journal")
-_HEAD = struct.Struct("<II")  # payload length, crc32(payload)
 MAX_RECORD_BYTES = 64 << 20
 
 
@@ -108,12 +107,8 @@ class Journal:
         with seg.path.open("rb") as f:
             off = 0
             while True:
-                head = f.read(_HEAD.size)
-                if len(head) < _HEAD.size:
-                    break
-                n, crc = _HEAD.unpack(head)
-                payload = f.read(n) if n <= MAX_RECORD_BYTES else b""
-                if len(payload) != n or zlib.crc32(payload) != crc:
+                payload = read_frame(f, MAX_RECORD_BYTES)
+                if payload is None:
                     break
                 try:
                     seq = msgpack.unpackb(payload, raw=False)["seq"]
@@ -122,7 +117,7 @@ class Journal:
                 if seq != seg.end_seq:
                     break
                 seg.offsets.append(off)
-                off += _HEAD.size + n
+                off = f.tell()
         seg.size = off
         return off
 
@@ -137,10 +132,10 @@ class Journal:
                 raise ValueError(f"journal record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
             seg = self._writable(len(payload))
             assert self._file is not None
-            self._file.write(_HEAD.pack(len(payload), zlib.crc32(payload)) + payload)
+            self._file.write(pack_frame(payload))
             self._file.flush()  # in the OS now: survives a kill -9 of this process
             seg.offsets.append(seg.size)
-            seg.size += _HEAD.size + len(payload)
+            seg.size += HEAD.size + len(payload)
             self.next_seq = seq + 1
             now = time.monotonic()
             if now - self._last_fsync >= self.fsync_s:
@@ -202,12 +197,11 @@ class Journal:
                 if reader is None:
                     reader = self._readers[seg.path] = seg.path.open("rb")
                 reader.seek(off)
-                n, crc = _HEAD.unpack(reader.read(_HEAD.size))
-                payload = reader.read(n)
-            if zlib.crc32(payload) != crc:
+                payload = read_frame(reader, MAX_RECORD_BYTES)
+            if payload is None:
                 raise OSError(f"journal {seg.path.name}: record {seq} fails its checksum (disk corruption?)")
             out.append(msgpack.unpackb(payload, raw=False))
-            total += n
+            total += len(payload)
             seq += 1
         return out
 
