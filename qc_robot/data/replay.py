@@ -52,15 +52,16 @@ class ChunkReplay:
     # -- filling -----------------------------------------------------------------------------
     def add_offline(self, data: Mapping[str, np.ndarray]) -> None:
         """Load a dataset of whole episodes (flat arrays with the fields above) and protect it."""
-        n = self._append(data)
-        self.keep = self.size
-        self._cursor = self.size % self.capacity if self.size < self.capacity else self.keep
-        del n
+        self._append(data)
+        self.keep = self._cursor = self.size  # the ring over online rows starts after the dataset
 
     def add(self, transition: Mapping[str, np.ndarray | float]) -> None:
         """Append one online transition (fields above, unbatched)."""
-        row = {k: np.asarray(transition[k], dtype=np.float32)[None] for k in _FIELDS}
-        self._append(row)
+        self.extend({k: np.asarray(transition[k], dtype=np.float32)[None] for k in _FIELDS})
+
+    def extend(self, rows: Mapping[str, np.ndarray]) -> None:
+        """Append online transitions given as arrays with a leading row axis (one copy per field)."""
+        self._append(rows)
 
     def _append(self, data: Mapping[str, np.ndarray]) -> int:
         n = len(data["rewards"])

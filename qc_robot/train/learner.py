@@ -109,9 +109,7 @@ class Learner:
         self.step, self.env_steps = ckpt.step, ckpt.env_steps
         self.sampler.set_state(ckpt.extra["sampler"])
         self.env_rng.bit_generator.state = ckpt.extra["env_rng"]
-        rows = ckpt.extra["online_rows"]
-        for i in range(len(rows["rewards"])):
-            self.replay.add({k: v[i] for k, v in rows.items()})
+        self.replay.extend(ckpt.extra["online_rows"])
 
     # -- phases ------------------------------------------------------------------------------
     def update(self, batch: ChunkBatch | None = None) -> dict[str, torch.Tensor]:
