@@ -21,6 +21,8 @@ from typing import Any
 import gymnasium
 import numpy as np
 
+from qc_robot.data.rewards import sparsify
+
 CONTROL_HZ = 20.0  # OGBench manipspace: 0.05 s control step (25 physics substeps of 2 ms)
 ACT_DIM = 5  # relative end-effector xyz, yaw, gripper; all in [-1, 1]
 NUM_TASKS = 5
@@ -91,12 +93,6 @@ def task_spec(name: str) -> TaskSpec:
     )
 
 
-def sparsify(rewards: np.ndarray) -> np.ndarray:
-    """The paper's sparse reward: 0 where the task reward is 0 (success), else -1."""
-    r = np.asarray(rewards, dtype=np.float32)
-    return np.where(r == 0.0, 0.0, -1.0).astype(np.float32)
-
-
 class TaskEnv(gymnasium.Wrapper):
     """Uniform step API over an OGBench singletask env.
 
@@ -126,7 +122,7 @@ class TaskEnv(gymnasium.Wrapper):
         obs, reward, terminated, truncated, info = self.env.step(action)
         r = float(reward)
         if self.sparse_reward:
-            r = 0.0 if r == 0.0 else -1.0
+            r = float(sparsify(r))
         info["success"] = bool(info.get("success", False))
         return np.asarray(obs, dtype=np.float64), r, bool(terminated), bool(truncated), info
 

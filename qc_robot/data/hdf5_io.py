@@ -30,6 +30,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from qc_robot.data.rewards import sparsify
+
 FORMAT = "qc-robot-hdf5"
 FORMAT_VERSION = 1
 _DEMO_RE = re.compile(r"^demo_(\d+)$")
@@ -353,7 +355,7 @@ def _load_flat(
     terminals[ends - 1] = 1.0
     rewards = np.concatenate([d["rewards"] for d in demos])
     if sparse_reward:
-        rewards = np.where(rewards == 0.0, 0.0, -1.0).astype(np.float32)
+        rewards = sparsify(rewards)
     return FlatDataset(
         observations=flat("obs"),
         actions=np.concatenate([d["actions"] for d in demos]),
