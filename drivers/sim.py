@@ -130,6 +130,12 @@ class SimDriver(Driver):
 
         return dict(self._physics.current) if self._physics is not None else nominal_params()
 
+    @property
+    def env(self) -> Any:
+        """The simulated task's gymnasium env (None before ``connect``), for tools that read the
+        simulator itself, such as the scripted teleop operator. Not part of the Driver API."""
+        return self._env
+
     def sim_state(self) -> np.ndarray:
         """MuJoCo qpos|qvel of the current state (robomimic ``states``; for system identification)."""
         with self._lock:

@@ -207,13 +207,13 @@ def build_driver(cfg: TeleopConfig) -> SafeDriver:
 
 def build_device(cfg: TeleopConfig, driver: SafeDriver) -> TeleopDevice:
     if cfg.device == "scripted":
-        if cfg.driver != "sim":
-            raise ValueError("device=scripted needs driver=sim (the oracle reads the simulator)")
+        from drivers.sim import SimDriver
         from qc_robot.teleop.scripted import ScriptedOperator
 
         sim = driver.driver
-        # The oracle needs the simulator itself; the sim driver keeps its env private.
-        return ScriptedOperator(lambda: getattr(sim, "_env", None), cfg.oracle, cfg.oracle_noise, cfg.seed,
+        if not isinstance(sim, SimDriver):
+            raise ValueError("device=scripted needs driver=sim (the oracle reads the simulator)")
+        return ScriptedOperator(lambda: sim.env, cfg.oracle, cfg.oracle_noise, cfg.seed,
                                 list(cfg.outcomes), cfg.end_after)
     return make_device(cfg.device, speed=cfg.speed)
 
