@@ -23,10 +23,7 @@ exit. Prints a markdown table (offline row only with the ``offline`` arm).
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
-import math
-import os
 import re
 import shutil
 import signal
@@ -37,56 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-_procs: list[subprocess.Popen] = []
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
-def run(cmd: list[str], timeout: float, log: Path) -> tuple[str, float]:
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    out = r.stdout + r.stderr
-    log.write_text(out)
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd[:2]} exited {r.returncode}:\n{out[-3000:]}")
-    wall = time.monotonic() - t0
-    print(f"  ({wall:.0f} s)", flush=True)
-    return out, wall
-
-
-def background(cmd: list[str], log: Path) -> subprocess.Popen:
-    print("$", " ".join(cmd), "&", flush=True)
-    f = open(log, "w")  # noqa: SIM115 (lives as long as the process)
-    p = subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    _procs.append(p)
-    return p
-
-
-def stop(p: subprocess.Popen, sig: int = signal.SIGINT, wait: float = 30) -> None:
-    if p.poll() is not None:
-        return
-    try:
-        os.killpg(p.pid, sig)
-        p.wait(wait)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait(5)
-    except ProcessLookupError:
-        pass
-
-
-@atexit.register
-def _cleanup() -> None:
-    for p in _procs:
-        stop(p, wait=10)
+from e2e_common import background, run, stop, wilson  # noqa: E402 (after the path set-up)
 
 
 def evaluate(ckpt: Path, episodes: int, seed: int, log: Path) -> tuple[int, int, int]:

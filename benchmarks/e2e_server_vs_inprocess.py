@@ -24,11 +24,8 @@ Every subprocess has a timeout and the server is stopped on exit (also on errors
 from __future__ import annotations
 
 import argparse
-import atexit
 import math
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -36,68 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-_procs: list[subprocess.Popen] = []
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
-
-
-def two_prop_p(k1: int, n1: int, k2: int, n2: int) -> float:
-    """Two-sided p-value of the pooled two-proportion z-test (1.0 when both are 0 or 1)."""
-    p = (k1 + k2) / (n1 + n2)
-    se = math.sqrt(p * (1 - p) * (1 / n1 + 1 / n2))
-    if se == 0:
-        return 1.0
-    z = abs(k1 / n1 - k2 / n2) / se
-    return math.erfc(z / math.sqrt(2))
-
-
-def run(cmd: list[str], timeout: float) -> str:
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    out = r.stdout + r.stderr
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd[:2]} exited {r.returncode}:\n{out[-3000:]}")
-    print(f"  ({time.monotonic() - t0:.0f} s)", flush=True)
-    return out
+from e2e_common import background, run, stop, two_prop_p, wilson  # noqa: E402 (after the path set-up)
 
 
 def start_server(onnx: str, port: int, log_path: Path) -> subprocess.Popen:
-    cmd = ["qc-robot", "serve", "--policy", onnx, f"bind=tcp://127.0.0.1:{port}", "threads=1",
-           "providers=cpu", "log_level=WARNING"]
-    print("$", " ".join(cmd), "&", flush=True)
-    f = open(log_path, "w")  # noqa: SIM115 (lives as long as the server)
-    p = subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    _procs.append(p)
-    return p
-
-
-def stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGINT)
-            p.wait(10)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(5)
-
-
-@atexit.register
-def _cleanup() -> None:
-    for p in _procs:
-        stop(p)
+    return background(["qc-robot", "serve", "--policy", onnx, f"bind=tcp://127.0.0.1:{port}", "threads=1",
+                       "providers=cpu", "log_level=WARNING"], log_path)
 
 
 def parse_drive(out: str) -> dict:
@@ -140,7 +81,7 @@ def main() -> int:
 
     if "torch" not in skip:
         t0 = time.monotonic()
-        out = run(["qc-robot", "eval", f"checkpoint={args.checkpoint}", f"episodes={n}", f"seed={seed}",
+        out, _ = run(["qc-robot", "eval", f"checkpoint={args.checkpoint}", f"episodes={n}", f"seed={seed}",
                    "progress=false"], 1800)
         m = re.search(r"success ([\d.]+) over (\d+) episodes.*?(\d+) policy queries", out)
         k = round(float(m.group(1)) * int(m.group(2)))
@@ -178,7 +119,7 @@ def main() -> int:
         try:
             if "lockstep" not in skip:
                 t0 = time.monotonic()
-                out = run(drive_base + [f"episodes={n}", "realtime=false"], 1800)
+                out, _ = run(drive_base + [f"episodes={n}", "realtime=false"], 1800)
                 (out_dir / "drive_lockstep.log").write_text(out)
                 d = parse_drive(out)
                 rows.append(("server + sim driver, lockstep (`realtime=false`)", d["k"], d["n"],
@@ -186,7 +127,7 @@ def main() -> int:
                              time.monotonic() - t0))
             if "realtime" not in skip:
                 t0 = time.monotonic()
-                out = run(drive_base + [f"episodes={args.rt_episodes}", "realtime=true",
+                out, _ = run(drive_base + [f"episodes={args.rt_episodes}", "realtime=true",
                                         f"time_scale={args.time_scale}"],
                           60 + 30 * args.rt_episodes / args.time_scale)
                 (out_dir / "drive_realtime.log").write_text(out)
