@@ -56,7 +56,44 @@ class StepInfo:
     """Time limit or an operator stop."""
     step: int = 0
     """Control steps the robot executed since reset (its own clock)."""
+    time: float = 0.0
+    """``time.monotonic()`` when this step's result was published (0: unknown / before any step)."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExecutedStep:
+    """One control step exactly as the robot executed it: a realtime driver's own record.
+
+    A realtime robot's world moves on its own clock, so the control loop cannot tell by itself
+    which command a tick applied or whether the world moved between two of its reads; the robot's
+    controller can. ``obs`` → ``action`` → ``next_obs`` is the Markov transition of that tick.
+    """
+
+    step: int
+    """0-based index of this step since reset (``next_obs`` is the state after ``step + 1`` steps)."""
+    obs: dict[str, np.ndarray]
+    """The observation the robot published before this step: what a command sent in time saw."""
+    action: np.ndarray
+    """(A,) the command applied at this step (already clamped; the hold action when ``held``)."""
+    held: bool
+    """No new command had arrived by this tick: the controller applied its hold action."""
+    reward: float
+    success: bool
+    terminated: bool
+    truncated: bool
+    next_obs: dict[str, np.ndarray]
+    t: float
+    """``time.monotonic()`` when the step was applied."""
+    wall_time: float
+    """``time.time()`` when the step was applied (comparable across machines)."""
+    late_s: float = 0.0
+    """How late the tick started against its schedule."""
+    cmd_step: int = -1
+    """Steps the robot had executed when the applied command was sent (-1: a hold). The command
+    was computed from an observation no newer than that step's; ``step - cmd_step`` is the delay."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Driver-specific per-step data (the sim: ``state``, MuJoCo qpos|qvel before the step)."""
 
 
 class Driver(ABC):
@@ -115,6 +152,22 @@ class Driver(ABC):
     def step_info(self) -> StepInfo:
         """Reward/success/done of the latest step; drivers without a task return defaults."""
         return StepInfo()
+
+    def executed_steps(self) -> list[ExecutedStep] | None:
+        """The steps executed since the last call, oldest first (realtime drivers that log their
+        own ticks). None: this driver keeps no such log; the control loop then composes each row
+        from its own reads, which is exact for a lockstep driver."""
+        return None
+
+    @property
+    def logs_steps(self) -> bool:
+        """True when ``executed_steps`` returns the robot's own record of every step."""
+        return False
+
+    def wait_step(self, step: int, timeout_s: float) -> bool:
+        """Block until the robot has executed at least ``step`` steps since reset, or ``timeout_s``
+        passed; True if it has. Lockstep drivers have always done so when ``send_action`` returns."""
+        return True
 
     def __enter__(self) -> Driver:
         self.connect()

@@ -18,6 +18,7 @@ import numpy as np
 from calibration.files import load_calibration
 from drivers.client import HandshakeError, PolicyClient
 from drivers.config import DriveConfig
+from drivers.base import ExecutedStep, StepInfo
 from drivers.executor import ChunkExecutor
 from drivers.registry import driver_config, make_driver
 from drivers.safety import SafeDriver
@@ -62,80 +63,167 @@ class EpisodeResult:
     index: int
     success: bool
     steps: int
-    """Control-loop ticks."""
+    """Control-loop ticks (commands sent)."""
     robot_steps: int
     """Steps the robot executed (its own clock; equals ``steps`` for lockstep drivers)."""
     held: int
+    """Ticks the safety layer held (no fresh action from the executor)."""
     chunks: int
     duration_s: float
     rtt_ms: list[float] = field(default_factory=list)
+    rows: int = 0
+    """Transition rows produced: exactly one per executed robot step."""
+    robot_held: int = 0
+    """Robot ticks that found no new command and applied the hold (realtime drivers)."""
+    overruns: int = 0
+    """Waits of the loop for the robot's next step that ran past 1.5 control periods: the world did
+    not advance when it should have (load, a stalled robot). Never a transition row."""
 
 
 class _TransitionSender:
-    """Buffers (obs, applied action, reward, flags, next obs) rows; sends one message per chunk."""
+    """Streams executed steps as Transition messages, one per ``every`` rows (a chunk) and at the end."""
 
     def __init__(self, client: PolicyClient, every: int) -> None:
         self.client, self.every = client, max(1, every)
-        self.rows: list[tuple[dict[str, np.ndarray], np.ndarray, float, bool, bool]] = []
+        self.rows: list[ExecutedStep] = []
         self.start_step = 0
+        self.success = False
 
-    def add(self, obs: dict[str, np.ndarray], action: np.ndarray, reward: float, term: bool, trunc: bool) -> None:
-        self.rows.append((obs, action, reward, term, trunc))
+    def add(self, row: ExecutedStep) -> None:
+        self.rows.append(row)
 
-    def flush(self, next_obs: dict[str, np.ndarray], episode_id: int, success: bool, force: bool = False) -> None:
-        """Send the complete rows (all of them if ``force``); the last row's next obs is ``next_obs``."""
+    def flush(self, episode_id: int, force: bool = False) -> None:
+        """Send the complete chunks of rows (all of them if ``force``)."""
         n = len(self.rows) if force else len(self.rows) // self.every * self.every
         if n <= 0:
             return
-        nexts = [r[0] for r in self.rows[1 : n + 1]]  # row i's next obs is row i+1's obs
-        if len(nexts) < n:
-            nexts.append(next_obs)
         rows, self.rows = self.rows[:n], self.rows[n:]
-        keys = rows[0][0].keys()
+        self.success = self.success or any(r.success for r in rows)  # succeeded by the last row sent
+        keys = rows[0].obs.keys()
         self.client.send_transition(P.Transition(
             episode_id=episode_id, start_step=self.start_step,
-            obs={k: np.stack([r[0][k] for r in rows]) for k in keys},
-            actions=np.stack([r[1] for r in rows]).astype(np.float32),
-            rewards=np.asarray([r[2] for r in rows], np.float32),
-            terminals=np.asarray([r[3] for r in rows], bool), truncated=np.asarray([r[4] for r in rows], bool),
-            next_obs={k: np.stack([o[k] for o in nexts]) for k in keys}, success=success))
+            obs={k: np.stack([r.obs[k] for r in rows]) for k in keys},
+            actions=np.stack([r.action for r in rows]).astype(np.float32),
+            rewards=np.asarray([r.reward for r in rows], np.float32),
+            terminals=np.asarray([r.terminated for r in rows], bool),
+            truncated=np.asarray([r.truncated for r in rows], bool),
+            next_obs={k: np.stack([r.next_obs[k] for r in rows]) for k in keys}, success=self.success,
+            timestamps=np.asarray([r.wall_time for r in rows], np.float64),
+            held=np.asarray([r.held for r in rows], bool)))
         self.start_step += n
+
+
+def _snapshot(driver: SafeDriver) -> tuple[dict[str, np.ndarray], StepInfo]:
+    """The latest observation and the step info of the same robot step (retried across a tick)."""
+    while True:
+        info = driver.step_info()
+        obs = driver.get_observation()
+        again = driver.step_info()
+        if again.step == info.step:
+            return obs, again
 
 
 def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, seed: int | None,
                 pacer: Pacer | None = None, client: PolicyClient | None = None,
-                send_transitions: bool = False, max_steps: int = 0) -> EpisodeResult:
-    """One episode; ``pacer`` paces realtime drivers (None: as fast as lockstep allows)."""
+                send_transitions: bool = False, max_steps: int = 0,
+                on_rows: Callable[[list[ExecutedStep]], None] | None = None,
+                stall_timeout_s: float = 5.0) -> EpisodeResult:
+    """One episode; returns its result.
+
+    Rows (for ``send_transitions`` and ``on_rows``) are exact: one per step the robot executed,
+    never one for a tick where the world did not advance, and none after the episode's end. A
+    lockstep driver's row is composed here (observation read, action applied, the step's outcome,
+    the next observation). A realtime driver's rows are its own record of its ticks
+    (``Driver.executed_steps``), and the loop follows the robot's clock: after each command it
+    waits for the robot's next step (taking chunk replies meanwhile), so every command is read
+    from the newest state and reaches the robot before the tick that applies it. ``pacer`` only
+    paces a realtime driver that keeps no log of its own (its period is used otherwise).
+    """
     t0 = time.monotonic()
     obs = driver.reset(seed)
     executor.reset()
     held0, chunks0, rtt0 = driver.stats.held, executor.stats.chunks, len(executor.stats.rtt_ms)
     limit = max_steps or (driver.spec.max_episode_steps * 2 if driver.spec.max_episode_steps else 100_000)
     sender = _TransitionSender(client, executor.chunk_len) if (client and send_transitions) else None
-    success, step = False, 0
+    period = pacer.period if pacer is not None else 1.0 / driver.spec.control_hz
+    res = EpisodeResult(episode_id, False, 0, 0, 0, 0, 0.0)
+    info = driver.step_info()
+    last: ExecutedStep | None = None
+    alive = True
     if pacer is not None:
         pacer.start()
-    while step < limit:
-        if step > 0:
-            obs = driver.get_observation()
-            if sender is not None:
-                sender.flush(obs, episode_id, success)
-        applied = driver.act(executor.act(obs, step, episode_id))
-        info = driver.step_info()
-        success = success or info.success
-        if sender is not None:
-            sender.add(obs, applied, info.reward, info.terminated, info.truncated)
-        step += 1
+    while True:
+        action = executor.act(obs, res.steps, episode_id)
+        held_before = driver.stats.held
+        applied = driver.act(action)
+        res.steps += 1
         if client is not None:
             client.heartbeat()
-        if info.terminated or info.truncated:
+        if not driver.realtime:  # lockstep: send_action executed exactly this one step
+            nxt, new = _snapshot(driver)
+            rows = [ExecutedStep(res.steps - 1, obs, applied, driver.stats.held > held_before, new.reward, new.success,
+                                 new.terminated, new.truncated, nxt, time.monotonic(), time.time())]
+        else:
+            nxt, new, rows, alive = _realtime_wait(driver, executor, pacer, period, info, obs, applied, res,
+                                                   stall_timeout_s)
+        obs, info = nxt, new
+        last = rows[-1] if rows else last
+        ended = (last is not None and (last.terminated or last.truncated)) or new.terminated or new.truncated \
+            or not alive or res.steps >= limit
+        if ended and last is not None and not (last.terminated or last.truncated):
+            last.truncated = True  # the loop ends the episode here (its step limit, a stalled robot)
+        for r in rows:
+            res.success = res.success or r.success
+            res.robot_held += r.held and driver.realtime
+            if sender is not None:
+                sender.add(r)
+        res.rows += len(rows)
+        if on_rows is not None and rows:
+            on_rows(rows)
+        if sender is not None:
+            sender.flush(episode_id, force=ended)
+        if ended:
             break
+    res.robot_steps = driver.step_info().step if not driver.realtime else (last.step + 1 if last else 0)
+    res.held = driver.stats.held - held0
+    res.chunks = executor.stats.chunks - chunks0
+    res.duration_s = time.monotonic() - t0
+    res.rtt_ms = executor.stats.rtt_ms[rtt0:]
+    return res
+
+
+def _realtime_wait(driver: SafeDriver, executor: ChunkExecutor, pacer: Pacer | None, period: float,
+                   info: StepInfo, obs: dict[str, np.ndarray], applied: np.ndarray, res: EpisodeResult,
+                   stall_timeout_s: float) -> tuple[dict[str, np.ndarray], StepInfo, list[ExecutedStep], bool]:
+    """After a command: wait for the robot's next step. Returns (newest obs, its info, the rows of
+    the steps executed meanwhile, whether the robot is still stepping)."""
+    target = info.step + 1
+    if not driver.logs_steps:  # no log of its own: pace on our clock, a row only for exactly one step
         if pacer is not None:
-            pacer.wait(functools.partial(_idle, executor, next_step=step))
-    if sender is not None:
-        sender.flush(driver.get_observation(), episode_id, success, force=True)
-    return EpisodeResult(episode_id, success, step, driver.step_info().step, driver.stats.held - held0,
-                         executor.stats.chunks - chunks0, time.monotonic() - t0, executor.stats.rtt_ms[rtt0:])
+            pacer.wait(functools.partial(_idle, executor, next_step=res.steps))
+        nxt, new = _snapshot(driver)
+        if new.step != target:
+            res.overruns += 1  # no step (the world did not advance) or several we did not see apart
+            return nxt, new, [], True
+        return nxt, new, [ExecutedStep(info.step, obs, applied, False, new.reward, new.success, new.terminated,
+                                       new.truncated, nxt, time.monotonic(), time.time())], True
+    expected = (info.time or time.monotonic()) + period  # when the robot's next tick is due
+    executor.idle(min(expected, time.monotonic() + period), res.steps)  # take replies meanwhile
+    waited, alive = 0.0, True
+    while not driver.wait_step(target, 1.5 * period if waited == 0.0 else period):
+        res.overruns += 1
+        waited += period
+        now = driver.step_info()
+        if now.terminated or now.truncated:
+            break
+        if waited >= stall_timeout_s:
+            log.error("the robot executed no step for %.1f s: ending the episode", waited)
+            alive = False
+            break
+        executor.idle(time.monotonic() + 0.1 * period, res.steps)
+    nxt, new = _snapshot(driver)
+    rows = driver.executed_steps() or []
+    return nxt, new, rows, alive
 
 
 def _idle(executor: ChunkExecutor, deadline: float, next_step: int) -> None:
@@ -188,8 +276,8 @@ def run_drive(cfg: DriveConfig) -> int:
             results.append(r)
             rtt = f"{np.median(r.rtt_ms):.1f} ms" if r.rtt_ms else "n/a"
             print(f"episode {i + 1}/{cfg.episodes}: {'success' if r.success else 'failure'}  steps {r.steps} "
-                  f"(robot {r.robot_steps})  chunks {r.chunks}  held {r.held}  rtt p50 {rtt}  "
-                  f"{r.duration_s:.1f} s", flush=True)
+                  f"(robot {r.robot_steps})  rows {r.rows}  robot held {r.robot_held}  overruns {r.overruns}  "
+                  f"chunks {r.chunks}  held {r.held}  rtt p50 {rtt}  {r.duration_s:.1f} s", flush=True)
     except KeyboardInterrupt:
         print("interrupted")
     finally:

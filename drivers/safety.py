@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from drivers.base import Driver, DriverSpec, StepInfo
+from drivers.base import Driver, DriverSpec, ExecutedStep, StepInfo
 
 log = logging.getLogger("qc_robot.safety")
 
@@ -96,6 +96,16 @@ class SafeDriver:
 
     def step_info(self) -> StepInfo:
         return self.driver.step_info()
+
+    def executed_steps(self) -> list[ExecutedStep] | None:
+        return self.driver.executed_steps()
+
+    def wait_step(self, step: int, timeout_s: float) -> bool:
+        return self.driver.wait_step(step, timeout_s)
+
+    @property
+    def logs_steps(self) -> bool:
+        return self.driver.logs_steps
 
     def send_action(self, action: Any) -> np.ndarray:
         return self.act(action)

@@ -9,6 +9,12 @@ world keeps moving while the policy thinks, so inference delay has its real cost
 Lockstep mode (``realtime=False``): each ``send_action`` advances exactly one control step, with
 latency expressed as whole steps of delay; deterministic for a seed (conformance tests, evals).
 
+Every realtime tick is logged as an :class:`~drivers.base.ExecutedStep` (observation before,
+command applied, held or not, reward and flags, observation after, timestamps): the exact
+transitions the control loop streams and calibration replays. A realtime observation is one
+sensor reading per tick (noise drawn once per tick), so every read between two ticks agrees with
+the logged row.
+
 Calibration (``calibration/<robot_id>.json``, optional): its identified physical parameters are
 applied to the MuJoCo model, its control delay and observation noise are used where the config
 leaves ``latency_ms``/``obs_noise`` at 0, and with ``randomize`` every episode draws the parameters
@@ -29,10 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from drivers.base import Driver, DriverSpec, StepInfo
+from drivers.base import Driver, DriverSpec, ExecutedStep, StepInfo
 from policies.base import ObsField
 
 log = logging.getLogger("qc_robot.sim")
+LOG_STEPS = 100_000
+"""Executed steps the realtime log keeps when nobody drains it (oldest dropped first)."""
 
 
 @dataclass
@@ -98,7 +106,10 @@ class SimDriver(Driver):
         self._phys_rng = np.random.default_rng(cfg.seed + 2)
         self._env: Any = None
         self._lock = threading.Lock()  # guards obs and info between the tick thread and readers
-        self._inbox: collections.deque[tuple[float, np.ndarray]] = collections.deque()
+        self._ticked = threading.Condition(self._lock)  # notified when a realtime tick is published
+        self._inbox: collections.deque[tuple[float, np.ndarray, int]] = collections.deque()  # (due, cmd, step)
+        self._log: collections.deque[ExecutedStep] = collections.deque(maxlen=LOG_STEPS)
+        self._reading = np.zeros(self.task.obs_dim)  # realtime: this tick's (noisy) sensor reading
         self._pipe: collections.deque[np.ndarray] = collections.deque()  # lockstep latency FIFO
         self._obs = np.zeros(self.task.obs_dim)
         self._info = StepInfo()
@@ -109,6 +120,8 @@ class SimDriver(Driver):
         """Realtime ticks that found no new command (hold applied)."""
         self.overruns = 0
         """Realtime ticks that started more than a period late."""
+        self.log_dropped = 0
+        """Executed-step records overwritten before anyone read them (nobody drains the log)."""
 
     def connect(self) -> None:
         if self._env is None:
@@ -161,11 +174,14 @@ class SimDriver(Driver):
         with self._lock:
             obs, _ = self._env.reset(seed=seed)
             self._obs = np.asarray(obs, np.float64)
-            self._info = StepInfo()
+            self._info = StepInfo(time=time.monotonic())
             self._inbox.clear()
             self._pipe.clear()
+            self._log.clear()
             if seed is not None:
                 self._noise_rng = np.random.default_rng(seed + 1)
+            if self.realtime:
+                self._reading = self._noisy(self._obs)
         if self.realtime:
             self._running.set()
             self._thread = threading.Thread(target=self._clock, name="sim-robot", daemon=True)
@@ -173,21 +189,45 @@ class SimDriver(Driver):
         return self.get_observation()
 
     def get_observation(self) -> dict[str, np.ndarray]:
+        if self.realtime:
+            with self._lock:
+                return {self.cfg.obs_key: self._reading.copy()}
         with self._lock:
             obs = self._obs.copy()
-        if self._obs_noise > 0:
-            obs = obs + self._noise_rng.normal(0.0, self._obs_noise, obs.shape)
-        return {self.cfg.obs_key: obs}
+        return {self.cfg.obs_key: self._noisy(obs)}
 
     def step_info(self) -> StepInfo:
         with self._lock:
             return self._info
 
+    def executed_steps(self) -> list[ExecutedStep] | None:
+        """Realtime: the ticks executed since the last call. Lockstep: None (the loop's rows are exact)."""
+        if not self.realtime:
+            return None
+        with self._lock:
+            out = list(self._log)
+            self._log.clear()
+        return out
+
+    @property
+    def logs_steps(self) -> bool:
+        return self.realtime
+
+    def wait_step(self, step: int, timeout_s: float) -> bool:
+        if not self.realtime:
+            return True
+        with self._ticked:
+            return self._ticked.wait_for(lambda: self._info.step >= step or self._ended(), max(0.0, timeout_s)) \
+                and self._info.step >= step
+
+    def _ended(self) -> bool:
+        return self._info.terminated or self._info.truncated or not self._running.is_set()
+
     def _apply(self, action: np.ndarray) -> None:
         if self._env is None:
             raise RuntimeError("sim driver not connected")
         if self.realtime:
-            self._inbox.append((time.monotonic() + self._latency_s, action.copy()))
+            self._inbox.append((time.monotonic() + self._latency_s, action.copy(), self._info.step))
             return
         self._pipe.append(action.copy())  # lockstep: the command takes effect k steps later
         cmd = self._pipe.popleft() if len(self._pipe) > self._latency_steps else self.hold_action()
@@ -199,6 +239,11 @@ class SimDriver(Driver):
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _noisy(self, obs: np.ndarray) -> np.ndarray:
+        if self._obs_noise > 0:
+            return obs + self._noise_rng.normal(0.0, self._obs_noise, obs.shape)
+        return obs.copy()
+
     def _step(self, cmd: np.ndarray) -> None:
         """One control step; a finished episode ignores further steps.
 
@@ -209,10 +254,31 @@ class SimDriver(Driver):
             return
         obs, reward, terminated, truncated, info = self._env.step(cmd)
         new_info = StepInfo(float(reward), bool(info.get("success", False)), bool(terminated),
-                            bool(truncated), self._info.step + 1)
+                            bool(truncated), self._info.step + 1, time.monotonic())
         with self._lock:
             self._obs = np.asarray(obs, np.float64)
             self._info = new_info
+
+    def _tick(self, cmd: np.ndarray, held: bool, cmd_step: int, late_s: float) -> None:
+        """One realtime step, logged: the reading before, the command, the reading after."""
+        if self._info.terminated or self._info.truncated:
+            return
+        before, state = self._reading, self.sim_state()
+        t, wall = time.monotonic(), time.time()
+        step = self._info.step
+        self._step(cmd)
+        reading = self._noisy(self._obs)
+        info = self._info
+        key = self.cfg.obs_key
+        row = ExecutedStep(step, {key: before}, cmd.astype(np.float32), held, info.reward, info.success,
+                           info.terminated, info.truncated, {key: reading}, t, wall, late_s, cmd_step,
+                           {"state": state})
+        with self._ticked:
+            self._reading = reading
+            if len(self._log) == self._log.maxlen:
+                self.log_dropped += 1
+            self._log.append(row)
+            self._ticked.notify_all()
 
     def _clock(self) -> None:
         """The robot controller: tick at the control rate, apply the newest arrived command."""
@@ -222,22 +288,28 @@ class SimDriver(Driver):
             if delay > 0:
                 time.sleep(delay)
             now = time.monotonic()
-            if now - next_tick > self._period:
+            late = now - next_tick
+            if late > self._period:
                 self.overruns += 1
                 next_tick = now  # do not try to catch up: a real controller would not either
-            cmd = None
+            cmd, cmd_step = None, -1
             while self._inbox and self._inbox[0][0] <= now:
-                cmd = self._inbox.popleft()[1]
-            if cmd is None:
+                _, cmd, cmd_step = self._inbox.popleft()
+            held = cmd is None
+            if held:
                 self.missed_ticks += 1
                 cmd = self.hold_action()
-            self._step(cmd)
+            self._tick(cmd, held, cmd_step, max(0.0, late))
             if self._info.terminated or self._info.truncated:
+                with self._ticked:
+                    self._ticked.notify_all()
                 return
             next_tick += self._period
 
     def _stop_clock(self) -> None:
         self._running.clear()
+        with self._ticked:
+            self._ticked.notify_all()
         if self._thread is not None:
             self._thread.join(2.0)
             self._thread = None

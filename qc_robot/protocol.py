@@ -168,6 +168,10 @@ class Transition(Message):
     the version of the last chunk it served to this session)."""
     intervention: np.ndarray | None = None
     """(K,) bool, optional: True where a human operator's action replaced the policy's."""
+    timestamps: np.ndarray | None = None
+    """(K,) float64, optional: driver clock (``time.time()``, s) when each step was applied."""
+    held: np.ndarray | None = None
+    """(K,) bool, optional: True where the robot got no new command in time and applied its hold."""
 
 
 @dataclass

@@ -93,7 +93,8 @@ def check_transition(tr: Transition) -> None:
     for name in ("rewards", "terminals", "truncated"):
         if getattr(tr, name).shape != (k,):
             raise ValueError(f"transition {name} must have shape ({k},)")
-    if tr.intervention is not None and tr.intervention.shape != (k,):
-        raise ValueError(f"transition intervention must have shape ({k},)")
+    for name in ("intervention", "timestamps", "held"):
+        if getattr(tr, name) is not None and getattr(tr, name).shape != (k,):
+            raise ValueError(f"transition {name} must have shape ({k},)")
     if set(tr.obs) != set(tr.next_obs) or any(len(v) != k for v in [*tr.obs.values(), *tr.next_obs.values()]):
         raise ValueError("transition obs/next_obs need the same keys and K rows")

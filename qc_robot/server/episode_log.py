@@ -89,6 +89,8 @@ class EpisodeLogger:
                     cat = np.concatenate
                     parts = ep.parts
                     dones = cat([p.terminals for p in parts])
+                    extras = {name: cat([getattr(p, name) for p in parts]) for name in ("timestamps", "held")
+                              if all(getattr(p, name) is not None for p in parts)}
                     name = writer.add_episode(
                         obs={k: cat([p.obs[k] for p in parts]) for k in parts[0].obs},
                         actions=cat([p.actions for p in parts]),
@@ -99,6 +101,7 @@ class EpisodeLogger:
                                "start_step": parts[0].start_step, "success": ep.success,
                                "calibration_id": ep.calibration_id,
                                "complete": bool(dones[-1] or parts[-1].truncated[-1])},
+                        extras=extras or None,
                     )
                     self.episodes_written += 1
                     log.info("logged episode %s (%d steps) to %s as %s", ep.episode_id, len(dones), self.path, name)
