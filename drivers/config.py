@@ -15,8 +15,8 @@ class DriveConfig:
 
     driver: str = "sim"
     """Registered driver name (drivers.registry): 'sim' or 'mock'."""
-    env: EnvConfig = field(default_factory=lambda: EnvConfig(name="cube-double-task2"))
-    """The simulated task (sim driver only)."""
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(name="cube-single-task1"))
+    """The simulated task (sim driver only; the shipped default policy's task by default)."""
     server: str = "tcp://127.0.0.1:5555"
     episodes: int = 10
     seed: int = 0

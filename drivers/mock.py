@@ -13,14 +13,25 @@ import numpy as np
 from drivers.base import Driver, DriverSpec, StepInfo
 from policies.base import ObsField
 
+DEFAULT_EPISODE_STEPS = 100
+
 
 @dataclass
 class MockConfig:
+    """The mock robot (``qc-robot drive driver=mock driver_args.KEY=VALUE``)."""
+
     action_dim: int = 5
     obs_dim: int = 0
-    """0: 2·action_dim; larger values pad with zeros (to match a policy's obs size)."""
+    """0: 2·action_dim; larger values pad with zeros (to match a policy's obs size, e.g. 28 for
+    the shipped cube-single policy)."""
+    policy: str = ""
+    """Take obs_dim, action_dim and control_hz from this policy's spec: an exported ONNX file
+    (its metadata), 'default' (the shipped policy) or a bring-up ref such
+    as 'hold:28:5:5'. '' = use the keys above."""
     control_hz: float = 20.0
-    max_episode_steps: int = 100
+    max_episode_steps: int = DEFAULT_EPISODE_STEPS
+    """Steps before an episode is truncated; 0 (what ``drive`` passes when ``env.max_episode_steps``
+    is unset) keeps the mock's own 100."""
     gain: float = 0.1
     """Position change per step for a unit command."""
     success_radius: float = 0.1
@@ -36,10 +47,12 @@ class MockDriver(Driver):
 
     def __init__(self, cfg: MockConfig | None = None) -> None:
         self.cfg = cfg = cfg or MockConfig()
-        a = cfg.action_dim
-        self._obs_dim = max(cfg.obs_dim, 2 * a)
+        a, obs_dim, hz = cfg.action_dim, cfg.obs_dim, cfg.control_hz
+        if cfg.policy:
+            a, obs_dim, hz = policy_dims(cfg.policy, cfg.obs_key)
+        self._obs_dim = max(obs_dim, 2 * a)
         self.spec = DriverSpec([ObsField(cfg.obs_key, (self._obs_dim,), "float32")], a, -np.ones(a), np.ones(a),
-                               cfg.control_hz, cfg.max_episode_steps)
+                               hz, cfg.max_episode_steps or DEFAULT_EPISODE_STEPS)
         self._rng = np.random.default_rng(cfg.seed)
         self._pos = np.zeros(a)
         self._goal = np.zeros(a)
@@ -71,9 +84,39 @@ class MockDriver(Driver):
         dist = float(np.linalg.norm(self._pos - self._goal))
         step = self._info.step + 1
         success = dist < self.cfg.success_radius
-        limit = self.cfg.max_episode_steps
+        limit = self.spec.max_episode_steps
         self._info = StepInfo(reward=-dist, success=success, terminated=success,
                               truncated=bool(limit and step >= limit and not success), step=step)
 
     def step_info(self) -> StepInfo:
         return self._info
+
+
+def policy_dims(ref: str, obs_key: str = "state") -> tuple[int, int, float]:
+    """``(action_dim, obs_dim, control_hz)`` of policy ``ref``, for a mock that matches it.
+
+    The policy must observe one flat vector under ``obs_key`` (as every policy this project
+    exports does); anything else cannot be mimicked by a point robot and is a ValueError.
+    """
+    from policies.scripted import scripted_from_ref
+
+    if ref == "default":
+        from qc_robot.assets import default_policy_path
+
+        ref = str(default_policy_path())
+    scripted = scripted_from_ref(ref)
+    if scripted is not None:
+        spec = scripted.spec
+        fields, act_dim, hz = spec.obs_fields, spec.action_dim, spec.control_hz
+    else:
+        import onnxruntime as ort  # the robot-side runtime; only when sizing from a file
+
+        from policies.onnx_metadata import PolicyMetadata
+
+        session = ort.InferenceSession(ref, providers=["CPUExecutionProvider"])
+        meta = PolicyMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
+        fields, act_dim, hz = meta.obs_fields, meta.action_dim, meta.control_hz
+    if len(fields) != 1 or fields[0].key != obs_key or len(fields[0].shape) != 1:
+        raise ValueError(f"mock driver: policy {ref} observes {[(f.key, f.shape) for f in fields]}; "
+                         f"the mock offers one flat vector {obs_key!r}")
+    return int(act_dim), int(fields[0].shape[0]), float(hz)

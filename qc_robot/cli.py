@@ -23,6 +23,8 @@ class Verb:
     schema: str  # "module:Class"
     run: str  # "module:function", called with the config dataclass
     help: str
+    subverbs: tuple[tuple[str, str], ...] = ()
+    """Values of the first positional key, listed by ``--help`` (``dataset info FILE``)."""
 
 
 VERBS: dict[str, Verb] = {
@@ -45,7 +47,12 @@ VERBS: dict[str, Verb] = {
     "replay": Verb("qc_robot.teleop.config:ReplayConfig", "qc_robot.teleop.replay:run_replay",
                    "play a recorded episode back through a driver: replay FILE episode=N"),
     "dataset": Verb("qc_robot.teleop.config:DatasetConfig", "qc_robot.data.tools:run_dataset",
-                    "dataset info|validate|merge|split|recover FILE..."),
+                    "dataset info|validate|merge|split|recover FILE...",
+                    (("info", "episodes, lengths, success rate and action ranges of FILE..."),
+                     ("validate", "check FILE... against the robomimic layout train reads"),
+                     ("merge", "concatenate FILE... into out=FILE"),
+                     ("split", "write train/valid filters (mask/train, mask/valid) into FILE"),
+                     ("recover", "commit the episodes a crashed teleop run left in FILE's journal"))),
     "calibrate": Verb("calibration.cli:CalibrateConfig", "calibration.cli:run_calibrate",
                       "measure latency, dataset stats and sim physics into calibration/<robot_id>.json"),
 }
@@ -103,8 +110,22 @@ def positional_to_overrides(schema: Any, args: list[str]) -> list[str]:
     return out + args[n:]
 
 
-def compose(verb: str, overrides: list[str]) -> Any:
-    """The verb's config as a validated dataclass."""
+def open_dict_overrides(schema: Any, overrides: list[str]) -> list[str]:
+    """``driver_args.obs_dim=28`` → ``++driver_args.obs_dim=28`` for the schema's free-form dict
+    fields: their keys are not declared anywhere, so Hydra would demand a ``+`` the user cannot
+    be expected to know about (``+`` and ``++`` written by the user are kept)."""
+    dict_fields = {f.name for f in dataclasses.fields(schema) if str(f.type).startswith(("dict", "typing.Dict"))}
+    out = []
+    for o in overrides:
+        key = o.partition("=")[0]
+        if "=" in o and not o.startswith(("+", "~")) and key.partition(".")[0] in dict_fields and "." in key:
+            o = "++" + o
+        out.append(o)
+    return out
+
+
+def compose(verb: str, overrides: list[str], *, require: bool = True) -> Any:
+    """The verb's config as a validated dataclass (``require``: every ``???`` key given)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
@@ -117,15 +138,17 @@ def compose(verb: str, overrides: list[str]) -> Any:
     # of the composed config, so every field can be overridden and unknown keys or bad types fail.
     ConfigStore.instance().store(name=f"{verb}_schema", node=schema)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = hydra_compose(config_name=verb, overrides=overrides)
+        cfg = hydra_compose(config_name=verb, overrides=open_dict_overrides(schema, overrides))
     OmegaConf.resolve(cfg)
-    return to_dataclass(schema, cfg)
+    return to_dataclass(schema, cfg, require=require)
 
 
 def _usage() -> str:
-    lines = ["usage: qc-robot VERB [key=value ...] [--key value ...] [--cfg]", "", "verbs:"]
+    lines = ["usage: qc-robot VERB [key=value ...] [--key value ...] [--cfg] [--help]", "", "verbs:"]
     lines += [f"  {name:<9} {v.help}" for name, v in VERBS.items()]
-    lines += ["", "--cfg prints the composed config and exits; configs live in configs/<verb>.yaml"]
+    lines += ["", "qc-robot VERB --help lists the verb's keys with their documentation and examples;",
+              "--cfg prints the composed config; configs live in configs/<verb>.yaml.",
+              "First run: qc-robot demo  (serves the shipped policy to the sim driver)"]
     return "\n".join(lines)
 
 
@@ -138,7 +161,32 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*precision lowered by casting.*")
 
 
+def help_text(verb: str, overrides: list[str]) -> str:
+    """``qc-robot VERB --help``, with the values ``overrides`` give (required keys may be unset)."""
+    from dataclasses import asdict
+
+    from qc_robot.cli_help import render_help
+
+    v = VERBS[verb]
+    cfg = compose(verb, overrides, require=False)
+    return render_help(verb, v.help, _load(v.schema), asdict(cfg), CONFIG_DIR, dict(v.subverbs) or None)
+
+
+def _missing_text(verb: str, keys: list[str]) -> str:
+    """'missing required key checkpoint: a checkpoint.pt written by train (give checkpoint=...)'."""
+    from qc_robot.config import config_keys
+
+    docs = {k.key: k.doc for k in config_keys(_load(VERBS[verb].schema))}
+    docs = {k: d.replace("``", "").removeprefix("Required: ").rstrip(".") for k, d in docs.items()}
+    parts = [f"{k} ({docs[k]})" if docs.get(k) else k for k in keys]
+    given = " ".join(f"{k}=..." for k in keys)
+    return f"missing required key{'s' if len(keys) > 1 else ''} {', '.join(parts)}: give {given}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from qc_robot.cli_errors import EXIT_USAGE, explain
+    from qc_robot.config import MissingKeysError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_known_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -147,15 +195,31 @@ def main(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         print(f"qc-robot: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    show = "--cfg" in rest or "--help" in rest or "-h" in rest
+        return EXIT_USAGE
+    want_help = "--help" in rest or "-h" in rest
+    show = "--cfg" in rest
     rest = [a for a in rest if a not in ("--cfg", "--help", "-h")]
     try:
-        rest = positional_to_overrides(_load(VERBS[verb].schema), rest)
-        cfg = compose(verb, flags_to_overrides(rest))
+        rest = flags_to_overrides(positional_to_overrides(_load(VERBS[verb].schema), rest))
+        if want_help:
+            print(help_text(verb, rest))
+            return 0
+        cfg = compose(verb, rest, require=not show)
+    except ModuleNotFoundError as e:  # a verb's schema lives with code that needs an extra
+        from qc_robot.cli_errors import missing_extra_message
+
+        print(f"qc-robot {verb}: {missing_extra_message(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except MissingKeysError as e:
+        print(f"qc-robot {verb}: {_missing_text(verb, e.keys)}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as e:  # Hydra/OmegaConf errors: show the message, not a traceback
-        print(f"qc-robot {verb}: bad configuration: {e}", file=sys.stderr)
-        return 2
+        from qc_robot.cli_errors import config_error_text
+
+        msg = config_error_text(e)
+        print(f"qc-robot {verb}: bad configuration: {msg} (qc-robot {verb} --help lists the keys)",
+              file=sys.stderr)
+        return EXIT_USAGE
     if show:
         from dataclasses import asdict
 
@@ -163,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(OmegaConf.to_yaml(asdict(cfg)))
         return 0
-    result = _load(VERBS[verb].run)(cfg)
-    return int(result) if isinstance(result, int) else 0
+    from qc_robot.cli_checks import preflight
+
+    return explain(verb, lambda: (preflight(verb, cfg), _load(VERBS[verb].run)(cfg))[1])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,13 @@ sees a ``DictConfig``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -31,11 +37,17 @@ class AgentConfig:
     q_agg: str = "mean"
     """Aggregation over the ensemble for targets and sample ranking: 'mean' or 'min'."""
     critic_layer_norm: bool = True
+    """LayerNorm after each hidden layer of the critic."""
     actor_layer_norm: bool = False
+    """LayerNorm after each hidden layer of the flow and one-step actors."""
     lr: float = 3e-4
+    """Adam learning rate of every network."""
     weight_decay: float = 0.0
+    """AdamW weight decay (0: plain Adam)."""
     batch_size: int = 256
+    """Chunks per gradient update."""
     discount: float = 0.99
+    """Per-step discount γ (the chunk backup bootstraps with γ^h)."""
     tau: float = 0.005
     """Polyak rate of the target critic."""
     flow_steps: int = 10
@@ -74,6 +86,7 @@ class DataConfig:
     """Offline data: an HDF5 file in our robomimic layout, generated or logged."""
 
     path: str = "data/${env.name}.hdf5"
+    """The HDF5 dataset: written by ``datagen``, read by ``train``."""
     num_episodes: int = 100
     """Episodes for ``qc-robot datagen``."""
     episode_length: int = 1000
@@ -81,6 +94,7 @@ class DataConfig:
     noise: float = 0.1
     """Std of the oracle's action noise in datagen."""
     seed: int = 0
+    """datagen's random seed."""
     task_goal_prob: float = 0.0
     """datagen, cube tasks: fraction of the oracle's new targets set to the evaluation task's
     goals (0 = OGBench's plain play data)."""
@@ -93,27 +107,37 @@ class TrainingConfig:
     """One learner loop: offline updates, then online env steps (either may be 0)."""
 
     offline_steps: int = 1_000_000
+    """Gradient updates on the dataset before any env step."""
     online_steps: int = 0
+    """Env steps in sim after the offline phase (each chunk runs open-loop in full)."""
     utd: int = 1
     """Updates per online env step."""
     start_online_updates: int = 0
     """Online env steps collected before online updates begin."""
     eval_interval: int = 100_000
+    """Evaluate (and save) every this many updates (0: only at the end of each phase)."""
     eval_episodes: int = 50
+    """Episodes per evaluation (a success rate over 20 is good to about ±0.1)."""
     log_interval: int = 5_000
+    """Write a metrics.csv row (losses, Q, updates/s) every this many updates."""
     save_interval: int = 0
     """0: save only at the end (and at each eval)."""
     seed: int = 0
+    """Seed of torch, the replay sampler and the env resets."""
     run_dir: str = "runs/${env.name}-${agent.actor_type}-s${training.seed}"
+    """Where checkpoint.pt, metrics.csv, eval.csv and learning_curve.png go."""
     resume: bool = False
     """Resume from ``run_dir``'s last checkpoint if it exists."""
     progress: bool = True
+    """Show a progress bar."""
     threads: int = 0
     """torch CPU threads (0: torch's default, all cores)."""
 
 
 @dataclass
 class TrainConfig:
+    """``qc-robot train``: one learner loop (offline updates, then online env steps)."""
+
     agent: AgentConfig = field(default_factory=AgentConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -122,41 +146,140 @@ class TrainConfig:
 
 @dataclass
 class DatagenConfig:
+    """``qc-robot datagen``: an offline play dataset from OGBench's scripted oracles."""
+
     env: EnvConfig = field(default_factory=EnvConfig)
     data: DataConfig = field(default_factory=DataConfig)
     progress: bool = True
+    """Show a progress bar."""
 
 
 @dataclass
 class EvalConfig:
+    """``qc-robot eval``: success rate of a checkpoint in sim."""
+
     checkpoint: str = "???"
+    """Required: a ``checkpoint.pt`` written by ``train`` (e.g. runs/<run>/checkpoint.pt)."""
     env: EnvConfig = field(default_factory=EnvConfig)
     episodes: int = 50
+    """Evaluation episodes."""
     seed: int = 1000
+    """Episode i resets with seed + i."""
     progress: bool = True
+    """Show a progress bar."""
 
 
 @dataclass
 class ExportConfig:
+    """``qc-robot export``: a checkpoint as one self-describing ONNX file."""
+
     checkpoint: str = "???"
+    """Required: a ``checkpoint.pt`` written by ``train``."""
     out: str = "model.onnx"
+    """The ONNX file to write."""
     control_hz: float = 0.0
     """0: the task's control rate from the checkpoint."""
     opset: int = 18
+    """ONNX opset of the exported graph."""
     parity_tol: float = 1e-4
+    """Largest |ONNX − torch| action difference the verification accepts."""
     verify: bool = True
+    """Run the exported file in onnxruntime against torch on the same noise before keeping it."""
 
 
-def to_dataclass(cls: type[T], cfg: Any) -> T:
-    """Build dataclass ``cls`` from a DictConfig/dict, recursively, with interpolations resolved."""
+MISSING = "???"
+"""OmegaConf's marker of a required value: a key whose default is this must be given."""
+
+
+class MissingKeysError(ValueError):
+    """Required config keys (``???`` in the schema or YAML) were not given."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        super().__init__(f"missing required key{'s' if len(keys) > 1 else ''} "
+                         + ", ".join(f"{k}=..." for k in keys))
+
+
+def to_dataclass(cls: type[T], cfg: Any, *, require: bool = True) -> T:
+    """Build dataclass ``cls`` from a DictConfig/dict, recursively, with interpolations resolved.
+
+    With ``require`` a required key left at ``???`` raises :class:`MissingKeysError` naming every
+    such key, instead of passing the marker on as a value (``--help``/``--cfg`` pass False).
+    """
     try:
         from omegaconf import DictConfig, OmegaConf
 
         if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
+            missing = sorted(OmegaConf.missing_keys(cfg))
+            if require and missing:
+                raise MissingKeysError(missing)
+            cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except ImportError:  # pragma: no cover
         pass
+    if require:
+        missing = [k for k, v in _flatten(cfg) if v == MISSING]
+        if missing:
+            raise MissingKeysError(missing)
     return _build(cls, cfg)
+
+
+def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), data
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One documented config key, as ``--help`` lists it."""
+
+    key: str
+    """Dotted path, e.g. ``agent.horizon``."""
+    type: str
+    doc: str
+    """The field's docstring ('' when it has none)."""
+
+
+def config_keys(cls: type, prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of dataclass ``cls`` (nested dataclasses flattened to dotted paths), with
+    the docstring written under each field (the CleanRL convention this project follows)."""
+    out: list[KeyDoc] = []
+    docs = field_docs(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be evaluated here: fall back to its text
+        hints = {}
+    for f in dataclasses.fields(cls):
+        ftype = hints.get(f.name, f.type)
+        if isinstance(ftype, type) and dataclasses.is_dataclass(ftype):
+            out += config_keys(ftype, f"{prefix}{f.name}.")
+            continue
+        name = ftype.__name__ if isinstance(ftype, type) else str(ftype).replace("typing.", "")
+        out.append(KeyDoc(prefix + f.name, name, docs.get(f.name, "")))
+    return out
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` from the string literal under each annotated field of ``cls``.
+
+    Python keeps no attribute docstrings at run time, so they are read from the class source;
+    a class whose source is not available (a frozen install) simply has none.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:] + [None], strict=True):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
 
 
 def _build(cls: Any, data: Any) -> Any:

@@ -367,8 +367,14 @@ class ControlServer:
 
 
 def load_policy(ref: str, threads: int = 1, providers: str = "auto") -> Policy:
-    """A policy from ``--policy``: an ONNX file, or ``hold:...``/``random:...`` for bring-up."""
+    """A policy from ``--policy``: an ONNX file, 'default' (the shipped one), or
+    ``hold:...``/``random:...`` for bring-up."""
     from policies.scripted import scripted_from_ref
+
+    if ref in ("", "default"):
+        from qc_robot.assets import default_policy_path
+
+        ref = str(default_policy_path())
 
     scripted = scripted_from_ref(ref)
     if scripted is not None:

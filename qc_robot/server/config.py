@@ -9,9 +9,11 @@ from dataclasses import dataclass
 class ServeConfig:
     """The control server: one policy, many drivers, ZeroMQ ROUTER socket."""
 
-    policy: str = "???"
-    """Path to a self-describing ``model.onnx`` (or ``hold:OBS_DIM:ACT_DIM:H`` / ``random:...``
-    for bring-up without a trained model; the observation key is ``state``)."""
+    policy: str = "default"
+    """Path to a self-describing ``model.onnx``; 'default': the small cube-single-task1 policy
+    shipped in the package (qc_robot/assets); or ``hold:OBS_DIM:ACT_DIM:H`` / ``random:...`` for
+    bring-up without a trained model (observation key ``state``; e.g. hold:28:5:5 matches
+    cube-single, hold:37:5:5 cube-double, hold:10:5:5 the mock driver)."""
     bind: str = "tcp://127.0.0.1:5555"
     """ZeroMQ endpoint to bind. Loopback by default: the protocol has no authentication."""
     allow_remote: bool = False

@@ -1,0 +1,87 @@
+"""Checks of a composed config before its verb runs: files that must exist, task names.
+
+A failed check raises :class:`~qc_robot.cli_errors.UserError` with the one line to show, naming
+the key to fix. Checks import only what they check with (``sim.tasks`` for a task name), so a
+robot PC without the ``sim`` extra gets the extra's install hint for a sim verb, and nothing
+for ``serve`` or ``drive driver=mock``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qc_robot.cli_errors import UserError
+
+# verb → (config key holding a path that must exist, what it should be)
+FILE_KEYS: dict[str, tuple[str, str]] = {
+    "eval": ("checkpoint", "a checkpoint.pt written by qc-robot train"),
+    "export": ("checkpoint", "a checkpoint.pt written by qc-robot train"),
+    "finetune": ("checkpoint", "a checkpoint.pt written by qc-robot train"),
+    "replay": ("path", "an HDF5 episode file"),
+}
+SIM_VERBS = ("datagen", "train", "eval")
+"""Verbs that always build a sim task; drive, teleop, replay do so only with driver=sim."""
+
+
+def preflight(verb: str, cfg: Any) -> None:
+    """Raise UserError for the first mistake in ``cfg`` that would otherwise fail mid-run."""
+    if verb == "serve":
+        check_policy_ref(cfg.policy)
+    if verb in FILE_KEYS:
+        key, what = FILE_KEYS[verb]
+        need_file(getattr(cfg, key), key, what)
+    if verb == "dataset" and cfg.action != "recover":
+        for p in cfg.paths:
+            need_file(p, "paths", "an HDF5 episode file")
+    name = getattr(getattr(cfg, "env", None), "name", "")
+    if name and (verb in SIM_VERBS or getattr(cfg, "driver", "") == "sim"):
+        check_task(name)
+    if verb == "replay" and cfg.driver == "sim" and cfg.task:
+        check_task(cfg.task, key="task")
+
+
+def need_file(path: str, key: str, what: str) -> None:
+    if not Path(path).is_file():
+        state = "is a directory" if Path(path).is_dir() else "not found"
+        raise UserError(f"{key}: {path} {state} (give {key}=PATH, {what})")
+
+
+def check_policy_ref(ref: str) -> None:
+    """``policy`` must be 'default', a scripted bring-up policy or an existing file."""
+    from policies.scripted import scripted_from_ref
+
+    if ref in ("", "default"):
+        from qc_robot.assets import default_policy_path
+
+        path = default_policy_path()
+        if not path.is_file():
+            raise UserError(f"the shipped default policy is missing from this install ({path}); "
+                            "give policy=model.onnx")
+        return
+    try:
+        if scripted_from_ref(ref) is not None:
+            return
+    except ValueError as e:
+        raise UserError(f"policy: {e}") from None
+    need_file(ref, "policy", "a model.onnx from qc-robot export, 'default' for the shipped "
+              "cube-single policy, or hold:OBS_DIM:ACT_DIM:H / random:OBS_DIM:ACT_DIM:H for bring-up")
+
+
+def fold_names(names: list[str]) -> str:
+    """cube-single-task1, ..., cube-single-task5 → 'cube-single-task1..5'."""
+    families: dict[str, list[int]] = {}
+    for n in names:
+        stem, _, num = n.rpartition("-task")
+        families.setdefault(stem, []).append(int(num))
+    return ", ".join(f"{stem}-task{min(v)}..{max(v)}" for stem, v in families.items())
+
+
+def check_task(name: str, key: str = "env.name") -> None:
+    from sim.tasks import list_tasks, task_spec  # needs the sim extra (gymnasium)
+
+    try:
+        task_spec(name)
+    except ValueError:
+        raise UserError(f"unknown task {name!r} ({key}; or env=NAME): registered tasks are "
+                        f"{fold_names(list_tasks())}") from None
