@@ -107,6 +107,9 @@ class Driver(ABC):
     name: str = "driver"
     spec: DriverSpec
     realtime: bool = False
+    absolute_actions: bool = False
+    """True: an action is a target pose and the hold is the current target (position control), so
+    the safety layer's ``max_delta`` also bounds the first command after a reset, from the hold."""
 
     def connect(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Open the hardware / build the simulator. Idempotent."""

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from drivers.base import Driver
+from drivers.lerobot_driver import LeRobotConfig, LeRobotDriver
 from drivers.mock import MockConfig, MockDriver
 from drivers.safety import SafeDriver, SafetyConfig
 from drivers.sim import SimConfig, SimDriver
@@ -18,6 +19,7 @@ from drivers.sim import SimConfig, SimDriver
 DRIVERS: dict[str, tuple[type, type[Driver]]] = {
     "mock": (MockConfig, MockDriver),
     "sim": (SimConfig, SimDriver),
+    "lerobot": (LeRobotConfig, LeRobotDriver),
 }
 
 

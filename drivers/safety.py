@@ -4,7 +4,8 @@ Per control tick the loop hands it the policy's action for this step, or None wh
 fresh one. The layer then:
 
 * rejects NaN/inf or wrongly shaped actions (treated as "no fresh action");
-* clips to the driver's action limits and to ``max_delta`` change per step;
+* clips to the driver's action limits and to ``max_delta`` change per step (for drivers with
+  ``absolute_actions`` also the first command after a reset, measured from the hold pose);
 * holds (sends the driver's hold action) whenever there is no fresh action, including at
   start-up until the first valid action arrives, so a robot that connects before the policy
   is ready waits instead of tripping;
@@ -171,8 +172,11 @@ class SafeDriver:
         lim = np.clip(a, self.spec.action_low, self.spec.action_high)
         if np.any(lim != a):
             self.stats.clipped += 1
-        if self._max_delta is not None and self._last_cmd is not None:
-            limited = np.clip(lim, self._last_cmd - self._max_delta, self._last_cmd + self._max_delta)
+        ref = self._last_cmd
+        if ref is None and getattr(self.driver, "absolute_actions", False):
+            ref = self.driver.hold_action()  # a pose target: the first one must not jump either
+        if self._max_delta is not None and ref is not None:
+            limited = np.clip(lim, ref - self._max_delta, ref + self._max_delta)
             if np.any(limited != lim):
                 self.stats.delta_limited += 1
             lim = limited

@@ -1,86 +1,22 @@
-"""Drivers, safety layer, chunk executor and the control loop; conformance runs over the registry."""
+"""Drivers, safety layer, chunk executor and the control loop (the per-driver conformance suite over
+the registry is tests/test_driver_conformance.py)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from drivers.base import Driver
 from drivers.config import DriveConfig
 from drivers.executor import ChunkExecutor
 from drivers.mock import MockConfig, MockDriver
-from drivers.registry import DRIVERS, driver_config, make_driver
 from drivers.runner import run_drive, run_episode
 from drivers.safety import SafeDriver, SafetyConfig
 from qc_robot import protocol as P
 from qc_robot.config import EnvConfig
 
-# -- conformance over every registered driver ---------------------------------------------------
-
-_CACHE: dict[str, Driver] = {}
-
-
-@pytest.fixture(params=sorted(DRIVERS))
-def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
-    """Each registered driver in its deterministic (lockstep) configuration, built once."""
-    name = request.param
-    if name not in _CACHE:
-        d = make_driver(name, driver_config(name, realtime=False, seed=0, max_episode_steps=50))
-        d.connect()
-        _CACHE[name] = d
-    yield _CACHE[name]
-
-
-def test_spec(driver: Driver) -> None:
-    s = driver.spec
-    assert s.action_dim > 0 and s.control_hz > 0 and s.obs_fields
-    assert s.action_low.shape == s.action_high.shape == (s.action_dim,) and np.all(s.action_low < s.action_high)
-    hello = P.decode(P.encode(s.hello(driver.name)))  # the spec survives the wire
-    assert isinstance(hello, P.Hello) and hello.action_dim == s.action_dim
-    hold = driver.hold_action()
-    assert hold.shape == (s.action_dim,) and np.all(hold >= s.action_low) and np.all(hold <= s.action_high)
-
-
-def _check_obs(driver: Driver, obs: dict[str, np.ndarray]) -> None:
-    assert set(obs) == {f.key for f in driver.spec.obs_fields}
-    for f in driver.spec.obs_fields:
-        assert obs[f.key].shape == tuple(f.shape) and obs[f.key].dtype == np.dtype(f.dtype)
-        assert np.all(np.isfinite(obs[f.key]))
-
-
-def _rollout(driver: Driver, seed: int, steps: int = 5) -> list[np.ndarray]:
-    obs = [driver.reset(seed)]
-    rng = np.random.default_rng(0)
-    for _ in range(steps):
-        driver.send_action(rng.uniform(-1, 1, driver.spec.action_dim))
-        obs.append(driver.get_observation())
-    return [np.concatenate([o[k].ravel() for k in sorted(o)]) for o in obs]
-
-
-def test_reset_and_seeded_determinism(driver: Driver) -> None:
-    _check_obs(driver, driver.reset(3))
-    a, b = _rollout(driver, 3), _rollout(driver, 3)
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x, y)
-    assert not np.array_equal(_rollout(driver, 4)[0], a[0]), "reset must randomize across seeds"
-    info = driver.step_info()
-    assert info.step == 5 and isinstance(info.reward, float) and isinstance(info.success, bool)
-
-
-def test_send_action_returns_clipped_action(driver: Driver) -> None:
-    driver.reset(0)
-    s = driver.spec
-    applied = driver.send_action(np.full(s.action_dim, 5.0))
-    np.testing.assert_array_equal(applied, s.action_high)
-    applied = driver.send_action(np.full(s.action_dim, -5.0))
-    np.testing.assert_array_equal(applied, s.action_low)
-    with pytest.raises(ValueError):
-        driver.send_action(np.full(s.action_dim, np.nan))
-    with pytest.raises(ValueError):
-        driver.send_action(np.zeros(s.action_dim + 1))
+# -- conformance over every registered driver: tests/test_driver_conformance.py ---------------------
 
 
 # -- safety ---------------------------------------------------------------------------------------

@@ -18,7 +18,10 @@ class TeleopConfig:
     env: EnvConfig = field(default_factory=lambda: EnvConfig(name="cube-double-task2"))
     """sim: the task (config group ``env``: ``env=cube-single-task1``)."""
     device: str = "keyboard"
-    """'keyboard', 'gamepad' (evdev), 'spacemouse' (pyspacemouse) or 'scripted' (OGBench oracle, sim)."""
+    """'keyboard', 'gamepad' (evdev), 'spacemouse' (pyspacemouse), 'lerobot' (a LeRobot leader arm,
+    driver=lerobot) or 'scripted' (OGBench oracle, sim)."""
+    device_args: dict[str, Any] = field(default_factory=dict)
+    """device=lerobot: ``teleop_type`` (e.g. so101_leader) and ``teleop_args`` (port, id, ...)."""
     out: str = "demos.hdf5"
     """HDF5 file the episodes are appended to (created if missing; a leftover journal is recovered)."""
     episodes: int = 0

@@ -5,22 +5,27 @@ A device turns operator input into a 5-D end-effector command in the OGBench lay
 session events (start, end as success/failure, discard, quit). The session does not care which
 device it talks to: keyboard (``qc_robot.teleop.keyboard``), gamepad (evdev), 3D mouse
 (pyspacemouse), or the scripted operator that drives the same path in tests
-(``qc_robot.teleop.scripted``). Hardware libraries are imported when a device opens, so they
-stay optional extras (``pip install qc-robot[teleop]``).
+(``qc_robot.teleop.scripted``). A LeRobot leader arm (``device=lerobot``) is the exception to the
+5-D layout: it commands the follower's joints directly, in the follower driver's action space.
+Hardware libraries are imported when a device opens, so they stay optional extras
+(``pip install qc-robot[teleop]`` / ``qc-robot[lerobot]``).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 ACTION_DIM = 5  # dx, dy, dz, dyaw, gripper
+
+log = logging.getLogger("qc_robot.teleop")
 
 
 class Event(str, enum.Enum):
@@ -196,6 +201,63 @@ class SpaceMouseDevice(TeleopDevice):
         return "spacemouse: push/pull/lift = xyz, twist = yaw, left button gripper, right button success"
 
 
+class LeRobotLeaderDevice(TeleopDevice):
+    """A LeRobot ``Teleoperator`` (e.g. an ``so101_leader`` arm) commanding a LeRobot follower.
+
+    Each read takes the leader's joint positions (``get_action``) and maps them into the follower
+    driver's action space with ``to_action`` (the follower's calibrated ranges, so the same pose
+    on both arms is the same command). A failed bus read is "no command this tick": the safety
+    layer holds. Events (start, verdicts, quit) come from the terminal's keys (see make_device).
+    """
+
+    name = "lerobot"
+
+    def __init__(self, to_action: Callable[[Mapping[str, float]], np.ndarray], teleop_type: str = "so101_leader",
+                 teleop_args: Mapping[str, Any] | None = None, teleop: Any = None) -> None:
+        """``teleop``: an already built LeRobot Teleoperator; else built from type and args."""
+        self.to_action, self.teleop_type, self.teleop_args = to_action, teleop_type, dict(teleop_args or {})
+        self.teleop = teleop
+        self.read_errors = 0
+
+    @classmethod
+    def for_driver(cls, driver: Any, teleop_type: str = "so101_leader", teleop_args: Mapping[str, Any] | None = None,
+                   teleop: Any = None) -> LeRobotLeaderDevice:
+        """The leader for a ``drivers.lerobot_driver.LeRobotDriver`` (bare or behind the safety layer)."""
+        inner = getattr(driver, "driver", driver)
+        actions = getattr(inner, "actions", None)
+        if actions is None:
+            raise ValueError("device=lerobot needs driver=lerobot (it commands the follower's joints)")
+        return cls(actions.to_vector, teleop_type, teleop_args, teleop)
+
+    def open(self) -> None:
+        if self.teleop is None:
+            from drivers.lerobot_driver import make_lerobot_teleoperator
+
+            self.teleop = make_lerobot_teleoperator(self.teleop_type, self.teleop_args)
+        if not self.teleop.is_connected:
+            self.teleop.connect(calibrate=False)
+        if not self.teleop.is_calibrated:
+            self.teleop.disconnect()
+            raise RuntimeError(f"{self.teleop} is not calibrated; run `lerobot-calibrate --teleop.type="
+                               f"{self.teleop_type} --teleop.port=... --teleop.id={self.teleop.id}`")
+
+    def close(self) -> None:
+        if self.teleop is not None and self.teleop.is_connected:
+            self.teleop.disconnect()
+
+    def read(self) -> TeleopCommand:
+        try:
+            joints = self.teleop.get_action()
+        except Exception as e:  # a glitch on the leader's bus: hold this tick, keep the session
+            self.read_errors += 1
+            log.warning("leader read failed (%d so far): %s", self.read_errors, e)
+            return TeleopCommand(None, [])
+        return TeleopCommand(np.asarray(self.to_action(joints), np.float32), [])
+
+    def help(self) -> str:
+        return f"lerobot: move the {self.teleop_type} arm; the follower copies its joints"
+
+
 class MergedDevice(TeleopDevice):
     """Motion from one device, events from both (a SpaceMouse plus the terminal's keys)."""
 
@@ -224,7 +286,9 @@ class MergedDevice(TeleopDevice):
 
 
 def make_device(name: str, speed: float = 0.5, **kw: Any) -> TeleopDevice:
-    """'keyboard', 'gamepad', 'spacemouse' (both + terminal keys for events when stdin is a tty).
+    """'keyboard', 'gamepad', 'spacemouse', 'lerobot' (the last three + terminal keys for events
+    when stdin is a tty). 'lerobot' needs ``driver=`` (the follower) and takes ``teleop_type`` and
+    ``teleop_args`` (the LeRobot teleoperator's config type and arguments).
 
     The scripted operator needs the simulator and is built by the session, not here.
     """
@@ -233,10 +297,12 @@ def make_device(name: str, speed: float = 0.5, **kw: Any) -> TeleopDevice:
     if name == "keyboard":
         return KeyboardDevice(speed=speed, **kw)
     motion: TeleopDevice
-    if name == "gamepad":
+    if name == "lerobot":
+        motion = LeRobotLeaderDevice.for_driver(kw.pop("driver", None), **kw)
+    elif name == "gamepad":
         motion = GamepadDevice(speed=speed)
     elif name == "spacemouse":
         motion = SpaceMouseDevice(speed=speed)
     else:
-        raise ValueError(f"unknown teleop device {name!r}; known: keyboard, gamepad, spacemouse, scripted")
+        raise ValueError(f"unknown teleop device {name!r}; known: keyboard, gamepad, spacemouse, lerobot, scripted")
     return MergedDevice(motion, KeyboardDevice(speed=speed, motion=False)) if sys.stdin.isatty() else motion

@@ -215,6 +215,8 @@ def build_device(cfg: TeleopConfig, driver: SafeDriver) -> TeleopDevice:
             raise ValueError("device=scripted needs driver=sim (the oracle reads the simulator)")
         return ScriptedOperator(lambda: sim.env, cfg.oracle, cfg.oracle_noise, cfg.seed,
                                 list(cfg.outcomes), cfg.end_after)
+    if cfg.device == "lerobot":  # the leader commands the follower's joints: it needs the driver
+        return make_device("lerobot", speed=cfg.speed, driver=driver, **cfg.device_args)
     return make_device(cfg.device, speed=cfg.speed)
 
 

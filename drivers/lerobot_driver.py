@@ -1,0 +1,322 @@
+"""Any LeRobot ``Robot`` as a qc-robot driver (``driver=lerobot``).
+
+The robot is chosen like on LeRobot's command line: a config type (``so101_follower``, ``koch_follower``,
+``lekiwi``, ...) and that config's arguments (``port``, ``id``, ``calibration_dir``, ``cameras``,
+``max_relative_target``...). The adapter maps LeRobot's feature dicts onto our spec:
+
+* observation ``state``: the robot's scalar features (``shoulder_pan.pos``, ...) in feature order;
+  each camera feature ``(h, w, 3)`` becomes its own ``uint8`` image field under the camera's name;
+* action: the robot's action features in order, as absolute joint targets. With ``normalize``
+  (default) every joint's calibrated range maps onto [-1, 1] (state and action alike, so "stay" is
+  the state itself), which is the range the agent and the teleop devices work in.
+
+Joint ranges come from the LeRobot calibration file (``range_min``/``range_max`` of each motor and
+its normalisation mode), so a command outside the range the arm was calibrated to never reaches a
+motor; ``joint_low``/``joint_high`` override them. The hold command is the last target sent
+(not the measured position, which sags under gravity and would creep). LeRobot is imported when the
+driver is built (optional extra ``qc-robot[lerobot]``); nothing here imports torch itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from drivers.base import Driver, DriverSpec, StepInfo
+from policies.base import ObsField
+
+log = logging.getLogger("qc_robot.lerobot")
+
+INSTALL_HINT = ("pip install 'qc-robot[lerobot]' (on a CPU-only torch: pip install --no-deps 'lerobot>=0.3.3,<0.4' "
+                "and then draccus==0.10.0 pyserial deepdiff huggingface-hub feetech-servo-sdk)")
+
+
+@dataclass
+class LeRobotConfig:
+    robot_type: str = "so101_follower"
+    """LeRobot robot config type (``--robot.type`` of ``lerobot-record``)."""
+    robot_args: dict[str, Any] = field(default_factory=dict)
+    """That config's fields, e.g. ``{port: /dev/ttyACM0, id: my_arm, max_relative_target: 10}``."""
+    control_hz: float = 30.0
+    max_episode_steps: int = 0
+    """0: episodes end only by the operator or the task."""
+    normalize: bool = True
+    """Actions and joint state in [-1, 1] over each joint's range (False: LeRobot's own units)."""
+    joint_low: list[float] = field(default_factory=list)
+    """Per action feature, in LeRobot units; [] = from the robot's calibration."""
+    joint_high: list[float] = field(default_factory=list)
+    home: list[float] = field(default_factory=list)
+    """Pose ``reset`` moves to (action units); [] = stay where the arm is."""
+    reset_s: float = 3.0
+    """Duration of the move to ``home`` (interpolated at the control rate)."""
+    stop_torque_off: bool = False
+    """``stop()`` switches torque off (the arm falls!) instead of holding where it is."""
+    max_io_errors: int = 5
+    """Consecutive failed bus reads/writes tolerated (stale observation / skipped command) before raising."""
+    obs_key: str = "state"
+
+
+# -- building LeRobot objects by config type ------------------------------------------------------
+
+
+def _import_lerobot(package: str) -> Any:
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise RuntimeError(f"LeRobot is not installed or incomplete ({e}); {INSTALL_HINT}") from e
+
+
+def _config_class(base: Any, package: str, type_name: str) -> Any:
+    """The registered config class for ``type_name``; imports the package's modules to register it."""
+    if type_name not in base.get_known_choices():
+        try:  # most types live in a module of the same name (so101_follower, koch_leader, ...)
+            importlib.import_module(f"{package}.{type_name}")
+        except ImportError:
+            pass
+    if type_name not in base.get_known_choices():
+        pkg = importlib.import_module(package)
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            try:  # modules whose optional SDK is missing cannot register: skip them
+                importlib.import_module(f"{package}.{mod.name}")
+            except Exception:  # noqa: BLE001 - any import failure just means "not available"
+                continue
+    if type_name not in base.get_known_choices():
+        raise ValueError(f"unknown LeRobot type {type_name!r}; available: {sorted(base.get_known_choices())}")
+    return base.get_choice_class(type_name)
+
+
+def _build(kind: str, type_name: str, args: Mapping[str, Any]) -> Any:
+    """A LeRobot robot (``kind='robots'``) or teleoperator (``'teleoperators'``) from type and args."""
+    draccus = _import_lerobot("draccus")
+    package = f"lerobot.{kind}"
+    mod = _import_lerobot(package)
+    base = mod.RobotConfig if kind == "robots" else mod.TeleoperatorConfig
+    cls = _config_class(base, package, type_name)
+    try:
+        config = draccus.decode(cls, dict(args))
+    except Exception as e:  # draccus raises its own parsing errors: say which config failed
+        raise ValueError(f"bad arguments for LeRobot {type_name!r}: {e}") from e
+    factory = mod.make_robot_from_config if kind == "robots" else mod.make_teleoperator_from_config
+    try:
+        return factory(config)
+    except ValueError:  # a type the factory does not list (a plugin): find its class by config class
+        root = mod.Robot if kind == "robots" else mod.Teleoperator
+        stack = list(root.__subclasses__())
+        while stack:
+            sub = stack.pop()
+            if getattr(sub, "config_class", None) is cls:
+                return sub(config)
+            stack.extend(sub.__subclasses__())
+        raise
+
+
+def make_lerobot_robot(robot_type: str, robot_args: Mapping[str, Any]) -> Any:
+    """The LeRobot ``Robot`` for ``robot_type`` (e.g. ``so101_follower``) built from its arguments."""
+    return _build("robots", robot_type, robot_args)
+
+
+def make_lerobot_teleoperator(teleop_type: str, teleop_args: Mapping[str, Any]) -> Any:
+    """The LeRobot ``Teleoperator`` for ``teleop_type`` (e.g. ``so101_leader``)."""
+    return _build("teleoperators", teleop_type, teleop_args)
+
+
+def joint_ranges(device: Any, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) in LeRobot units of each ``<motor>.pos`` key, from the device's bus calibration.
+
+    Raises ValueError when a key is not a calibrated motor position (set joint_low/joint_high then).
+    """
+    from lerobot.motors import MotorNormMode
+
+    bus = getattr(device, "bus", None)
+    cal = getattr(device, "calibration", None) or getattr(bus, "calibration", None) or {}
+    lo, hi = [], []
+    for key in keys:
+        motor = key.removesuffix(".pos")
+        if bus is None or not key.endswith(".pos") or motor not in bus.motors:
+            raise ValueError(f"cannot derive a range for {key!r}: set joint_low/joint_high")
+        if motor not in cal:
+            raise ValueError(f"{device} has no calibration for {motor!r} (looked in {device.calibration_fpath}); "
+                             f"run `lerobot-calibrate` for this robot id first, or set joint_low/joint_high")
+        m, c = bus.motors[motor], cal[motor]
+        if m.norm_mode is MotorNormMode.RANGE_M100_100:
+            a, b = -100.0, 100.0
+        elif m.norm_mode is MotorNormMode.RANGE_0_100:
+            a, b = 0.0, 100.0
+        elif m.norm_mode is MotorNormMode.DEGREES:
+            mid = (c.range_min + c.range_max) / 2
+            res = bus.model_resolution_table[m.model] - 1
+            a, b = (c.range_min - mid) * 360 / res, (c.range_max - mid) * 360 / res
+        else:  # pragma: no cover - a mode added by a later LeRobot
+            raise ValueError(f"unsupported norm mode {m.norm_mode} for {motor!r}")
+        lo.append(a)
+        hi.append(b)
+    return np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+
+
+class JointMap:
+    """Ordered LeRobot feature dict <-> vector, optionally normalised to [-1, 1] per key."""
+
+    def __init__(self, keys: list[str], low: np.ndarray, high: np.ndarray, normalize: bool) -> None:
+        if not (len(keys) == len(low) == len(high)) or np.any(np.asarray(high) <= np.asarray(low)):
+            raise ValueError(f"need one low < high per key {keys}, got {list(low)} / {list(high)}")
+        self.keys, self.low, self.high, self.normalize = list(keys), np.asarray(low), np.asarray(high), normalize
+
+    def to_vector(self, values: Mapping[str, Any]) -> np.ndarray:
+        v = np.asarray([float(values[k]) for k in self.keys], np.float64)
+        if self.normalize:
+            v = 2.0 * (v - self.low) / (self.high - self.low) - 1.0
+        return v.astype(np.float32)
+
+    def to_dict(self, vec: np.ndarray) -> dict[str, float]:
+        v = np.asarray(vec, np.float64)
+        if self.normalize:
+            v = self.low + (v + 1.0) * 0.5 * (self.high - self.low)
+        return {k: float(x) for k, x in zip(self.keys, v, strict=True)}
+
+
+class LeRobotDriver(Driver):
+    """A LeRobot robot behind the Driver API (hardware: realtime, no seeded randomness)."""
+
+    name = "lerobot"
+    realtime = True
+    absolute_actions = True
+
+    def __init__(self, cfg: LeRobotConfig | None = None, robot: Any = None) -> None:
+        """``robot``: an already built LeRobot ``Robot`` (tests, notebooks); else built from ``cfg``."""
+        self.cfg = cfg = cfg or LeRobotConfig()
+        self.robot = robot if robot is not None else make_lerobot_robot(cfg.robot_type, cfg.robot_args)
+        feats = dict(self.robot.observation_features)
+        self._state_keys = [k for k, v in feats.items() if not isinstance(v, tuple)]
+        self._camera_keys = [k for k, v in feats.items() if isinstance(v, tuple)]
+        act_keys = list(self.robot.action_features)
+        if cfg.joint_low or cfg.joint_high:
+            low, high = np.asarray(cfg.joint_low, np.float64), np.asarray(cfg.joint_high, np.float64)
+        else:
+            low, high = joint_ranges(self.robot, act_keys)
+        self.actions = JointMap(act_keys, low, high, cfg.normalize)
+        # state: joints that are also action keys share their range; other scalars stay raw
+        ranges = dict(zip(act_keys, zip(low, high, strict=True), strict=True))
+        s_lo = np.asarray([ranges.get(k, (-1.0, 1.0))[0] for k in self._state_keys])
+        s_hi = np.asarray([ranges.get(k, (-1.0, 1.0))[1] for k in self._state_keys])
+        self._state_norm = np.asarray([k in ranges for k in self._state_keys])
+        self._state_lo, self._state_hi = s_lo, s_hi
+        a = len(act_keys)
+        act_lo, act_hi = (-np.ones(a), np.ones(a)) if cfg.normalize else (low, high)
+        fields = [ObsField(cfg.obs_key, (len(self._state_keys),), "float32")]
+        fields += [ObsField(k, tuple(int(s) for s in feats[k]), "uint8") for k in self._camera_keys]
+        self.spec = DriverSpec(fields, a, act_lo, act_hi, cfg.control_hz, cfg.max_episode_steps)
+        if cfg.home and len(cfg.home) != a:
+            raise ValueError(f"home needs {a} values ({act_keys}), got {len(cfg.home)}")
+        self._target: np.ndarray | None = None  # last command the motors were given (action units)
+        self._last_sent = np.zeros(a, np.float32)
+        self._obs: dict[str, np.ndarray] | None = None
+        self._info = StepInfo()
+        self._io_errors = 0
+        self.io_errors_total = 0
+        """Bus reads/writes that failed (each tolerated alone; ``max_io_errors`` in a row raise)."""
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def connect(self) -> None:
+        if self.robot.is_connected:
+            return
+        self.robot.connect(calibrate=False)  # calibration is an interactive LeRobot step, never implicit
+        if not self.robot.is_calibrated:
+            self.robot.disconnect()
+            raise RuntimeError(f"{self.robot} is not calibrated (its motors do not match "
+                               f"{self.robot.calibration_fpath}); run `lerobot-calibrate "
+                               f"--robot.type={self.cfg.robot_type} --robot.port=... --robot.id={self.robot.id}`")
+        self._target = self._read_joints()
+
+    def close(self) -> None:
+        if self.robot.is_connected:
+            self.robot.disconnect()
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Move to ``home`` (if set) over ``reset_s``; the seed is ignored (real arms are not seeded)."""
+        self.connect()
+        self._target = self._read_joints()
+        if self.cfg.home:
+            home = np.clip(np.asarray(self.cfg.home, np.float32), self.spec.action_low, self.spec.action_high)
+            n = max(1, int(round(self.cfg.reset_s * self.cfg.control_hz)))
+            start = self._target.copy()
+            for i in range(1, n + 1):
+                self._send(start + (home - start) * (i / n))
+                if i < n:
+                    time.sleep(1.0 / self.cfg.control_hz)
+        self._info = StepInfo()
+        self._obs = None
+        return self.get_observation()
+
+    # -- observation ----------------------------------------------------------------------------------
+    def _read_joints(self) -> np.ndarray:
+        return self.actions.to_vector(self.robot.get_observation())
+
+    def get_observation(self) -> dict[str, np.ndarray]:
+        try:
+            raw = self.robot.get_observation()
+        except Exception as e:  # a bus glitch is one tick's problem, not the control loop's end
+            if self._obs is None or not self._io_error("read", e):
+                raise
+            return {k: v.copy() for k, v in self._obs.items()}
+        self._io_errors = 0
+        state = np.asarray([float(raw[k]) for k in self._state_keys], np.float64)
+        if self.cfg.normalize:
+            scaled = 2.0 * (state - self._state_lo) / (self._state_hi - self._state_lo) - 1.0
+            state = np.where(self._state_norm, scaled, state)
+        obs = {self.cfg.obs_key: state.astype(np.float32)}
+        for k in self._camera_keys:
+            obs[k] = np.ascontiguousarray(raw[k], dtype=np.uint8)
+        self._obs = obs
+        return {k: v.copy() for k, v in obs.items()}
+
+    def _io_error(self, what: str, e: Exception) -> bool:
+        """Count a failed bus access; True while it is still tolerated."""
+        self._io_errors += 1
+        self.io_errors_total += 1
+        log.warning("%s failed (%d in a row): %s", what, self._io_errors, e)
+        return self._io_errors <= self.cfg.max_io_errors
+
+    # -- commands -------------------------------------------------------------------------------------
+    def _send(self, action: np.ndarray) -> None:
+        sent = self.robot.send_action(self.actions.to_dict(action))  # LeRobot may clip (max_relative_target)
+        self._last_sent = np.clip(self.actions.to_vector(sent), self.spec.action_low, self.spec.action_high)
+        self._target = self._last_sent.copy()
+
+    def _apply(self, action: np.ndarray) -> None:
+        try:
+            self._send(action)
+            self._io_errors = 0
+        except Exception as e:
+            if not self._io_error("write", e):
+                raise
+            self._last_sent = self.hold_action()
+        step = self._info.step + 1
+        limit = self.cfg.max_episode_steps
+        self._info = StepInfo(step=step, truncated=bool(limit and step >= limit))
+
+    def send_action(self, action: Any) -> np.ndarray:
+        """As the base class, but returns what LeRobot actually sent (after its own clipping)."""
+        super().send_action(action)
+        return self._last_sent.copy()
+
+    def hold_action(self) -> np.ndarray:
+        if self._target is None:
+            return super().hold_action()
+        return np.clip(self._target, self.spec.action_low, self.spec.action_high).astype(np.float32)
+
+    def stop(self) -> None:
+        """Hold where the arm is now (or torque off with ``stop_torque_off``)."""
+        if self.cfg.stop_torque_off and getattr(self.robot, "bus", None) is not None:
+            self.robot.bus.disable_torque()
+            return
+        self._send(self._read_joints())
+
+    def step_info(self) -> StepInfo:
+        return self._info

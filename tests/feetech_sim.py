@@ -1,0 +1,248 @@
+"""A simulated chain of Feetech STS servos behind a pseudo-terminal: the test stand-in for the USB
+serial adapter of an SO-100/101 arm.
+
+LeRobot's real robot class, its real ``FeetechMotorsBus``, the real ``scservo_sdk`` and pyserial
+all run unchanged: the robot is given the pty's path as its ``port``, and this module answers the
+Feetech protocol-0 packets that arrive on the other end. Written from the STS3215 memory map
+(addresses below) and the protocol (``FF FF id len instr params checksum``), not from LeRobot's
+code, so a wrong encoding on either side shows up as a failed test.
+
+Physics: a servo with torque enabled reaches its goal (clamped to its position limits) before the
+next read, the behaviour of a well-tuned position loop at 30 Hz; enabling torque holds the shaft
+where it is; a servo with torque off stays where the "hand" puts it (``move``), which is how a
+leader arm is read.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+import tty
+
+# STS3215 memory map (EPROM then SRAM): address, bytes
+FIRMWARE_MAJOR, FIRMWARE_MINOR, MODEL = 0, 1, 3
+MIN_LIMIT, MAX_LIMIT, HOMING_OFFSET = 9, 11, 31
+TORQUE_ENABLE, GOAL_POSITION, LOCK, PRESENT_POSITION = 40, 42, 55, 56
+STS3215_MODEL = 777
+RESOLUTION = 4096
+
+PING, READ, WRITE, REG_WRITE, ACTION, SYNC_READ, SYNC_WRITE = 0x01, 0x02, 0x03, 0x04, 0x05, 0x82, 0x83
+BROADCAST = 0xFE
+
+
+def _checksum(body: bytes | list[int]) -> int:
+    return ~sum(body) & 0xFF
+
+
+def _sign_magnitude(value: int, sign_bit: int) -> int:
+    """Feetech's signed registers: magnitude in the low bits, ``sign_bit`` set for negatives."""
+    return (abs(value) & ((1 << sign_bit) - 1)) | ((1 << sign_bit) if value < 0 else 0)
+
+
+def _from_sign_magnitude(raw: int, sign_bit: int) -> int:
+    mag = raw & ((1 << sign_bit) - 1)
+    return -mag if raw & (1 << sign_bit) else mag
+
+
+class Servo:
+    """One STS3215: a 256-byte register file plus the shaft's absolute position in ticks."""
+
+    def __init__(self, servo_id: int, position: int = RESOLUTION // 2) -> None:
+        self.mem = bytearray(256)
+        self.mem[FIRMWARE_MAJOR], self.mem[FIRMWARE_MINOR] = 3, 10
+        self.mem[MODEL : MODEL + 2] = STS3215_MODEL.to_bytes(2, "little")
+        self.mem[5] = servo_id
+        self._put(MAX_LIMIT, RESOLUTION - 1)
+        self.actual = position
+        """Absolute shaft position (ticks, 0..4095)."""
+        self._put(GOAL_POSITION, position)  # at power-up the goal is where the shaft is
+        self.log: list[tuple[int, bytes]] = []
+        """Every (address, data) written, in order (tests read what reached the motor)."""
+
+    @property
+    def id(self) -> int:
+        return self.mem[5]
+
+    def _get(self, addr: int) -> int:
+        return int.from_bytes(self.mem[addr : addr + 2], "little")
+
+    def _put(self, addr: int, value: int) -> None:
+        self.mem[addr : addr + 2] = (value & 0xFFFF).to_bytes(2, "little")
+
+    @property
+    def offset(self) -> int:
+        return _from_sign_magnitude(self._get(HOMING_OFFSET), 11)
+
+    @property
+    def present(self) -> int:
+        """Present_Position as the servo reports it: actual minus the homing offset."""
+        return self.actual - self.offset
+
+    @property
+    def goal(self) -> int:
+        return _from_sign_magnitude(self._get(GOAL_POSITION), 15)
+
+    def read(self, addr: int, n: int) -> bytes:
+        self._put(PRESENT_POSITION, _sign_magnitude(self.present, 15))
+        return bytes(self.mem[addr : addr + n])
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.log.append((addr, bytes(data)))
+        if addr == TORQUE_ENABLE and data[:1] == b"\x01" and not self.mem[TORQUE_ENABLE]:
+            # enabling torque holds the shaft where it is (no jump to a stale goal)
+            self._put(GOAL_POSITION, _sign_magnitude(self.present, 15))
+        for i, b in enumerate(data):
+            if addr + i not in (FIRMWARE_MAJOR, FIRMWARE_MINOR, MODEL, MODEL + 1, PRESENT_POSITION, PRESENT_POSITION + 1):
+                self.mem[addr + i] = b
+        self._track()
+
+    def _track(self) -> None:
+        if self.mem[TORQUE_ENABLE]:
+            lo, hi = self._get(MIN_LIMIT), self._get(MAX_LIMIT)
+            self.actual = max(lo, min(hi, self.goal)) + self.offset
+
+
+class FeetechBusSim:
+    """Servos on a pty; ``port`` is the path to give the robot. Use as a context manager."""
+
+    def __init__(self, ids: list[int], positions: list[int] | None = None) -> None:
+        positions = positions or [RESOLUTION // 2] * len(ids)
+        self.servos = {i: Servo(i, p) for i, p in zip(ids, positions, strict=True)}
+        self.lock = threading.Lock()
+        self.packets = 0
+        self.errors: list[str] = []
+        self._busy = False
+        self.corrupt = False
+        """True: every reply has a wrong checksum (a noisy cable); the SDK reports a corrupt packet."""
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._slave)
+        self.port = os.ttyname(self._slave)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="feetech-sim", daemon=True)
+
+    def __enter__(self) -> FeetechBusSim:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
+        for fd in (self._master, self._slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- what a hand or a test does to the arm ----------------------------------------------------
+    def settle(self, timeout_s: float = 2.0) -> None:
+        """Wait until every byte sent so far has been handled (a sync write gets no reply, so a
+        test reading registers right after one would otherwise race the servo thread)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pending, _, _ = select.select([self._master], [], [], 0)
+            with self.lock:
+                if not pending and not self._busy:
+                    return
+            time.sleep(0.0005)
+        raise TimeoutError("feetech sim did not settle")
+
+    def move(self, servo_id: int, actual: int) -> None:
+        """Put a (torque-off) servo's shaft at ``actual`` ticks, as an operator's hand would."""
+        with self.lock:
+            self.servos[servo_id].actual = actual
+
+    def present(self, servo_id: int) -> int:
+        self.settle()
+        with self.lock:
+            return self.servos[servo_id].present
+
+    def goal(self, servo_id: int) -> int:
+        self.settle()
+        with self.lock:
+            return self.servos[servo_id].goal
+
+    def torque(self, servo_id: int) -> bool:
+        self.settle()
+        with self.lock:
+            return bool(self.servos[servo_id].mem[TORQUE_ENABLE])
+
+    def writes(self, servo_id: int) -> list[tuple[int, bytes]]:
+        """(address, data) of every write that reached servo ``servo_id``, in order."""
+        self.settle()
+        with self.lock:
+            return list(self.servos[servo_id].log)
+
+    # -- the wire -----------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        buf = bytearray()
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._master], [], [], 0.05)
+            if not ready:
+                continue
+            with self.lock:
+                self._busy = True
+            try:
+                buf += os.read(self._master, 4096)
+            except OSError:
+                return
+            while True:
+                start = buf.find(b"\xff\xff")
+                if start < 0:
+                    buf.clear()
+                    break
+                del buf[:start]
+                if len(buf) < 4 or len(buf) < 4 + buf[3]:
+                    break  # wait for the rest of the packet
+                n = buf[3]
+                packet, body = bytes(buf[: 4 + n]), bytes(buf[2 : 3 + n])
+                del buf[: 4 + n]
+                if packet[-1] != _checksum(body):
+                    self.errors.append(f"bad checksum in {packet.hex()}")
+                    continue
+                with self.lock:
+                    self.packets += 1
+                    reply = self._handle(packet[2], packet[4], packet[5:-1])
+                if reply and self.corrupt:
+                    reply = reply[:-1] + bytes([reply[-1] ^ 0xFF])
+                if reply:
+                    os.write(self._master, reply)
+            with self.lock:
+                self._busy = bool(buf)
+
+    @staticmethod
+    def _status(servo_id: int, data: bytes = b"") -> bytes:
+        body = bytes([servo_id, len(data) + 2, 0]) + data
+        return b"\xff\xff" + body + bytes([_checksum(body)])
+
+    def _handle(self, sid: int, instr: int, params: bytes) -> bytes:
+        if instr == SYNC_READ:
+            addr, n = params[0], params[1]
+            return b"".join(self._status(i, self.servos[i].read(addr, n)) for i in params[2:] if i in self.servos)
+        if instr == SYNC_WRITE:
+            addr, n = params[0], params[1]
+            for k in range(2, len(params), n + 1):
+                if params[k] in self.servos:
+                    self.servos[params[k]].write(addr, params[k + 1 : k + 1 + n])
+            return b""
+        servo = self.servos.get(sid)
+        if servo is None and sid != BROADCAST:
+            return b""  # nobody answers: the SDK times out, as on a real bus
+        if instr == PING:
+            return self._status(sid)
+        if instr == READ:
+            return self._status(sid, servo.read(params[0], params[1]))
+        if instr in (WRITE, REG_WRITE):
+            targets = self.servos.values() if sid == BROADCAST else [servo]
+            for s in targets:
+                s.write(params[0], params[1:])
+            return b"" if sid == BROADCAST else self._status(sid)
+        if instr == ACTION:
+            return b""
+        self.errors.append(f"unsupported instruction {instr:#x}")
+        return b""

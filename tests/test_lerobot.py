@@ -1,0 +1,222 @@
+"""driver=lerobot and device=lerobot against LeRobot's real SO-101 follower and leader classes.
+
+Only the wire is simulated: the robots get a pseudo-terminal as their serial port, with a
+simulated Feetech servo chain on the other end (tests/feetech_sim.py), so LeRobot's bus,
+calibration and normalisation code and the Feetech SDK all run as on the real arm. Assertions are
+on what reached the motors' registers, in servo ticks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lerobot.robots.so101_follower", reason="LeRobot not installed (pip install 'qc-robot[lerobot]')")
+pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
+
+from feetech_sim import FeetechBusSim  # noqa: E402
+from lerobot_rig import IDS, OFFSETS, RANGES, calibrated_so101  # noqa: E402
+
+from drivers.lerobot_driver import LeRobotConfig, LeRobotDriver, make_lerobot_robot  # noqa: E402
+from drivers.registry import driver_config, make_driver  # noqa: E402
+from drivers.safety import SafeDriver, SafetyConfig  # noqa: E402
+
+JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
+
+
+@pytest.fixture
+def follower(tmp_path: Path) -> Iterator[tuple[LeRobotDriver, FeetechBusSim]]:
+    sim, args = calibrated_so101("follower", tmp_path / "cal")
+    d = make_driver("lerobot", driver_config("lerobot", robot_type="so101_follower", robot_args=args))
+    try:
+        d.connect()
+        yield d, sim
+    finally:
+        d.close()
+        sim.close()
+
+
+def _ticks(a: float, servo_id: int) -> int:
+    """Goal ticks for normalised command ``a`` on a RANGE_M100_100 / RANGE_0_100 joint: the whole
+    calibrated range maps onto [-1, 1] (LeRobot truncates to an int)."""
+    lo, hi = RANGES[servo_id]
+    return int(lo + (a + 1) / 2 * (hi - lo))
+
+
+def test_spec_is_mapped_from_the_robots_features(follower) -> None:
+    d, _ = follower
+    s = d.spec
+    assert [f.key for f in s.obs_fields] == ["state"] and s.obs_fields[0].shape == (6,)
+    assert s.action_dim == 6 and d.actions.keys == [f"{j}.pos" for j in JOINTS]
+    np.testing.assert_array_equal(s.action_low, -np.ones(6))
+    np.testing.assert_array_equal(s.action_high, np.ones(6))
+    # LeRobot units: body joints -100..100, the gripper 0..100 (use_degrees=False is the 0.3 default)
+    np.testing.assert_array_equal(d.actions.low, [-100] * 5 + [0])
+    np.testing.assert_array_equal(d.actions.high, [100] * 6)
+    assert d.realtime and s.hello("lerobot").action_dim == 6
+
+
+def test_degree_ranges_come_from_the_calibration(tmp_path: Path) -> None:
+    sim, args = calibrated_so101("follower", tmp_path)
+    try:
+        d = LeRobotDriver(LeRobotConfig(robot_args={**args, "use_degrees": True}, normalize=False))
+        # range (1000, 3000) around its middle, 4095 ticks per turn
+        assert d.actions.low[0] == pytest.approx(-1000 * 360 / 4095) and d.actions.high[0] == pytest.approx(1000 * 360 / 4095)
+        assert d.actions.low[1] == pytest.approx(-1200 * 360 / 4095)
+        np.testing.assert_allclose(d.spec.action_low, d.actions.low.astype(np.float32))
+    finally:
+        sim.close()
+
+
+def test_actions_reach_the_motors_in_ticks(follower) -> None:
+    d, sim = follower
+    d.reset(0)
+    a = np.array([0.5, -0.25, 0.0, 1.0, -1.0, -1.0], np.float32)
+    applied = d.send_action(a)
+    for i, sid in enumerate(IDS):
+        assert sim.goal(sid) == _ticks(float(a[i]), sid), JOINTS[i]
+        assert sim.torque(sid)
+    np.testing.assert_allclose(applied, a, atol=2e-3)  # what LeRobot sent, read back from its return value
+    np.testing.assert_allclose(d.get_observation()["state"], a, atol=2e-3)  # the servos got there
+    # the homing offset is the servo's: the shaft of joint 2 sits offset ticks from its goal register
+    goal2 = sim.goal(2)
+    with sim.lock:
+        assert sim.servos[2].actual == goal2 + OFFSETS[2]
+
+
+def test_safety_layer_keeps_commands_inside_the_calibrated_range(follower) -> None:
+    d, sim = follower
+    safe = SafeDriver(d, SafetyConfig(max_delta=[0.1]))
+    safe.reset(0)
+    start = d.hold_action()
+    for _ in range(30):
+        safe.act(np.full(6, 7.0))
+        assert all(RANGES[s][0] <= sim.goal(s) <= RANGES[s][1] for s in IDS)
+    assert all(sim.goal(s) == RANGES[s][1] for s in IDS)  # reached the top, never beyond
+    assert safe.stats.clipped == 30 and safe.stats.delta_limited > 0
+    safe.act([np.nan] * 6)  # rejected: the motors keep their goal
+    assert all(sim.goal(s) == RANGES[s][1] for s in IDS) and safe.stats.rejected == 1
+    assert not np.allclose(start, d.hold_action())
+
+
+def test_watchdog_hold_keeps_the_last_goal(follower) -> None:
+    d, sim = follower
+    t = [0.0]
+    safe = SafeDriver(d, SafetyConfig(watchdog_s=0.5), clock=lambda: t[0])
+    safe.reset(0)
+    safe.act(np.full(6, 0.3))
+    goals = [sim.goal(s) for s in IDS]
+    for k in range(1, 20):  # the policy went silent for 2 s
+        t[0] = 0.1 * k
+        safe.act(None)
+    assert safe.tripped and [sim.goal(s) for s in IDS] == goals
+
+
+def test_reset_moves_home_smoothly(tmp_path: Path) -> None:
+    sim, args = calibrated_so101("follower", tmp_path)
+    home = [0.0, 0.2, -0.2, 0.0, 0.0, 0.5]
+    d = LeRobotDriver(LeRobotConfig(robot_args=args, home=home, reset_s=0.2, control_hz=50.0))
+    try:
+        d.connect()
+        d.send_action(np.full(6, -0.8))
+        n0 = len(sim.writes(1))
+        obs = d.reset(0)
+        np.testing.assert_allclose(obs["state"], home, atol=2e-3)
+        goals = [int.from_bytes(data, "little") for addr, data in sim.writes(1)[n0:] if addr == 42]
+        assert len(goals) == 10 and all(np.diff(goals) > 0)  # 0.2 s at 50 Hz, monotone, no jump
+    finally:
+        d.close()
+        sim.close()
+
+
+def test_uncalibrated_arm_is_refused_with_the_calibration_command(tmp_path: Path) -> None:
+    with FeetechBusSim(IDS) as sim:  # motors never calibrated, no calibration file
+        with pytest.raises(ValueError, match="lerobot-calibrate"):
+            LeRobotDriver(LeRobotConfig(robot_args={"port": sim.port, "id": "new", "calibration_dir": str(tmp_path)}))
+    sim, args = calibrated_so101("follower", tmp_path / "a")
+    try:  # the file exists but the motors hold another calibration (e.g. swapped arm)
+        with sim.lock:
+            sim.servos[3].mem[9:11] = (1234).to_bytes(2, "little")
+        d = LeRobotDriver(LeRobotConfig(robot_args=args))
+        with pytest.raises(RuntimeError, match="lerobot-calibrate"):
+            d.connect()
+        assert not d.robot.is_connected
+    finally:
+        sim.close()
+
+
+def test_unknown_robot_type_and_bad_arguments_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="so101_follower"):  # the message lists the known types
+        make_lerobot_robot("so999_follower", {})
+    with pytest.raises(ValueError, match="bad arguments"):
+        make_lerobot_robot("so101_follower", {"port": "/dev/null", "no_such_field": 1})
+
+
+def test_a_bus_glitch_is_one_ticks_problem(follower) -> None:
+    d, sim = follower
+    d.reset(0)
+    d.send_action(np.full(6, 0.2))
+    good = d.get_observation()
+    sim.corrupt = True
+    for _ in range(d.cfg.max_io_errors):  # tolerated: the last observation, no exception
+        np.testing.assert_array_equal(d.get_observation()["state"], good["state"])
+    with pytest.raises(ConnectionError):
+        d.get_observation()
+    sim.corrupt = False
+    np.testing.assert_allclose(d.get_observation()["state"], good["state"], atol=2e-3)
+    assert d.io_errors_total == d.cfg.max_io_errors + 1
+
+
+def test_leader_arm_teleop_records_through_the_session(tmp_path: Path) -> None:
+    """device=lerobot: the SO-101 leader drives the follower through the safety layer at the
+    control rate, and the recorder stores what the follower was sent."""
+    import h5py
+
+    from qc_robot.data.recorder import Recorder
+    from qc_robot.teleop.config import TeleopConfig
+    from qc_robot.teleop.devices import Event, MergedDevice, TeleopCommand, TeleopDevice
+    from qc_robot.teleop.session import TeleopSession, build_device, build_driver, env_args_for
+
+    with contextlib.ExitStack() as stack:
+        fsim, fargs = calibrated_so101("follower", tmp_path / "f")
+        lsim, largs = calibrated_so101("leader", tmp_path / "l")
+        stack.callback(fsim.close)
+        stack.callback(lsim.close)
+        cfg = TeleopConfig(driver="lerobot", device="lerobot", out=str(tmp_path / "so101.hdf5"), episodes=1,
+                           time_scale=10.0, status=False, driver_args={"robot_args": fargs},
+                           device_args={"teleop_type": "so101_leader", "teleop_args": largs})
+        driver = build_driver(cfg)
+        leader = build_device(cfg, driver)
+        assert leader.name in ("lerobot", "lerobot+keyboard")
+
+        class Hand(TeleopDevice):
+            """The operator: presses start, sweeps the leader's elbow, ends as a success."""
+
+            def __init__(self) -> None:
+                self.reads = 0
+
+            def read(self) -> TeleopCommand:
+                self.reads += 1
+                lsim.move(3, 1000 + 40 * self.reads)  # torque off: the hand moves the shaft
+                return TeleopCommand(None, [Event.START] if self.reads == 1 else
+                                     [Event.SUCCESS] if self.reads == 25 else [])
+
+        driver.connect()
+        stack.callback(driver.close)
+        with Recorder(cfg.out, env_args_for(cfg, driver)) as rec, MergedDevice(leader, Hand()) as dev:
+            res = TeleopSession(driver, dev, rec, episodes=1, time_scale=cfg.time_scale).run()
+            assert not lsim.torque(3), "a leader arm stays limp"
+        assert res.labels == ["success"]
+        # the follower's elbow followed the leader's: same calibration, so the same ticks, as of the
+        # last command (the hand moved the leader twice more: after that read, and on the verdict tick)
+        assert abs(fsim.present(3) - (lsim.present(3) - 2 * 40)) <= 1
+        with h5py.File(cfg.out) as f:
+            g = f["data/demo_0"]
+            acts, states = g["actions"][:], g["next_obs/state"][:]
+        assert acts.shape == (23, 6) and np.all(np.diff(acts[:, 2]) > 0)  # the sweep, step by step
+        np.testing.assert_allclose(states[:, 2], acts[:, 2], atol=2e-3)  # each command was reached
+        assert np.ptp(acts[:, [0, 1, 3, 4, 5]], axis=0).max() < 1e-6  # untouched joints stayed put
