@@ -15,11 +15,13 @@ from drivers.lerobot_driver import LeRobotConfig, LeRobotDriver
 from drivers.mock import MockConfig, MockDriver
 from drivers.safety import SafeDriver, SafetyConfig
 from drivers.sim import SimConfig, SimDriver
+from drivers.xarm import XArmConfig, XArmDriver
 
 DRIVERS: dict[str, tuple[type, type[Driver]]] = {
     "mock": (MockConfig, MockDriver),
     "sim": (SimConfig, SimDriver),
     "lerobot": (LeRobotConfig, LeRobotDriver),
+    "xarm": (XArmConfig, XArmDriver),
 }
 
 

@@ -144,13 +144,14 @@ class FeetechBusSim:
         """Wait until every byte sent so far has been handled (a sync write gets no reply, so a
         test reading registers right after one would otherwise race the servo thread)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stop.is_set():  # closed: nothing in flight
             pending, _, _ = select.select([self._master], [], [], 0)
             with self.lock:
                 if not pending and not self._busy:
                     return
             time.sleep(0.0005)
-        raise TimeoutError("feetech sim did not settle")
+        if not self._stop.is_set():
+            raise TimeoutError("feetech sim did not settle")
 
     def move(self, servo_id: int, actual: int) -> None:
         """Put a (torque-off) servo's shaft at ``actual`` ticks, as an operator's hand would."""

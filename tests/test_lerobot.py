@@ -220,3 +220,29 @@ def test_leader_arm_teleop_records_through_the_session(tmp_path: Path) -> None:
         assert acts.shape == (23, 6) and np.all(np.diff(acts[:, 2]) > 0)  # the sweep, step by step
         np.testing.assert_allclose(states[:, 2], acts[:, 2], atol=2e-3)  # each command was reached
         assert np.ptp(acts[:, [0, 1, 3, 4, 5]], axis=0).max() < 1e-6  # untouched joints stayed put
+
+
+def test_a_served_episode_runs_through_qc_robot_drive(tmp_path: Path, capsys) -> None:
+    """The first served episode: ``qc-robot drive driver=lerobot`` against a control server."""
+    from drivers.config import DriveConfig
+    from drivers.runner import run_drive
+    from policies.scripted import RandomPolicy, simple_spec
+    from qc_robot.server.app import ControlServer
+
+    sim, args = calibrated_so101("follower", tmp_path)
+    srv = ControlServer(RandomPolicy(simple_spec(6, 6, 5, control_hz=30.0), scale=0.5), "tcp://127.0.0.1:*").start()
+    try:
+        cfg = DriveConfig(driver="lerobot", server=srv.address, episodes=1, time_scale=4.0,
+                          safety=SafetyConfig(max_delta=[0.2]),
+                          driver_args={"robot_args": args, "max_episode_steps": 30})
+        assert run_drive(cfg) == 0
+    finally:
+        srv.stop()
+        sim.close()
+    out = capsys.readouterr().out
+    assert "episode 1/1" in out and "steps 30" in out and srv.stats.chunks >= 6 and not srv.stats.errors
+    goals = [int.from_bytes(data, "little") for addr, data in sim.writes(1) if addr == 42]
+    lo, hi = RANGES[1]
+    assert len(goals) >= 30 and all(lo <= g <= hi for g in goals)
+    # max_delta 0.2 of the [-1, 1] range per step = at most a tenth of the joint's ticks per step
+    assert np.abs(np.diff(goals)).max() <= 0.1 * (hi - lo) + 1

@@ -1,0 +1,153 @@
+"""driver=xarm: the real xarm-python-sdk against a simulated xArm 6 control box (tests/xarm_sim.py).
+
+What reaches the controller is checked on the controller's side: every accepted move, its mode
+and speed, the safety boundary it was given, the gripper's position register.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+pytest.importorskip("xarm.wrapper", reason="xarm-python-sdk not installed (pip install 'qc-robot[xarm]')")
+
+from xarm_sim import BOUNDARY_ERROR, XArmSim  # noqa: E402
+
+from drivers.safety import SafeDriver, SafetyConfig  # noqa: E402
+from drivers.xarm import XArmConfig, XArmDriver  # noqa: E402
+
+if not XArmSim.available():
+    pytest.skip("the xArm controller simulator must listen on port 502 (root or CAP_NET_BIND_SERVICE)",
+                allow_module_level=True)
+
+LOW, HIGH = [250.0, -250.0, 80.0], [550.0, 250.0, 400.0]
+
+
+@pytest.fixture(scope="module")
+def _connected() -> Iterator[tuple[XArmDriver, XArmSim]]:
+    """One controller and driver for the module (the SDK takes ~1 s to disconnect)."""
+    with XArmSim() as sim:
+        d = XArmDriver(XArmConfig(ip=sim.host, workspace_low_mm=LOW, workspace_high_mm=HIGH))
+        try:
+            yield d, sim
+        finally:
+            d.close()
+
+
+@pytest.fixture
+def rig(_connected: tuple[XArmDriver, XArmSim]) -> tuple[XArmDriver, XArmSim]:
+    d, sim = _connected
+    d.reset(0)
+    with sim.lock:
+        sim.moves.clear()
+    return d, sim
+
+
+def test_reset_goes_home_in_mode_7_with_the_fence_programmed(rig) -> None:
+    d, sim = rig
+    obs = d.get_observation()["state"]
+    np.testing.assert_allclose(obs, [0.4, 0.0, 0.3, 0.0, 0.0], atol=1e-4)  # home, gripper open
+    with sim.lock:
+        assert sim.fence_on and sim.boundary == [550.0, 250.0, 250.0, -250.0, 400.0, 80.0]
+        assert sim.mode == 7 and sim.state == 2 and sim.enabled
+        assert sim.gripper["enabled"] and sim.gripper["pos"] == 850
+
+
+def test_delta_actions_move_the_tool_and_the_gripper(rig) -> None:
+    d, sim = rig
+    d.send_action([1.0, -0.5, 0.2, 1.0, 1.0])
+    with sim.lock:
+        mode, move = sim.moves[-1]
+        grip = sim.gripper["pos"]
+    assert mode == 7 and move[6] == d.cfg.speed_mm_s  # streamed to the planner, speed-capped
+    np.testing.assert_allclose(move[:3], [410.0, -5.0, 302.0], atol=1e-3)
+    assert move[3] == pytest.approx(np.pi, abs=1e-5) and move[4] == pytest.approx(0.0, abs=1e-6)  # tool down
+    assert move[5] == pytest.approx(np.radians(5.0), abs=1e-5)
+    assert grip == pytest.approx(850 * (1 - 0.25), abs=1)
+    np.testing.assert_allclose(d.get_observation()["state"], [0.41, -0.005, 0.302, np.radians(5.0), 0.25], atol=2e-3)
+    n = len(sim.moves)
+    d.send_action(np.zeros(5))  # the hold: nothing new goes to the controller
+    assert len(sim.moves) == n
+
+
+def test_the_workspace_box_bounds_every_target(rig) -> None:
+    d, sim = rig
+    safe = SafeDriver(d)
+    safe.reset(0)
+    for _ in range(40):
+        safe.act([1.0, 1.0, -1.0, 1.0, 1.0])
+    with sim.lock:
+        moves = [m for _, m in sim.moves]
+        err = sim.error
+    assert err == 0 and len(moves) == 1 + 25  # home, then y needs the most steps (25); pinned: no resend
+    xyz = np.asarray([m[:3] for m in moves])
+    assert np.all(xyz >= np.asarray(LOW) - 1e-3) and np.all(xyz <= np.asarray(HIGH) + 1e-3)
+    np.testing.assert_allclose(xyz[-1], [550.0, 250.0, 80.0], atol=1e-3)  # pinned at the corner
+    assert max(m[5] for m in moves) == pytest.approx(np.radians(90.0), abs=1e-5)
+    np.testing.assert_allclose(d.target, [550.0, 250.0, 80.0, 90.0, 1.0])
+
+
+def test_the_controller_fence_stops_a_bypassing_command_and_reset_refuses_until_cleared(rig) -> None:
+    d, sim = rig
+    d.arm.set_position(700, 0, 300, 180, 0, 0, speed=100, wait=False)  # straight through the SDK
+    with sim.lock:
+        assert sim.error == BOUNDARY_ERROR and sim.state == 4
+    with pytest.raises(RuntimeError, match=f"controller error {BOUNDARY_ERROR}"):
+        d.reset(0)
+    d.arm.clean_error()  # the operator's decision, never the driver's
+    np.testing.assert_allclose(d.reset(0)["state"][:3], [0.4, 0.0, 0.3], atol=1e-4)
+
+
+def test_watchdog_stop_halts_the_controller_and_reset_rearms(rig) -> None:
+    d, sim = rig
+    t = [0.0]
+    safe = SafeDriver(d, SafetyConfig(watchdog_s=0.5, on_timeout="stop"), clock=lambda: t[0])
+    safe.reset(0)
+    safe.act([0.5, 0, 0, 0, 0])
+    t[0] = 1.0
+    safe.act(None)
+    with sim.lock:
+        assert sim.state == 4
+    n = len(sim.moves)
+    safe.act([0.5, 0, 0, 0, 0])  # latched: nothing reaches the box
+    assert len(sim.moves) == n
+    safe.reset(0)
+    with sim.lock:
+        assert sim.state == 2 and not safe.tripped
+
+
+def test_connection_and_config_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="driver_args.ip"):
+        XArmDriver(XArmConfig()).connect()
+    with pytest.raises(ValueError, match="home"):
+        XArmDriver(XArmConfig(home_mm=[100.0, 0.0, 300.0]))
+    with XArmSim() as sim:
+        host = sim.host
+    with pytest.raises(RuntimeError, match="could not connect"):  # nothing listens there any more
+        XArmDriver(XArmConfig(ip=host, sdk_args={"timeout": 1})).connect()
+
+
+def test_a_served_episode_runs_through_qc_robot_drive(rig, capsys) -> None:
+    """The first served episode: ``qc-robot drive driver=xarm`` against a control server."""
+    from drivers.config import DriveConfig
+    from drivers.runner import run_drive
+    from policies.scripted import RandomPolicy, simple_spec
+    from qc_robot.server.app import ControlServer
+
+    d, sim = rig
+    srv = ControlServer(RandomPolicy(simple_spec(5, 5, 4, control_hz=d.cfg.control_hz), scale=0.5),
+                        "tcp://127.0.0.1:*").start()
+    try:
+        cfg = DriveConfig(driver="xarm", server=srv.address, episodes=1, time_scale=5.0,
+                          driver_args={"ip": sim.host, "max_episode_steps": 16, "workspace_low_mm": LOW,
+                                       "workspace_high_mm": HIGH})
+        assert run_drive(cfg) == 0
+    finally:
+        srv.stop()
+    out = capsys.readouterr().out
+    assert "episode 1/1" in out and "steps 16" in out and srv.stats.chunks >= 4 and not srv.stats.errors
+    with sim.lock:
+        xyz = np.asarray([m[:3] for _, m in sim.moves])
+    assert len(xyz) > 10 and np.all(xyz >= np.asarray(LOW) - 1e-3) and np.all(xyz <= np.asarray(HIGH) + 1e-3)
