@@ -51,3 +51,8 @@ class DriveConfig:
     send_transitions: bool = True
     """Stream executed transitions when the server asks for them (it logs episodes)."""
     log_level: str = "WARNING"
+    video: str = ""
+    """sim, lockstep (realtime=false): write the first ``video_episodes`` episodes as a .gif (or
+    .mp4 with the video extra) from MuJoCo's offscreen renderer ('' = none)."""
+    video_episodes: int = 1
+    """Episodes recorded into ``video``."""

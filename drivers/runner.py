@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from calibration.files import load_calibration
+from drivers.base import ExecutedStep, StepInfo
 from drivers.client import HandshakeError, PolicyClient
 from drivers.config import DriveConfig
-from drivers.base import ExecutedStep, StepInfo
 from drivers.executor import ChunkExecutor
 from drivers.registry import driver_config, make_driver
 from drivers.safety import SafeDriver
@@ -270,9 +270,15 @@ def run_drive(cfg: DriveConfig) -> int:
                              initial_delay_steps=cal.inference_delay_steps if cal is not None else 0)
     pacer = Pacer(driver.spec.control_hz * cfg.time_scale) if driver.realtime else None
     results: list[EpisodeResult] = []
+    video = None
+    if cfg.video:  # lockstep sim only (checked by the CLI): rendering is slower than a control period
+        from qc_robot.video import DriverVideo
+
+        video = DriverVideo(cfg.video, driver.driver, cfg.video_episodes)
     try:
         for i in range(cfg.episodes):
-            r = run_episode(driver, executor, i, cfg.seed + i, pacer, client, cfg.send_transitions)
+            r = run_episode(driver, executor, i, cfg.seed + i, pacer, client, cfg.send_transitions,
+                            on_rows=video.episode(i) if video is not None else None)
             results.append(r)
             rtt = f"{np.median(r.rtt_ms):.1f} ms" if r.rtt_ms else "n/a"
             print(f"episode {i + 1}/{cfg.episodes}: {'success' if r.success else 'failure'}  steps {r.steps} "
@@ -282,6 +288,8 @@ def run_drive(cfg: DriveConfig) -> int:
         print("interrupted")
     finally:
         client.close()
+        if video is not None:
+            print(f"video of the first {cfg.video_episodes} episode(s): {video.close()}")
         driver.close()
     n_ok = sum(r.success for r in results)
     pct = 100.0 * n_ok / max(1, len(results))

@@ -53,6 +53,8 @@ VERBS: dict[str, Verb] = {
                      ("merge", "concatenate FILE... into out=FILE"),
                      ("split", "write train/valid filters (mask/train, mask/valid) into FILE"),
                      ("recover", "commit the episodes a crashed teleop run left in FILE's journal"))),
+    "demo": Verb("qc_robot.demo:DemoConfig", "qc_robot.demo:run_demo",
+                 "the whole loop in one command: serve the shipped policy, drive the sim, summary"),
     "calibrate": Verb("calibration.cli:CalibrateConfig", "calibration.cli:run_calibrate",
                       "measure latency, dataset stats and sim physics into calibration/<robot_id>.json"),
 }
@@ -144,10 +146,11 @@ def compose(verb: str, overrides: list[str], *, require: bool = True) -> Any:
 
 
 def _usage() -> str:
-    lines = ["usage: qc-robot VERB [key=value ...] [--key value ...] [--cfg] [--help]", "", "verbs:"]
+    lines = ["usage: qc-robot VERB [key=value ...] [--key value ...] [--cfg] [--help] [-m]", "", "verbs:"]
     lines += [f"  {name:<9} {v.help}" for name, v in VERBS.items()]
     lines += ["", "qc-robot VERB --help lists the verb's keys with their documentation and examples;",
-              "--cfg prints the composed config; configs live in configs/<verb>.yaml.",
+              "--cfg prints the composed config; configs live in configs/<verb>.yaml;",
+              "-m sweeps with Hydra's launchers (qc-robot train -m training.seed=0,1,2).",
               "First run: qc-robot demo  (serves the shipped policy to the sim driver)"]
     return "\n".join(lines)
 
@@ -170,6 +173,17 @@ def help_text(verb: str, overrides: list[str]) -> str:
     v = VERBS[verb]
     cfg = compose(verb, overrides, require=False)
     return render_help(verb, v.help, _load(v.schema), asdict(cfg), CONFIG_DIR, dict(v.subverbs) or None)
+
+
+def _print_quietly(text: str) -> int:
+    """Print; a reader that closed the pipe early (``--help | head``) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    return 0
 
 
 def _missing_text(verb: str, keys: list[str]) -> str:
@@ -196,15 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"qc-robot: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return EXIT_USAGE
+    from qc_robot.cli_multirun import is_multirun
+
+    if is_multirun(rest):
+        from qc_robot.cli_multirun import multirun
+
+        v = VERBS[verb]
+        args = flags_to_overrides([a for a in rest if a not in ("-m", "--multirun")])
+        return multirun(verb, _load(v.schema), _load(v.run), str(CONFIG_DIR), args)
     want_help = "--help" in rest or "-h" in rest
     show = "--cfg" in rest
     rest = [a for a in rest if a not in ("--cfg", "--help", "-h")]
     try:
         rest = flags_to_overrides(positional_to_overrides(_load(VERBS[verb].schema), rest))
-        if want_help:
-            print(help_text(verb, rest))
-            return 0
-        cfg = compose(verb, rest, require=not show)
+        text = help_text(verb, rest) if want_help else ""
+        cfg = None if want_help else compose(verb, rest, require=not show)
     except ModuleNotFoundError as e:  # a verb's schema lives with code that needs an extra
         from qc_robot.cli_errors import missing_extra_message
 
@@ -220,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qc-robot {verb}: bad configuration: {msg} (qc-robot {verb} --help lists the keys)",
               file=sys.stderr)
         return EXIT_USAGE
+    if want_help:
+        return _print_quietly(text)
     if show:
         from dataclasses import asdict
 

@@ -20,13 +20,13 @@ FILE_KEYS: dict[str, tuple[str, str]] = {
     "finetune": ("checkpoint", "a checkpoint.pt written by qc-robot train"),
     "replay": ("path", "an HDF5 episode file"),
 }
-SIM_VERBS = ("datagen", "train", "eval")
+SIM_VERBS = ("datagen", "train", "eval", "demo")
 """Verbs that always build a sim task; drive, teleop, replay do so only with driver=sim."""
 
 
 def preflight(verb: str, cfg: Any) -> None:
     """Raise UserError for the first mistake in ``cfg`` that would otherwise fail mid-run."""
-    if verb == "serve":
+    if verb in ("serve", "demo"):
         check_policy_ref(cfg.policy)
     if verb in FILE_KEYS:
         key, what = FILE_KEYS[verb]
@@ -39,6 +39,21 @@ def preflight(verb: str, cfg: Any) -> None:
         check_task(name)
     if verb == "replay" and cfg.driver == "sim" and cfg.task:
         check_task(cfg.task, key="task")
+    if getattr(cfg, "video", ""):
+        check_video(verb, cfg)
+
+
+def check_video(verb: str, cfg: Any) -> None:
+    from qc_robot.video import check_video_path, use_offscreen_gl
+
+    try:
+        check_video_path(cfg.video)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if verb in ("drive", "demo") and (getattr(cfg, "driver", "sim") != "sim" or cfg.realtime):
+        raise UserError("video: needs driver=sim realtime=false (rendering a frame takes longer than a "
+                        "control period, so a wall-clock robot would run without its commands)")
+    use_offscreen_gl()
 
 
 def need_file(path: str, key: str, what: str) -> None:

@@ -167,6 +167,13 @@ class EvalConfig:
     """Episode i resets with seed + i."""
     progress: bool = True
     """Show a progress bar."""
+    video: str = ""
+    """Write the first ``video_episodes`` episodes as a video ('' = none; .gif, or .mp4 with the
+    video extra). MuJoCo offscreen rendering costs 35-300 ms a frame on a CPU."""
+    video_episodes: int = 1
+    """Episodes recorded into ``video``."""
+    video_every: int = 2
+    """Keep one frame in this many control steps (2: 10 frames per second of robot time)."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +30,11 @@ class EvalResult:
 
 
 def evaluate(policy: ChunkFn, env_name: str, episodes: int, seed: int, sparse_reward: bool | None = None,
-             max_episode_steps: int = 0, progress: bool = False) -> EvalResult:
-    """Roll out ``episodes`` episodes with seeds seed, seed+1, ...; success = info['success'] at the end."""
+             max_episode_steps: int = 0, progress: bool = False,
+             on_step: Callable[[int, Any], None] | None = None) -> EvalResult:
+    """Roll out ``episodes`` episodes with seeds seed, seed+1, ...; success = info['success'] at the end.
+
+    ``on_step(episode, env)`` is called after each reset and each step (a video recorder)."""
     from tqdm import tqdm
 
     from sim.tasks import make_env
@@ -39,6 +43,8 @@ def evaluate(policy: ChunkFn, env_name: str, episodes: int, seed: int, sparse_re
     successes, returns, lengths, queries = [], [], [], 0
     for ep in tqdm(range(episodes), desc="eval", disable=not progress, leave=False):
         obs, _ = env.reset(seed=seed + ep)
+        if on_step is not None:
+            on_step(ep, env)
         queue: list[np.ndarray] = []
         ret, length, done = 0.0, 0, False
         info: dict = {}
@@ -47,6 +53,8 @@ def evaluate(policy: ChunkFn, env_name: str, episodes: int, seed: int, sparse_re
                 queue = list(policy(obs))
                 queries += 1
             obs, reward, terminated, truncated, info = env.step(queue.pop(0))
+            if on_step is not None:
+                on_step(ep, env)
             ret += float(reward)
             length += 1
             done = terminated or truncated
@@ -75,9 +83,43 @@ def run_eval(cfg) -> int:  # noqa: ANN001 (EvalConfig)
     name = cfg.env.name or trained.name
     sparse = trained.sparse_reward if cfg.env.sparse_reward is None else cfg.env.sparse_reward
     max_steps = cfg.env.max_episode_steps or trained.max_episode_steps
+    recorder = _recorder(cfg)
     result = evaluate(agent_policy(ckpt.agent, cfg.seed), name, cfg.episodes, cfg.seed, sparse, max_steps,
-                      progress=cfg.progress)
+                      progress=cfg.progress, on_step=recorder)
     print(f"{name}: success {result.success_rate:.3f} over {result.episodes} episodes "
           f"(return {result.mean_return:.1f}, length {result.mean_length:.0f}, "
           f"{result.policy_queries} policy queries) at update {ckpt.step}")
+    if recorder is not None:
+        path = recorder.close()
+        print(f"video of the first {cfg.video_episodes} episode(s): {path}")
     return 0
+
+
+class _EpisodeRecorder:
+    """``on_step`` for :func:`evaluate`: frames of the first ``episodes`` episodes into a video."""
+
+    def __init__(self, path: str, episodes: int, every: int) -> None:
+        from qc_robot.video import VideoWriter
+
+        self.writer = VideoWriter(path, every=every)
+        self.episodes = episodes
+        self._ep = -1
+
+    def __call__(self, episode: int, env: Any) -> None:
+        from qc_robot.video import render_frame
+
+        if episode >= self.episodes:
+            return
+        if episode != self._ep:
+            self.writer.add_separator()
+            self._ep = episode
+        self.writer.tick(lambda: render_frame(env))
+
+    def close(self):  # noqa: ANN201 (Path | None)
+        return self.writer.close()
+
+
+def _recorder(cfg) -> _EpisodeRecorder | None:  # noqa: ANN001 (EvalConfig)
+    if not getattr(cfg, "video", ""):
+        return None
+    return _EpisodeRecorder(cfg.video, cfg.video_episodes, cfg.video_every)

@@ -208,8 +208,9 @@ class Learner:
     def run(self) -> TrainResult:
         t = self.cfg.training
         self.run_offline()
-        if t.offline_steps > 0 and t.online_steps > 0:
-            self.maybe_eval("offline", force=True)  # the offline end point, for offline→online curves
+        if t.offline_steps > 0 and t.online_steps > 0 and self.env_steps == 0:
+            # the offline end point, for offline→online curves (not again when resuming online)
+            self.maybe_eval("offline", force=True)
         self.run_online()
         self.maybe_eval("online" if t.online_steps else "offline", force=True)
         self.save()
