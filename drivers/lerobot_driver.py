@@ -6,14 +6,17 @@ The robot is chosen like on LeRobot's command line: a config type (``so101_follo
 
 * observation ``state``: the robot's scalar features (``shoulder_pan.pos``, ...) in feature order;
   each camera feature ``(h, w, 3)`` becomes its own ``uint8`` image field under the camera's name;
-* action: the robot's action features in order, as absolute joint targets. With ``normalize``
-  (default) every joint's calibrated range maps onto [-1, 1] (state and action alike, so "stay" is
-  the state itself), which is the range the agent and the teleop devices work in.
+* action: the robot's action features in order. ``action_mode='delta'`` (default): each action
+  moves every joint's target by up to ``max_step`` per control step and zeros hold, the OGBench
+  convention the rest of the stack (hold policy, safety layer, agent) assumes; a teleop leader
+  arm is then followed at that bounded rate. ``'absolute'``: the action is the joint target
+  itself (LeRobot's convention, for its datasets). With ``normalize`` (default) every joint's
+  calibrated range maps onto [-1, 1], state and targets alike.
 
 Joint ranges come from the LeRobot calibration file (``range_min``/``range_max`` of each motor and
-its normalisation mode), so a command outside the range the arm was calibrated to never reaches a
-motor; ``joint_low``/``joint_high`` override them. The hold command is the last target sent
-(not the measured position, which sags under gravity and would creep). LeRobot is imported when the
+its normalisation mode), so a target outside the range the arm was calibrated to never reaches a
+motor; ``joint_low``/``joint_high`` override them. Holding keeps the last target sent (not the
+measured position, which sags under gravity and would creep). LeRobot is imported when the
 driver is built (optional extra ``qc-robot[lerobot]``); nothing here imports torch itself.
 """
 
@@ -47,13 +50,18 @@ class LeRobotConfig:
     control_hz: float = 30.0
     max_episode_steps: int = 0
     """0: episodes end only by the operator or the task."""
+    action_mode: str = "delta"
+    """'delta' (a step of at most ``max_step`` per joint, zeros hold) or 'absolute' (joint targets)."""
+    max_step: float = 0.05
+    """delta: largest change of a joint target per step for a unit action, in target units (with
+    ``normalize``: fractions of the [-1, 1] range, so 0.05 is 2.5 % of the joint's travel)."""
     normalize: bool = True
-    """Actions and joint state in [-1, 1] over each joint's range (False: LeRobot's own units)."""
+    """Joint targets and state in [-1, 1] over each joint's range (False: LeRobot's own units)."""
     joint_low: list[float] = field(default_factory=list)
     """Per action feature, in LeRobot units; [] = from the robot's calibration."""
     joint_high: list[float] = field(default_factory=list)
     home: list[float] = field(default_factory=list)
-    """Pose ``reset`` moves to (action units); [] = stay where the arm is."""
+    """Joint targets ``reset`` moves to (normalised unless ``normalize`` is off); [] = stay put."""
     reset_s: float = 3.0
     """Duration of the move to ``home`` (interpolated at the control rate)."""
     stop_torque_off: bool = False
@@ -186,7 +194,6 @@ class LeRobotDriver(Driver):
 
     name = "lerobot"
     realtime = True
-    absolute_actions = True
 
     def __init__(self, cfg: LeRobotConfig | None = None, robot: Any = None) -> None:
         """``robot``: an already built LeRobot ``Robot`` (tests, notebooks); else built from ``cfg``."""
@@ -208,14 +215,22 @@ class LeRobotDriver(Driver):
         self._state_norm = np.asarray([k in ranges for k in self._state_keys])
         self._state_lo, self._state_hi = s_lo, s_hi
         a = len(act_keys)
-        act_lo, act_hi = (-np.ones(a), np.ones(a)) if cfg.normalize else (low, high)
+        if cfg.action_mode not in ("delta", "absolute"):
+            raise ValueError(f"action_mode must be 'delta' or 'absolute', got {cfg.action_mode!r}")
+        if cfg.action_mode == "delta" and cfg.max_step <= 0:
+            raise ValueError("max_step must be > 0")
+        self.absolute_actions = cfg.action_mode == "absolute"
+        # joint targets live in "target units": [-1, 1] when normalised, LeRobot units otherwise
+        self._tgt_lo, self._tgt_hi = ((-np.ones(a), np.ones(a)) if cfg.normalize else (low, high))
+        self._tgt_lo, self._tgt_hi = self._tgt_lo.astype(np.float32), self._tgt_hi.astype(np.float32)
+        act_lo, act_hi = (self._tgt_lo, self._tgt_hi) if self.absolute_actions else (-np.ones(a), np.ones(a))
         fields = [ObsField(cfg.obs_key, (len(self._state_keys),), "float32")]
         fields += [ObsField(k, tuple(int(s) for s in feats[k]), "uint8") for k in self._camera_keys]
         self.spec = DriverSpec(fields, a, act_lo, act_hi, cfg.control_hz, cfg.max_episode_steps)
         if cfg.home and len(cfg.home) != a:
             raise ValueError(f"home needs {a} values ({act_keys}), got {len(cfg.home)}")
-        self._target: np.ndarray | None = None  # last command the motors were given (action units)
-        self._last_sent = np.zeros(a, np.float32)
+        self._target: np.ndarray | None = None  # last joint targets the motors were given
+        self._last_applied = np.zeros(a, np.float32)
         self._obs: dict[str, np.ndarray] | None = None
         self._info = StepInfo()
         self._io_errors = 0
@@ -243,7 +258,7 @@ class LeRobotDriver(Driver):
         self.connect()
         self._target = self._read_joints()
         if self.cfg.home:
-            home = np.clip(np.asarray(self.cfg.home, np.float32), self.spec.action_low, self.spec.action_high)
+            home = np.clip(np.asarray(self.cfg.home, np.float32), self._tgt_lo, self._tgt_hi)
             n = max(1, int(round(self.cfg.reset_s * self.cfg.control_hz)))
             start = self._target.copy()
             for i in range(1, n + 1):
@@ -284,32 +299,56 @@ class LeRobotDriver(Driver):
         return self._io_errors <= self.cfg.max_io_errors
 
     # -- commands -------------------------------------------------------------------------------------
-    def _send(self, action: np.ndarray) -> None:
-        sent = self.robot.send_action(self.actions.to_dict(action))  # LeRobot may clip (max_relative_target)
-        self._last_sent = np.clip(self.actions.to_vector(sent), self.spec.action_low, self.spec.action_high)
-        self._target = self._last_sent.copy()
+    @property
+    def target(self) -> np.ndarray | None:
+        """The joint targets last sent (target units), None before the first connect."""
+        return None if self._target is None else self._target.copy()
+
+    def _send(self, target: np.ndarray) -> None:
+        sent = self.robot.send_action(self.actions.to_dict(target))  # LeRobot may clip (max_relative_target)
+        self._target = np.clip(self.actions.to_vector(sent), self._tgt_lo, self._tgt_hi)
 
     def _apply(self, action: np.ndarray) -> None:
+        prev = self.hold_target()
+        target = action if self.absolute_actions else np.clip(prev + action * self.cfg.max_step, self._tgt_lo, self._tgt_hi)
         try:
-            self._send(action)
+            self._send(target)
             self._io_errors = 0
         except Exception as e:
             if not self._io_error("write", e):
                 raise
-            self._last_sent = self.hold_action()
+        # what was applied, in action units: the target reached, or the step actually taken
+        now = self.hold_target()
+        applied = now if self.absolute_actions else (now - prev) / self.cfg.max_step
+        self._last_applied = np.clip(applied, self.spec.action_low, self.spec.action_high).astype(np.float32)
         step = self._info.step + 1
         limit = self.cfg.max_episode_steps
         self._info = StepInfo(step=step, truncated=bool(limit and step >= limit))
 
     def send_action(self, action: Any) -> np.ndarray:
-        """As the base class, but returns what LeRobot actually sent (after its own clipping)."""
+        """As the base class, but returns what reached the motors (after LeRobot's own clipping and,
+        in delta mode, the joint ranges)."""
         super().send_action(action)
-        return self._last_sent.copy()
+        return self._last_applied.copy()
+
+    def hold_target(self) -> np.ndarray:
+        """The joint targets that keep the arm where it was last sent (target units)."""
+        if self._target is None:
+            return np.clip(np.zeros(self.spec.action_dim, np.float32), self._tgt_lo, self._tgt_hi)
+        return self._target.astype(np.float32)
 
     def hold_action(self) -> np.ndarray:
-        if self._target is None:
-            return super().hold_action()
-        return np.clip(self._target, self.spec.action_low, self.spec.action_high).astype(np.float32)
+        if self.absolute_actions:
+            return np.clip(self.hold_target(), self.spec.action_low, self.spec.action_high)
+        return np.zeros(self.spec.action_dim, np.float32)
+
+    def action_towards(self, joints: Mapping[str, Any]) -> np.ndarray:
+        """The action that brings the arm to ``joints`` (a LeRobot action dict, e.g. a leader arm's
+        reading): the target itself, or in delta mode the bounded step toward it."""
+        goal = self.actions.to_vector(joints)
+        if self.absolute_actions:
+            return np.clip(goal, self.spec.action_low, self.spec.action_high)
+        return np.clip((goal - self.hold_target()) / self.cfg.max_step, -1.0, 1.0).astype(np.float32)
 
     def stop(self) -> None:
         """Hold where the arm is now (or torque off with ``stop_torque_off``)."""

@@ -31,7 +31,8 @@ JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_ro
 @pytest.fixture
 def follower(tmp_path: Path) -> Iterator[tuple[LeRobotDriver, FeetechBusSim]]:
     sim, args = calibrated_so101("follower", tmp_path / "cal")
-    d = make_driver("lerobot", driver_config("lerobot", robot_type="so101_follower", robot_args=args))
+    d = make_driver("lerobot", driver_config("lerobot", robot_type="so101_follower", robot_args=args,
+                                             action_mode="absolute"))
     try:
         d.connect()
         yield d, sim
@@ -63,7 +64,8 @@ def test_spec_is_mapped_from_the_robots_features(follower) -> None:
 def test_degree_ranges_come_from_the_calibration(tmp_path: Path) -> None:
     sim, args = calibrated_so101("follower", tmp_path)
     try:
-        d = LeRobotDriver(LeRobotConfig(robot_args={**args, "use_degrees": True}, normalize=False))
+        d = LeRobotDriver(LeRobotConfig(robot_args={**args, "use_degrees": True}, normalize=False,
+                                        action_mode="absolute"))
         # range (1000, 3000) around its middle, 4095 ticks per turn
         assert d.actions.low[0] == pytest.approx(-1000 * 360 / 4095) and d.actions.high[0] == pytest.approx(1000 * 360 / 4095)
         assert d.actions.low[1] == pytest.approx(-1200 * 360 / 4095)
@@ -86,6 +88,30 @@ def test_actions_reach_the_motors_in_ticks(follower) -> None:
     goal2 = sim.goal(2)
     with sim.lock:
         assert sim.servos[2].actual == goal2 + OFFSETS[2]
+
+
+def test_delta_mode_steps_each_target_by_at_most_max_step(tmp_path: Path) -> None:
+    sim, args = calibrated_so101("follower", tmp_path)
+    d = LeRobotDriver(LeRobotConfig(robot_args=args, max_step=0.1))  # the default mode: delta
+    try:
+        d.reset(0)
+        assert not d.absolute_actions and np.array_equal(d.hold_action(), np.zeros(6))
+        start = [sim.goal(s) for s in IDS]
+        applied = d.send_action([1.0, -1.0, 0.5, 0.0, 0.0, 0.0])
+        for i, sid in enumerate(IDS):  # a unit step = 0.1 of the [-1, 1] range = 5 % of the travel
+            lo, hi = RANGES[sid]
+            expected = [1.0, -1.0, 0.5, 0.0, 0.0, 0.0][i] * 0.05 * (hi - lo)
+            assert abs(sim.goal(sid) - start[i] - expected) <= 1.5, JOINTS[i]
+        np.testing.assert_allclose(applied, [1.0, -1.0, 0.5, 0.0, 0.0, 0.0], atol=0.02)
+        goals = [sim.goal(s) for s in IDS]
+        d.send_action(np.zeros(6))  # the hold: the goals stay
+        assert [sim.goal(s) for s in IDS] == goals
+        for _ in range(25):  # run joint 1 into its upper end: the step actually taken shrinks to 0
+            applied = d.send_action([1.0, 0, 0, 0, 0, 0])
+        assert sim.goal(1) == RANGES[1][1] and applied[0] == pytest.approx(0.0, abs=1e-6)
+    finally:
+        d.close()
+        sim.close()
 
 
 def test_safety_layer_keeps_commands_inside_the_calibrated_range(follower) -> None:
@@ -119,7 +145,7 @@ def test_watchdog_hold_keeps_the_last_goal(follower) -> None:
 def test_reset_moves_home_smoothly(tmp_path: Path) -> None:
     sim, args = calibrated_so101("follower", tmp_path)
     home = [0.0, 0.2, -0.2, 0.0, 0.0, 0.5]
-    d = LeRobotDriver(LeRobotConfig(robot_args=args, home=home, reset_s=0.2, control_hz=50.0))
+    d = LeRobotDriver(LeRobotConfig(robot_args=args, home=home, reset_s=0.2, control_hz=50.0, action_mode="absolute"))
     try:
         d.connect()
         d.send_action(np.full(6, -0.8))
@@ -201,7 +227,7 @@ def test_leader_arm_teleop_records_through_the_session(tmp_path: Path) -> None:
 
             def read(self) -> TeleopCommand:
                 self.reads += 1
-                lsim.move(3, 1000 + 40 * self.reads)  # torque off: the hand moves the shaft
+                lsim.move(3, 2048 + 40 * self.reads)  # torque off: the hand moves the shaft
                 return TeleopCommand(None, [Event.START] if self.reads == 1 else
                                      [Event.SUCCESS] if self.reads == 25 else [])
 
@@ -211,15 +237,18 @@ def test_leader_arm_teleop_records_through_the_session(tmp_path: Path) -> None:
             res = TeleopSession(driver, dev, rec, episodes=1, time_scale=cfg.time_scale).run()
             assert not lsim.torque(3), "a leader arm stays limp"
         assert res.labels == ["success"]
-        # the follower's elbow followed the leader's: same calibration, so the same ticks, as of the
-        # last command (the hand moved the leader twice more: after that read, and on the verdict tick)
-        assert abs(fsim.present(3) - (lsim.present(3) - 2 * 40)) <= 1
+        # delta mode: the follower's elbow follows the leader at most max_step per tick; the sweep
+        # (40 ticks of 2200 per tick = 0.036 < 0.05) is slow enough to be followed one tick behind.
+        # The hand moved the leader twice more after the last command (that read, the verdict tick).
+        assert abs(fsim.present(3) - (lsim.present(3) - 2 * 40)) <= 2
         with h5py.File(cfg.out) as f:
             g = f["data/demo_0"]
             acts, states = g["actions"][:], g["next_obs/state"][:]
-        assert acts.shape == (23, 6) and np.all(np.diff(acts[:, 2]) > 0)  # the sweep, step by step
-        np.testing.assert_allclose(states[:, 2], acts[:, 2], atol=2e-3)  # each command was reached
-        assert np.ptp(acts[:, [0, 1, 3, 4, 5]], axis=0).max() < 1e-6  # untouched joints stayed put
+        assert acts.shape == (23, 6)
+        assert np.all(acts[:, 2] > 0) and np.all(acts[:, 2] <= 1.0)  # catching up at full speed, then
+        np.testing.assert_allclose(acts[-10:, 2], 2 * 40 / 2200 / 0.05, atol=0.02)  # tracking the sweep
+        assert np.all(np.diff(states[:, 2]) > 0)  # the follower's elbow rose every step
+        assert np.abs(acts[:, [0, 1, 3, 4, 5]]).max() < 1e-6  # untouched joints: hold (zeros)
 
 
 def test_a_served_episode_runs_through_qc_robot_drive(tmp_path: Path, capsys) -> None:
@@ -244,5 +273,5 @@ def test_a_served_episode_runs_through_qc_robot_drive(tmp_path: Path, capsys) ->
     goals = [int.from_bytes(data, "little") for addr, data in sim.writes(1) if addr == 42]
     lo, hi = RANGES[1]
     assert len(goals) >= 30 and all(lo <= g <= hi for g in goals)
-    # max_delta 0.2 of the [-1, 1] range per step = at most a tenth of the joint's ticks per step
-    assert np.abs(np.diff(goals)).max() <= 0.1 * (hi - lo) + 1
+    # delta mode: a target moves at most max_step (0.05 of the [-1, 1] range) per step
+    assert np.abs(np.diff(goals)).max() <= 0.025 * (hi - lo) + 1 and np.abs(np.diff(goals)).max() > 0

@@ -204,10 +204,10 @@ class SpaceMouseDevice(TeleopDevice):
 class LeRobotLeaderDevice(TeleopDevice):
     """A LeRobot ``Teleoperator`` (e.g. an ``so101_leader`` arm) commanding a LeRobot follower.
 
-    Each read takes the leader's joint positions (``get_action``) and maps them into the follower
-    driver's action space with ``to_action`` (the follower's calibrated ranges, so the same pose
-    on both arms is the same command). A failed bus read is "no command this tick": the safety
-    layer holds. Events (start, verdicts, quit) come from the terminal's keys (see make_device).
+    Each read takes the leader's joint positions (``get_action``) and turns them into the follower
+    driver's action with ``to_action`` (the follower's calibrated ranges, so the same pose on both
+    arms is the same target; in delta mode the bounded step toward it). A failed bus read is
+    "no command this tick": the safety layer holds. Events (start, verdicts, quit) come from the terminal's keys (see make_device).
     """
 
     name = "lerobot"
@@ -224,10 +224,10 @@ class LeRobotLeaderDevice(TeleopDevice):
                    teleop: Any = None) -> LeRobotLeaderDevice:
         """The leader for a ``drivers.lerobot_driver.LeRobotDriver`` (bare or behind the safety layer)."""
         inner = getattr(driver, "driver", driver)
-        actions = getattr(inner, "actions", None)
-        if actions is None:
+        towards = getattr(inner, "action_towards", None)
+        if towards is None:
             raise ValueError("device=lerobot needs driver=lerobot (it commands the follower's joints)")
-        return cls(actions.to_vector, teleop_type, teleop_args, teleop)
+        return cls(towards, teleop_type, teleop_args, teleop)
 
     def open(self) -> None:
         if self.teleop is None:
