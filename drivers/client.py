@@ -7,7 +7,12 @@ previous server) are counted and dropped, so a late reply is never executed at t
 
 Reconnecting: a request timeout, a ``no_session`` error (the server restarted) or a server Bye
 make the client open a fresh socket (dropping anything queued for the old server) and send Hello
-again, without blocking the control loop: ``request`` returns None until a Welcome is back.
+again, without blocking the control loop: ``request`` returns None until a Welcome is back. The
+client says so (a warning when the session is lost, another with the time offline when it is
+back) and counts the time without a session in ``stats.offline_s``.
+
+Security: with ``curve`` (our key pair and the server's public key) the connection is encrypted
+and authenticated with ZeroMQ CURVE; a server that does not know our key never answers.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
 
 from qc_robot import protocol as P
+
+if TYPE_CHECKING:
+    from qc_robot.server.learner_link import CurveKeys
 
 log = logging.getLogger("qc_robot.client")
 
@@ -42,15 +50,24 @@ class ClientStats:
     stale_dropped: int = 0
     timeouts: int = 0
     reconnects: int = 0
+    lost: int = 0
+    """Times an established session was lost (server gone, restarted or said bye)."""
+    offline_s: float = 0.0
+    """Seconds spent without a session after the first Welcome (``offline_now`` adds the current gap)."""
 
 
 class PolicyClient:
     """Connects one driver to a policy server."""
 
     def __init__(self, address: str, hello: P.Hello, *, context: zmq.Context | None = None,
-                 hello_retry_s: float = 0.5) -> None:
+                 hello_retry_s: float = 0.5, curve: CurveKeys | None = None) -> None:
         self.address, self.hello = address, hello
         self.hello_retry_s = hello_retry_s
+        self.curve = curve
+        self._description: P.Description | None = None
+        self._lost_at: float | None = None
+        """When the session was lost (None: connected, or never connected yet)."""
+        self._ever_welcomed = False
         self.welcome: P.Welcome | None = None
         self.stats = ClientStats()
         self.last_error: P.Error | None = None
@@ -85,29 +102,60 @@ class PolicyClient:
 
     def close(self) -> None:
         if self._sock is not None:
-            if self.welcome is not None:
-                self._send(P.Bye("driver closing"))
-            self._sock.close(0)
+            sent = self.welcome is not None and self._send(P.Bye("driver closing"))
+            self._sock.close(100 if sent else 0)  # long enough for the bye to leave
             self._sock = None
         self.welcome = None
 
-    def reconnect(self) -> None:
+    def reconnect(self, linger_ms: int = 0) -> None:
         """Fresh socket and handshake in the background (``ready`` turns True on Welcome)."""
         self.stats.reconnects += 1
         log.warning("reconnecting to %s", self.address)
-        self._new_socket()
+        self._new_socket(linger_ms)
 
-    def _new_socket(self) -> None:
+    @property
+    def offline_now(self) -> float:
+        """``stats.offline_s`` plus the current time without a session, if any."""
+        gap = time.monotonic() - self._lost_at if self._lost_at is not None else 0.0
+        return self.stats.offline_s + gap
+
+    def _session_lost(self, why: str) -> None:
+        if self._ever_welcomed and self._lost_at is None:
+            self._lost_at = time.monotonic()
+            self.stats.lost += 1
+            log.warning("lost the server at %s (%s): holding the robot and reconnecting", self.address, why)
+
+    def describe(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The served policy's metadata (``describe``: works before and without a Hello)."""
+        if self._sock is None:
+            self._new_socket()
+        rid = next(self._ids)
+        deadline, next_send = time.monotonic() + timeout_s, 0.0
+        self._description = None
+        while time.monotonic() < deadline:
+            if time.monotonic() >= next_send and self._send(P.Describe(rid)):
+                next_send = time.monotonic() + self.hello_retry_s  # IMMEDIATE may drop it: resend
+            self._pump(min(0.05, max(0.0, deadline - time.monotonic())))
+            d = self._description
+            if d is not None and d.request_id == rid:
+                return d.metadata
+        raise HandshakeError(f"no description from {self.address} within {timeout_s:.1f} s")
+
+    def _new_socket(self, linger_ms: int = 0) -> None:
         if self._sock is not None:
-            self._sock.close(0)
+            self._sock.close(linger_ms)
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)  # refused before buffering
+        if self.curve is not None:
+            self.curve.apply(s, server=False)
         s.setsockopt(zmq.IMMEDIATE, 1)  # never queue requests for a server that is not there
         s.setsockopt(zmq.RECONNECT_IVL, 100)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         s.connect(self.address)
         self._sock, self.welcome, self.last_error = s, None, None
         self._outstanding, self._hello_sent = None, -1e9
+        self._description = None
 
     def _maybe_send_hello(self) -> None:
         if self.welcome is None and time.monotonic() - self._hello_sent > self.hello_retry_s:
@@ -152,6 +200,7 @@ class PolicyClient:
         self._outstanding = None
         if timed_out:
             self.stats.timeouts += 1
+            self._session_lost("request timed out")
             self.reconnect()
 
     def send_transition(self, tr: P.Transition) -> bool:
@@ -211,22 +260,33 @@ class PolicyClient:
         if isinstance(msg, P.Welcome):
             if self.welcome is None:
                 self.welcome = msg
+                self._ever_welcomed = True
+                if self._lost_at is not None:
+                    gap = time.monotonic() - self._lost_at
+                    self.stats.offline_s += gap
+                    self._lost_at = None
+                    log.warning("server back at %s after %.1f s (session %s)", self.address, gap, msg.session)
                 for w in msg.warnings:
                     log.warning("server: %s", w)
+            return None
+        if isinstance(msg, P.Description):
+            self._description = msg
             return None
         if isinstance(msg, P.Heartbeat):
             self._pong[msg.seq] = time.monotonic()
             return None
         if isinstance(msg, P.Bye):
             log.warning("server said bye: %s", msg.reason)
-            self.reconnect()
+            self._session_lost(f"bye: {msg.reason}")
+            self._send(P.Bye("ack"))  # the server waits for this before it closes the connection
+            self.reconnect(linger_ms=100)
             return None
         if isinstance(msg, P.Error):
             self.stats.errors += 1
             self.last_error = msg
             mine = msg.request_id is not None and msg.request_id == self._outstanding
             if msg.code == P.ErrorCode.NO_SESSION and self.welcome is not None:
-                log.warning("server lost our session (restarted?): handshaking again")
+                self._session_lost("the server no longer knows our session (restarted?)")
                 self._new_socket()
                 self.stats.reconnects += 1
                 return msg if mine else None

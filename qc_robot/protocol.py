@@ -26,6 +26,14 @@ ARRAY_EXT = 1
 """msgpack ExtType code of an ndarray."""
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_NDIM = 16
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+"""Every integer field lies in the int64 range (identifiers go into HDF5 attrs and numpy)."""
+NON_NEGATIVE_FIELDS = frozenset({
+    "hello.action_dim", "observation.request_id", "observation.episode_id", "observation.step",
+    "transition.episode_id", "transition.start_step", "describe.request_id",
+    "subscribe.from_seq", "subscribe.window", "ack.seq", "ack.persisted_seq", "policy_push.version",
+})  # fmt: skip
+"""``type.field`` integers a receiver refuses when negative (what peers send to the server)."""
 ALLOWED_DTYPES: tuple[str, ...] = (
     "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
     "float16", "float32", "float64",
@@ -42,17 +50,23 @@ class ErrorCode:
     SPEC_MISMATCH = "spec_mismatch"  # driver and policy disagree (obs, action dim, rate)
     BAD_OBSERVATION = "bad_observation"  # missing key, wrong shape/dtype, NaN/inf
     POLICY_ERROR = "policy_error"  # inference failed or produced NaN / wrong shape
+    BAD_TRANSITION = "bad_transition"  # transition refused (message names the field); episode kept
     TOO_MANY_CLIENTS = "too_many_clients"
     SUPERSEDED = "superseded"  # a newer observation from the same driver replaced this one
+    RATE_LIMITED = "rate_limited"  # this peer sent too many bad messages: further ones are dropped
     INTERNAL = "internal"
 
 
 class ProtocolError(ValueError):
-    """A message that cannot be decoded or does not follow the protocol; ``code`` is an ErrorCode."""
+    """A message that cannot be decoded or does not follow the protocol; ``code`` is an ErrorCode.
 
-    def __init__(self, message: str, code: str = ErrorCode.BAD_MESSAGE) -> None:
+    ``request_id`` is the message's ``request_id`` when it could be read (an int in range), so
+    an error reply can name the request it refuses."""
+
+    def __init__(self, message: str, code: str = ErrorCode.BAD_MESSAGE, request_id: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.request_id = request_id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,10 +209,29 @@ class Error(Message):
 
 @dataclass
 class Bye(Message):
-    """Either direction: the sender is closing the session."""
+    """Either direction: the sender is closing the session. A driver answers the server's Bye
+    with a Bye of its own (so the server knows it was read); the server never answers one."""
 
     TYPE: ClassVar[str] = "bye"
     reason: str = ""
+
+
+@dataclass
+class Describe(Message):
+    """Driver → server, any time (no session needed): ask what policy is served."""
+
+    TYPE: ClassVar[str] = "describe"
+    request_id: int | None = None
+    """Echoed in the Description, so a driver can match it."""
+
+
+@dataclass
+class Description(Message):
+    """Server → driver, answer to Describe: the same ``metadata`` map a Welcome carries."""
+
+    TYPE: ClassVar[str] = "description"
+    metadata: dict[str, Any]
+    request_id: int | None = None
 
 
 # -- the learner link (server's learner port; docs/protocol.md section 10) --------------------
@@ -278,8 +311,13 @@ class PolicyAck(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     c.TYPE: c for c in (Hello, Welcome, Observation, Chunk, Transition, Heartbeat, Error, Bye,
-                        Subscribe, Subscribed, TransitionBatch, Ack, PolicyPush, PolicyAck)
+                        Describe, Description, Subscribe, Subscribed, TransitionBatch, Ack, PolicyPush,
+                        PolicyAck)
 }
+DRIVER_TYPES = frozenset({"hello", "observation", "transition", "heartbeat", "bye", "describe"})
+"""What a driver may send to the driver port; anything else is refused with ``unknown_type``."""
+LEARNER_TYPES = frozenset({"subscribe", "ack", "heartbeat", "policy_push", "bye"})
+"""What a learner may send to the learner port."""
 
 
 def obs_spec_to_wire(fields: Any) -> list[dict[str, Any]]:
@@ -367,18 +405,36 @@ def encode(msg: Message) -> bytes:
         raise ProtocolError(f"cannot encode {msg.TYPE}: {e}") from None
 
 
-def decode(data: bytes | bytearray | memoryview) -> Message:
-    """Parse and validate one message; raises ProtocolError (with ``code``) on anything wrong."""
+def decode(data: bytes | bytearray | memoryview, accept: frozenset[str] | None = None) -> Message:
+    """Parse and validate one message; raises ProtocolError (with ``code``) on anything wrong.
+
+    ``accept``: the message types this receiver takes; a known type outside it is refused with
+    ``unknown_type`` before its fields are checked (so an incomplete server-only message gets
+    the same answer as a complete one). The error carries the ``request_id`` when it is readable.
+    """
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        body = msgpack.unpackb(bytes(data), raw=False, ext_hook=_ext_hook, strict_map_key=True, timestamp=0)
+        body = msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=True, timestamp=0)
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises many types on garbage: report them all the same way
         raise ProtocolError(f"undecodable message ({type(e).__name__}: {e})") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"message must be a map, got {type(body).__name__}")
+    rid = body.get("request_id")
+    rid = rid if type(rid) is int and 0 <= rid <= INT_MAX else None
+    try:
+        return _from_body(body, accept)
+    except ProtocolError as e:
+        e.request_id = rid
+        raise
+
+
+def _from_body(body: dict[Any, Any], accept: frozenset[str] | None) -> Message:
+    for k in body:
+        if not isinstance(k, str):
+            raise ProtocolError(f"message map keys must be strings, got {type(k).__name__}")
     version = body.get("v")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ProtocolError("message has no integer protocol version 'v'")
@@ -389,6 +445,8 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}", ErrorCode.UNKNOWN_TYPE)
+    if accept is not None and kind not in accept:
+        raise ProtocolError(f"this receiver does not take {kind!r} messages", ErrorCode.UNKNOWN_TYPE)
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -396,7 +454,10 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ProtocolError(f"{kind}: missing field {f.name!r}")
             continue
-        kwargs[f.name] = _check(body[f.name], hints[f.name], f"{kind}.{f.name}")
+        value = _check(body[f.name], hints[f.name], f"{kind}.{f.name}")
+        if type(value) is int and value < 0 and f"{kind}.{f.name}" in NON_NEGATIVE_FIELDS:
+            raise ProtocolError(f"{kind}.{f.name}: must be >= 0, got {value}")
+        kwargs[f.name] = value
     return cls(**kwargs)  # unknown keys are ignored: later minor revisions may add fields
 
 
@@ -426,6 +487,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     if tp is int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ProtocolError(f"{where}: expected int, got {type(value).__name__}")
+        if not INT_MIN <= value <= INT_MAX:
+            raise ProtocolError(f"{where}: {value} is outside the int64 range")
         return value
     if tp is float:
         if not isinstance(value, int | float) or isinstance(value, bool):
@@ -452,6 +515,9 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ProtocolError(f"{where}: expected map, got {type(value).__name__}")
         _, inner = typing.get_args(tp)
+        for k in value:
+            if not isinstance(k, str):  # msgpack lets bin keys through strict_map_key
+                raise ProtocolError(f"{where}: map keys must be strings, got {type(k).__name__} {k!r:.40}")
         return {k: _check(v, inner, f"{where}[{k!r}]") for k, v in value.items()}
     raise ProtocolError(f"{where}: unsupported field type {tp}")  # pragma: no cover
 

@@ -5,12 +5,19 @@ inference runs on worker threads that hand encoded replies back over an inproc s
 inference never stalls heartbeats or other drivers' handshakes. Each driver has at most one
 queued observation: a newer one supersedes it (answered with an Error ``superseded``), so the
 queue is bounded by the number of drivers and nobody receives answers to stale observations.
+
+Robustness (docs/protocol.md section 11): a failure while handling one message becomes that
+message's error reply; a thread that dies anyway marks the server failed (``failure``) and
+``qc-robot serve`` exits non-zero so a supervisor restarts it. ZeroMQ refuses oversized messages
+before buffering them (``MAXMSGSIZE``); error replies and their log lines are rate limited per
+peer, with counts in ``stats``.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import signal
 import threading
@@ -32,11 +39,15 @@ from qc_robot.server.checks import (
 )
 from qc_robot.server.config import ServeConfig
 from qc_robot.server.episode_log import EpisodeLogger
-from qc_robot.server.learner_link import LearnerLink
+from qc_robot.server.learner_link import CurveKeys, LearnerLink
+from qc_robot.server.metadata import policy_metadata
+from qc_robot.server.ratelog import RateLimitedLog, TokenBuckets
 
 log = logging.getLogger("qc_robot.server")
 _LOCAL_PREFIXES = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")
 _ids = itertools.count()
+EXIT_THREAD_DIED = 70
+"""``qc-robot serve``'s exit code when one of its threads died (EX_SOFTWARE)."""
 
 
 @dataclass
@@ -50,6 +61,9 @@ class _Session:
     """From the driver's Hello meta: recorded with each logged episode."""
     last_version: str = ""
     """Policy version of the last chunk sent to this driver (stamped on its transitions)."""
+    episode_id: int = -1
+    """Episode and start_step of the last accepted transition (step order)."""
+    last_start: int = -1
 
 
 @dataclass
@@ -66,6 +80,11 @@ class ServerStats:
     received: int = 0
     chunks: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    """Refused messages by error code (answered or not)."""
+    unanswered: int = 0
+    """Error replies not sent because the peer (or all peers together) exceeded its error budget."""
+    transitions: int = 0
+    """Transitions accepted (validated, then journaled/logged)."""
     clipped_elements: int = 0
     clipped_chunks: int = 0
 
@@ -79,10 +98,21 @@ class ControlServer:
     def __init__(self, policy: Policy, bind: str = "tcp://127.0.0.1:5555", *, workers: int = 1,
                  max_clients: int = 8, heartbeat_s: float = 1.0, session_timeout_s: float = 10.0,
                  episode_logger: EpisodeLogger | None = None, allow_remote: bool = False,
-                 context: zmq.Context | None = None, learner_link: LearnerLink | None = None) -> None:
-        if not allow_remote and not bind.startswith(_LOCAL_PREFIXES):
-            raise ValueError(f"refusing to bind {bind}: the protocol is unauthenticated; use loopback/ipc "
-                             "or set allow_remote=true on a trusted network")
+                 context: zmq.Context | None = None, learner_link: LearnerLink | None = None,
+                 curve: CurveKeys | None = None, insecure_remote: bool = False, bye_grace_s: float = 0.5,
+                 error_burst: float = 20.0, error_rate: float = 10.0, errors_total_rate: float = 200.0) -> None:
+        if not bind.startswith(_LOCAL_PREFIXES):
+            if not allow_remote:
+                raise ValueError(f"refusing to bind {bind}: use loopback/ipc, or set allow_remote=true with CURVE "
+                                 "keys (curve_secret_key + driver_authorized_dir)")
+            if (curve is None or not curve.authorized_dir) and not insecure_remote:
+                raise ValueError(f"refusing to bind {bind} without CURVE keys: anyone who reaches the port could "
+                                 "drive the robot; set curve_secret_key and driver_authorized_dir, or "
+                                 "insecure_remote=true on a network you trust")
+        if curve is not None and not curve.authorized_dir:
+            raise ValueError("CURVE on the driver port needs a directory of authorized driver keys")
+        self.curve = curve
+        self.bye_grace_s = bye_grace_s
         self.policy, self.spec, self.bind = policy, policy.spec, bind
         self.workers, self.max_clients = max(1, workers), max_clients
         self.heartbeat_s, self.session_timeout_s = heartbeat_s, session_timeout_s
@@ -94,9 +124,16 @@ class ControlServer:
         if learner_link is not None:
             learner_link.attach(self)
         self.stats = ServerStats()
+        self.metadata = policy_metadata(policy)
         self.address = ""
         """The bound endpoint (a concrete port when ``bind`` asked for ``*``)."""
-        self._ctx = context or zmq.Context.instance()
+        self.failure: BaseException | None = None
+        """Set when a server thread died: the process should exit non-zero (``run_serve`` does)."""
+        self._own_ctx = curve is not None and context is None  # ZAP authenticators are per context
+        self._ctx = zmq.Context() if self._own_ctx else (context or zmq.Context.instance())
+        self._auth: Any = None
+        self._warn = RateLimitedLog(log)
+        self._budget = TokenBuckets(error_burst, error_rate, 10 * error_burst, errors_total_rate)
         self._sessions: dict[bytes, _Session] = {}
         self._slots: dict[bytes, _Job] = {}
         self._slots_lock = threading.Lock()
@@ -110,9 +147,9 @@ class ControlServer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 5.0) -> ControlServer:
-        loop = threading.Thread(target=self._loop, name="qc-server-loop", daemon=True)
-        self._threads = [loop] + [threading.Thread(target=self._worker, name=f"qc-infer-{i}", daemon=True)
-                                  for i in range(self.workers)]
+        loop = threading.Thread(target=self._guard, args=(self._loop,), name="qc-server-loop", daemon=True)
+        self._threads = [loop] + [threading.Thread(target=self._guard, args=(self._worker,), name=f"qc-infer-{i}",
+                                                   daemon=True) for i in range(self.workers)]
         loop.start()
         if not self._bound.wait(timeout) or self._start_error is not None:
             self._stop.set()
@@ -134,14 +171,48 @@ class ControlServer:
         for _ in range(self.workers):
             self._ready.put(None)
         for t in self._threads:
-            t.join(timeout)
+            t.join(timeout + self.bye_grace_s)
         if self.logger is not None:
             self.logger.close()
         if self.link is not None:
             self.link.stop(timeout)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_ctx and not any(t.is_alive() for t in self._threads):
+            self._ctx.term()
+
+    def alive(self) -> bool:
+        """False once any thread of the server, its episode logger or its learner link has died."""
+        return self.dead_thread() is None
+
+    def dead_thread(self) -> str | None:
+        """Name of a thread that died (None: all running, or stopped on purpose)."""
+        if self.failure is not None:
+            return f"server thread ({type(self.failure).__name__}: {self.failure})"
+        if self._stop.is_set():
+            return None
+        if self.logger is not None and not self.logger.alive:
+            return f"episode logger ({self.logger.failure})"
+        if self.link is not None and not self.link.alive:
+            return f"learner link ({self.link.failure})"
+        if any(not t.is_alive() for t in self._threads):
+            return "a server thread exited"
+        return None
+
+    def _guard(self, target: Any) -> None:
+        """Run a thread's body; a body that raises marks the server failed instead of leaving a live
+        process that answers nothing (every expected failure is handled per message inside)."""
+        try:
+            target()
+        except BaseException as e:
+            self.failure = e
+            log.critical("server thread %s died: the server must be restarted", threading.current_thread().name,
+                         exc_info=True)
 
     def swap_policy(self, policy: Policy, version: int) -> None:
         """Serve ``policy`` from the next chunk on; a chunk in inference keeps the policy it started with."""
+        self.metadata = policy_metadata(policy, str(policy.spec.version))
         self.policy, self.spec, self.policy_version = policy, policy.spec, version
 
     def __enter__(self) -> ControlServer:
@@ -152,18 +223,34 @@ class ControlServer:
 
     # -- socket loop ---------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _open_router(self) -> zmq.Socket:
         router = self._ctx.socket(zmq.ROUTER)
-        results = self._ctx.socket(zmq.PULL)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)  # refused by libzmq before buffering
+        router.setsockopt(zmq.RCVHWM, 64)  # per connection: bounds what a flooding peer can queue
+        router.setsockopt(zmq.SNDHWM, 256)  # replies to a peer that never reads are dropped beyond this
+        if self.curve is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=self.curve.authorized_dir)
+            self.curve.apply(router, server=True)
+        return router
+
+    def _loop(self) -> None:
+        router = results = None
         try:
-            router.setsockopt(zmq.LINGER, 0)
+            router = self._open_router()
+            results = self._ctx.socket(zmq.PULL)
             _bind_retrying(router, self.bind)
             results.bind(self._results)
             self.address = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, OSError) as e:
             self._start_error = e
-            router.close(0)
-            results.close(0)
+            for sock in (router, results):
+                if sock is not None:
+                    sock.close(0)
             self._bound.set()
             return
         self._bound.set()
@@ -174,25 +261,16 @@ class ControlServer:
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(50))
-                for _ in range(256 if router in events else 0):  # bounded drain: stay responsive
-                    try:
-                        frames = router.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._on_frames(router, frames)
-                for _ in range(256 if results in events else 0):
-                    try:
-                        ident, reply, version = results.recv_multipart(zmq.NOBLOCK)
-                        router.send_multipart([ident, reply])
-                    except zmq.Again:
-                        break
-                    if ident in self._sessions and version:
-                        self._sessions[ident].last_version = version.decode()
+                if router in events:
+                    for _ in range(16):  # bounded drain, then replies: a flood never delays chunks much
+                        self._send_results(router, results)
+                        if not self._drain(router, 16):
+                            break
+                self._send_results(router, results)
                 if time.monotonic() > next_sweep:
                     self._expire_sessions()
                     next_sweep = time.monotonic() + 0.5
-            for s in self._sessions.values():  # tell drivers we are going (best effort)
-                router.send_multipart([s.ident, P.encode(P.Bye("server stopping"))], zmq.NOBLOCK)
+            self._say_bye(router)
         finally:
             if self.logger is not None:
                 for s in self._sessions.values():
@@ -200,19 +278,79 @@ class ControlServer:
             router.close(0)
             results.close(0)
 
-    def _reply(self, router: zmq.Socket, ident: bytes, msg: P.Message) -> None:
+    def _drain(self, router: zmq.Socket, n: int) -> bool:
+        """Handle up to ``n`` waiting messages; False when none are left."""
+        for _ in range(n):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            self._on_frames(router, frames)
+        return True
+
+    def _send_results(self, router: zmq.Socket, results: zmq.Socket) -> None:
+        for _ in range(256):
+            try:
+                ident, reply, version = results.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._send(router, ident, reply)
+            if ident in self._sessions and version:
+                self._sessions[ident].last_version = version.decode()
+
+    def _say_bye(self, router: zmq.Socket) -> None:
+        """Tell every driver we are going, then keep the connections open until each has answered
+        with its own bye (or ``bye_grace_s`` passed): a driver with IMMEDIATE=1 loses unread
+        messages the moment the connection closes, so closing at once would drop the bye."""
+        waiting = set(self._sessions)
+        for ident in waiting:
+            self._reply(router, ident, P.Bye("server stopping"))
+        deadline = time.monotonic() + self.bye_grace_s
+        while waiting and time.monotonic() < deadline:
+            if not router.poll(max(1, int((deadline - time.monotonic()) * 1e3))):
+                break
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            if len(frames) == 2 and frames[0] in waiting:
+                try:
+                    if isinstance(P.decode(frames[1], P.DRIVER_TYPES), P.Bye):
+                        waiting.discard(frames[0])
+                except P.ProtocolError:
+                    pass
+
+    def _send(self, router: zmq.Socket, ident: bytes, data: bytes) -> None:
         try:
-            router.send_multipart([ident, P.encode(msg)], zmq.NOBLOCK)
+            router.send_multipart([ident, data], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # a vanished or flooded peer must not stop the loop
-            log.warning("could not reply to %s: %s", ident.hex(), e)
+            self._warn.warn("send", "could not reply to %s: %s", ident.hex(), e)
+
+    def _reply(self, router: zmq.Socket, ident: bytes, msg: P.Message) -> None:
+        self._send(router, ident, P.encode(msg))
 
     def _error(self, router: zmq.Socket, ident: bytes, code: str, message: str,
                request_id: int | None = None) -> None:
+        """Refuse one message: counted always; answered and logged within the peer's error budget."""
         self.stats.error(code)
-        log.warning("driver %s: %s: %s", ident.hex(), code, message)
-        self._reply(router, ident, P.Error(code, message, request_id))
+        session = self._sessions.get(ident)
+        if code != P.ErrorCode.SUPERSEDED and not self._budget.take(ident):
+            self.stats.unanswered += 1
+            return
+        who = f"driver {session.driver!r} ({session.id})" if session else f"peer {ident.hex()}"
+        self._warn.warn(code, "%s: %s: %.300s", who, code, message)
+        self._reply(router, ident, P.Error(code, message[:2000], request_id))
 
     def _on_frames(self, router: zmq.Socket, frames: list[bytes]) -> None:
+        """Handle one incoming message; whatever goes wrong becomes this message's error reply."""
+        try:
+            self._handle(router, frames)
+        except Exception as e:  # a bug in handling one message must not stop the socket loop
+            log.exception("internal error handling a message from %s", frames[0].hex())
+            rid = _request_id(frames[1]) if len(frames) == 2 else None
+            self._error(router, frames[0], P.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}", rid)
+
+    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
         ident = frames[0]
         self.stats.received += 1
         if len(frames) != 2:
@@ -220,9 +358,9 @@ class ControlServer:
                         f"expected exactly one frame after the routing id, got {len(frames) - 1}")
             return
         try:
-            msg = P.decode(frames[1])
+            msg = P.decode(frames[1], P.DRIVER_TYPES)
         except P.ProtocolError as e:
-            self._error(router, ident, e.code, str(e))
+            self._error(router, ident, e.code, str(e), e.request_id)
             return
         now = time.monotonic()
         session = self._sessions.get(ident)
@@ -230,6 +368,8 @@ class ControlServer:
             session.last_seen = now
         if isinstance(msg, P.Heartbeat):
             self._reply(router, ident, P.Heartbeat(msg.seq, time.time()))
+        elif isinstance(msg, P.Describe):
+            self._reply(router, ident, P.Description(self.metadata, msg.request_id))
         elif isinstance(msg, P.Hello):
             self._on_hello(router, ident, msg, now)
         elif isinstance(msg, P.Bye):
@@ -252,19 +392,35 @@ class ControlServer:
                 self._error(router, ident, P.ErrorCode.NO_SESSION, "transition before handshake")
             else:
                 self._on_transition(router, ident, session, msg, frames[1])
-        else:
+        else:  # pragma: no cover - decode(accept=DRIVER_TYPES) refuses every other type
             self._error(router, ident, P.ErrorCode.UNKNOWN_TYPE, f"a driver may not send {msg.TYPE!r}")
 
     def _on_transition(self, router: zmq.Socket, ident: bytes, session: _Session, msg: P.Transition,
                        raw: bytes) -> None:
+        """Check against the served spec and the session's step order, then journal and log.
+
+        A refused transition gets ``bad_transition`` naming the field; the episode's other
+        transitions are unaffected (the log records the gap as ``missing_steps``)."""
+        try:
+            tr = check_transition(self.spec, msg)
+            if msg.episode_id == session.episode_id and msg.start_step <= session.last_start:
+                raise ValueError(f"transition.start_step {msg.start_step} is out of order: episode {msg.episode_id}'s "
+                                 f"last transition started at step {session.last_start}")
+        except ValueError as e:
+            self._error(router, ident, P.ErrorCode.BAD_TRANSITION, str(e))
+            return
+        session.episode_id, session.last_start = msg.episode_id, msg.start_step
+        if not tr.policy_version and session.last_version:
+            tr.policy_version = session.last_version
         try:
             if self.link is not None:  # journaled first: the learner's copy is the durable one
-                check_transition(msg)
                 self.link.record(session.id, session.driver, msg.policy_version or session.last_version, raw)
             if self.logger is not None:
-                self.logger.add(session.id, session.driver, msg, session.calibration_id)
-        except ValueError as e:
-            self._error(router, ident, P.ErrorCode.BAD_MESSAGE, str(e))
+                self.logger.add(session.id, session.driver, tr, session.calibration_id)
+        except (OSError, ValueError) as e:  # disk full, journal record too large, ...
+            self._error(router, ident, P.ErrorCode.INTERNAL, f"could not record the transition: {e}")
+            return
+        self.stats.transitions += 1
 
     def _on_hello(self, router: zmq.Socket, ident: bytes, hello: P.Hello, now: float) -> None:
         if ident not in self._sessions and len(self._sessions) >= self.max_clients:
@@ -275,7 +431,7 @@ class ControlServer:
             self._error(router, ident, P.ErrorCode.SPEC_MISMATCH, "; ".join(problems))
             return
         if ident in self._sessions:
-            self._drop(ident)  # a repeated Hello restarts the session
+            self._drop(ident)  # a repeated Hello restarts the session (a refused one keeps the old)
         s = _Session(ident, uuid.uuid4().hex[:12], hello.driver, now,
                      calibration_id=str(hello.meta.get("calibration_id", "") or ""))
         self._sessions[ident] = s
@@ -286,7 +442,8 @@ class ControlServer:
             chunk_len=spec.chunk_len, control_hz=float(spec.control_hz), action_low=spec.action_low,
             action_high=spec.action_high, policy_version=str(spec.version), actor_type=spec.actor_type,
             heartbeat_s=self.heartbeat_s, session_timeout_s=self.session_timeout_s,
-            log_transitions=self.logger is not None or self.link is not None, warnings=warnings))
+            log_transitions=self.logger is not None or self.link is not None, warnings=warnings,
+            metadata=self.metadata))
 
     def _enqueue(self, router: zmq.Socket, job: _Job) -> None:
         with self._slots_lock:
@@ -312,6 +469,7 @@ class ControlServer:
             if now - s.last_seen > self.session_timeout_s:
                 log.info("driver %r (session %s) silent for %.1f s: dropped", s.driver, s.id, now - s.last_seen)
                 self._drop(ident)
+                self._budget.forget(ident)
 
     # -- inference workers ---------------------------------------------------------------------
 
@@ -362,8 +520,20 @@ class ControlServer:
 
     def _worker_error(self, code: str, message: str, rid: int) -> P.Error:
         self.stats.error(code)
-        log.warning("request %d: %s: %s", rid, code, message)
+        self._warn.warn(f"worker-{code}", "request %d: %s: %.300s", rid, code, message)
         return P.Error(code, message, rid)
+
+
+def _request_id(data: bytes) -> int | None:
+    """The ``request_id`` of ``data`` where it can be read (for an internal error's reply)."""
+    try:
+        msg = P.decode(data)
+    except P.ProtocolError as e:
+        return e.request_id
+    except Exception:
+        return None
+    rid = getattr(msg, "request_id", None)
+    return rid if isinstance(rid, int) else None
 
 
 def load_policy(ref: str, threads: int = 1, providers: str = "auto") -> Policy:
@@ -393,26 +563,48 @@ def run_serve(cfg: ServeConfig) -> int:
         log.error("cannot load policy %r: %s", cfg.policy, e)
         return 2
     logger = None
-    if cfg.log_dir:
-        logger = EpisodeLogger(cfg.log_dir, _env_args(policy))
-        log.info("logging served episodes to %s", logger.path)
     try:
+        curve = _driver_curve(cfg)
+        if cfg.log_dir:
+            logger = EpisodeLogger(cfg.log_dir, _env_args(policy))
+            log.info("logging served episodes to %s", logger.path)
         link = _learner_link(cfg)
         server = ControlServer(policy, cfg.bind, workers=cfg.workers, max_clients=cfg.max_clients,
                                heartbeat_s=cfg.heartbeat_s, session_timeout_s=cfg.session_timeout_s,
-                               episode_logger=logger, allow_remote=cfg.allow_remote, learner_link=link)
+                               episode_logger=logger, allow_remote=cfg.allow_remote, learner_link=link,
+                               curve=curve, insecure_remote=cfg.insecure_remote)
         server.start()
     except (ValueError, RuntimeError, OSError) as e:
         log.error("%s", e)
+        if logger is not None:
+            logger.close()
         return 2
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
+    code = 0
     while not done.wait(0.5):
-        pass
+        dead = server.dead_thread()
+        if dead is not None:  # never a live process that answers nothing: let a supervisor restart us
+            log.critical("%s died: exiting with code %d", dead, EXIT_THREAD_DIED)
+            code = EXIT_THREAD_DIED
+            break
     server.stop()
-    log.info("stopped: %d chunks served, errors %s", server.stats.chunks, server.stats.errors or "none")
+    log.info("stopped: %d chunks served, %d transitions, errors %s (%d unanswered)", server.stats.chunks,
+             server.stats.transitions, server.stats.errors or "none", server.stats.unanswered)
+    if code:
+        logging.shutdown()
+        os._exit(code)  # a wedged thread must not keep the process alive
     return 0
+
+
+def _driver_curve(cfg: ServeConfig) -> CurveKeys | None:
+    """CURVE keys for the driver port (None: keyless, only allowed on loopback or when insecure)."""
+    if not cfg.driver_authorized_dir:
+        return None
+    if not cfg.curve_secret_key:
+        raise ValueError("driver_authorized_dir needs curve_secret_key (the server's key pair)")
+    return CurveKeys.from_files(cfg.curve_secret_key, authorized_dir=cfg.driver_authorized_dir)
 
 
 def _learner_link(cfg: ServeConfig) -> LearnerLink | None:

@@ -5,6 +5,7 @@ Pure functions over numpy and the protocol's wire types, so each rule is tested 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,7 @@ def check_observation(spec: PolicySpec, obs: dict[str, Any]) -> dict[str, np.nda
     out: dict[str, np.ndarray] = {}
     for f in spec.obs_fields:
         if f.key not in obs:
-            raise ValueError(f"observation lacks key {f.key!r} (got {sorted(obs)})")
+            raise ValueError(f"observation lacks key {f.key!r} (got {sorted(map(repr, obs))})")
         v = obs[f.key]
         if not isinstance(v, np.ndarray):
             raise ValueError(f"observation {f.key!r} is not an array")
@@ -85,16 +86,54 @@ def sanitize_actions(spec: PolicySpec, actions: Any) -> tuple[np.ndarray, int]:
     return clipped, int(np.count_nonzero(clipped != a))
 
 
-def check_transition(tr: Transition) -> None:
-    """Raise ValueError unless ``tr``'s arrays agree on K (the learner relies on it)."""
-    k = len(tr.actions)
-    if tr.actions.ndim != 2 or k == 0:
-        raise ValueError("transition actions must be (K, A) with K > 0")
-    for name in ("rewards", "terminals", "truncated"):
-        if getattr(tr, name).shape != (k,):
-            raise ValueError(f"transition {name} must have shape ({k},)")
-    for name in ("intervention", "timestamps", "held"):
-        if getattr(tr, name) is not None and getattr(tr, name).shape != (k,):
-            raise ValueError(f"transition {name} must have shape ({k},)")
-    if set(tr.obs) != set(tr.next_obs) or any(len(v) != k for v in [*tr.obs.values(), *tr.next_obs.values()]):
-        raise ValueError("transition obs/next_obs need the same keys and K rows")
+def check_transition(spec: PolicySpec, tr: Transition) -> Transition:
+    """``tr`` checked against the served spec, keeping only the policy's observation keys, cast to
+    their dtypes (actions/rewards float32); ValueError names the first bad field.
+
+    Checked: K > 0 rows everywhere; actions (K, A) with the policy's A; rewards and timestamps
+    (K,); flags (terminals, truncated, intervention, held) (K,) bool; obs and next_obs hold every policy key with shape (K, *shape) and a numeric dtype;
+    every float is finite. Extra observation keys are dropped (as for observations)."""
+    a = tr.actions
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"transition.actions must be (K, A) with K > 0, got shape {list(a.shape)}")
+    k = a.shape[0]
+    if a.shape[1] != spec.action_dim:
+        raise ValueError(f"transition.actions has {a.shape[1]} columns, the policy's action_dim is {spec.action_dim}")
+    _numeric_finite("transition.actions", a)
+    _numeric_finite("transition.rewards", tr.rewards)
+    if tr.rewards.shape != (k,):
+        raise ValueError(f"transition.rewards must have shape ({k},), got {list(tr.rewards.shape)}")
+    for name in ("terminals", "truncated", "intervention", "held"):
+        v = getattr(tr, name)
+        if v is None:
+            continue
+        if v.shape != (k,) or v.dtype != np.bool_:
+            raise ValueError(f"transition.{name} must be bool of shape ({k},), got {v.dtype}{list(v.shape)}")
+    if tr.timestamps is not None:
+        if tr.timestamps.shape != (k,):
+            raise ValueError(f"transition.timestamps must have shape ({k},), got {list(tr.timestamps.shape)}")
+        _numeric_finite("transition.timestamps", tr.timestamps)
+    obs = {which: _check_rows(spec, getattr(tr, which), k, f"transition.{which}") for which in ("obs", "next_obs")}
+    return dataclasses.replace(tr, obs=obs["obs"], next_obs=obs["next_obs"], actions=a.astype(np.float32),
+                               rewards=tr.rewards.astype(np.float32))
+
+
+def _numeric_finite(where: str, v: np.ndarray) -> None:
+    if v.dtype.kind not in "biuf":
+        raise ValueError(f"{where} has non-numeric dtype {v.dtype}")
+    if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+        raise ValueError(f"{where} contains NaN or inf")
+
+
+def _check_rows(spec: PolicySpec, obs: dict[str, Any], k: int, where: str) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for f in spec.obs_fields:
+        if f.key not in obs:
+            raise ValueError(f"{where} lacks key {f.key!r} (got {sorted(map(repr, obs))})")
+        v = obs[f.key]
+        if not isinstance(v, np.ndarray) or v.shape != (k, *f.shape):
+            got = list(v.shape) if isinstance(v, np.ndarray) else type(v).__name__
+            raise ValueError(f"{where}[{f.key!r}] must have shape {[k, *f.shape]}, got {got}")
+        _numeric_finite(f"{where}[{f.key!r}]", v)
+        out[f.key] = v.astype(f.dtype, copy=False)
+    return out

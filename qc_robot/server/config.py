@@ -15,9 +15,17 @@ class ServeConfig:
     bring-up without a trained model (observation key ``state``; e.g. hold:28:5:5 matches
     cube-single, hold:37:5:5 cube-double, hold:10:5:5 the mock driver)."""
     bind: str = "tcp://127.0.0.1:5555"
-    """ZeroMQ endpoint to bind. Loopback by default: the protocol has no authentication."""
+    """ZeroMQ endpoint to bind. Loopback by default (keyless there)."""
     allow_remote: bool = False
-    """Must be true to bind anything but loopback/ipc/inproc (put it behind a trusted network)."""
+    """Must be true to bind anything but loopback/ipc/inproc; then CURVE keys are required
+    (``curve_secret_key`` + ``driver_authorized_dir``) unless ``insecure_remote`` is set."""
+    insecure_remote: bool = False
+    """Allow a non-loopback bind without CURVE: anyone who reaches the port can drive the robot.
+    Only on a network you trust completely."""
+    driver_authorized_dir: str = ""
+    """Directory of the public key files (``*.key``) of drivers allowed on the driver port: turns
+    on CURVE there (encryption and authentication, ZeroMQ ZAP); needs ``curve_secret_key``. A
+    driver whose key is not in it gets no answer at all."""
     threads: int = 1
     """Intra-op threads of the ONNX runtime session."""
     providers: str = "auto"
@@ -46,6 +54,7 @@ class ServeConfig:
     """A learner silent for this long is unsubscribed (its data stays in the journal)."""
     curve_secret_key: str = ""
     """The server's CURVE key file (``name.key_secret`` from ``zmq.auth.create_certificates``):
-    encrypts and authenticates the learner port. Required for a non-loopback ``learner_bind``."""
+    encrypts and authenticates the learner port (and the driver port when
+    ``driver_authorized_dir`` is set). Required for a non-loopback bind."""
     curve_authorized_dir: str = ""
     """Directory of the public key files (``*.key``) of learners allowed to connect."""

@@ -142,6 +142,13 @@ class LearnerLink:
         self._bound = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+        """Set when the link's thread died (the server then exits non-zero)."""
+
+    @property
+    def alive(self) -> bool:
+        """False once the link's thread has died (True before start and after a clean stop)."""
+        return self.failure is None and (self._thread is None or self._stop.is_set() or self._thread.is_alive())
 
     # -- called by the control server ----------------------------------------------------------
 
@@ -154,7 +161,7 @@ class LearnerLink:
                                     "t": time.time(), "transition": transition})
 
     def start(self, timeout: float = 5.0) -> LearnerLink:
-        self._thread = threading.Thread(target=self._loop, name="qc-learner-link", daemon=True)
+        self._thread = threading.Thread(target=self._guarded_loop, name="qc-learner-link", daemon=True)
         self._thread.start()
         if not self._bound.wait(timeout) or self._error is not None:
             self._stop.set()
@@ -180,6 +187,7 @@ class LearnerLink:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished learner raises instead of silently dropping
         sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)  # refused by libzmq before buffering
         if self.curve is not None:
             if self.curve.authorized_dir:
                 from zmq.auth.thread import ThreadAuthenticator
@@ -191,6 +199,13 @@ class LearnerLink:
         sock.bind(self.bind)
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return sock
+
+    def _guarded_loop(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # every per-message failure is handled inside: this is a bug
+            self.failure = e
+            log.critical("learner link thread died", exc_info=True)
 
     def _loop(self) -> None:
         try:
@@ -208,7 +223,11 @@ class LearnerLink:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._on_frames(sock, frames)
+                        try:
+                            self._on_frames(sock, frames)
+                        except Exception as e:  # one message's failure is that message's error
+                            log.exception("internal error handling a learner message")
+                            self._send(sock, frames[0], P.Error(P.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
                 now = time.monotonic()
                 for sub in list(self._subs.values()):
                     if now - sub.last_seen > self.timeout_s:
@@ -253,9 +272,9 @@ class LearnerLink:
             self._send(sock, ident, P.Error(P.ErrorCode.BAD_MESSAGE, "expected one frame after the routing id"))
             return
         try:
-            msg = P.decode(frames[1])
+            msg = P.decode(frames[1], P.LEARNER_TYPES)
         except P.ProtocolError as e:
-            self._send(sock, ident, P.Error(e.code, str(e)))
+            self._send(sock, ident, P.Error(e.code, str(e), e.request_id))
             return
         now = time.monotonic()
         sub = self._subs.get(ident)
