@@ -47,7 +47,8 @@ class LeRobotConfig:
     """LeRobot robot config type (``--robot.type`` of ``lerobot-record``)."""
     robot_args: dict[str, Any] = field(default_factory=dict)
     """That config's fields, e.g. ``{port: /dev/ttyACM0, id: my_arm, max_relative_target: 10}``."""
-    control_hz: float = 30.0
+    control_hz: float = 20.0
+    """The rate policies are trained at here (the sim tasks' 20 Hz; LeRobot records at 30)."""
     max_episode_steps: int = 0
     """0: episodes end only by the operator or the task."""
     action_mode: str = "delta"
@@ -66,6 +67,8 @@ class LeRobotConfig:
     """Duration of the move to ``home`` (interpolated at the control rate)."""
     stop_torque_off: bool = False
     """``stop()`` switches torque off (the arm falls!) instead of holding where it is."""
+    read_retries: int = 1
+    """Immediate retries of a failed bus read (a dropped status packet) before it counts as an error."""
     max_io_errors: int = 5
     """Consecutive failed bus reads/writes tolerated (stale observation / skipped command) before raising."""
     obs_key: str = "state"
@@ -270,12 +273,23 @@ class LeRobotDriver(Driver):
         return self.get_observation()
 
     # -- observation ----------------------------------------------------------------------------------
+    def _observe(self) -> dict[str, Any]:
+        """The robot's observation dict; a failed read is retried ``read_retries`` times at once."""
+        for attempt in range(self.cfg.read_retries + 1):
+            try:
+                return self.robot.get_observation()
+            except Exception as e:  # a dropped packet: the next try usually gets through
+                if attempt == self.cfg.read_retries:
+                    raise
+                log.info("read failed, retrying: %s", e)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _read_joints(self) -> np.ndarray:
-        return self.actions.to_vector(self.robot.get_observation())
+        return self.actions.to_vector(self._observe())
 
     def get_observation(self) -> dict[str, np.ndarray]:
         try:
-            raw = self.robot.get_observation()
+            raw = self._observe()
         except Exception as e:  # a bus glitch is one tick's problem, not the control loop's end
             if self._obs is None or not self._io_error("read", e):
                 raise

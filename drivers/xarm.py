@@ -39,7 +39,8 @@ GRIPPER_OPEN, GRIPPER_CLOSED = 850.0, 0.0  # xArm Gripper position units
 class XArmConfig:
     ip: str = ""
     """Control box address (required), e.g. 192.168.1.203."""
-    control_hz: float = 10.0
+    control_hz: float = 20.0
+    """The rate policies are trained at here (the sim tasks' 20 Hz)."""
     max_episode_steps: int = 0
     step_mm: float = 10.0
     """Tool translation per step for a unit command."""
@@ -226,7 +227,8 @@ class XArmDriver(Driver):
         pos = GRIPPER_OPEN + self._grip * (GRIPPER_CLOSED - GRIPPER_OPEN)
         if self._grip_sent is not None and abs(pos - self._grip_sent) < 1.0:
             return  # unchanged: spare the tool bus a round trip
-        self._check("set_gripper_position", self.arm.set_gripper_position(pos, wait=wait))
+        # wait_motion=False: the SDK would otherwise first wait for the arm's motion to finish
+        self._check("set_gripper_position", self.arm.set_gripper_position(pos, wait=wait, wait_motion=False))
         self._grip_sent = pos
 
     def _apply(self, action: np.ndarray) -> None:

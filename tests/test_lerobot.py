@@ -194,7 +194,7 @@ def test_a_bus_glitch_is_one_ticks_problem(follower) -> None:
         d.get_observation()
     sim.corrupt = False
     np.testing.assert_allclose(d.get_observation()["state"], good["state"], atol=2e-3)
-    assert d.io_errors_total == d.cfg.max_io_errors + 1
+    assert d.io_errors_total == d.cfg.max_io_errors + 1  # each after its immediate retry failed too
 
 
 def test_leader_arm_teleop_records_through_the_session(tmp_path: Path) -> None:
@@ -259,7 +259,7 @@ def test_a_served_episode_runs_through_qc_robot_drive(tmp_path: Path, capsys) ->
     from qc_robot.server.app import ControlServer
 
     sim, args = calibrated_so101("follower", tmp_path)
-    srv = ControlServer(RandomPolicy(simple_spec(6, 6, 5, control_hz=30.0), scale=0.5), "tcp://127.0.0.1:*").start()
+    srv = ControlServer(RandomPolicy(simple_spec(6, 6, 5, control_hz=20.0), scale=0.5), "tcp://127.0.0.1:*").start()
     try:
         cfg = DriveConfig(driver="lerobot", server=srv.address, episodes=1, time_scale=4.0,
                           safety=SafetyConfig(max_delta=[0.2]),
