@@ -11,6 +11,7 @@ existing file, so steps can be run on different days.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,17 @@ class CalibrateConfig:
     kinds: list[str] = field(default_factory=lambda: ["kp", "damping", "armature", "frictionloss"])
     """Physical parameter kinds to fit (calibration.randomization.PARAM_KINDS)."""
     max_delay: int = 4
+    """sysid: largest control delay considered (steps; realtime logs: latencies up to this many periods)."""
     max_iters: int = 12
+    """sysid: evaluation budget of each local least-squares stage."""
+    global_evals: int = 64
+    """sysid: CMA-ES evaluations of the global stage before the local one (0 = local only)."""
+    replay: str = "auto"
+    """sysid/check: how the log is replayed: auto (ticks > timestamps > lockstep by what the log
+    carries) | lockstep | ticks (the command each tick applied, from the log) | timestamps (send
+    times + a fitted latency)."""
+    profile: bool = True
+    """sysid: per-parameter error profiles (ranges, identifiability report)."""
     range_k: float = 3.0
     """Randomization ranges: fitted value ± range_k standard errors ..."""
     range_min_frac: float = 0.1
@@ -112,44 +123,84 @@ def _latency(cfg: CalibrateConfig) -> dict[str, Any]:
 
 
 def _sysid(cfg: CalibrateConfig, out: Path) -> dict[str, Any]:
-    from calibration.sysid import Replayer, identify, load_trajectories, plot_fit
+    from calibration.logs import load_trajectories
+    from calibration.replay import Replayer
+    from calibration.sysid import identify, plot_fit
 
-    trajs = load_trajectories(cfg.dataset, cfg.episodes, cfg.steps)
+    trajs = load_trajectories(cfg.dataset, cfg.task, cfg.episodes, cfg.steps)
     rep = Replayer(cfg.task, cfg.seed)
     try:
         res = identify(cfg.task, trajs, cfg.kinds, cfg.max_delay, cfg.max_iters, cfg.range_k, cfg.range_min_frac,
-                       replayer=rep)
+                       replayer=rep, replay=cfg.replay, global_evals=cfg.global_evals, profile=cfg.profile,
+                       seed=cfg.seed)
         png = cfg.plot or str(out.with_name(f"{out.stem}_sysid.png"))
         plot_fit(cfg.task, trajs, res, png, replayer=rep)
     finally:
         rep.close()
     fit = res.to_dict()
-    print(f"sysid: replay error {res.error_before:.4f} -> {res.error_after:.4f} (x{res.reduction:.1f}); "
-          f"joint pos RMSE {res.joint_pos_rmse[0]:.4f} -> {res.joint_pos_rmse[1]:.4f} rad; control delay "
-          f"{res.delay_steps} steps; {res.evals} replays in {res.seconds:.1f} s; plot {png}")
+    lat = f" (latency {res.latency_ms[0]:.0f}-{res.latency_ms[1]:.0f} ms)" if res.latency_ms else ""
+    print(f"sysid ({res.mode} replay): replay error {res.error_before:.4f} -> global {res.error_global:.4f} -> "
+          f"{res.error_after:.4f} (x{res.reduction:.1f}); joint pos RMSE {res.joint_pos_rmse[0]:.4f} -> "
+          f"{res.joint_pos_rmse[1]:.4f} rad; control delay {res.delay_steps} steps{lat}; {res.evals} replays in "
+          f"{res.seconds:.1f} s; plot {png}")
     for k in cfg.kinds:
         lo, hi = res.ranges[k]
-        print(f"  {k:<13} {res.params[k]:8.4f}  (se {res.sigma[k]:.3f} in fit coords)  range [{lo:.4f}, {hi:.4f}]")
+        ident = res.identifiability.get(k, {})
+        tag = "" if ident.get("identifiable", True) else "  NOT IDENTIFIABLE (see below)"
+        print(f"  {k:<13} {res.params[k]:8.4f}  (se {res.sigma[k]:.3f} in fit coords)  range [{lo:.4f}, {hi:.4f}]{tag}")
+    for k in cfg.kinds:
+        if "statement" in res.identifiability.get(k, {}):
+            print(f"  note: {res.identifiability[k]['statement']}")
     return {"params": res.params, "ranges": res.ranges, "control_delay_steps": res.delay_steps,
             "sigma": res.sigma, "env": cfg.task, "dataset": os.path.abspath(cfg.dataset), "plot": png,
             "fit": {k: v for k, v in fit.items() if k not in ("params", "ranges", "control_delay_steps", "sigma")}}
 
 
-def _check(cfg: CalibrateConfig, cal: Calibration) -> int:
+def _finite_or_fail(value: float, what: str) -> float:
+    """A comparison with NaN is an error, never a pass."""
+    if not math.isfinite(value):
+        raise CalibrationError(f"check: {what} is {value} (cannot compare; the log or the calibration is bad)")
+    return value
+
+
+def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
     """Drift report of a new dataset against the calibration; 1 if anything drifted."""
     import numpy as np
 
     drifted = []
-    if cal.physics is not None and cfg.dataset:
-        from calibration.sysid import Replayer, load_trajectories, obs_scale, residuals, rms
+    if cfg.dataset:
+        from calibration.logs import check_log
 
-        trajs = load_trajectories(cfg.dataset, cfg.episodes, cfg.steps)
+        check_log(cfg.dataset, cfg.task, episodes=None)
+    if cal.physics is not None and cfg.dataset:
+        from calibration.logs import load_trajectories
+        from calibration.replay import Replayer, replay_mode
+        from calibration.sysid import obs_scale, residuals, rms, timing_candidates
+        from sim.tasks import task_spec
+
+        trajs = load_trajectories(cfg.dataset, cfg.task, cfg.episodes, cfg.steps)
+        mode = replay_mode(trajs, cfg.replay)
+        # the calibrated timing: its whole-step delay (lockstep) or latency (realtime, from the log's ticks)
+        cands = timing_candidates(trajs, mode, max(cfg.max_delay, cal.control_delay_steps),
+                                  task_spec(cfg.task).control_hz)
+        lat = (cal.physics.get("fit") or {}).get("latency_ms")
+        if mode == "timestamps" and lat:
+            mid = 0.5 * (lat[0] + lat[1])
+            timing = min(cands, key=lambda c: 0.0 if c.latency_ms[0] <= mid <= c.latency_ms[1]  # type: ignore[index]
+                         else min(abs(c.latency_ms[0] - mid), abs(c.latency_ms[1] - mid)))  # type: ignore[index]
+        else:
+            timing = min(cands, key=lambda c: abs(c.delay_steps - cal.control_delay_steps))
         rep = Replayer(cfg.task, cfg.seed)
-        err = rms(residuals(rep, trajs, cal.physics["params"], cal.control_delay_steps, obs_scale(trajs)))
-        rep.close()
-        ref = float(cal.physics["fit"]["error_after"]) if "fit" in cal.physics else float("nan")
-        bad = bool(err > cfg.drift_factor * ref)
-        print(f"check physics: replay error {err:.4f} (calibrated {ref:.4f}){'  DRIFT' if bad else '  ok'}")
+        try:
+            err = rms(residuals(rep, trajs, cal.physics["params"], timing, obs_scale(trajs)))
+        finally:
+            rep.close()
+        ref = float((cal.physics.get("fit") or {}).get("error_after", float("nan")))
+        _finite_or_fail(err, f"replay error of {cfg.dataset}")
+        _finite_or_fail(ref, f"{where}: physics.fit.error_after (the calibrated replay error)")
+        bad = not err <= cfg.drift_factor * ref
+        print(f"check physics ({mode} replay, timing {timing.label()}): replay error {err:.4f} (calibrated "
+              f"{ref:.4f}, drift above {cfg.drift_factor * ref:.4f}){'  DRIFT' if bad else '  ok'}")
         drifted += ["physics"] if bad else []
     if cal.normalization is not None and cfg.dataset:
         from calibration.normalization import dataset_stats
@@ -157,7 +208,8 @@ def _check(cfg: CalibrateConfig, cal: Calibration) -> int:
         new, old = dataset_stats(cfg.dataset), cal.normalization
         for key in sorted(set(new["obs"]) & set(old["obs"])):
             shift = np.abs(np.subtract(new["obs"][key]["mean"], old["obs"][key]["mean"]))
-            z = float(np.max(shift / (np.asarray(old["obs"][key]["std"]) + 1e-6)))
+            z = _finite_or_fail(float(np.max(shift / (np.asarray(old["obs"][key]["std"]) + 1e-6))),
+                                f"obs/{key} mean shift")
             print(f"check normalization: obs/{key} mean moved by up to {z:.2f} std")
     if cal.latency is not None and cfg.driver:
         new_lat = _latency(cfg)
@@ -195,7 +247,7 @@ def run_calibrate(cfg: CalibrateConfig) -> int:
         if cfg.step == "check":
             if cal is None:
                 raise CalibrationError(f"{out}: nothing to check against (run calibrate first)")
-            return _check(cfg, cal)
+            return _check(cfg, cal, str(out))
         if cal is None:
             cal = Calibration(robot_id=cfg.robot_id, task=cfg.task)
         needs_data = cfg.step in ("normalization", "sysid")
@@ -209,6 +261,10 @@ def run_calibrate(cfg: CalibrateConfig) -> int:
                   f"{lat['rtt_ms']['p99']:.2f} ms -> inference delay {lat['inference_delay_steps']} steps; "
                   f"actuation p50/p90 {lat['actuation_ms']['p50']:.1f}/{lat['actuation_ms']['p90']:.1f} ms -> "
                   f"{lat['actuation_delay_steps']} steps; obs noise std {lat['obs_noise_std']:.2g}")
+        if cfg.dataset and cfg.step in ("normalization", "sysid", "all"):
+            from calibration.logs import check_log
+
+            check_log(cfg.dataset, cfg.task, episodes=None)  # before any step reads it
         if cfg.step in ("normalization", "all") and cfg.dataset:
             from calibration.normalization import dataset_stats
 

@@ -154,12 +154,13 @@ def validate(data: Any, where: str) -> None:
     for s in SECTIONS:
         if data.get(s) is not None and not isinstance(data[s], dict):
             fail(f"section {s!r} must be an object or null")
-    if data.get("latency") is not None:
-        _check_latency(data["latency"], fail)
-    if data.get("normalization") is not None:
-        _check_normalization(data["normalization"], fail)
-    if data.get("physics") is not None:
-        _check_physics(data["physics"], fail)
+    for s, check in (("latency", _check_latency), ("normalization", _check_normalization),
+                     ("physics", _check_physics)):
+        if data.get(s) is not None:
+            try:
+                check(data[s], fail)
+            except (TypeError, KeyError, AttributeError, IndexError) as e:  # a shape the checks did not foresee
+                fail(f"section {s!r} is malformed ({type(e).__name__}: {e})")
 
 
 def _first_non_finite(x: Any, path: str) -> str | None:
@@ -174,6 +175,10 @@ def _first_non_finite(x: Any, path: str) -> str | None:
             if (r := _first_non_finite(v, f"{path}[{i}]")) is not None:
                 return r
     return None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _need(sec: dict[str, Any], name: str, keys: tuple[str, ...], fail: Any) -> None:
@@ -191,6 +196,8 @@ def _check_latency(sec: dict[str, Any], fail: Any) -> None:
         st = sec[k]
         if not isinstance(st, dict) or not {"p50", "p90", "p99"} <= set(st):
             fail(f"latency.{k} must hold p50, p90 and p99")
+        if not all(_is_number(st[p]) for p in ("p50", "p90", "p99")):
+            fail(f"latency.{k} percentiles must be numbers")
         if not st["p50"] <= st["p90"] <= st["p99"]:
             fail(f"latency.{k} percentiles are not increasing (p50 <= p90 <= p99)")
 
@@ -221,6 +228,11 @@ def _check_normalization(sec: dict[str, Any], fail: Any) -> None:
 
 def _check_physics(sec: dict[str, Any], fail: Any) -> None:
     _need(sec, "physics", ("params", "ranges", "control_delay_steps"), fail)
+    if not isinstance(sec["params"], dict):
+        fail(f"physics.params must map parameter kinds to numbers, got {type(sec['params']).__name__}")
+    for k, v in sec["params"].items():
+        if not _is_number(v):
+            fail(f"physics.params.{k} must be a number, got {v!r}")
     try:
         check_params(sec["params"], "physics.params")
     except ValueError as e:
@@ -235,6 +247,8 @@ def _check_physics(sec: dict[str, Any], fail: Any) -> None:
             fail(f"physics.ranges: unknown parameter {k!r}; known: {sorted(PARAM_KINDS)}")
         if not isinstance(r, list) or len(r) != 2:
             fail(f"physics.ranges.{k} must be [low, high]")
+        if not all(_is_number(x) for x in r):
+            fail(f"physics.ranges.{k} = {r!r} must hold two numbers")
         lo, hi = r
         if lo > hi:
             fail(f"physics.ranges.{k} = [{lo}, {hi}] is inverted (low > high)")

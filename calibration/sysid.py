@@ -1,22 +1,25 @@
 """System identification: fit the sim's physical parameters and control delay to logged robot data.
 
-Each logged trajectory is replayed *open loop* in the MuJoCo model: start from the logged initial
-state (``states`` = qpos|qvel when the file has them, else the arm's joint positions/velocities
-from the first observation), execute the logged actions shifted by the candidate control delay
-(the hold action fills the first steps, as the driver does), and compare the predicted
-observations with the logged ``next_obs``. The actions are OGBench's relative end-effector
-commands; the env turns each into joint targets with its own IK from the *simulated* state, which
-is what the robot's controller does with its measured state.
+Each logged trajectory is replayed *open loop* (``calibration.replay``): lockstep logs one command
+per row shifted by a whole-step delay; realtime logs tick by tick, with the command each tick
+applied taken from the log (``tick_src``) or reconstructed from the send times and an actuation
+latency. The error is over the arm's proprioceptive dims (joint pos/vel, effector pos/yaw,
+gripper opening: ``OBS_DIMS``), each divided by its spread in the log, so radians, rad/s and the
+scaled effector position weigh alike. Cube poses are left out: contacts make them chaotic.
 
-The error is over the arm's proprioceptive dims (joint pos/vel, effector pos/yaw, gripper
-opening: ``OBS_DIMS``), each divided by its spread in the log, so radians, rad/s and the scaled
-effector position weigh alike. Cube poses are left out: contacts make them chaotic.
+Fit, in four stages:
 
-Fit: the delay by a scan over 0..``max_delay`` steps, then the continuous parameters by
-``scipy.optimize.least_squares`` (log coordinates for scales; scales first, then all) with a
-bounded number of evaluations; the delay is re-scanned at the fitted parameters. Standard errors come from the
-Jacobian at the optimum (residuals are autocorrelated, so they are optimistic: the
-randomization ranges use a floor).
+1. **Timing**: a scan of the delay (lockstep: 0..``max_delay`` steps; timestamps: latencies on a
+   grid of ``1/latency_resolution`` steps, grouped by the tick schedule they imply) at nominal
+   physics. A log with ``tick_src`` needs no scan: the schedule is what the robot did.
+2. **Global**: CMA-ES (the ``cma`` package) over every kind in fit coordinates (log for scales,
+   log1p for friction) within the kinds' bounds, ``global_evals`` evaluations. A local solver
+   started at the stock model can stop in a local minimum far from the truth; this stage is there
+   so it does not.
+3. **Local**: ``scipy.optimize.least_squares`` from the global optimum; the timing is re-scanned
+   at the fit, and the local stage repeated once if it changed.
+4. **Identifiability** (``calibration.identifiability``): each parameter's error profile gives
+   its range, or the statement that this log does not identify it.
 """
 
 from __future__ import annotations
@@ -29,114 +32,54 @@ from typing import Any
 
 import numpy as np
 
-from calibration.randomization import (
-    PARAM_KINDS,
-    PhysicsParams,
-    from_fit,
-    nominal_params,
-    ranges_around,
-    to_fit,
-)
+from calibration.logs import Trajectory
+from calibration.randomization import PARAM_KINDS, from_fit, nominal_params, to_fit
+from calibration.replay import Replayer, latency_classes, replay_mode, schedule
 
 log = logging.getLogger("qc_robot.calibration")
 OBS_DIMS = slice(0, 18)
 """OGBench manipspace observation: joint pos (6), joint vel (6), effector pos (3, centred, x10),
 effector yaw cos/sin (2), gripper opening (1, x3); then gripper contact and objects (excluded)."""
+ERR_DIMS = np.r_[0:6, 12:18]
+"""Dims of ``OBS_DIMS`` the error is taken over: the pose-like ones. Joint velocities are left out:
+sampled at the control rate they alias the wrist's fast servo transients, and the error becomes
+a field of needles in the parameters (a 5 % change in kp costs as much as a 50 % one), which no
+optimiser can descend; the positions they integrate to carry the same information smoothly."""
 DEFAULT_KINDS = ("kp", "damping", "armature", "frictionloss")
 
 
 @dataclass
-class Trajectory:
-    """One logged stretch of robot data."""
+class Timing:
+    """One candidate for *when* the logged commands took effect."""
 
-    actions: np.ndarray  # (N, A) commands sent, in [-1, 1]
-    obs: np.ndarray  # (N, O) observation before each action
-    next_obs: np.ndarray  # (N, O) observation after it
-    states: np.ndarray | None = None  # (N, nq+nv) MuJoCo state at obs (sim logs only)
-    name: str = ""
+    delay_steps: int
+    """The sim driver's control delay this corresponds to (whole steps)."""
+    latency_ms: tuple[float, float] | None = None
+    """Realtime: the interval of actuation latencies consistent with this schedule (robot ms)."""
+    ticks: tuple[np.ndarray, ...] | None = None
+    """Realtime: the tick schedule of each trajectory (``calibration.replay.schedule``); None = lockstep rows."""
 
-
-def load_trajectories(path: str, episodes: int = 3, steps: int = 50, obs_key: str = "state",
-                      start: int = 0) -> list[Trajectory]:
-    """The first ``episodes`` demos of an HDF5 file, each cut to ``steps`` steps from ``start``."""
-    import h5py
-
-    from qc_robot.data.hdf5_io import DatasetError, _demo_names
-
-    out: list[Trajectory] = []
-    with h5py.File(path, "r") as f:
-        if "data" not in f:
-            raise DatasetError(f"{path}: no group 'data'")
-        for name in _demo_names(f["data"])[:episodes]:
-            g = f["data"][name]
-            sl = slice(start, start + steps)
-            if f"obs/{obs_key}" not in g:
-                raise DatasetError(f"{path}: data/{name}/obs/{obs_key} is missing")
-            states = np.asarray(g["states"][sl], np.float64) if "states" in g else None
-            out.append(Trajectory(np.asarray(g["actions"][sl], np.float64), np.asarray(g[f"obs/{obs_key}"][sl], np.float64),
-                                  np.asarray(g[f"next_obs/{obs_key}"][sl], np.float64), states, name))
-    if not out:
-        raise DatasetError(f"{path}: no demos to identify from")
-    return out
-
-
-class Replayer:
-    """One simulator instance that replays trajectories under given parameters (reused: building an
-    OGBench env takes about a second)."""
-
-    def __init__(self, env_name: str, seed: int = 0) -> None:
-        from sim.tasks import make_env
-
-        self.env = make_env(env_name, seed=seed)
-        self.env.reset(seed=seed)
-        self.unwrapped: Any = self.env.unwrapped
-        self.physics = PhysicsParams(self.env)
-        self.evals = 0
-
-    def close(self) -> None:
-        self.env.close()
-
-    def _set_initial_state(self, traj: Trajectory) -> None:
-        import mujoco
-
-        u = self.unwrapped
-        m, d = u.model, u.data
-        self.env.reset(seed=0)
-        if traj.states is not None:
-            u.set_state(traj.states[0, : m.nq].copy(), traj.states[0, m.nq : m.nq + m.nv].copy())
-            return
-        # No simulator state on a real robot: the arm's joints from the observation; the rest stays
-        # where reset put it (cubes matter only through contacts, which the error leaves out).
-        dofs, _ = self.physics.dofs, self.physics.acts
-        joints = [int(np.nonzero(m.jnt_dofadr == dof)[0][0]) for dof in dofs]
-        d.qpos[m.jnt_qposadr[joints]] = traj.obs[0, 0:6]
-        d.qvel[dofs] = traj.obs[0, 6:12]
-        mujoco.mj_forward(m, d)
-
-    def rollout(self, traj: Trajectory, params: dict[str, float], delay: int) -> np.ndarray:
-        """Predicted next observations (N, O) of ``traj`` under ``params`` and ``delay`` steps."""
-        self.physics.apply(params)
-        self._set_initial_state(traj)
-        n, a_dim = traj.actions.shape
-        cmds = np.concatenate([np.zeros((delay, a_dim)), traj.actions])[:n]  # (N, A): hold, then shifted
-        pred = np.empty((n, traj.next_obs.shape[1]))
-        for t in range(n):
-            pred[t] = self.unwrapped.step(cmds[t])[0]
-        self.evals += 1
-        return pred
+    def label(self) -> str:
+        if self.latency_ms is None:
+            return str(self.delay_steps)
+        return f"{self.latency_ms[0]:.0f}-{self.latency_ms[1]:.0f}ms"
 
 
 def obs_scale(trajs: Sequence[Trajectory]) -> np.ndarray:
     """Per-dim spread of the logged observations used to weigh the error (floored)."""
-    x = np.concatenate([t.next_obs[:, OBS_DIMS] for t in trajs])  # (T, D)
+    x = np.concatenate([t.next_obs[:, OBS_DIMS][:, ERR_DIMS] for t in trajs])  # (T, D)
     s = x.std(axis=0)
     return np.maximum(s, max(1e-3, 0.05 * float(np.median(s))))
 
 
-def residuals(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, float], delay: int,
+def residuals(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, float], timing: Timing | int,
               scale: np.ndarray) -> np.ndarray:
-    """Stacked normalised prediction errors over every trajectory, step and dim."""
-    r = [((rep.rollout(t, params, delay) - t.next_obs)[:, OBS_DIMS] / scale).ravel() for t in trajs]
+    """Stacked normalised prediction errors over every trajectory, row and dim."""
+    tm = timing if isinstance(timing, Timing) else Timing(int(timing))
+    r = []
+    for i, t in enumerate(trajs):
+        pred = rep.rollout(t, params, tm.delay_steps, None if tm.ticks is None else tm.ticks[i])
+        r.append(((pred - t.next_obs)[:, OBS_DIMS][:, ERR_DIMS] / scale).ravel())
     return np.concatenate(r)
 
 
@@ -144,23 +87,76 @@ def rms(r: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(r))))
 
 
+def timing_candidates(trajs: Sequence[Trajectory], mode: str, max_delay: int, control_hz: float,
+                      resolution: int = 4) -> list[Timing]:
+    """Every timing a fit should consider for ``trajs`` replayed in ``mode`` (see the module doc)."""
+    period_ms = 1e3 / control_hz
+    if mode == "lockstep":
+        return [Timing(d) for d in range(max_delay + 1)]
+    if mode == "ticks":
+        sched = tuple(schedule(t, None) for t in trajs)
+        lo, hi = latency_bounds(trajs, sched)
+        return [Timing(_steps_in(lo, hi, period_ms), (lo, hi), sched)]
+    grid = np.arange(0, max_delay * resolution + 1) * period_ms / resolution / 1e3  # candidate latencies (s)
+    out = []
+    for lats, sched in latency_classes(list(trajs), grid):
+        lo, hi = latency_bounds(trajs, sched)
+        step = period_ms / resolution  # the neighbouring grid points imply other schedules
+        lo, hi = max(lo, float(lats.min()) * 1e3 - step), min(hi, float(lats.max()) * 1e3 + step)
+        out.append(Timing(_steps_in(lo, hi, period_ms), (max(lo, 0.0), max(hi, 0.0)), sched))
+    return out
+
+
+def latency_bounds(trajs: Sequence[Trajectory], sched: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Interval of actuation latencies (ms) under which every applied command arrived after the
+    tick before the one that applied it and by that one (held ticks and unapplied commands
+    narrow it no further: a coarse but sound bound)."""
+    lo, hi = 0.0, np.inf
+    for t, s in zip(trajs, sched, strict=True):
+        times, _, _, _ = t.ticks()
+        assert t.t_act is not None
+        prev = np.concatenate([[0.0], times[:-1]])
+        k = np.nonzero(s >= 0)[0]
+        if len(k):
+            wait = times[k] - t.t_act[s[k]]  # (K',) send -> applying tick
+            lo = max(lo, float(np.max(prev[k] - t.t_act[s[k]])) * 1e3)
+            hi = min(hi, float(np.min(wait)) * 1e3)
+    return lo, (hi if np.isfinite(hi) else lo)
+
+
+def _steps_in(lo_ms: float, hi_ms: float, period_ms: float) -> int:
+    """The whole-step delay inside [lo, hi] (nearest the middle when several are)."""
+    mid = 0.5 * (lo_ms + hi_ms)
+    d = int(round(mid / period_ms))
+    cands = [k for k in range(int(np.floor(lo_ms / period_ms)), int(np.ceil(hi_ms / period_ms)) + 1)
+             if lo_ms - 1e-6 <= k * period_ms <= hi_ms + 1e-6]
+    return max(0, min(cands, key=lambda k: abs(k * period_ms - mid)) if cands else d)
+
+
 @dataclass
 class SysIdResult:
     params: dict[str, float]
     sigma: dict[str, float]
-    """Standard errors in fit coordinates (log for scales, linear for values)."""
+    """Standard errors in fit coordinates (log for scales, log1p for values)."""
     delay_steps: int
     error_before: float
-    """Normalised RMS replay error with the nominal model and no delay."""
+    """Normalised RMS replay error with the nominal model and no delay (realtime: no latency)."""
     error_after: float
     ranges: dict[str, list[float]]
     evals: int
     seconds: float
-    delay_scan: dict[int, float] = field(default_factory=dict)
+    delay_scan: dict[str, float] = field(default_factory=dict)
+    """Replay error per timing candidate at the fitted parameters."""
+    mode: str = "lockstep"
+    latency_ms: tuple[float, float] | None = None
+    error_global: float = float("nan")
+    """After the global stage (before the local one)."""
+    identifiability: dict[str, Any] = field(default_factory=dict)
     joint_pos_rmse: tuple[float, float] = (0.0, 0.0)
     """(before, after) RMSE of the arm's joint positions in rad."""
     effector_rmse_m: tuple[float, float] = (0.0, 0.0)
     """(before, after) RMSE of the effector position in m."""
+    timing: Timing | None = None
 
     @property
     def reduction(self) -> float:
@@ -169,9 +165,11 @@ class SysIdResult:
     def to_dict(self) -> dict[str, Any]:
         return {"params": self.params, "sigma": self.sigma, "control_delay_steps": self.delay_steps,
                 "ranges": self.ranges, "error_before": self.error_before, "error_after": self.error_after,
+                "error_global": self.error_global, "replay": self.mode,
+                "latency_ms": list(self.latency_ms) if self.latency_ms else None,
                 "joint_pos_rmse_rad": list(self.joint_pos_rmse), "effector_rmse_m": list(self.effector_rmse_m),
-                "evals": self.evals, "seconds": self.seconds,
-                "delay_scan": {str(k): v for k, v in self.delay_scan.items()}}
+                "evals": self.evals, "seconds": self.seconds, "delay_scan": dict(self.delay_scan),
+                "identifiability": self.identifiability}
 
 
 def _to_x(params: dict[str, float], kinds: Sequence[str]) -> np.ndarray:
@@ -184,70 +182,132 @@ def _from_x(x: np.ndarray, kinds: Sequence[str], base: dict[str, float]) -> dict
     return p
 
 
-def _scan_delay(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, float], max_delay: int,
-                scale: np.ndarray) -> dict[int, float]:
-    return {d: rms(residuals(rep, trajs, params, d, scale)) for d in range(max_delay + 1)}
+def _scan(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, float], cands: Sequence[Timing],
+          scale: np.ndarray) -> tuple[Timing, dict[str, float]]:
+    errs = [rms(residuals(rep, trajs, params, c, scale)) for c in cands]
+    return cands[int(np.argmin(errs))], {c.label(): e for c, e in zip(cands, errs, strict=True)}
+
+
+def fit_bounds(kinds: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The kinds' bounds in fit coordinates."""
+    return (np.array([to_fit(k, PARAM_KINDS[k].lower) for k in kinds]),
+            np.array([to_fit(k, PARAM_KINDS[k].upper) for k in kinds]))
+
+
+def global_search(fun: Any, kinds: Sequence[str], x0: np.ndarray, evals: int, seed: int = 0,
+                  sigma0: float = 0.5) -> tuple[np.ndarray, float, list[tuple[np.ndarray, float]]]:
+    """CMA-ES over fit coordinates within the kinds' bounds: (best x, its cost, every (x, cost))."""
+    import cma
+
+    lo, hi = fit_bounds(kinds)
+    x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
+    opts = {"bounds": [list(lo), list(hi)], "maxfevals": evals, "seed": seed + 1, "verbose": -9, "popsize": 8,
+            "tolfun": 1e-6, "tolx": 1e-4}
+    es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)
+    history: list[tuple[np.ndarray, float]] = [(x0, float(fun(x0)))]
+    while not es.stop():
+        xs = es.ask()
+        fs = [float(fun(np.asarray(x))) for x in xs]
+        es.tell(xs, fs)
+        history += [(np.asarray(x), f) for x, f in zip(xs, fs, strict=True)]
+    best = min(history, key=lambda h: h[1])
+    return best[0], best[1], history
+
+
+def _head(trajs: Sequence[Trajectory], timing: Timing, rows: int) -> tuple[list[Trajectory], Timing]:
+    """The first ``rows`` rows of each trajectory, with the timing cut to match."""
+    import dataclasses
+
+    out, ticks = [], []
+    for i, t in enumerate(trajs):
+        cut = {f.name: getattr(t, f.name)[:rows] for f in dataclasses.fields(t)
+               if isinstance(getattr(t, f.name), np.ndarray)}
+        out.append(dataclasses.replace(t, **cut))
+        if timing.ticks is not None:
+            ticks.append(timing.ticks[i][: int(np.sum(t.tick_count[:rows]))])  # type: ignore[index]
+    return out, dataclasses.replace(timing, ticks=tuple(ticks) if timing.ticks is not None else None)
 
 
 def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = DEFAULT_KINDS,
              max_delay: int = 4, max_iters: int = 12, range_k: float = 3.0, range_min_frac: float = 0.1,
-             replayer: Replayer | None = None) -> SysIdResult:
-    """Fit ``kinds`` and the control delay to ``trajs`` (see the module docstring)."""
+             replayer: Replayer | None = None, replay: str = "auto", global_evals: int = 64,
+             profile: bool = True, seed: int = 0, global_rows: int = 25) -> SysIdResult:
+    """Fit ``kinds`` and the timing to ``trajs`` (see the module docstring)."""
     from scipy.optimize import least_squares
+
+    from calibration.identifiability import assess
+    from sim.tasks import task_spec
 
     t0 = time.monotonic()
     for k in kinds:
         if k not in PARAM_KINDS:
             raise ValueError(f"unknown parameter kind {k!r}; known: {sorted(PARAM_KINDS)}")
+    mode = replay_mode(list(trajs), replay)
+    cands = timing_candidates(trajs, mode, max_delay, task_spec(env_name).control_hz)
     rep = replayer or Replayer(env_name)
     evals0 = rep.evals
     scale = obs_scale(trajs)
     base = nominal_params()
-    r0 = residuals(rep, trajs, base, 0, scale)
+    # "before": the stock model taking each command at once (realtime: at the first tick after it was sent)
+    none = Timing(0) if mode == "lockstep" else Timing(0, (0.0, 0.0), tuple(schedule(t, 0.0) for t in trajs))
+    r0 = residuals(rep, trajs, base, none, scale)
     before = rms(r0)
-    scan = _scan_delay(rep, trajs, base, max_delay, scale)
-    delay = min(scan, key=scan.__getitem__)
-    params = dict(base)
-    sigma = dict.fromkeys(kinds, float("nan"))
-    # Stage 1 fits the smooth scale kinds; stage 2 adds the value kinds (Coulomb friction makes the
-    # landscape kinked: fitted from nominal at once it trades off against kp/damping and stalls).
-    smooth = [k for k in kinds if PARAM_KINDS[k].mode == "scale"]
-    stages = [s for s in (smooth, list(kinds)) if s]
-    if len(stages) == 2 and stages[0] == stages[1]:
-        stages = stages[:1]
-    for round_ in range(2):  # fit at the delay, re-scan the delay at the fit; twice is enough here
-        for stage in stages if round_ == 0 else stages[-1:]:
-            def fun(z: np.ndarray, d: int = delay, stage: list[str] = stage, p0: dict = params) -> np.ndarray:
-                return residuals(rep, trajs, _from_x(z, stage, p0), d, scale)
+    timing, _ = _scan(rep, trajs, base, cands, scale)
+    kinds = list(kinds)
 
-            # unbounded in fit coordinates (bounds are clipped in _from_x): bounds stall 'trf' near them
-            sol = least_squares(fun, _to_x(params, stage), diff_step=0.02, max_nfev=max_iters, xtol=1e-3,
-                                ftol=1e-4)
-            params = _from_x(sol.x, stage, params)
-            sigma.update(_standard_errors(sol.jac, sol.fun, stage))
-        scan = _scan_delay(rep, trajs, params, max_delay, scale)
-        new_delay = min(scan, key=scan.__getitem__)
-        if new_delay == delay:
+    params = dict(base)
+    err_global = before
+    if global_evals > 0:
+        # the global stage sees the first `global_rows` rows of each trajectory: the basin is set by
+        # the gross response, and half the rows halve its cost
+        short, short_tm = _head(trajs, timing, global_rows)
+
+        def cost(x: np.ndarray) -> float:
+            return float(np.mean(np.square(residuals(rep, short, _from_x(x, kinds, base), short_tm, scale))))
+
+        xg, _, _ = global_search(cost, kinds, _to_x(base, kinds), global_evals, seed)
+        params = _from_x(xg, kinds, base)
+        err_global = rms(residuals(rep, trajs, params, timing, scale))
+    sigma = dict.fromkeys(kinds, float("nan"))
+    lo, hi = fit_bounds(kinds)
+    for _ in range(2):  # local fit at the timing, re-scan the timing at the fit
+        def fun(z: np.ndarray, tm: Timing = timing, p0: dict = params) -> np.ndarray:
+            return residuals(rep, trajs, _from_x(z, kinds, p0), tm, scale)
+
+        # bounded in fit coordinates: clipping instead makes the error flat outside (friction < 0)
+        # and the Jacobian there zero, which stalls the solver at the bound
+        x0 = np.clip(_to_x(params, kinds), lo + 1e-6, hi - 1e-6)
+        sol = least_squares(fun, x0, bounds=(lo, hi), diff_step=0.02, max_nfev=max_iters, xtol=1e-4, ftol=1e-6)
+        params = _from_x(sol.x, kinds, params)
+        sigma.update(_standard_errors(sol.jac, sol.fun, kinds))
+        if len(cands) == 1:
+            scan = {timing.label(): rms(sol.fun)}
             break
-        delay = new_delay
-    r1 = residuals(rep, trajs, params, delay, scale)
-    result = SysIdResult(params=params, sigma=sigma, delay_steps=delay, error_before=before, error_after=rms(r1),
-                         ranges=ranges_around({k: params[k] for k in kinds}, sigma, range_k, range_min_frac),
-                         evals=rep.evals - evals0, seconds=time.monotonic() - t0, delay_scan=scan)
-    result.joint_pos_rmse = (_dim_rmse(r0, scale, trajs, slice(0, 6)), _dim_rmse(r1, scale, trajs, slice(0, 6)))
-    eff = _dim_rmse(r0, scale, trajs, slice(12, 15)) / 10, _dim_rmse(r1, scale, trajs, slice(12, 15)) / 10
+        new, scan = _scan(rep, trajs, params, cands, scale)
+        if new is timing:
+            break
+        timing = new
+    r1 = residuals(rep, trajs, params, timing, scale)
+    after = rms(r1)
+    ident = assess(lambda p: rms(residuals(rep, trajs, p, timing, scale)), params, sigma, kinds, after, range_k,
+                   range_min_frac, profile=profile)
+    result = SysIdResult(params=params, sigma=sigma, delay_steps=timing.delay_steps, error_before=before,
+                         error_after=after, ranges=ident["ranges"], evals=rep.evals - evals0,
+                         seconds=time.monotonic() - t0, delay_scan=scan, mode=mode, latency_ms=timing.latency_ms,
+                         error_global=err_global, identifiability=ident["report"], timing=timing)
+    result.joint_pos_rmse = (_dim_rmse(r0, scale, slice(0, 6)), _dim_rmse(r1, scale, slice(0, 6)))
+    eff = _dim_rmse(r0, scale, slice(6, 9)) / 10, _dim_rmse(r1, scale, slice(6, 9)) / 10  # ERR_DIMS 6:9
     result.effector_rmse_m = eff  # the observation scales the effector position by 10
     if replayer is None:
         rep.close()
-    log.info("sysid: error %.4f -> %.4f (x%.1f), delay %d, params %s, %d evals in %.1f s", before,
-             result.error_after, result.reduction, delay, params, result.evals, result.seconds)
+    log.info("sysid (%s): error %.4f -> global %.4f -> %.4f (x%.1f), timing %s, params %s, %d evals in %.1f s",
+             mode, before, err_global, after, result.reduction, timing.label(), params, result.evals, result.seconds)
     return result
 
 
-def _dim_rmse(r: np.ndarray, scale: np.ndarray, trajs: Sequence[Trajectory], dims: slice) -> float:
+def _dim_rmse(r: np.ndarray, scale: np.ndarray, dims: slice) -> float:
     """RMSE in observation units of ``dims`` from the stacked normalised residuals."""
-    d = len(scale)
-    raw = r.reshape(-1, d) * scale  # (T, D) back to observation units
+    raw = r.reshape(-1, len(scale)) * scale  # (T, D) back to observation units
     return float(np.sqrt(np.mean(np.square(raw[:, dims]))))
 
 
@@ -265,7 +325,7 @@ def _standard_errors(jac: np.ndarray, res: np.ndarray, kinds: Sequence[str]) -> 
 def plot_fit(env_name: str, trajs: Sequence[Trajectory], result: SysIdResult, path: str,
              replayer: Replayer | None = None) -> str:
     """PNG: logged vs predicted (nominal / fitted) joint positions and effector height of the
-    first trajectory, and the delay scan."""
+    first trajectory, and the timing scan."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,8 +333,9 @@ def plot_fit(env_name: str, trajs: Sequence[Trajectory], result: SysIdResult, pa
 
     rep = replayer or Replayer(env_name)
     t = trajs[0]
-    before = rep.rollout(t, nominal_params(), 0)
-    after = rep.rollout(t, result.params, result.delay_steps)
+    tm = result.timing or Timing(result.delay_steps)
+    before = rep.rollout(t, nominal_params(), 0, None if tm.ticks is None else schedule(t, 0.0))
+    after = rep.rollout(t, result.params, tm.delay_steps, None if tm.ticks is None else tm.ticks[0])
     if replayer is None:
         rep.close()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -291,11 +352,11 @@ def plot_fit(env_name: str, trajs: Sequence[Trajectory], result: SysIdResult, pa
     axes[1].plot(steps, after[:, z] / 10, "C2", ls="--", label="fitted")
     axes[1].set(title="effector height (m)", xlabel="control step")
     axes[1].legend(fontsize=7)
-    ds = sorted(result.delay_scan)
-    axes[2].bar([str(d) for d in ds], [result.delay_scan[d] for d in ds], color="C4")
-    axes[2].set(title=f"replay error vs delay (fit: {result.delay_steps})", xlabel="delay (steps)",
-                ylabel="normalised RMS")
-    fig.suptitle(f"sysid {env_name}: error {result.error_before:.3f} -> {result.error_after:.3f} "
+    labels = list(result.delay_scan)
+    axes[2].bar(labels, [result.delay_scan[d] for d in labels], color="C4")
+    axes[2].tick_params(axis="x", labelsize=6, rotation=45)
+    axes[2].set(title=f"replay error vs timing (fit: {tm.label()})", xlabel="delay", ylabel="normalised RMS")
+    fig.suptitle(f"sysid {env_name} ({result.mode}): error {result.error_before:.3f} -> {result.error_after:.3f} "
                  f"(x{result.reduction:.1f})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

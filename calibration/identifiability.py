@@ -1,0 +1,98 @@
+"""What a log says about each parameter: its error profile, a range, or "not identifiable".
+
+At the fitted parameters, each kind is moved alone (others held) outward in fit coordinates until
+the replay error exceeds ``(1 + tol)`` times the fitted one. Where it does on both sides, the
+parameter is identified and its range is the profile interval, widened to at least the
+Jacobian's ``±range_k`` standard errors and ``±range_min_frac`` (the floor that training's domain
+randomization needs anyway). Where the error stays flat to the end of the tested span on a side,
+the log does not pin the parameter down on that side: the range runs to the end of the span and
+the report says so, with the excitation that would make it identifiable.
+
+Profiles hold the other parameters fixed, so correlated parameters (kp against damping) look
+better determined than they are; the ±range_k·se term, which includes the correlations, is the
+guard against that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from calibration.randomization import PARAM_KINDS, from_fit, to_fit
+
+SCALE_STEPS = (0.1, 0.35, 0.7)
+"""Profile offsets in log coordinates: x1.1, x1.4, x2 (and their inverses)."""
+VALUE_STEPS = (0.1, 0.35, 0.7, 1.4, 2.2)
+"""Profile offsets in log1p coordinates for friction: +0.1, +0.4, +1, +3, +8 N*m."""
+
+EXCITATION_HINT = {
+    "kp": "larger tracking errors under load: larger step amplitude (excite amplitude) and poses where "
+          "gravity loads the shoulder and elbow",
+    "damping": "faster joint motion: larger amplitude or less smoothing (damping acts on joint velocity)",
+    "armature": "higher accelerations: less smoothing (e.g. 0.3) and fast reversals (armature acts on "
+                "joint acceleration)",
+    "frictionloss": "slow motions and reversals near zero velocity, and holds (Coulomb friction shows "
+                    "at low speed, where the servo torque is small)",
+}
+
+
+def profile(err: Callable[[dict[str, float]], float], params: Mapping[str, float], kind: str, threshold: float
+            ) -> dict[str, Any]:
+    """Walk ``kind`` outward on each side until ``err`` exceeds ``threshold``: the interval of values
+    still under it (bounded by the first value over it) and the points evaluated."""
+    steps = VALUE_STEPS if PARAM_KINDS[kind].mode == "value" else SCALE_STEPS
+    z0 = to_fit(kind, params[kind])
+    points: list[list[float]] = []
+    ends, closed = [], []
+    for sign in (-1.0, 1.0):
+        end, hit = from_fit(kind, z0 + sign * steps[-1]), False
+        for s in steps:
+            v = from_fit(kind, z0 + sign * s)
+            if abs(v - params[kind]) < 1e-12:  # at a bound: nothing further on this side
+                end, hit = v, True
+                break
+            e = err({**params, kind: v})
+            points.append([v, e])
+            if e > threshold:
+                end, hit = v, True
+                break
+        ends.append(end)
+        closed.append(hit)
+    return {"interval": [min(ends), max(ends)], "closed": closed, "points": sorted(points)}
+
+
+def assess(err: Callable[[dict[str, float]], float], params: Mapping[str, float], sigma: Mapping[str, float],
+           kinds: Sequence[str], err_min: float, range_k: float = 3.0, range_min_frac: float = 0.1,
+           tol: float = 0.1, profile: bool = True, abs_tol: float = 2e-3) -> dict[str, Any]:
+    """``{"ranges": kind -> [lo, hi], "report": kind -> {...}}`` (see the module docstring).
+
+    ``err(params)`` is the normalised RMS replay error; ``err_min`` its value at the fit."""
+    threshold = max(err_min * (1 + tol), err_min + abs_tol)
+    ranges: dict[str, list[float]] = {}
+    report: dict[str, Any] = {"threshold": threshold, "tol": tol}
+    for k in kinds:
+        s = float(sigma.get(k, 0.0))
+        half = max(range_k * (s if np.isfinite(s) else 0.0), float(np.log1p(range_min_frac)))
+        z = to_fit(k, params[k])
+        lo, hi = from_fit(k, z - half), from_fit(k, z + half)
+        entry: dict[str, Any] = {"value": params[k], "se_range": [lo, hi]}
+        if profile:
+            pr = _profile(err, params, k, threshold)
+            lo, hi = min(lo, pr["interval"][0]), max(hi, pr["interval"][1])
+            entry.update(pr)
+            entry["identifiable"] = bool(all(pr["closed"]))
+            if not entry["identifiable"]:
+                side = " and ".join(n for n, c in zip(("below", "above"), pr["closed"], strict=True) if not c)
+                entry["statement"] = (f"{k} is not identifiable from this log {side} its fit: the replay error "
+                                      f"stays within {threshold / max(err_min, 1e-12) - 1:.0%} of the fit's over "
+                                      f"[{pr['interval'][0]:.4g}, {pr['interval'][1]:.4g}]; to identify it log "
+                                      f"{EXCITATION_HINT[k]}")
+        entry["range"] = [lo, hi]
+        ranges[k] = [lo, hi]
+        report[k] = entry
+    return {"ranges": ranges, "report": report}
+
+
+_profile = profile

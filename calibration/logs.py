@@ -1,0 +1,184 @@
+"""Robot logs for calibration: read, check and describe an HDF5 episode file before any step uses it.
+
+Every calibration step that reads a dataset goes through :func:`check_log` first, so a bad log is
+one :class:`CalibrationError` naming the file and the field (``data/demo_3/next_obs/state[12, 4]
+is NaN``), never a NaN that compares as "no drift", a fit pinned at its bounds or a numpy
+broadcast message. The task is checked from the file's ``env_args``: its ``task`` when it names
+one, else the observation and action widths and the control rate against the task's.
+
+Realtime logs (``qc-robot calibrate step=excite`` on a realtime driver) carry, per row, what the
+robot experienced between the two observations, so sysid can replay it tick by tick
+(``calibration.replay``):
+
+* ``t_act`` (N,): when the row's command was sent, robot seconds since the episode's reset.
+* ``tick_count`` (N,): controller ticks executed between ``obs`` and ``next_obs`` (0: the world
+  did not advance; 2: one read was late).
+* ``tick_time`` (N, M): robot time of each of those ticks (padded with the last one).
+* ``tick_src`` (N, M), optional: which row's command each tick applied (-1: none had arrived, the
+  controller held; padded with -2). Drivers that report it (the sim) make the replay exact;
+  without it the replayer reconstructs it from ``t_act`` and a fitted actuation latency.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from calibration.files import CalibrationError
+
+TIMING_KEYS = ("t_act", "tick_count", "tick_time")
+"""Fields a realtime log needs for a tick-by-tick replay (``tick_src`` is optional)."""
+
+
+@dataclass
+class Trajectory:
+    """One logged stretch of robot data."""
+
+    actions: np.ndarray  # (N, A) commands sent, in [-1, 1]
+    obs: np.ndarray  # (N, O) observation before each action
+    next_obs: np.ndarray  # (N, O) observation after it
+    states: np.ndarray | None = None  # (N, nq+nv) MuJoCo state at obs (sim logs only)
+    name: str = ""
+    t_act: np.ndarray | None = None  # (N,) realtime: send time of each command (robot s)
+    tick_count: np.ndarray | None = None  # (N,) realtime: ticks between obs and next_obs
+    tick_time: np.ndarray | None = None  # (N, M) realtime: time of each of those ticks (robot s)
+    tick_src: np.ndarray | None = None  # (N, M) realtime: row whose command each tick applied, -1 hold
+
+    @property
+    def realtime(self) -> bool:
+        return self.tick_count is not None
+
+    def ticks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """Flattened tick schedule: (time (K,), row of each tick (K,), src (K,) or None, number of
+        ticks executed before each row's next_obs (N,))."""
+        assert self.tick_count is not None and self.tick_time is not None
+        n = len(self.tick_count)
+        rows = np.repeat(np.arange(n), self.tick_count)  # (K,)
+        cols = np.concatenate([np.arange(c) for c in self.tick_count]) if n else np.zeros(0, int)
+        times = self.tick_time[rows, cols]
+        src = self.tick_src[rows, cols] if self.tick_src is not None else None
+        return times, rows, src, np.cumsum(self.tick_count)
+
+
+def _where(path: str, name: str, key: str, bad: np.ndarray) -> str:
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    return f"{path}: data/{name}/{key}{list(idx)} is NaN or infinite"
+
+
+def _env_args(path: str, f: Any) -> dict[str, Any]:
+    raw = f["data"].attrs.get("env_args", "{}")
+    try:
+        args = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except json.JSONDecodeError:
+        raise CalibrationError(f"{path}: data.attrs['env_args'] is not valid JSON") from None
+    if not isinstance(args, dict):
+        raise CalibrationError(f"{path}: data.attrs['env_args'] must be a JSON object")
+    return args
+
+
+def check_task(path: str, env_args: dict[str, Any], task: str, obs_dim: int | None = None,
+               act_dim: int | None = None) -> None:
+    """Refuse a log recorded on another task: its ``env_args['task']``, else its widths and rate."""
+    from sim.tasks import task_spec  # static table
+
+    spec = task_spec(task)
+    logged = env_args.get("task") or env_args.get("env")
+    if logged and str(logged) != task:
+        raise CalibrationError(f"{path}: env_args['task'] is {logged!r}, this calibration is for {task!r}")
+    if obs_dim is not None and obs_dim != spec.obs_dim:
+        raise CalibrationError(f"{path}: obs width {obs_dim} is not {task}'s {spec.obs_dim} (a log of another task?)")
+    if act_dim is not None and act_dim != spec.act_dim:
+        raise CalibrationError(f"{path}: actions width {act_dim} is not {task}'s {spec.act_dim}")
+    hz = env_args.get("control_hz")
+    if isinstance(hz, (int, float)) and not isinstance(hz, bool) and abs(float(hz) - spec.control_hz) > 1e-6:
+        raise CalibrationError(f"{path}: env_args['control_hz'] is {hz}, {task} runs at {spec.control_hz}")
+
+
+def check_log(path: str, task: str, obs_key: str = "state", episodes: int | None = None) -> dict[str, Any]:
+    """Check the first ``episodes`` demos (None: all) of ``path`` for ``task``; returns its env_args.
+
+    Raises CalibrationError (one line, naming file and field) on: a missing file or group, a log
+    of another task, a missing field, rows of different lengths, NaN/inf in any array a step
+    reads, or inconsistent realtime timing fields.
+    """
+    import h5py
+
+    from qc_robot.data.hdf5_io import _demo_names
+
+    try:
+        f = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise CalibrationError(f"{path}: dataset not found") from None
+    except OSError as e:
+        raise CalibrationError(f"{path}: not an HDF5 file ({e})") from None
+    with f:
+        if not isinstance(f.get("data"), h5py.Group):
+            raise CalibrationError(f"{path}: no group 'data' (not a robot log of ours)")
+        args = _env_args(path, f)
+        names = _demo_names(f["data"])
+        if not names:
+            raise CalibrationError(f"{path}: no demos in group 'data'")
+        check_task(path, args, task)
+        for name in names[: episodes if episodes is not None else len(names)]:
+            g = f["data"][name]
+            n = None
+            for key in ("actions", f"obs/{obs_key}", f"next_obs/{obs_key}", "states", *TIMING_KEYS, "tick_src"):
+                if key not in g:
+                    if key in ("actions", f"obs/{obs_key}", f"next_obs/{obs_key}"):
+                        raise CalibrationError(f"{path}: data/{name}/{key} is missing")
+                    continue
+                try:
+                    v = np.asarray(g[key][()], np.float64)
+                except (TypeError, ValueError):
+                    raise CalibrationError(f"{path}: data/{name}/{key} is not numeric") from None
+                if n is None:
+                    n = len(v)
+                if v.ndim == 0 or len(v) != n:
+                    raise CalibrationError(f"{path}: data/{name}/{key} has {v.shape} rows, actions has {n}")
+                bad = ~np.isfinite(v)
+                if bad.any():
+                    raise CalibrationError(_where(path, name, key, bad))
+            check_task(path, args, task, obs_dim=int(g[f"obs/{obs_key}"].shape[-1]),
+                       act_dim=int(g["actions"].shape[-1]))
+            present = [k for k in TIMING_KEYS if k in g]
+            if present and len(present) != len(TIMING_KEYS):
+                missing = sorted(set(TIMING_KEYS) - set(present))
+                raise CalibrationError(f"{path}: data/{name} has realtime fields {present} but not {missing}")
+            if present:
+                counts = np.asarray(g["tick_count"][()])
+                m = g["tick_time"].shape[1] if g["tick_time"].ndim == 2 else -1
+                if (counts < 0).any() or counts.max(initial=0) > m:
+                    raise CalibrationError(f"{path}: data/{name}/tick_count must be in [0, {m}] (width of tick_time)")
+    return args
+
+
+def load_trajectories(path: str, task: str, episodes: int = 3, steps: int = 0, obs_key: str = "state",
+                      start: int = 0) -> list[Trajectory]:
+    """The first ``episodes`` demos of a checked log (see :func:`check_log`), each cut to ``steps``
+    rows from ``start`` (0: all rows)."""
+    import h5py
+
+    from qc_robot.data.hdf5_io import _demo_names
+
+    check_log(path, task, obs_key, episodes)
+    out: list[Trajectory] = []
+    with h5py.File(path, "r") as f:
+        for name in _demo_names(f["data"])[:episodes]:
+            g = f["data"][name]
+            sl = slice(start, start + steps if steps > 0 else None)
+
+            def get(key: str, dtype: Any = np.float64, g: Any = g, sl: slice = sl) -> np.ndarray | None:
+                return np.asarray(g[key][sl], dtype) if key in g else None
+
+            t = Trajectory(np.asarray(g["actions"][sl], np.float64), np.asarray(g[f"obs/{obs_key}"][sl], np.float64),
+                           np.asarray(g[f"next_obs/{obs_key}"][sl], np.float64), get("states"), name,
+                           get("t_act"), get("tick_count", np.int64), get("tick_time"), get("tick_src", np.int64))
+            if len(t.actions) == 0:
+                raise CalibrationError(f"{path}: data/{name} has no rows from {start}")
+            if t.realtime and start > 0:  # the replay needs the commands sent before the cut
+                raise CalibrationError(f"{path}: a realtime log is replayed from its first row (start=0)")
+            out.append(t)
+    return out
