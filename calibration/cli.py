@@ -72,9 +72,9 @@ class CalibrateConfig:
     global_evals: int = 64
     """sysid: CMA-ES evaluations of the global stage before the local one (0 = local only)."""
     replay: str = "auto"
-    """sysid/check: how the log is replayed: auto (ticks > timestamps > lockstep by what the log
-    carries) | lockstep | ticks (the command each tick applied, from the log) | timestamps (send
-    times + a fitted latency)."""
+    """sysid/check: how the log is replayed: auto (executed steps when the log is a realtime
+    driver's record of them, else lockstep) | executed (each row's command as the robot applied it)
+    | lockstep (each row's command shifted by a fitted whole-step delay)."""
     profile: bool = True
     """sysid: per-parameter error profiles (ranges, identifiability report)."""
     range_k: float = 3.0
@@ -175,21 +175,20 @@ def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
     if cal.physics is not None and cfg.dataset:
         from calibration.logs import load_trajectories
         from calibration.replay import Replayer, replay_mode
-        from calibration.sysid import obs_scale, residuals, rms, timing_candidates
+        from calibration.sysid import Timing, obs_scale, residuals, rms, timing_candidates
         from sim.tasks import task_spec
 
         trajs = load_trajectories(cfg.dataset, cfg.task, cfg.episodes, cfg.steps)
         mode = replay_mode(trajs, cfg.replay)
-        # the calibrated timing: its whole-step delay (lockstep) or latency (realtime, from the log's ticks)
-        cands = timing_candidates(trajs, mode, max(cfg.max_delay, cal.control_delay_steps),
-                                  task_spec(cfg.task).control_hz)
-        lat = (cal.physics.get("fit") or {}).get("latency_ms")
-        if mode == "timestamps" and lat:
-            mid = 0.5 * (lat[0] + lat[1])
-            timing = min(cands, key=lambda c: 0.0 if c.latency_ms[0] <= mid <= c.latency_ms[1]  # type: ignore[index]
-                         else min(abs(c.latency_ms[0] - mid), abs(c.latency_ms[1] - mid)))  # type: ignore[index]
-        else:
-            timing = min(cands, key=lambda c: abs(c.delay_steps - cal.control_delay_steps))
+        # lockstep: the calibrated whole-step delay; executed steps: the rows as applied, and the
+        # latency the new log implies compared with the calibrated one
+        timing = timing_candidates(trajs, mode, 0, task_spec(cfg.task).control_hz)[0]
+        if mode == "lockstep":
+            timing = Timing(cal.control_delay_steps)
+        elif timing.delay_steps != cal.control_delay_steps:
+            print(f"check timing: the log's actuation delay is {timing.label()} steps (calibrated "
+                  f"{cal.control_delay_steps})  DRIFT")
+            drifted.append("timing")
         rep = Replayer(cfg.task, cfg.seed)
         try:
             err = rms(residuals(rep, trajs, cal.physics["params"], timing, obs_scale(trajs)))

@@ -34,12 +34,11 @@ def record_excitation(driver: Any, path: str, episodes: int = 3, steps: int = 50
                       env_args: dict[str, Any] | None = None, time_scale: float = 1.0) -> str:
     """Run ``episodes`` excitation episodes on ``driver`` (connected or not) and write them to ``path``.
 
-    Realtime drivers are paced at their control rate (× ``time_scale``); the observation logged
-    after each command is the one read one period later, as the control loop would see it. A
-    realtime driver with ``observe_stamped()`` (the controller's tick count and the time of the state
-    an observation shows, on this host's ``time.monotonic`` clock) gets the timing fields of ``calibration.logs`` logged too, and one with
-    a ``tick_log`` (which command each tick applied) also ``tick_src``: sysid then replays what the
-    robot experienced tick by tick instead of assuming one command per step.
+    Realtime drivers are paced at their control rate (× ``time_scale``). A realtime driver that
+    logs its executed steps (``driver.logs_steps``) gives one row per executed step, the command
+    it applied and its timing (``calibration.logs``): what sysid replays exactly. Commands are then
+    sent at a random phase between the robot's ticks, so the log bounds the actuation latency
+    tightly. Other drivers give one row per command sent, the observation read one period later.
     """
     from qc_robot.data.hdf5_io import EpisodeWriter
 
@@ -47,87 +46,61 @@ def record_excitation(driver: Any, path: str, episodes: int = 3, steps: int = 50
     spec = driver.spec
     key = spec.obs_fields[0].key
     has_state = callable(getattr(driver, "sim_state", None))
-    stamped = bool(driver.realtime) and callable(getattr(driver, "observe_stamped", None))
+    executed = bool(driver.realtime) and bool(getattr(driver, "logs_steps", False))
     period = 1.0 / (spec.control_hz * time_scale)
     args = {"source": "qc-robot calibrate excite", "driver": driver.name, "control_hz": spec.control_hz,
             "calibration_id": getattr(driver, "calibration_id", ""), "realtime": bool(driver.realtime),
-            **(env_args or {})}
+            "rows": "executed steps" if executed else "commands sent", **(env_args or {})}
     with EpisodeWriter(path, args) as writer:
         for ep in range(episodes):
             rng = np.random.default_rng(seed + ep)
             actions = excitation_actions(steps, spec.action_dim, rng).astype(np.float32)  # (N, A)
             first = driver.reset(seed + ep)
-            stamps: list[tuple[int, float]] = []
-            if stamped:
-                o, state = _stamped_start(driver, has_state, stamps)
-                obs, states = [o[key]], [state] if has_state else []
-            else:
-                obs, states = [first[key]], [driver.sim_state()] if has_state else []
-            applied, t_act = [], []
-            t_next = stamps[0][1] if stamped else time.monotonic()
+            t0 = time.monotonic()
+            obs, states = [first[key]], [driver.sim_state()] if has_state and not executed else []
+            applied, t_sent = [], []
+            t_next = t0
             for t in range(steps):
                 t_send = time.monotonic()
                 applied.append(driver.send_action(actions[t]))
-                t_act.append(0.5 * (t_send + time.monotonic()))  # when the driver took it
+                t_sent.append(0.5 * (t_send + time.monotonic()))  # when the driver took it
                 if driver.realtime:
                     t_next += period
-                    # stamped: read and send at a random phase between the robot's ticks, so the
-                    # sends do not race the ticks and the log pins the latency down finely
-                    wake = t_next + (rng.uniform(0.15, 0.85) * period if stamped else 0.0)
+                    wake = t_next + (rng.uniform(0.15, 0.85) * period if executed else 0.0)
                     time.sleep(max(0.0, wake - time.monotonic()))
-                if stamped:
-                    o, tick, t_tick = driver.observe_stamped()
-                    stamps.append((tick, t_tick))
-                else:
-                    o = driver.get_observation()
-                obs.append(o[key])
-                if has_state:
-                    states.append(driver.sim_state())
+                if not executed:
+                    obs.append(driver.get_observation()[key])
+                    if has_state:
+                        states.append(driver.sim_state())
+            if executed:
+                rows = _executed_rows(driver, steps, period, applied, t_sent, t0, time_scale, key)
+                writer.add_episode(obs={key: rows.pop("obs")}, actions=rows.pop("actions"), rewards=np.zeros(steps),
+                                   dones=np.zeros(steps), next_obs={key: rows.pop("next_obs")}, extras=rows,
+                                   attrs={"seed": seed + ep, "kind": "excitation"})
+                continue
             o = np.asarray(obs)  # (N+1, O)
-            extras: dict[str, np.ndarray] = {"states": np.asarray(states[:-1])} if has_state else {}
-            if stamped:
-                extras.update(_timing(stamps, t_act, getattr(driver, "tick_log", None), time_scale))
+            extras = {"states": np.asarray(states[:-1])} if has_state else None  # state at each obs row
             writer.add_episode(obs={key: o[:-1]}, actions=np.asarray(applied), rewards=np.zeros(steps),
-                               dones=np.zeros(steps), next_obs={key: o[1:]}, extras=extras or None,
+                               dones=np.zeros(steps), next_obs={key: o[1:]}, extras=extras,
                                attrs={"seed": seed + ep, "kind": "excitation"})
     return path
 
 
-def _stamped_start(driver: Any, has_state: bool, stamps: list[tuple[int, float]]) -> tuple[Any, Any]:
-    """First observation (and sim state) of a realtime episode, both of the same tick."""
-    while True:
-        o, tick, t = driver.observe_stamped()
-        state = driver.sim_state() if has_state else None
-        if driver.observe_stamped()[1] == tick:  # no tick in between: obs and state agree
-            stamps.append((tick, t))
-            return o, state
-
-
-def _timing(stamps: list[tuple[int, float]], t_act: list[float], tick_log: Any,
-            time_scale: float) -> dict[str, np.ndarray]:
-    """The realtime fields of ``calibration.logs`` from the stamps of the N+1 observations, the N
-    send times (monotonic) and the driver's tick log (or None), in robot seconds since tick 0."""
-    ticks = np.array([s[0] for s in stamps])  # (N+1,)
-    t0 = stamps[0][1]
-    counts = np.diff(ticks)  # (N,)
-    m = max(1, int(counts.max(initial=0)))
-    n = len(counts)
-    log = {int(k): (float(tt), int(seq)) for k, tt, seq in (tick_log or [])}
-    times = np.zeros((n, m))
-    src = np.full((n, m), -2, np.int64)
-    for i in range(n):
-        t_end = (stamps[i + 1][1] - t0) * time_scale
-        t_start = (stamps[i][1] - t0) * time_scale
-        for j in range(m):
-            k = int(ticks[i]) + 1 + min(j, max(int(counts[i]) - 1, 0))
-            if k in log:
-                times[i, j] = (log[k][0] - t0) * time_scale
-                if j < counts[i]:
-                    src[i, j] = log[k][1]
-            else:  # no tick log: the last tick's time is stamped; earlier ones at even spacing
-                c = max(int(counts[i]), 1)
-                times[i, j] = t_start + (t_end - t_start) * min(j + 1, c) / c
-    out = {"t_act": (np.asarray(t_act) - t0) * time_scale, "tick_count": counts.astype(np.int64), "tick_time": times}
-    if tick_log is not None:
-        out["tick_src"] = src
+def _executed_rows(driver: Any, steps: int, period: float, applied: list[np.ndarray], t_sent: list[float],
+                   t0: float, time_scale: float, key: str) -> dict[str, np.ndarray]:
+    """The first ``steps`` executed steps of the episode as log arrays (see ``calibration.logs``)."""
+    if not driver.wait_step(steps, 10 * steps * period):
+        raise RuntimeError(f"the robot executed fewer than {steps} steps in the excitation episode")
+    rows = driver.executed_steps()[:steps]
+    sent = {np.asarray(a, np.float32).tobytes(): (i, ts) for i, (a, ts) in enumerate(zip(applied, t_sent, strict=True))}
+    t_cmd = np.full(steps, -1.0)
+    for i, r in enumerate(rows):  # which sent command each tick applied: the excitation's are all distinct
+        if not r.held and (hit := sent.get(np.asarray(r.action, np.float32).tobytes())) is not None:
+            t_cmd[i] = (hit[1] - t0) * time_scale
+    out = {"obs": np.asarray([r.obs[key] for r in rows]), "actions": np.asarray([r.action for r in rows]),
+           "next_obs": np.asarray([r.next_obs[key] for r in rows]),
+           "held": np.asarray([r.held for r in rows], np.int8),
+           "t_tick": (np.asarray([r.t for r in rows]) - t0) * time_scale, "t_sent": t_cmd}
+    if all("state" in r.extra for r in rows):
+        out["states"] = np.asarray([r.extra["state"] for r in rows])
     return out

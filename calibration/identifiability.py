@@ -47,12 +47,13 @@ def profile(err: Callable[[dict[str, float]], float], params: Mapping[str, float
     points: list[list[float]] = []
     ends, closed = [], []
     for sign in (-1.0, 1.0):
-        end, hit = from_fit(kind, z0 + sign * steps[-1]), False
+        end, hit, last = from_fit(kind, z0 + sign * steps[-1]), False, params[kind]
         for s in steps:
             v = from_fit(kind, z0 + sign * s)
-            if abs(v - params[kind]) < 1e-12:  # at a bound: nothing further on this side
+            if abs(v - last) < 1e-12:  # at the kind's bound: the range ends there, nothing is unknown
                 end, hit = v, True
                 break
+            last = v
             e = err({**params, kind: v})
             points.append([v, e])
             if e > threshold:

@@ -6,17 +6,15 @@ is NaN``), never a NaN that compares as "no drift", a fit pinned at its bounds o
 broadcast message. The task is checked from the file's ``env_args``: its ``task`` when it names
 one, else the observation and action widths and the control rate against the task's.
 
-Realtime logs (``qc-robot calibrate step=excite`` on a realtime driver) carry, per row, what the
-robot experienced between the two observations, so sysid can replay it tick by tick
-(``calibration.replay``):
+Realtime logs are the robot's own record of each executed control step (``Driver.executed_steps``:
+one row per tick, ``actions`` the command that tick applied, the hold command on a held tick), so
+a replay one row per step reproduces what the robot experienced. ``qc-robot calibrate step=excite``
+on such a driver adds, per row:
 
-* ``t_act`` (N,): when the row's command was sent, robot seconds since the episode's reset.
-* ``tick_count`` (N,): controller ticks executed between ``obs`` and ``next_obs`` (0: the world
-  did not advance; 2: one read was late).
-* ``tick_time`` (N, M): robot time of each of those ticks (padded with the last one).
-* ``tick_src`` (N, M), optional: which row's command each tick applied (-1: none had arrived, the
-  controller held; padded with -2). Drivers that report it (the sim) make the replay exact;
-  without it the replayer reconstructs it from ``t_act`` and a fitted actuation latency.
+* ``held`` (N,): 1 where no new command had arrived and the controller held.
+* ``t_tick`` (N,): when the tick applied its command, robot seconds since the episode's reset.
+* ``t_sent`` (N,): when that command was sent (-1 on held rows), same clock: the actuation
+  latency is bounded by ``t_tick - t_sent`` and the previous tick's time.
 """
 
 from __future__ import annotations
@@ -29,8 +27,8 @@ import numpy as np
 
 from calibration.files import CalibrationError
 
-TIMING_KEYS = ("t_act", "tick_count", "tick_time")
-"""Fields a realtime log needs for a tick-by-tick replay (``tick_src`` is optional)."""
+TIMING_KEYS = ("held", "t_tick", "t_sent")
+"""Fields of a realtime excitation log (all or none)."""
 
 
 @dataclass
@@ -42,25 +40,14 @@ class Trajectory:
     next_obs: np.ndarray  # (N, O) observation after it
     states: np.ndarray | None = None  # (N, nq+nv) MuJoCo state at obs (sim logs only)
     name: str = ""
-    t_act: np.ndarray | None = None  # (N,) realtime: send time of each command (robot s)
-    tick_count: np.ndarray | None = None  # (N,) realtime: ticks between obs and next_obs
-    tick_time: np.ndarray | None = None  # (N, M) realtime: time of each of those ticks (robot s)
-    tick_src: np.ndarray | None = None  # (N, M) realtime: row whose command each tick applied, -1 hold
+    held: np.ndarray | None = None  # (N,) realtime: 1 where the tick held (no new command)
+    t_tick: np.ndarray | None = None  # (N,) realtime: when each row's tick applied its command (robot s)
+    t_sent: np.ndarray | None = None  # (N,) realtime: when that command was sent (-1: held)
 
     @property
     def realtime(self) -> bool:
-        return self.tick_count is not None
-
-    def ticks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-        """Flattened tick schedule: (time (K,), row of each tick (K,), src (K,) or None, number of
-        ticks executed before each row's next_obs (N,))."""
-        assert self.tick_count is not None and self.tick_time is not None
-        n = len(self.tick_count)
-        rows = np.repeat(np.arange(n), self.tick_count)  # (K,)
-        cols = np.concatenate([np.arange(c) for c in self.tick_count]) if n else np.zeros(0, int)
-        times = self.tick_time[rows, cols]
-        src = self.tick_src[rows, cols] if self.tick_src is not None else None
-        return times, rows, src, np.cumsum(self.tick_count)
+        """Rows are the robot's executed steps with their timing (see the module docstring)."""
+        return self.t_tick is not None
 
 
 def _where(path: str, name: str, key: str, bad: np.ndarray) -> str:
@@ -125,7 +112,7 @@ def check_log(path: str, task: str, obs_key: str = "state", episodes: int | None
         for name in names[: episodes if episodes is not None else len(names)]:
             g = f["data"][name]
             n = None
-            for key in ("actions", f"obs/{obs_key}", f"next_obs/{obs_key}", "states", *TIMING_KEYS, "tick_src"):
+            for key in ("actions", f"obs/{obs_key}", f"next_obs/{obs_key}", "states", *TIMING_KEYS):
                 if key not in g:
                     if key in ("actions", f"obs/{obs_key}", f"next_obs/{obs_key}"):
                         raise CalibrationError(f"{path}: data/{name}/{key} is missing")
@@ -148,10 +135,10 @@ def check_log(path: str, task: str, obs_key: str = "state", episodes: int | None
                 missing = sorted(set(TIMING_KEYS) - set(present))
                 raise CalibrationError(f"{path}: data/{name} has realtime fields {present} but not {missing}")
             if present:
-                counts = np.asarray(g["tick_count"][()])
-                m = g["tick_time"].shape[1] if g["tick_time"].ndim == 2 else -1
-                if (counts < 0).any() or counts.max(initial=0) > m:
-                    raise CalibrationError(f"{path}: data/{name}/tick_count must be in [0, {m}] (width of tick_time)")
+                t_tick, t_sent = np.asarray(g["t_tick"][()]), np.asarray(g["t_sent"][()])
+                applied = t_sent >= 0
+                if (np.diff(t_tick) < 0).any() or (t_sent[applied] > t_tick[applied] + 1e-9).any():
+                    raise CalibrationError(f"{path}: data/{name}/t_tick must increase and follow t_sent (clocks?)")
     return args
 
 
@@ -175,10 +162,8 @@ def load_trajectories(path: str, task: str, episodes: int = 3, steps: int = 0, o
 
             t = Trajectory(np.asarray(g["actions"][sl], np.float64), np.asarray(g[f"obs/{obs_key}"][sl], np.float64),
                            np.asarray(g[f"next_obs/{obs_key}"][sl], np.float64), get("states"), name,
-                           get("t_act"), get("tick_count", np.int64), get("tick_time"), get("tick_src", np.int64))
+                           get("held"), get("t_tick"), get("t_sent"))
             if len(t.actions) == 0:
                 raise CalibrationError(f"{path}: data/{name} has no rows from {start}")
-            if t.realtime and start > 0:  # the replay needs the commands sent before the cut
-                raise CalibrationError(f"{path}: a realtime log is replayed from its first row (start=0)")
             out.append(t)
     return out

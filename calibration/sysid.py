@@ -1,17 +1,17 @@
 """System identification: fit the sim's physical parameters and control delay to logged robot data.
 
-Each logged trajectory is replayed *open loop* (``calibration.replay``): lockstep logs one command
-per row shifted by a whole-step delay; realtime logs tick by tick, with the command each tick
-applied taken from the log (``tick_src``) or reconstructed from the send times and an actuation
-latency. The error is over the arm's proprioceptive dims (joint pos/vel, effector pos/yaw,
+Each logged trajectory is replayed *open loop* (``calibration.replay``), one control step per
+row: a lockstep log's commands shifted by a candidate whole-step delay; a realtime log of executed
+steps as the robot applied them (its latency and held ticks are in the rows), the delay then read
+off the log's timing instead of fitted. The error is over the arm's proprioceptive dims (joint pos/vel, effector pos/yaw,
 gripper opening: ``OBS_DIMS``), each divided by its spread in the log, so radians, rad/s and the
 scaled effector position weigh alike. Cube poses are left out: contacts make them chaotic.
 
 Fit, in four stages:
 
-1. **Timing**: a scan of the delay (lockstep: 0..``max_delay`` steps; timestamps: latencies on a
-   grid of ``1/latency_resolution`` steps, grouped by the tick schedule they imply) at nominal
-   physics. A log with ``tick_src`` needs no scan: the schedule is what the robot did.
+1. **Timing**: lockstep logs, a scan of the delay 0..``max_delay`` steps at nominal physics;
+   executed-steps logs, the actuation latency interval the send and tick times allow
+   (:func:`latency_bounds`) and the whole-step delay inside it.
 2. **Global**: CMA-ES (the ``cma`` package) over every kind in fit coordinates (log for scales,
    log1p for friction) within the kinds' bounds, ``global_evals`` evaluations. A local solver
    started at the stock model can stop in a local minimum far from the truth; this stage is there
@@ -34,7 +34,7 @@ import numpy as np
 
 from calibration.logs import Trajectory
 from calibration.randomization import PARAM_KINDS, from_fit, nominal_params, to_fit
-from calibration.replay import Replayer, latency_classes, replay_mode, schedule
+from calibration.replay import Replayer, replay_mode
 
 log = logging.getLogger("qc_robot.calibration")
 OBS_DIMS = slice(0, 18)
@@ -50,19 +50,23 @@ DEFAULT_KINDS = ("kp", "damping", "armature", "frictionloss")
 
 @dataclass
 class Timing:
-    """One candidate for *when* the logged commands took effect."""
+    """When the logged commands took effect."""
 
     delay_steps: int
     """The sim driver's control delay this corresponds to (whole steps)."""
     latency_ms: tuple[float, float] | None = None
-    """Realtime: the interval of actuation latencies consistent with this schedule (robot ms)."""
-    ticks: tuple[np.ndarray, ...] | None = None
-    """Realtime: the tick schedule of each trajectory (``calibration.replay.schedule``); None = lockstep rows."""
+    """Executed-steps logs: the interval of actuation latencies consistent with the log (robot ms)."""
+    shift: int | None = None
+    """Rows the replay shifts the commands by (None: ``delay_steps``; 0 for executed steps)."""
+
+    @property
+    def replay_delay(self) -> int:
+        return self.delay_steps if self.shift is None else self.shift
 
     def label(self) -> str:
         if self.latency_ms is None:
             return str(self.delay_steps)
-        return f"{self.latency_ms[0]:.0f}-{self.latency_ms[1]:.0f}ms"
+        return f"{self.delay_steps} ({self.latency_ms[0]:.1f}-{self.latency_ms[1]:.1f} ms)"
 
 
 def obs_scale(trajs: Sequence[Trajectory]) -> np.ndarray:
@@ -77,8 +81,8 @@ def residuals(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, floa
     """Stacked normalised prediction errors over every trajectory, row and dim."""
     tm = timing if isinstance(timing, Timing) else Timing(int(timing))
     r = []
-    for i, t in enumerate(trajs):
-        pred = rep.rollout(t, params, tm.delay_steps, None if tm.ticks is None else tm.ticks[i])
+    for t in trajs:
+        pred = rep.rollout(t, params, tm.replay_delay)
         r.append(((pred - t.next_obs)[:, OBS_DIMS][:, ERR_DIMS] / scale).ravel())
     return np.concatenate(r)
 
@@ -87,41 +91,29 @@ def rms(r: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(r))))
 
 
-def timing_candidates(trajs: Sequence[Trajectory], mode: str, max_delay: int, control_hz: float,
-                      resolution: int = 4) -> list[Timing]:
+def timing_candidates(trajs: Sequence[Trajectory], mode: str, max_delay: int, control_hz: float) -> list[Timing]:
     """Every timing a fit should consider for ``trajs`` replayed in ``mode`` (see the module doc)."""
-    period_ms = 1e3 / control_hz
     if mode == "lockstep":
         return [Timing(d) for d in range(max_delay + 1)]
-    if mode == "ticks":
-        sched = tuple(schedule(t, None) for t in trajs)
-        lo, hi = latency_bounds(trajs, sched)
-        return [Timing(_steps_in(lo, hi, period_ms), (lo, hi), sched)]
-    grid = np.arange(0, max_delay * resolution + 1) * period_ms / resolution / 1e3  # candidate latencies (s)
-    out = []
-    for lats, sched in latency_classes(list(trajs), grid):
-        lo, hi = latency_bounds(trajs, sched)
-        step = period_ms / resolution  # the neighbouring grid points imply other schedules
-        lo, hi = max(lo, float(lats.min()) * 1e3 - step), min(hi, float(lats.max()) * 1e3 + step)
-        out.append(Timing(_steps_in(lo, hi, period_ms), (max(lo, 0.0), max(hi, 0.0)), sched))
-    return out
+    lo, hi = latency_bounds(trajs)
+    return [Timing(_steps_in(lo, hi, 1e3 / control_hz), (lo, hi), shift=0)]
 
 
-def latency_bounds(trajs: Sequence[Trajectory], sched: Sequence[np.ndarray]) -> tuple[float, float]:
-    """Interval of actuation latencies (ms) under which every applied command arrived after the
-    tick before the one that applied it and by that one (held ticks and unapplied commands
-    narrow it no further: a coarse but sound bound)."""
+def latency_bounds(trajs: Sequence[Trajectory]) -> tuple[float, float]:
+    """Interval of actuation latencies (ms) consistent with an executed-steps log: a tick applies
+    the newest command that arrived since the previous tick, so every applied command arrived
+    after the previous tick and by its own: ``t_prev - t_sent < latency <= t_tick - t_sent``."""
     lo, hi = 0.0, np.inf
-    for t, s in zip(trajs, sched, strict=True):
-        times, _, _, _ = t.ticks()
-        assert t.t_act is not None
-        prev = np.concatenate([[0.0], times[:-1]])
-        k = np.nonzero(s >= 0)[0]
+    for t in trajs:
+        assert t.t_tick is not None and t.t_sent is not None
+        prev = np.concatenate([[-np.inf], t.t_tick[:-1]])  # the first row's previous tick is not in the log
+        k = np.nonzero(t.t_sent >= 0)[0]
         if len(k):
-            wait = times[k] - t.t_act[s[k]]  # (K',) send -> applying tick
-            lo = max(lo, float(np.max(prev[k] - t.t_act[s[k]])) * 1e3)
-            hi = min(hi, float(np.min(wait)) * 1e3)
-    return lo, (hi if np.isfinite(hi) else lo)
+            lo = max(lo, float(np.max(prev[k] - t.t_sent[k])) * 1e3)
+            hi = min(hi, float(np.min(t.t_tick[k] - t.t_sent[k])) * 1e3)
+    if not np.isfinite(hi):
+        raise ValueError("the log has no applied command (every tick held): nothing to time")
+    return lo, hi
 
 
 def _steps_in(lo_ms: float, hi_ms: float, period_ms: float) -> int:
@@ -214,18 +206,12 @@ def global_search(fun: Any, kinds: Sequence[str], x0: np.ndarray, evals: int, se
     return best[0], best[1], history
 
 
-def _head(trajs: Sequence[Trajectory], timing: Timing, rows: int) -> tuple[list[Trajectory], Timing]:
-    """The first ``rows`` rows of each trajectory, with the timing cut to match."""
+def _head(trajs: Sequence[Trajectory], rows: int) -> list[Trajectory]:
+    """The first ``rows`` rows of each trajectory."""
     import dataclasses
 
-    out, ticks = [], []
-    for i, t in enumerate(trajs):
-        cut = {f.name: getattr(t, f.name)[:rows] for f in dataclasses.fields(t)
-               if isinstance(getattr(t, f.name), np.ndarray)}
-        out.append(dataclasses.replace(t, **cut))
-        if timing.ticks is not None:
-            ticks.append(timing.ticks[i][: int(np.sum(t.tick_count[:rows]))])  # type: ignore[index]
-    return out, dataclasses.replace(timing, ticks=tuple(ticks) if timing.ticks is not None else None)
+    return [dataclasses.replace(t, **{f.name: getattr(t, f.name)[:rows] for f in dataclasses.fields(t)
+                                      if isinstance(getattr(t, f.name), np.ndarray)}) for t in trajs]
 
 
 def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = DEFAULT_KINDS,
@@ -248,9 +234,8 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
     evals0 = rep.evals
     scale = obs_scale(trajs)
     base = nominal_params()
-    # "before": the stock model taking each command at once (realtime: at the first tick after it was sent)
-    none = Timing(0) if mode == "lockstep" else Timing(0, (0.0, 0.0), tuple(schedule(t, 0.0) for t in trajs))
-    r0 = residuals(rep, trajs, base, none, scale)
+    # "before": the stock model, each command taken in the row it was logged in, no delay
+    r0 = residuals(rep, trajs, base, Timing(0), scale)
     before = rms(r0)
     timing, _ = _scan(rep, trajs, base, cands, scale)
     kinds = list(kinds)
@@ -260,10 +245,10 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
     if global_evals > 0:
         # the global stage sees the first `global_rows` rows of each trajectory: the basin is set by
         # the gross response, and half the rows halve its cost
-        short, short_tm = _head(trajs, timing, global_rows)
+        short = _head(trajs, global_rows)
 
         def cost(x: np.ndarray) -> float:
-            return float(np.mean(np.square(residuals(rep, short, _from_x(x, kinds, base), short_tm, scale))))
+            return float(np.mean(np.square(residuals(rep, short, _from_x(x, kinds, base), timing, scale))))
 
         xg, _, _ = global_search(cost, kinds, _to_x(base, kinds), global_evals, seed)
         params = _from_x(xg, kinds, base)
@@ -334,8 +319,8 @@ def plot_fit(env_name: str, trajs: Sequence[Trajectory], result: SysIdResult, pa
     rep = replayer or Replayer(env_name)
     t = trajs[0]
     tm = result.timing or Timing(result.delay_steps)
-    before = rep.rollout(t, nominal_params(), 0, None if tm.ticks is None else schedule(t, 0.0))
-    after = rep.rollout(t, result.params, tm.delay_steps, None if tm.ticks is None else tm.ticks[0])
+    before = rep.rollout(t, nominal_params(), 0)
+    after = rep.rollout(t, result.params, tm.replay_delay)
     if replayer is None:
         rep.close()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))

@@ -1,0 +1,78 @@
+"""Realtime calibration logs: the sim robot's own record of each executed step replays exactly at
+its true physics, the log bounds the actuation latency, and ``check`` flags drifted physics.
+
+The "robot" is the realtime sim driver with hidden physics (kp x0.7, damping x2, 100 ms actuation
+latency = 2 control steps), run at twice real time. Real MuJoCo, real HDF5, the CLI entry point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration.cli import CalibrateConfig, run_calibrate
+from calibration.files import Calibration, save_calibration
+
+TASK = "cube-single-task1"
+HIDDEN = {"kp": 0.7, "damping": 2.0, "armature": 1.0, "frictionloss": 0.0}
+DRIFTED = {"kp": 0.49, "damping": 3.0, "armature": 1.0, "frictionloss": 0.0}  # kp x0.7, damping x1.5 later
+
+
+def _robot(tmp_path: Path, name: str, params: dict[str, float]) -> str:
+    cal = Calibration(name, TASK, physics={"params": params, "ranges": {}, "control_delay_steps": 2})
+    return str(save_calibration(cal, tmp_path / f"{name}.json"))
+
+
+def _excite(tmp_path: Path, robot: str, name: str, seed: int = 0, steps: int = 30) -> str:
+    data = str(tmp_path / f"{name}.hdf5")
+    assert run_calibrate(CalibrateConfig(step="excite", robot_id="arm1", task=TASK, dataset=data, realtime=True,
+                                         time_scale=2.0, episodes=1, steps=steps, seed=seed,
+                                         driver_args={"calibration": robot})) == 0
+    return data
+
+
+def test_realtime_log_replays_exactly_at_the_true_physics(tmp_path: Path) -> None:
+    from calibration.logs import load_trajectories
+    from calibration.replay import Replayer, replay_mode
+    from calibration.sysid import Timing, obs_scale, residuals, rms, timing_candidates
+
+    data = _excite(tmp_path, _robot(tmp_path, "hidden", HIDDEN), "rt")
+    trajs = load_trajectories(data, TASK, episodes=1)
+    t = trajs[0]
+    assert t.realtime and len(t.actions) == 30 and t.held is not None and t.t_sent is not None
+    assert t.held[0] and t.held.sum() >= 1  # 100 ms latency: the first tick had no command yet and held
+    np.testing.assert_array_equal(t.actions[t.held > 0], 0.0)  # a held row's action is the hold command
+    assert replay_mode(trajs) == "executed"
+    timing = timing_candidates(trajs, "executed", 4, 20.0)[0]
+    assert timing.latency_ms is not None
+    lo, hi = timing.latency_ms
+    assert lo <= 100.0 <= hi + 1.0 and hi - lo < 50.0, timing.label()  # +1 ms: the sim's own scheduling
+    assert timing.delay_steps == 2
+    rep = Replayer(TASK)
+    try:
+        scale = obs_scale(trajs)
+        exact = rms(residuals(rep, trajs, HIDDEN, timing, scale))
+        as_loop_rows = rms(residuals(rep, trajs, HIDDEN, Timing(2), scale))  # the old lockstep replayer
+        nominal = rms(residuals(rep, trajs, {}, timing, scale))
+    finally:
+        rep.close()
+    assert exact < 1e-4, exact
+    assert as_loop_rows > 100 * exact and nominal > 100 * exact, (exact, as_loop_rows, nominal)
+
+
+def test_check_flags_drift_on_a_realtime_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the calibration a fit of the hidden robot gives (its values; a replay error a fit reaches)
+    cal = Calibration("arm1", TASK, physics={"params": HIDDEN, "ranges": {"kp": [0.63, 0.77]},
+                                             "control_delay_steps": 2, "fit": {"error_after": 0.005}})
+    out = str(save_calibration(cal, tmp_path / "arm1.json"))
+    same = _excite(tmp_path, _robot(tmp_path, "hidden", HIDDEN), "today", seed=5)
+    drifted = _excite(tmp_path, _robot(tmp_path, "drifted", DRIFTED), "drifted", seed=5)
+    common = dict(step="check", robot_id="arm1", task=TASK, out=out, driver="", episodes=1)
+    assert run_calibrate(CalibrateConfig(dataset=same, **common)) == 0  # type: ignore[arg-type]
+    text = capsys.readouterr().out
+    assert "executed replay" in text and "no drift" in text, text
+    assert run_calibrate(CalibrateConfig(dataset=drifted, **common)) == 1  # type: ignore[arg-type]
+    text = capsys.readouterr().out
+    assert "DRIFT" in text and "drift in physics" in text, text
