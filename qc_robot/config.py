@@ -61,9 +61,15 @@ class AgentConfig:
     compile: bool = False
     """torch.compile the update (pays off on GPU and for long CPU runs)."""
     sample_dtype: str = "auto"
-    """dtype of the no-grad sampling inside an update (best-of-N / distillation targets):
-    'float32', 'bfloat16' (bf16 weight copies; Euler state, normalization and the target
-    critic stay fp32) or 'auto' (bf16 where the hardware has it natively). Acting is fp32."""
+    """dtype of the flow's no-grad Euler passes inside an update (best-of-N candidates and the
+    distillation target): 'float32', 'bfloat16' (a bf16 copy of the flow's weights; Euler state
+    and normalization stay fp32) or 'auto' (bf16 where the hardware has it natively). The
+    critic that ranks best-of-N candidates, the target critic and acting are always fp32."""
+    obs_norm: str = "none"
+    """Observation normalization: 'none' (raw observations, as the reference) or 'std'
+    ((obs - mean) / max(std, obs_norm_eps) with the offline data's statistics)."""
+    obs_norm_eps: float = 1e-3
+    """Floor on the std for obs_norm='std'."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
 
@@ -100,6 +106,11 @@ class DataConfig:
     goals (0 = OGBench's plain play data)."""
     reward_shift: float = 0.0
     """Added to every logged reward when loading (robomimic uses -1)."""
+    obs_keys: list[str] | None = None
+    """Observation keys to train on, concatenated in this order (None: every key whose steps
+    are vectors; image keys (H, W, C) are left out, with a note)."""
+    filter_key: str | None = None
+    """Train only on the demos listed in ``mask/<filter_key>`` (e.g. robomimic's 'train')."""
 
 
 @dataclass
@@ -112,8 +123,8 @@ class TrainingConfig:
     """Env steps in sim after the offline phase (each chunk runs open-loop in full)."""
     utd: int = 1
     """Updates per online env step."""
-    start_online_updates: int = 0
-    """Online env steps collected before online updates begin."""
+    start_online_updates: int = 5_000
+    """Online env steps collected before online updates begin (the reference: 5,000)."""
     eval_interval: int = 100_000
     """Evaluate (and save) every this many updates (0: only at the end of each phase)."""
     eval_episodes: int = 50

@@ -6,9 +6,11 @@ and for QC-FQL the one-step actor. It draws all of an update's randomness from i
 reproducible and resumable. An update does no host syncs: it returns device scalars.
 
 Throughput: the best-of-N target samples all B·N chunks as one batch (``acting.best_of_n``);
-with ``cfg.sample_dtype='bfloat16'`` the no-grad sampling (best-of-N and the distillation
-target) runs on bf16 copies of the weights, refreshed once per update, which on CPUs with
-AVX512-bf16 (oneDNN) is several times faster per matmul than fp32 MKL.
+with ``cfg.sample_dtype='bfloat16'`` the flow's no-grad Euler passes (best-of-N candidates and
+the distillation target) run on a bf16 copy of the flow's weights, refreshed once per update,
+which on CPUs with AVX512-bf16/AMX (oneDNN) is several times faster per matmul than fp32 MKL.
+The critic that *ranks* the best-of-N candidates is always the fp32 online critic: at
+|Q| ≈ 100–200 bf16's step is 0.5–1.0 and neighbouring candidates would tie.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ def _cpu_has_bf16() -> bool:
 
 
 def resolve_sample_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' → bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with
-    AVX512-BF16/AMX), where it makes best-of-N sampling 3x faster for ~0.01% target error;
-    float32 elsewhere (emulated bf16 is slower than fp32)."""
+    """dtype of the flow's no-grad Euler passes. 'auto' → bfloat16 where the hardware computes
+    it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), float32 elsewhere (emulated bf16
+    is slower than fp32). The ranking critic is fp32 whatever this says: with it, the
+    best-of-N choice matches the all-fp32 choice in >= 99% of states at |Q| ≈ 100–200
+    (``tests/test_precision.py``, ``benchmarks/bench_update.py``)."""
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda":
@@ -105,6 +109,8 @@ class QCAgent(nn.Module):
         super().__init__()
         if cfg.actor_type not in ("best_of_n", "fql"):
             raise ValueError(f"actor_type must be 'best_of_n' or 'fql', got {cfg.actor_type!r}")
+        if cfg.obs_norm not in ("none", "std"):
+            raise ValueError(f"obs_norm must be 'none' or 'std', got {cfg.obs_norm!r}")
         if cfg.sample_dtype not in (*_DTYPES, "auto"):
             raise ValueError(
                 f"sample_dtype must be 'auto' or one of {sorted(_DTYPES)}, got {cfg.sample_dtype!r}"
@@ -149,15 +155,13 @@ class QCAgent(nn.Module):
         dtype = resolve_sample_dtype(cfg.sample_dtype, self.device)
         self.sample_dtype = dtype
         # The networks the no-grad sampling runs on. A plain dict, so nn.Module does not
-        # register (and save) them as submodules.
+        # register (and save) them as submodules. Only the flow may be low precision: the
+        # critic that ranks best-of-N candidates is the fp32 online critic, always.
         self._lp: list[_LowPrecisionCopy] = []
         self._sampling: dict[str, Any] = {"flow": self.flow, "critic": self.critic}
         if dtype != torch.float32:
-            self._lp = [
-                _LowPrecisionCopy(self.flow, "mlp", dtype),
-                _LowPrecisionCopy(self.critic, "net", dtype),
-            ]
-            self._sampling = {"flow": self._lp[0].module, "critic": self._lp[1].module}
+            self._lp = [_LowPrecisionCopy(self.flow, "mlp", dtype)]
+            self._sampling = {"flow": self._lp[0].module, "critic": self.critic}
 
         self._target_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._target_actions
         self._loss_fn: Callable[..., tuple[torch.Tensor, Info]] = total_loss
@@ -167,14 +171,15 @@ class QCAgent(nn.Module):
 
     # -- setup -------------------------------------------------------------------------------
     def set_normalizer(
-        self, mean: np.ndarray | torch.Tensor, std: np.ndarray | torch.Tensor
+        self, mean: np.ndarray | torch.Tensor, std: np.ndarray | torch.Tensor, eps: float = 1e-3
     ) -> None:
-        """Set the observation statistics of every network (target critic included)."""
+        """Set the observation statistics of every network (target critic included); ``std``
+        is floored at ``eps``. Not calling it leaves raw observations (the reference's way)."""
         mean_t = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
         std_t = torch.as_tensor(std, dtype=torch.float32, device=self.device)
         for net in (self.critic, self.target_critic, self.flow, self.one_step_actor):
             if net is not None:
-                net.normalizer.set_stats(mean_t, std_t)
+                net.normalizer.set_stats(mean_t, std_t, eps)
 
     def acting_policy(self) -> ActingPolicy:
         """The acting rule over this agent's live (fp32) networks: (obs, noise) → (B, H, A)."""

@@ -371,6 +371,40 @@ def _load_flat(
     )
 
 
+def vector_obs_keys(
+    path: str | os.PathLike[str], filter_key: str | None = None
+) -> tuple[list[str], list[str]]:
+    """(vector keys, image keys) of the first complete demo's ``obs`` group, each sorted.
+
+    A key whose steps have more than one axis (robomimic images are (H, W, C) uint8) cannot go
+    into an MLP as it is; the learner's default leaves such keys out rather than flattening raw
+    pixels into the network. Raises :class:`DatasetError` when no vector key is left.
+    """
+    path = os.fspath(path)
+    with _open(path) as f:
+        data, _ = _check_header(path, f)
+        names = _demo_names(data)
+        if filter_key is not None:
+            mask = f.get(f"mask/{filter_key}")
+            if mask is None:
+                raise DatasetError(f"{path}: mask/{filter_key} is missing")
+            wanted = {_str(x) for x in mask[()]}
+            names = [n for n in names if n in wanted]
+        first = next((data[n] for n in names if "num_samples" in data[n].attrs), None)
+        if first is None:
+            raise DatasetError(f"{path}: empty file: no complete data/demo_<i> groups")
+        if "obs" not in first:
+            raise DatasetError(f"{path}: {first.name}/obs is missing")
+        shapes = {k: first["obs"][k].shape[1:] for k in first["obs"]}
+    vec = sorted(k for k, s in shapes.items() if len(s) <= 1)
+    img = sorted(k for k, s in shapes.items() if len(s) > 1)
+    if not vec:
+        raise DatasetError(
+            f"{path}: every observation key has multi-axis steps ({img}); set data.obs_keys"
+        )
+    return vec, img
+
+
 def validate(path: str | os.PathLike[str]) -> list[str]:
     """Problems found in ``path`` (an empty list means the file loads cleanly)."""
     path = os.fspath(path)

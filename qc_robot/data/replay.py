@@ -70,25 +70,40 @@ class ChunkReplay:
                 raise KeyError(f"replay data is missing '{k}'")
             if len(data[k]) != n:
                 raise ValueError(f"replay field '{k}' has {len(data[k])} rows, rewards has {n}")
-        if self.size + n <= self.capacity:
-            rows = slice(self.size, self.size + n)
-            for k in _FIELDS:
-                self._data[k][rows] = _tensor(data[k], self.device).reshape(self._data[k][rows].shape)
-            self.size += n
-            return n
-        if self.keep + n > self.capacity:
+        if self.size + n > self.capacity and self.keep + n > self.capacity:
             raise ValueError(
                 f"replay capacity {self.capacity} cannot hold {self.keep} protected rows plus {n} new ones"
             )
-        # Ring over the online region [keep, capacity).
-        for j in range(n):
-            if self._cursor >= self.capacity or self._cursor < self.keep:
-                self._cursor = self.keep
+        rows = {k: _tensor(data[k], self.device).reshape(n, *self._data[k].shape[1:]) for k in _FIELDS}
+        # Free slots first: the ring only starts overwriting once every slot holds a row.
+        free = min(n, self.capacity - self.size)
+        if free:
             for k in _FIELDS:
-                self._data[k][self._cursor] = _tensor(data[k][j], self.device)
-            self._cursor += 1
-        self.size = self.capacity
+                self._data[k][self.size : self.size + free] = rows[k][:free]
+            self.size += free
+            self._cursor = self.size
+        done = free
+        while done < n:  # then the ring over the online region [keep, capacity), oldest first
+            if self._cursor >= self.capacity:
+                self._cursor = self.keep
+            m = min(n - done, self.capacity - self._cursor)
+            for k in _FIELDS:
+                self._data[k][self._cursor : self._cursor + m] = rows[k][done : done + m]
+            self._cursor += m
+            done += m
         return n
+
+    @property
+    def cursor(self) -> int:
+        """The row after the newest one (== size until the ring wraps)."""
+        return self._cursor
+
+    def _seam(self) -> int | None:
+        """Row of the newest transition when the oldest follows it in storage (ring wrapped and
+        not at the region's end): chunks must not run from the newest into the oldest row."""
+        if self.size == self.capacity and self.keep < self._cursor < self.capacity:
+            return self._cursor - 1
+        return None
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, batch_size: int, horizon: int, discount: float, generator: torch.Generator | None = None) -> ChunkBatch:
@@ -96,11 +111,22 @@ class ChunkReplay:
 
         Start rows are drawn from [0, size - horizon] so a chunk never runs past the stored
         data; a chunk may run past its episode's end, and ``valid``/``masks`` then mark the
-        padding exactly as QC_SPEC prescribes.
+        padding exactly as QC_SPEC prescribes. Once the ring has wrapped, chunks that would run
+        from the newest row into the oldest one are never drawn.
         """
         if self.size < horizon:
             raise ValueError(f"replay holds {self.size} transitions, fewer than one chunk ({horizon})")
-        start = torch.randint(0, self.size - horizon + 1, (batch_size,), device=self.device, generator=generator)
+        seam = self._seam()
+        n_starts = self.size - horizon + 1
+        if seam is None or horizon == 1:
+            start = torch.randint(0, n_starts, (batch_size,), device=self.device, generator=generator)
+        else:
+            # Starts seam-h+2 .. seam would run from the newest row into the oldest one (another
+            # episode, with no end flag between): draw from the rest, uniformly.
+            lo = max(seam - horizon + 2, self.keep)
+            bad = max(min(seam, n_starts - 1) - lo + 1, 0)
+            start = torch.randint(0, n_starts - bad, (batch_size,), device=self.device, generator=generator)
+            start = start + bad * (start >= lo)
         return self.gather(start, horizon, discount)
 
     def gather(self, start: torch.Tensor, horizon: int, discount: float) -> ChunkBatch:
@@ -128,6 +154,23 @@ class ChunkReplay:
     def numpy(self) -> dict[str, np.ndarray]:
         """The stored rows as numpy arrays (in storage order)."""
         return {k: v[: self.size].cpu().numpy() for k, v in self._data.items()}
+
+    def online_state(self) -> dict[str, Any]:
+        """The online rows (storage order) and the write cursor: what a resume needs on top of
+        the offline dataset, which is reloaded from its file."""
+        return {"rows": {k: v[self.keep : self.size].cpu().numpy() for k, v in self._data.items()},
+                "cursor": self._cursor - self.keep}
+
+    def load_online_state(self, state: Mapping[str, Any]) -> None:
+        """Append rows saved by :meth:`online_state` after the offline data and restore the
+        cursor, so a wrapped ring overwrites its oldest row next, exactly as before the save."""
+        rows = state["rows"]
+        if len(rows["rewards"]):
+            self.extend(rows)
+        cursor = self.keep + int(state.get("cursor", self.size - self.keep))
+        if not self.keep <= cursor <= self.size:
+            raise ValueError(f"replay cursor {cursor} outside the online rows [{self.keep}, {self.size}]")
+        self._cursor = cursor
 
     def state_dict(self) -> dict[str, Any]:
         return {"size": self.size, "keep": self.keep, "cursor": self._cursor,

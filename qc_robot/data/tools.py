@@ -38,6 +38,18 @@ def _env_args(path: str, f: h5py.File) -> dict[str, Any]:
     return json.loads(_str(f["data"].attrs.get("env_args", "{}")))
 
 
+def _episode_success(g: h5py.Group, ours: bool) -> bool:
+    """Did this demo succeed? An explicit ``success`` attr decides. In our files ``dones`` is
+    true termination, which the sim tasks raise only on success. robomimic files set ``dones``
+    at the last step whatever happened (done_mode 1 and 2), so there a reward of 1 (its sparse
+    success reward) marks success instead."""
+    if "success" in g.attrs:
+        return bool(g.attrs["success"])
+    if ours:
+        return "dones" in g and bool(np.asarray(g["dones"][()]).any())
+    return "rewards" in g and bool((np.asarray(g["rewards"][()]) >= 1.0).any())
+
+
 def info(path: str) -> dict[str, Any]:
     """Summary of ``path``: episodes, lengths, success rate, action ranges, NaNs, filters."""
     if not os.path.exists(path):
@@ -45,6 +57,7 @@ def info(path: str) -> dict[str, Any]:
     with h5py.File(path, "r") as f:
         env_args = _env_args(path, f)
         data = f["data"]
+        ours = _str(data.attrs.get("format", "")) == hdf5_io.FORMAT
         names = _demos(data)
         complete = [n for n in names if "num_samples" in data[n].attrs]
         lengths = [int(data[n].attrs["num_samples"]) for n in complete]
@@ -55,10 +68,7 @@ def info(path: str) -> dict[str, Any]:
         for n in complete:
             g = data[n]
             label = _str(g.attrs.get("label", ""))
-            if "success" in g.attrs:
-                ok = bool(g.attrs["success"])
-            else:  # datagen / robomimic files: a true termination marks success
-                ok = "dones" in g and bool(np.asarray(g["dones"][()]).any())
+            ok = _episode_success(g, ours)
             successes += ok
             label = label or ("success" if ok else "failure")
             labels[label] = labels.get(label, 0) + 1

@@ -35,18 +35,44 @@ class TrainResult:
     last_eval: EvalResult | None
 
 
+class TrainSetupError(ValueError):
+    """The run cannot start as configured (e.g. data and task disagree); nothing was trained."""
+
+
 def _dataset(cfg: TrainConfig):  # noqa: ANN202 (FlatDataset)
-    from qc_robot.data.hdf5_io import load_flat
+    from qc_robot.data.hdf5_io import load_flat, vector_obs_keys
     from sim.tasks import task_spec
 
     sparse = cfg.env.sparse_reward
     if sparse is None:
         sparse = task_spec(cfg.env.name).sparse_default
-    return load_flat(cfg.data.path, reward_shift=cfg.data.reward_shift, sparse_reward=sparse)
+    d = cfg.data
+    keys = list(d.obs_keys) if d.obs_keys is not None else None
+    if keys is None:
+        keys, skipped = vector_obs_keys(d.path, d.filter_key)
+        if skipped:
+            print(f"qc-robot train: leaving out image observation keys {skipped} (the MLP agent "
+                  f"trains on {keys}); set data.obs_keys to choose")
+    return load_flat(d.path, obs_keys=keys, reward_shift=d.reward_shift, sparse_reward=sparse,
+                     filter_key=d.filter_key)
 
 
 def _obs_stats(observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return observations.mean(axis=0), observations.std(axis=0)
+
+
+def check_data_matches_task(obs_dim: int, act_dim: int, task_obs: int, task_act: int,
+                            data_path: str, task: str) -> None:
+    """Raise before any update when the dataset's widths cannot drive the task's env (which
+    the online phase and every evaluation step); the message says what differs."""
+    problems = [f"{what} width {have} but {task} has {want}"
+                for what, have, want in (("observation", obs_dim, task_obs), ("action", act_dim, task_act))
+                if have != want]
+    if problems:
+        raise TrainSetupError(
+            f"{data_path}: " + "; ".join(problems) + ". Pick the dataset made for this task (or "
+            "data.obs_keys), or set training.online_steps=0 training.eval_episodes=0 to train "
+            "offline only without the env.")
 
 
 class Learner:
@@ -69,9 +95,12 @@ class Learner:
         data = _dataset(cfg) if (t.offline_steps > 0 or Path(cfg.data.path).exists()) else None
         obs_dim = data.observations.shape[1] if data is not None else self.task.obs_dim
         act_dim = data.actions.shape[1] if data is not None else self.task.act_dim
+        if t.online_steps > 0 or t.eval_episodes > 0:  # the env will be stepped
+            check_data_matches_task(obs_dim, act_dim, self.task.obs_dim, self.task.act_dim,
+                                    cfg.data.path, cfg.env.name)
         self.agent = QCAgent(cfg.agent, obs_dim, act_dim)
-        if data is not None:
-            self.agent.set_normalizer(*_obs_stats(data.observations))
+        if data is not None and cfg.agent.obs_norm == "std":
+            self.agent.set_normalizer(*_obs_stats(data.observations), eps=cfg.agent.obs_norm_eps)
         offline_rows = len(data.rewards) if data is not None else 0
         self.replay = ChunkReplay(obs_dim, act_dim, offline_rows + t.online_steps + 1, self.agent.device)
         if data is not None:
@@ -89,15 +118,13 @@ class Learner:
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
-        online = self.replay.numpy()
-        online = {k: v[self.replay.keep:] for k, v in online.items()}
         return Checkpoint(
             agent=self.agent, config=self.cfg, step=self.step, env_steps=self.env_steps,
             obs_fields=[ObsField("state", (self.agent.obs_dim,), "float32")],
             action_low=-np.ones(self.agent.act_dim, np.float32),
             action_high=np.ones(self.agent.act_dim, np.float32),
             control_hz=self.task.control_hz, config_hash=config_hash(self.cfg),
-            extra={"sampler": self.sampler.get_state(), "online_rows": online,
+            extra={"sampler": self.sampler.get_state(), "online_rows": self.replay.online_state(),
                    "env_rng": self.env_rng.bit_generator.state},
         )
 
@@ -109,7 +136,9 @@ class Learner:
         self.step, self.env_steps = ckpt.step, ckpt.env_steps
         self.sampler.set_state(ckpt.extra["sampler"])
         self.env_rng.bit_generator.state = ckpt.extra["env_rng"]
-        self.replay.extend(ckpt.extra["online_rows"])
+        online = ckpt.extra["online_rows"]
+        # Older checkpoints hold the rows alone (no cursor): a ring that never wrapped.
+        self.replay.load_online_state(online if "rows" in online else {"rows": online})
 
     # -- phases ------------------------------------------------------------------------------
     def update(self, batch: ChunkBatch | None = None) -> dict[str, torch.Tensor]:
@@ -224,11 +253,17 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def run_train(cfg: TrainConfig) -> int:
     """CLI entry."""
+    from qc_robot.data.hdf5_io import DatasetError
+
     if cfg.training.offline_steps > 0 and not Path(cfg.data.path).exists():
         print(f"qc-robot train: no dataset at {cfg.data.path}. Generate one first:\n"
               f"  qc-robot datagen env={cfg.env.name} data.path={cfg.data.path}")
         return 2
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except (TrainSetupError, DatasetError) as e:
+        print(f"qc-robot train: {e}")
+        return 2
     ev = result.last_eval
     success = f"; success {ev.success_rate:.3f}" if ev else ""
     print(f"done: {result.step} updates, {result.env_steps} env steps{success} → {result.run_dir / CHECKPOINT}")
