@@ -173,15 +173,19 @@ class PolicyClient:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def request(self, obs: dict[str, np.ndarray], episode_id: int, step: int, reset: bool = False) -> int | None:
-        """Send an observation; returns its request id, or None if it could not be sent now."""
+    def request(self, obs: dict[str, np.ndarray], episode_id: int, step: int, reset: bool = False,
+                prev_start_step: int = -1, delay_steps: int = -1) -> int | None:
+        """Send an observation; returns its request id, or None if it could not be sent now.
+
+        ``prev_start_step``/``delay_steps``: real-time chunking hints (see ``protocol.Observation``)."""
         if not self.ready:
             self._maybe_send_hello()
             self._pump(0.0)
             if not self.ready:
                 return None
         rid = next(self._ids)
-        if not self._send(P.Observation(rid, episode_id, step, time.time(), obs, reset)):
+        if not self._send(P.Observation(rid, episode_id, step, time.time(), obs, reset, prev_start_step,
+                                        delay_steps)):
             return None
         self._outstanding = rid
         self.stats.requests += 1

@@ -1,13 +1,22 @@
 """The chunk broker on the robot side: which action to execute this control step.
 
-Two strategies, one object:
+Four strategies, one object (``mode``):
 
 * ``open_loop`` (QC's default): execute all H actions of a chunk, then ask again. Never
   requests while a chunk is queued, so no inference is wasted.
 * ``latency_aware``: ask for the next chunk early, when the queue falls to the measured
   inference delay (or ``threshold``·H, whichever is larger); every action carries the step it
   was planned for (chunk start_step + i) and actions whose step has passed are dropped. The
-  delay is *measured* per reply as the control steps between request and arrival.
+  delay is *measured* per reply as the control steps between request and arrival. The new
+  chunk replaces the rest of the old one, with no continuity at the seam.
+* ``rtc`` (real-time chunking): requested as ``latency_aware``, but each request also says
+  which chunk is executing (``prev_start_step``) and the delay to expect (``delay_steps``, the
+  measured one), so the policy freezes the actions that will run anyway and continues the rest
+  of the old plan smoothly (docs/rtc.md). A policy that cannot guide answers a plain chunk and
+  this behaves as ``latency_aware``.
+* ``temporal_ensemble`` (ACT's temporal ensembling, a baseline): ask whenever no request is
+  in flight; the action for a step is the average of every prediction received for it,
+  weighted ``exp(-m·j)`` with j = 0 for the oldest (``ensemble_m``, ACT's m = 0.01).
 
 The executor returns None when it has nothing valid for the step; the safety layer then holds.
 """
@@ -27,13 +36,18 @@ import numpy as np
 from qc_robot import protocol as P
 
 log = logging.getLogger("qc_robot.executor")
-MODES = ("open_loop", "latency_aware")
+MODES = ("open_loop", "latency_aware", "rtc", "temporal_ensemble")
 
 
 class ChunkSource(Protocol):
-    """What the executor needs from a client (``drivers.client.PolicyClient`` implements it)."""
+    """What the executor needs from a client (``drivers.client.PolicyClient`` implements it).
 
-    def request(self, obs: dict[str, np.ndarray], episode_id: int, step: int, reset: bool = False) -> int | None: ...
+    In ``rtc`` mode ``request`` is also given ``prev_start_step`` (start step of the chunk being
+    executed, -1 for none) and ``delay_steps`` (steps the answer is expected to take) as keywords.
+    """
+
+    def request(self, obs: dict[str, np.ndarray], episode_id: int, step: int, reset: bool = False,
+                **guide: int) -> int | None: ...
 
     def poll(self, timeout_s: float = 0.0) -> P.Chunk | P.Error | None: ...
 
@@ -51,6 +65,8 @@ class ExecutorStats:
     """Steps with nothing to execute (held by the safety layer)."""
     dropped_stale: int = 0
     """Actions dropped because their step had passed when they arrived."""
+    frozen: int = 0
+    """Actions the server reported frozen to the previous chunk (``rtc``)."""
     rtt_ms: list[float] = field(default_factory=list)
     delay_steps: list[int] = field(default_factory=list)
 
@@ -68,7 +84,7 @@ class ChunkExecutor:
     def __init__(self, source: ChunkSource, chunk_len: int, mode: str = "open_loop", threshold: float = 0.5,
                  request_timeout_s: float = 2.0, wait_when_empty: bool = False,
                  clock: Callable[[], float] = time.monotonic, initial_delay_steps: int = 0,
-                 tick_wait_s: float = 0.0) -> None:
+                 tick_wait_s: float = 0.0, ensemble_m: float = 0.01) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.source, self.chunk_len, self.mode = source, chunk_len, mode
@@ -82,10 +98,18 @@ class ChunkExecutor:
         self.clock = clock
         self.initial_delay_steps = max(0, int(initial_delay_steps))
         """Delay estimate before any reply is measured (e.g. the calibration file's)."""
+        self.ensemble_m = ensemble_m
+        """``temporal_ensemble``: weight exp(-m·j) for the j-th oldest prediction of a step."""
         self.stats = ExecutorStats()
-        self._queue: collections.deque[tuple[int, np.ndarray]] = collections.deque()  # (step, action)
+        self._queue: collections.deque[tuple[int, np.ndarray, int]] = collections.deque()  # (step, action, seq)
+        self._ensemble: dict[int, list[tuple[int, np.ndarray]]] = {}  # step → [(seq, action)], oldest first
         self._inflight: _Inflight | None = None
         self._recent_delays: collections.deque[int] = collections.deque(maxlen=8)
+        self._chunk_start = -1
+        """start_step of the chunk the queue holds (``rtc``: sent as ``prev_start_step``)."""
+        self.last_seq = -1
+        """Sequence number (count of chunks accepted, from 0) of the chunk whose action was executed
+        last; ``temporal_ensemble``: the newest chunk in the blend. A change marks a seam."""
 
     @property
     def delay_steps(self) -> int:
@@ -95,11 +119,13 @@ class ChunkExecutor:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._ensemble) if self.mode == "temporal_ensemble" else len(self._queue)
 
     def reset(self) -> None:
         """New episode: drop queued actions and forget the request in flight (its reply is stale)."""
         self._queue.clear()
+        self._ensemble.clear()
+        self._chunk_start = -1
         if self._inflight is not None:
             self.source.cancel()
             self._inflight = None
@@ -115,7 +141,12 @@ class ChunkExecutor:
             self._inflight = None
         self._drop_stale(step)
         if self._inflight is None and self._want_chunk():
-            rid = self.source.request(obs, episode_id, step, reset=step == 0)
+            if self.mode == "rtc":
+                rid = self.source.request(obs, episode_id, step, reset=step == 0,
+                                          prev_start_step=self._chunk_start if self._queue else -1,
+                                          delay_steps=self.delay_steps)
+            else:
+                rid = self.source.request(obs, episode_id, step, reset=step == 0)
             if rid is not None:
                 self.stats.requests += 1
                 self._inflight = _Inflight(rid, step, self.clock())
@@ -128,7 +159,7 @@ class ChunkExecutor:
                     self._inflight = None
                     break
                 self._accept(self.source.poll(min(left, 0.05)), step)
-        elif self.tick_wait_s > 0 and not self._queue and self._inflight is not None:
+        elif self.tick_wait_s > 0 and self.queued == 0 and self._inflight is not None:
             deadline = self.clock() + self.tick_wait_s
             while self._inflight is not None and (left := deadline - self.clock()) > 1e-4:
                 self._accept(self.source.poll(left), step)
@@ -148,6 +179,8 @@ class ChunkExecutor:
     def _want_chunk(self) -> bool:
         if self.mode == "open_loop":
             return not self._queue  # never ask while a chunk is queued
+        if self.mode == "temporal_ensemble":
+            return True  # every step a request can be made (one in flight at a time)
         low_water = max(math.ceil(self.threshold * self.chunk_len), self.delay_steps)
         return len(self._queue) <= low_water
 
@@ -172,10 +205,17 @@ class ChunkExecutor:
             self.stats.rtt_ms.append(rtt * 1e3)
             self.stats.delay_steps.append(delay)
         actions = np.asarray(reply.actions, np.float32)  # (H, A)
+        seq = self.stats.chunks - 1
+        self.stats.frozen += int(getattr(reply, "frozen", 0))
         if self.mode == "open_loop":
-            self._queue = collections.deque((step + i, a) for i, a in enumerate(actions))
+            self._queue = collections.deque((step + i, a, seq) for i, a in enumerate(actions))
+        elif self.mode == "temporal_ensemble":  # every prediction for a step is kept, oldest first
+            for i, a in enumerate(actions):
+                if reply.start_step + i >= step:
+                    self._ensemble.setdefault(reply.start_step + i, []).append((seq, a))
         else:  # each action keeps the step it was planned for; the newest chunk replaces the rest
-            self._queue = collections.deque((reply.start_step + i, a) for i, a in enumerate(actions))
+            self._queue = collections.deque((reply.start_step + i, a, seq) for i, a in enumerate(actions))
+            self._chunk_start = reply.start_step
             if delay >= len(actions):
                 log.warning("inference delay %d steps >= chunk length %d: every action is stale",
                             delay, len(actions))
@@ -184,11 +224,22 @@ class ChunkExecutor:
         while self._queue and self._queue[0][0] < step:
             self._queue.popleft()
             self.stats.dropped_stale += 1
+        for s in [s for s in self._ensemble if s < step]:
+            self.stats.dropped_stale += len(self._ensemble.pop(s))
 
     def _pop(self, step: int) -> np.ndarray | None:
         self._drop_stale(step)
-        if self._queue and self._queue[0][0] == step:
+        if self.mode == "temporal_ensemble":
+            preds = self._ensemble.pop(step, None)
+            if preds:
+                self.stats.executed += 1
+                self.last_seq = preds[-1][0]
+                w = np.exp(-self.ensemble_m * np.arange(len(preds)))  # (K,) oldest first, as ACT
+                stacked = np.stack([a for _, a in preds])  # (K, A)
+                return ((w[:, None] * stacked).sum(0) / w.sum()).astype(np.float32)
+        elif self._queue and self._queue[0][0] == step:
             self.stats.executed += 1
-            return self._queue.popleft()[1]
+            _, action, self.last_seq = self._queue.popleft()
+            return action
         self.stats.empty += 1
         return None

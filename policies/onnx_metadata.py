@@ -3,7 +3,9 @@
 The exporter writes it and the runtime reads it, both through :class:`PolicyMetadata`, so the
 two cannot drift apart. Every value is a string (ONNX stores strings only); structured values
 are JSON. A file is recognised by ``format == FORMAT_NAME``; ``format_version`` is bumped on
-any change a reader of the previous version would misread.
+any change a reader of the previous version would misread. Keys added without a bump are
+optional and have defaults (``rtc``, ``rtc_max_guidance``): a file written before them reads as
+before, and an older reader keeps them in ``extra`` and serves the plain ``actions`` output.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class PolicyMetadata:
     q_agg: str = "mean"
     noise_input: bool = True
     """The file accepts an optional ``noise`` input (otherwise noise is always drawn inside)."""
+    rtc: bool = False
+    """The graph also has the real-time-chunking output ``actions_rtc`` and its inputs
+    ``prev_actions``, ``prev_delay``, ``prev_len`` (absent in files exported before RTC)."""
+    rtc_max_guidance: float = 5.0
+    """β, the bound on the RTC guidance weight the graph was built with."""
     train_step: int = 0
     config_hash: str = ""
     code_version: str = ""
@@ -102,6 +109,9 @@ class PolicyMetadata:
                 raise MetadataError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.control_hz > 0:
             raise MetadataError(f"control_hz must be > 0, got {self.control_hz}")
+        if not (isinstance(self.rtc, bool) and math.isfinite(self.rtc_max_guidance) and self.rtc_max_guidance >= 0):
+            raise MetadataError(f"rtc must be a bool and rtc_max_guidance >= 0, got {self.rtc!r}, "
+                                f"{self.rtc_max_guidance!r}")
         if self.q_agg not in ("mean", "min"):
             raise MetadataError(f"q_agg must be 'mean' or 'min', got {self.q_agg!r}")
         for name in ("action_low", "action_high"):
@@ -138,6 +148,8 @@ class PolicyMetadata:
                 "flow_steps": str(self.flow_steps),
                 "q_agg": self.q_agg,
                 "noise_input": json.dumps(bool(self.noise_input)),
+                "rtc": json.dumps(bool(self.rtc)),
+                "rtc_max_guidance": repr(float(self.rtc_max_guidance)),
                 "train_step": str(self.train_step),
                 "config_hash": self.config_hash,
                 "code_version": self.code_version,
@@ -216,4 +228,7 @@ def _parse_fields(props: dict[str, str]) -> dict[str, Any]:
         "config_hash": _get(props, "config_hash", str),
         "code_version": _get(props, "code_version", str),
         "torch_version": _get(props, "torch_version", str),
+        # optional keys, added after format_version 1 shipped: older files lack them
+        "rtc": _get(props, "rtc", json.loads) if "rtc" in props else False,
+        "rtc_max_guidance": _get(props, "rtc_max_guidance", float) if "rtc_max_guidance" in props else 5.0,
     }

@@ -5,6 +5,12 @@ chunk length, control rate and action limits. The graph already returns actions 
 clipped to the limits, so this module only checks observations, concatenates them in spec order
 and times the call.
 
+Real-time chunking: a file exported with ``rtc`` (metadata ``rtc: true``) continues a previous
+chunk when given a :class:`policies.base.ChunkGuide` (``predict(obs, guide)``): the first
+``guide.frozen`` actions come back unchanged and the rest is guided toward the previous plan.
+Files exported before RTC (no such inputs) still load and serve; they ignore the guide
+(``supports_guidance`` is False, the chunk is the plain one and ``frozen`` 0).
+
 Observation checks: every key of the spec must be present with exactly its shape, a real numeric
 dtype (cast to float32) and finite values; otherwise ValueError naming the key. Keys the spec
 does not name are ignored, so a driver may send more than a policy uses (images, timestamps).
@@ -20,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from policies.base import ChunkResult, PolicySpec
+from policies.base import ChunkGuide, ChunkResult, PolicySpec
 from policies.onnx_metadata import MetadataError, PolicyMetadata
 
 CUDA = "CUDAExecutionProvider"
@@ -70,17 +76,41 @@ class OnnxPolicy:
         if "observation" not in names:
             raise MetadataError(f"{self.path}: graph has no 'observation' input")
         self._has_noise = "noise" in names
+        self.supports_guidance = bool(self.meta.rtc) and {"prev_actions", "prev_delay", "prev_len"} <= names
+        """True when the file takes a previous chunk (real-time chunking)."""
         zeros = np.zeros((1, self.meta.obs_dim), np.float32)
         for _ in range(warmup):
             self.session.run(["actions"], {"observation": zeros})
 
-    def predict(self, obs: dict[str, np.ndarray]) -> ChunkResult:
-        """One chunk (H, A) float32 in robot units for one unbatched observation dict."""
+    def predict(self, obs: dict[str, np.ndarray], guide: ChunkGuide | None = None) -> ChunkResult:
+        """One chunk (H, A) float32 in robot units for one unbatched observation dict.
+
+        With ``guide`` (and a file that supports it) the chunk continues the previous one.
+        """
         flat = self.flatten(obs)[None]  # (1, O)
+        feed: dict[str, np.ndarray] = {"observation": flat}
+        frozen = 0
+        if guide is not None and self.supports_guidance and guide.overlap > 0:
+            feed.update(self.guide_feed(guide))
+            frozen = guide.frozen
         t0 = time.perf_counter()
-        actions = self.session.run(["actions"], {"observation": flat})[0]  # (1, H, A)
+        actions = self.session.run(["actions"], feed)[0]  # (1, H, A)
         infer_s = time.perf_counter() - t0
-        return ChunkResult(actions=actions[0], infer_s=infer_s)
+        return ChunkResult(actions=actions[0], infer_s=infer_s, frozen=frozen)
+
+    def guide_feed(self, guide: ChunkGuide) -> dict[str, np.ndarray]:
+        """The RTC inputs for one guide (batch of one); ValueError on a wrong shape or value."""
+        prev = np.asarray(guide.actions, np.float32)
+        want = (self.meta.chunk_len, self.meta.action_dim)
+        if prev.shape != want:
+            raise ValueError(f"guide actions must be {want}, got {prev.shape}")
+        if not np.all(np.isfinite(prev)):
+            raise ValueError("guide actions contain NaN/inf")
+        # the frozen prefix is returned as given: keep it inside the limits the graph promises
+        prev = np.clip(prev, self.meta.action_low, self.meta.action_high)
+        overlap = min(max(int(guide.overlap), 0), self.meta.chunk_len)
+        return {"prev_actions": prev[None], "prev_delay": np.array([max(int(guide.delay), 0)], np.int64),
+                "prev_len": np.array([overlap], np.int64)}
 
     def flatten(self, obs: dict[str, Any]) -> np.ndarray:
         """Check ``obs`` against the spec and concatenate it in spec order: (O,) float32."""

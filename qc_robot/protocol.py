@@ -133,6 +133,12 @@ class Observation(Message):
     obs: dict[str, np.ndarray]
     reset: bool = False
     """True on the first observation of an episode."""
+    prev_start_step: int = -1
+    """Real-time chunking (optional): ``start_step`` of the chunk the driver is executing, whose
+    rest the new chunk should continue (the server keeps the last chunk it sent); -1: none."""
+    delay_steps: int = -1
+    """Real-time chunking (optional): control steps the driver expects this answer to take; that
+    many leading actions of the new chunk are frozen to the executing chunk's. -1: unknown."""
 
 
 @dataclass
@@ -155,6 +161,8 @@ class Chunk(Message):
     """Received → reply encoded (everything the server did)."""
     clipped: int = 0
     """Number of action elements the server moved into the limits."""
+    frozen: int = 0
+    """Leading actions copied unchanged from the previous chunk (real-time chunking; 0: none)."""
 
 
 @dataclass

@@ -87,7 +87,10 @@ def test_naive_graph_matches_lean(tmp_path: Path) -> None:
 def test_noise_input_false_samples_only(tmp_path: Path) -> None:
     _, _, path = export(Variant("fql", 2), tmp_path / "m.onnx", noise_input=False)
     model = onnx.load(str(path))
-    assert [i.name for i in model.graph.input] == ["observation"]
+    # the only required input; the RTC inputs stay optional (initializer-backed), noise is gone
+    defaults = {t.name for t in model.graph.initializer}
+    assert [i.name for i in model.graph.input if i.name not in defaults] == ["observation"]
+    assert "noise" not in [i.name for i in model.graph.input]
     props = {p.key: p.value for p in model.metadata_props}
     assert props["noise_input"] == "false"
     out = ort.InferenceSession(str(path)).run(

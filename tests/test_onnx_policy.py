@@ -148,3 +148,40 @@ def test_runtime_imports_without_torch(model: tuple[PolicyMetadata, Path]) -> No
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+# -- files exported before real-time chunking ------------------------------------------------------
+
+LEGACY = {name: REPO / "tests" / "fixtures" / f"legacy_v1_{name}.onnx" for name in ("best_of_n", "fql")}
+
+
+@pytest.mark.parametrize("name", list(LEGACY))
+def test_legacy_file_still_loads_and_predicts(name: str) -> None:
+    """A file from the exporter before RTC (no prev_* inputs, no rtc keys) serves as before."""
+    from policies.base import ChunkGuide
+
+    policy = OnnxPolicy(LEGACY[name], warmup=1)
+    assert not policy.meta.rtc and not policy.supports_guidance
+    assert "rtc" not in policy.meta.extra and policy.meta.format_version == 1
+    res = policy.predict(_obs())
+    assert res.actions.shape == (4, 3) and res.frozen == 0
+    assert np.all(res.actions >= LOW) and np.all(res.actions <= HIGH)
+    guide = ChunkGuide(np.full((4, 3), 0.5 * (LOW + HIGH), np.float32), delay=2, overlap=3)
+    guided = policy.predict(_obs(), guide)  # the guide is ignored: a plain chunk
+    assert guided.frozen == 0 and guided.actions.shape == (4, 3)
+    assert np.all(guided.actions >= LOW) and np.all(guided.actions <= HIGH)
+
+
+def test_rtc_file_freezes_the_prefix_it_is_given(model: tuple[PolicyMetadata, Path]) -> None:
+    from policies.base import ChunkGuide
+
+    policy = OnnxPolicy(model[1], warmup=0)
+    assert policy.meta.rtc and policy.supports_guidance
+    prev = policy.predict(_obs()).actions
+    guide = ChunkGuide(np.concatenate([prev[2:], np.zeros((2, 3), np.float32)]), delay=2, overlap=3)
+    res = policy.predict(_obs(), guide)
+    assert res.frozen == 2
+    np.testing.assert_array_equal(res.actions[:2], prev[2:4])  # bit-exact, not approximately
+    assert np.all(res.actions >= LOW) and np.all(res.actions <= HIGH)
+    with pytest.raises(ValueError, match="guide actions must be"):
+        policy.predict(_obs(), ChunkGuide(prev[:2], delay=1, overlap=2))

@@ -19,6 +19,13 @@ Two forms of the same computation:
   summation changes; export checks parity against the naive rule on fixed noise.
 
 The one-step actor (QC-FQL) is a single MLP pass: there is nothing to hoist, both forms match.
+
+:meth:`ExportGraph.continued` is the same acting rule continued from a previous chunk
+(real-time chunking, :mod:`qc_robot.agent.rtc`), from three more inputs: ``prev_actions``
+(B, H, A) in robot units, aligned to the new chunk's steps, ``prev_delay`` (B,) the steps to
+freeze and ``prev_len`` (B,) how many steps the previous chunk still covers. Its first
+``min(prev_delay, prev_len)`` actions are ``prev_actions``' exactly. :class:`ContinuedGraph`
+is that method as a module, traced separately (the exporter joins the two with an ``If``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qc_robot.agent import rtc as rtc_rule
 from qc_robot.agent.acting import ActingPolicy
 from qc_robot.agent.networks import EnsembleLayerNorm, EnsembleLinear, aggregate_q
 
@@ -54,9 +62,11 @@ class ExportGraph(nn.Module):
         action_low: np.ndarray,
         action_high: np.ndarray,
         lean: bool = True,
+        max_guidance: float = rtc_rule.MAX_GUIDANCE,
     ) -> None:
         super().__init__()
         self.acting = acting
+        self.max_guidance = max_guidance
         low = torch.as_tensor(np.asarray(action_low, np.float32))
         high = torch.as_tensor(np.asarray(action_high, np.float32))
         # a = low + (x + 1)/2·(high − low) = x·scale + offset, per action dimension
@@ -111,6 +121,41 @@ class ExportGraph(nn.Module):
         a = x * self.scale + self.offset
         return torch.minimum(torch.maximum(a, self.low), self.high)
 
+    def continued(
+        self,
+        observation: torch.Tensor,
+        noise: torch.Tensor,
+        prev_actions: torch.Tensor,
+        prev_delay: torch.Tensor,
+        prev_len: torch.Tensor,
+    ) -> torch.Tensor:
+        """The RTC output (B, H, A) in robot units: frozen prefix + guided continuation."""
+        acting = self.acting
+        safe = torch.where(self.scale > 0, self.scale, torch.ones_like(self.scale))
+        prev_agent = (prev_actions - self.offset) / safe  # (B, H, A) in agent space
+        hoisted = critic = None
+        if self.lean:
+            hoisted = rtc_rule.Hoisted(self.flow_w_obs, self.flow_w_x, self.flow_step_bias, list(self.flow_rest))
+            critic = self._member_q
+        x = rtc_rule.rtc_act(acting, observation, noise, prev_agent, prev_delay, prev_len, self.max_guidance,
+                             hoisted, critic)  # (B, H, A)
+        frozen = rtc_rule.prefix_mask(acting.chunk_len, prev_delay, prev_len).unsqueeze(-1)  # (B, H, 1)
+        # the prefix in robot units is the previous chunk's own numbers (no agent-space round trip)
+        a = torch.where(frozen, prev_actions, x * self.scale + self.offset)
+        return torch.minimum(torch.maximum(a, self.low), self.high)
+
+    def _member_q(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The lean per-member critic: (obs (B, O), chunk (B, D)) → (E, B), for RTC ranking."""
+        critic = self.acting.critic
+        assert critic is not None
+        obs_c = critic.normalizer(obs)  # (B, O)
+        qs = []
+        for member in self.critic_members:
+            parts = cast(nn.ModuleList, member)
+            first_k, w_a, rest = parts[0], parts[1], parts[2]
+            qs.append(rest(w_a(actions) + first_k(obs_c)))  # (B, 1)
+        return torch.stack(qs, dim=0).squeeze(-1)  # (E, B)
+
     def _lean_best_of_n(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         acting = self.acting
         flow, critic = acting.flow, acting.critic
@@ -141,6 +186,18 @@ class ExportGraph(nn.Module):
         idx = best.unsqueeze(-1).expand(b, 1, d)  # (B, 1, D)
         chosen = torch.gather(x.reshape(b, n, d), 1, idx)  # (B, 1, D)
         return chosen.reshape(b, acting.chunk_len, acting.action_dim)  # (B, H, A)
+
+
+class ContinuedGraph(nn.Module):
+    """:meth:`ExportGraph.continued` as the module to trace: five inputs, one output."""
+
+    def __init__(self, graph: ExportGraph) -> None:
+        super().__init__()
+        self.inner = graph
+
+    def forward(self, observation: torch.Tensor, noise: torch.Tensor, prev_actions: torch.Tensor,
+                prev_delay: torch.Tensor, prev_len: torch.Tensor) -> torch.Tensor:
+        return self.inner.continued(observation, noise, prev_actions, prev_delay, prev_len)
 
 
 def obs_dim_of(acting: ActingPolicy) -> int:

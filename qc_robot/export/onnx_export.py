@@ -16,6 +16,16 @@ Noise design: one file, noise optional.
     ``noise_input=False`` removes the ``noise`` input altogether (a file that can only sample);
     it is verified through the optional-noise model it is cut from.
 
+Real-time chunking (``rtc=True``, the default): three more optional inputs, ``prev_actions``
+(batch, H, A) float32 in robot units, aligned to the new chunk's steps, ``prev_delay`` (batch,)
+int64 (steps to freeze) and ``prev_len`` (batch,) int64 (steps the previous chunk still covers),
+overridable initializers whose defaults mean "no previous chunk". The plain rule and the
+continued rule (frozen prefix + guided inpainting, :mod:`qc_robot.agent.rtc`) are traced
+separately and joined by an ``If`` on ``max(prev_len) > 0``: onnxruntime runs only the branch
+taken, so a runtime that knows nothing of RTC (feeds ``observation``, fetches ``actions``) gets
+the plain rule at the plain cost, as from a file exported before. The metadata says
+``rtc: true`` and the guidance bound ``rtc_max_guidance``.
+
 Export checks itself: the file is written next to ``out_path`` under a temporary name, run with
 onnxruntime on fixed noise and compared with torch; only a file within ``parity_tol`` is moved
 into place, otherwise :class:`ExportParityError` is raised and nothing is left behind.
@@ -40,7 +50,7 @@ from onnx import TensorProto, helper
 import qc_robot
 from policies.onnx_metadata import PolicyMetadata
 from qc_robot.agent.acting import ActingPolicy
-from qc_robot.export.graph import ExportGraph, obs_dim_of
+from qc_robot.export.graph import ContinuedGraph, ExportGraph, obs_dim_of
 from qc_robot.export.verify import ExportParityError, verify_file
 
 __all__ = ["ExportParityError", "build_metadata", "export_policy", "run_export"]
@@ -57,21 +67,26 @@ def export_policy(
     verify: bool = True,
     parity_tol: float = 1e-4,
     lean: bool = True,
+    rtc: bool | None = None,
 ) -> Path:
     """Trace ``acting`` into ``out_path`` with ``meta`` embedded; returns the path.
 
     ``lean=False`` exports the acting rule as written (kept for benchmarks and as a fallback);
-    the lean graph precomputes what is constant across samples and steps.
+    the lean graph precomputes what is constant across samples and steps. ``rtc`` (default: as
+    ``meta.rtc`` says) adds the real-time-chunking inputs.
     Raises ValueError when ``meta`` disagrees with ``acting`` and :class:`ExportParityError`
     when onnxruntime and torch disagree by more than ``parity_tol``.
     """
-    meta = dataclasses.replace(meta, noise_input=noise_input)
+    meta = dataclasses.replace(meta, noise_input=noise_input, rtc=meta.rtc if rtc is None else rtc)
     _check_meta(acting, meta)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     acting = acting.eval()
-    graph = ExportGraph(acting, meta.action_low, meta.action_high, lean=lean).eval()
-    model = _trace(graph, meta, opset)
+    graph = ExportGraph(acting, meta.action_low, meta.action_high, lean=lean,
+                        max_guidance=meta.rtc_max_guidance).eval()
+    model = _trace(graph, meta, opset, rtc=False)
+    if meta.rtc:
+        model = _join_rtc(model, _trace(ContinuedGraph(graph), meta, opset, rtc=True), meta)
     full = _add_noise_source(model, meta.noise_shape, optional=True)
     shipped = full if noise_input else _add_noise_source(model, meta.noise_shape, optional=False)
     for m in (full, shipped):
@@ -82,7 +97,8 @@ def export_policy(
     try:
         onnx.save(shipped, tmp)
         if verify:
-            ref = ExportGraph(acting, meta.action_low, meta.action_high, lean=False).eval()
+            ref = ExportGraph(acting, meta.action_low, meta.action_high, lean=False,
+                              max_guidance=meta.rtc_max_guidance).eval()
             if noise_input:
                 verify_file(tmp, ref, acting, meta, parity_tol)
             else:
@@ -112,11 +128,19 @@ def _check_meta(acting: ActingPolicy, meta: PolicyMetadata) -> None:
             raise ValueError(f"metadata {key}={getattr(meta, key)!r} but the policy has {value!r}")
 
 
-def _trace(graph: ExportGraph, meta: PolicyMetadata, opset: int) -> onnx.ModelProto:
+def _trace(graph: torch.nn.Module, meta: PolicyMetadata, opset: int, rtc: bool) -> onnx.ModelProto:
     """torch.onnx (dynamo) export with a dynamic batch; returns the ModelProto."""
     obs = torch.zeros(2, meta.obs_dim)
     noise = torch.zeros(2, *meta.noise_shape)
     batch = torch.export.Dim("batch")
+    args: tuple[torch.Tensor, ...] = (obs, noise)
+    inputs, outputs = ["observation", "noise"], ["actions"]
+    shapes: dict[str, Any] = {"observation": {0: batch}, "noise": {0: batch}}
+    if rtc:
+        args += (torch.zeros(2, meta.chunk_len, meta.action_dim), torch.ones(2, dtype=torch.int64),
+                 torch.full((2,), meta.chunk_len, dtype=torch.int64))
+        inputs += list(RTC_INPUTS)
+        shapes.update({name: {0: batch} for name in RTC_INPUTS})
     # the dynamo exporter reports progress on stdout and warns about optional packages: quiet
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -126,18 +150,64 @@ def _trace(graph: ExportGraph, meta: PolicyMetadata, opset: int) -> onnx.ModelPr
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 graph,
-                (obs, noise),
+                args,
                 dynamo=True,
                 opset_version=opset,
-                input_names=["observation", "noise"],
-                output_names=["actions"],
-                dynamic_shapes={"observation": {0: batch}, "noise": {0: batch}},
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=shapes,
                 verbose=False,
             )
     finally:
         quiet.setLevel(level)
     assert program is not None
     return program.model_proto
+
+
+RTC_INPUTS = ("prev_actions", "prev_delay", "prev_len")
+
+
+def _join_rtc(plain: onnx.ModelProto, cont: onnx.ModelProto, meta: PolicyMetadata) -> onnx.ModelProto:
+    """One model: ``If max(prev_len) > 0`` then the continued rule else the plain one.
+
+    Both traces become branches (their own names prefixed, inputs shared from the outer scope,
+    initializers kept outside); the RTC inputs get "no previous chunk" defaults.
+    """
+    from onnx import compose
+
+    p = compose.add_prefix(plain, "plain/", rename_inputs=False)
+    c = compose.add_prefix(cont, "rtc/", rename_inputs=False)
+    h, a = meta.chunk_len, meta.action_dim
+
+    def branch(m: onnx.ModelProto, name: str) -> onnx.GraphProto:
+        out = m.graph.output[0].name
+        return helper.make_graph(list(m.graph.node), name, [],
+                                 [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+    model = onnx.ModelProto.FromString(plain.SerializeToString())  # opsets, IR version, producer
+    g = model.graph
+    del g.node[:], g.initializer[:], g.value_info[:], g.output[:]
+    g.initializer.extend(list(p.graph.initializer) + list(c.graph.initializer))
+    g.initializer.extend([
+        helper.make_tensor("prev_actions", TensorProto.FLOAT, [1, h, a], [0.0] * (h * a)),
+        helper.make_tensor("prev_delay", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("prev_len", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("rtc_zero", TensorProto.INT64, [], [0]),
+    ])
+    known = {i.name for i in g.input}
+    for inp in cont.graph.input:
+        if inp.name not in known:  # a fed value keeps its own batch; the default has one row
+            new = g.input.add()
+            new.CopyFrom(inp)
+            new.type.tensor_type.shape.dim[0].dim_param = f"{inp.name}_batch"
+    g.node.extend([
+        helper.make_node("ReduceMax", ["prev_len"], ["rtc_len_max"], keepdims=0),
+        helper.make_node("Greater", ["rtc_len_max", "rtc_zero"], ["rtc_on"]),
+        helper.make_node("If", ["rtc_on"], ["actions"], then_branch=branch(c, "continued"),
+                         else_branch=branch(p, "plain")),
+    ])
+    g.output.extend([helper.make_tensor_value_info("actions", TensorProto.FLOAT, ["batch", h, a])])
+    return model
 
 
 def _add_noise_source(
@@ -147,8 +217,7 @@ def _add_noise_source(
     model = onnx.ModelProto.FromString(model.SerializeToString())  # work on a copy
     g = model.graph
     tail = list(noise_shape)
-    for n in g.node:  # every consumer of the traced input now reads the resolved noise
-        n.input[:] = ["noise_used" if x == "noise" else x for x in n.input]
+    _rename_uses(g, "noise", "noise_used")  # every consumer now reads the resolved noise
 
     def draw_nodes(out: str) -> list[onnx.NodeProto]:
         return [
@@ -202,6 +271,15 @@ def _add_noise_source(
     return model
 
 
+def _rename_uses(g: onnx.GraphProto, old: str, new: str) -> None:
+    """Make every node reading ``old`` read ``new``, inside ``If`` branches too."""
+    for n in g.node:
+        n.input[:] = [new if x == old else x for x in n.input]
+        for attr in n.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _rename_uses(attr.g, old, new)
+
+
 def build_metadata(
     acting: ActingPolicy,
     obs_fields: list[Any],
@@ -211,8 +289,10 @@ def build_metadata(
     num_samples: int,
     train_step: int = 0,
     config_hash: str = "",
+    rtc: bool = True,
 ) -> PolicyMetadata:
-    """Metadata for ``acting`` with the versions of this process filled in."""
+    """Metadata for ``acting`` with the versions of this process filled in (``rtc``: the file
+    will take a previous chunk, the default for new exports)."""
     return PolicyMetadata(
         obs_fields=list(obs_fields),
         action_dim=acting.action_dim,
@@ -226,6 +306,7 @@ def build_metadata(
         q_agg=acting.q_agg,
         train_step=int(train_step),
         config_hash=config_hash,
+        rtc=rtc,
         code_version=qc_robot.__version__,
         torch_version=torch.__version__,
     )

@@ -64,8 +64,74 @@ def verify_file(
                 f"onnxruntime differs from torch by {err:.3g} (> parity_tol {tol:g}) on fixed noise, "
                 f"rows {bad}; the exported graph does not compute the acting rule"
             )
+        if meta.rtc:
+            err = max(err, _verify_rtc(sess, ref, acting, meta, tol, obs, gen))
     _check_sampling(sess, obs_np, meta)
     return err
+
+
+def rtc_probe(meta: PolicyMetadata, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Previous-chunk inputs that cover the cases: row b acts as if b steps of ``chunks[b]`` ran
+    (aligned remainder, zero padded), freezing ``b`` steps; the last row has no previous chunk."""
+    b, h = chunks.shape[0], meta.chunk_len
+    prev = np.zeros_like(chunks)  # (B, H, A)
+    delay = np.zeros(b, np.int64)
+    length = np.zeros(b, np.int64)
+    for i in range(b - 1):
+        s = min(i, h - 1)
+        prev[i, : h - s] = chunks[i, s:]
+        delay[i], length[i] = min(i, h - s), h - s
+    return prev, delay, length
+
+
+def _verify_rtc(sess: Any, ref: ExportGraph, acting: ActingPolicy, meta: PolicyMetadata, tol: float,
+                obs: torch.Tensor, gen: torch.Generator) -> float:
+    """The continued rule (``actions`` fed a previous chunk) against torch, and its frozen prefix
+    bit-equal to ``prev_actions``."""
+    obs_np = obs.numpy().astype(np.float32)
+    first = sess.run(["actions"], {"observation": obs_np,
+                                   "noise": torch.randn(VERIFY_BATCH, *meta.noise_shape, generator=gen).numpy()})[0]
+    prev, delay, length = rtc_probe(meta, first)
+    noise = torch.randn(VERIFY_BATCH, *meta.noise_shape, generator=gen)
+    feed = {"observation": obs_np, "noise": noise.numpy(), "prev_actions": prev, "prev_delay": delay,
+            "prev_len": length}
+    got = sess.run(["actions"], feed)[0]
+    args = (torch.from_numpy(prev), torch.from_numpy(delay), torch.from_numpy(length))
+    with torch.no_grad():
+        want = ref.continued(obs, noise, *args).numpy()
+    for b in range(VERIFY_BATCH):
+        k = int(min(delay[b], length[b]))
+        if not np.array_equal(got[b, :k], prev[b, :k]):
+            raise ExportParityError(f"RTC row {b}: the {k} frozen steps differ from prev_actions")
+    row_err = np.abs(got - want).reshape(VERIFY_BATCH, -1).max(axis=1)  # (B,)
+    bad = [b for b in range(VERIFY_BATCH) if row_err[b] > tol]
+    bad = [b for b in bad if not _is_rtc_tie(ref, acting, obs[b], noise[b], [a[b] for a in args], got[b], tol)]
+    if bad:
+        raise ExportParityError(
+            f"the RTC branch differs from torch by {float(row_err.max()):.3g} (> parity_tol {tol:g}) on fixed "
+            f"noise, rows {bad}; the exported graph does not compute the RTC rule"
+        )
+    return float(row_err.max())
+
+
+def _is_rtc_tie(ref: ExportGraph, acting: ActingPolicy, obs: torch.Tensor, noise: torch.Tensor,
+                prev: list[torch.Tensor], got: np.ndarray, tol: float) -> bool:
+    """As :func:`_is_tie`, for the guided candidates of the RTC branch."""
+    if acting.actor_type != "best_of_n" or acting.critic is None:
+        return False
+    n = noise.shape[0]
+    with torch.no_grad():
+        obs_rep = obs.unsqueeze(0).expand(n, -1)  # (N, O)
+        one = [p.unsqueeze(0) for p in prev]  # batch of one
+        # best-of-1 on sample i returns that guided sample itself: (N, H, A) candidates
+        cand = torch.cat([ref.continued(obs.unsqueeze(0), noise[i].reshape(1, 1, -1), *one) for i in range(n)])
+        safe = torch.where(ref.scale > 0, ref.scale, torch.ones_like(ref.scale))
+        x = ((cand - ref.offset) / safe).reshape(n, -1)  # (N, D) agent space
+        q = aggregate_q(acting.critic(obs_rep, x), acting.q_agg)  # (N,)
+    match = np.abs(cand.numpy() - got[None]).reshape(n, -1).max(axis=1) <= tol  # (N,)
+    q_best = float(q.max())
+    close = (q_best - q).numpy() <= 1e-4 * (1.0 + abs(q_best))
+    return bool(np.any(match & close))
 
 
 def _is_tie(
@@ -104,3 +170,11 @@ def _check_sampling(sess: Any, obs: np.ndarray, meta: PolicyMetadata) -> None:
         raise ExportParityError(
             "in-graph noise path returned actions outside [action_low, action_high]"
         )
+    if meta.rtc:  # the RTC branch with in-graph noise
+        prev, delay, length = rtc_probe(meta, out)
+        cont = sess.run(["actions"], {"observation": obs, "prev_actions": prev, "prev_delay": delay,
+                                      "prev_len": length})[0]
+        if cont.shape != shape or not np.all(np.isfinite(cont)):
+            raise ExportParityError(f"the RTC branch returned {cont.shape} or non-finite actions, expected {shape}")
+        if np.any(cont < meta.action_low) or np.any(cont > meta.action_high):
+            raise ExportParityError("the RTC branch returned actions outside [action_low, action_high]")

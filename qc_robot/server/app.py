@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from policies.base import Policy
+from policies.base import ChunkGuide, Policy, align_guide
 from qc_robot import protocol as P
 from qc_robot.server.checks import (
     check_hello,
@@ -137,6 +137,9 @@ class ControlServer:
         self._sessions: dict[bytes, _Session] = {}
         self._slots: dict[bytes, _Job] = {}
         self._slots_lock = threading.Lock()
+        self._last_chunk: dict[bytes, tuple[int, int, np.ndarray]] = {}
+        """Per driver, the last chunk sent (episode_id, start_step, actions): what a real-time
+        chunking request continues. Guarded by ``_slots_lock``."""
         self._ready: queue.Queue[bytes | None] = queue.Queue()
         self._results = f"inproc://qc-results-{next(_ids)}-{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
@@ -460,6 +463,7 @@ class ControlServer:
         s = self._sessions.pop(ident, None)
         with self._slots_lock:
             self._slots.pop(ident, None)
+            self._last_chunk.pop(ident, None)
         if s is not None and self.logger is not None:
             self.logger.end_session(s.id)
 
@@ -494,8 +498,9 @@ class ControlServer:
         rid = job.msg.request_id
         policy = self.policy  # one policy computes the whole chunk, even if a push lands meanwhile
         spec = policy.spec
+        guide = self._guide(job, spec.chunk_len) if getattr(policy, "supports_guidance", False) else None
         try:
-            result = policy.predict(job.obs)
+            result = policy.predict(job.obs, guide) if guide is not None else policy.predict(job.obs)
         except ValueError as e:
             return self._worker_error(P.ErrorCode.BAD_OBSERVATION, f"policy refused the observation: {e}", rid)
         except Exception as e:
@@ -512,11 +517,27 @@ class ControlServer:
                 log.warning("request %d: clipped %d action elements to the policy limits (%d chunks so far)",
                             rid, n_clipped, self.stats.clipped_chunks)
         self.stats.chunks += 1
+        with self._slots_lock:
+            self._last_chunk[job.ident] = (job.msg.episode_id, job.msg.step, actions)
         t_end = time.perf_counter()
         return P.Chunk(request_id=rid, episode_id=job.msg.episode_id, start_step=job.msg.step, actions=actions,
                        policy_version=str(spec.version), queue_ms=(t_start - job.t_recv) * 1e3,
                        infer_ms=float(result.infer_s) * 1e3, total_ms=(t_end - job.t_recv) * 1e3,
-                       clipped=n_clipped)
+                       clipped=n_clipped, frozen=int(getattr(result, "frozen", 0)))
+
+    def _guide(self, job: _Job, chunk_len: int) -> ChunkGuide | None:
+        """The previous chunk a real-time-chunking request continues: the last chunk sent to this
+        driver, if it is the one the driver says it executes (same episode and start step)."""
+        msg = job.msg
+        if msg.prev_start_step < 0 or msg.reset:
+            return None
+        with self._slots_lock:
+            last = self._last_chunk.get(job.ident)
+        if last is None or last[0] != msg.episode_id or last[1] != msg.prev_start_step:
+            return None
+        if last[2].shape[0] != chunk_len:  # a policy swap changed H: nothing to continue
+            return None
+        return align_guide(last[2], msg.prev_start_step, msg.step, max(msg.delay_steps, 0))
 
     def _worker_error(self, code: str, message: str, rid: int) -> P.Error:
         self.stats.error(code)

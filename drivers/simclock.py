@@ -1,0 +1,97 @@
+"""Execution on a simulated clock: a policy whose answers take a fixed number of control steps.
+
+For benchmarks and tests of the executor modes without wall-clock waits: with a lockstep
+driver, ``DelayedPolicySource`` plays the server. A request made at step t is computed at once
+from the observation of step t, and its reply becomes visible to ``poll`` at step
+``t + delay_steps`` (an inference delay of ``delay_steps`` control periods; meanwhile the
+executor keeps running the old chunk or holds). Like the control server it keeps the last chunk
+it answered and continues it for a real-time-chunking request whose ``prev_start_step`` names
+it, so the same guidance path runs (``policy.predict(obs, guide)``).
+
+numpy only, like the rest of ``drivers/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.base import Policy, align_guide
+from qc_robot import protocol as P
+
+
+@dataclass
+class _Pending:
+    reply: P.Chunk
+    ready_at: int
+
+
+class DelayedPolicySource:
+    """A :class:`drivers.executor.ChunkSource` backed by ``policy``, answering ``delay_steps``
+    control steps after each request (a sequence: request k takes ``delay_steps[k % len]``, a
+    jittery delay); ``now()`` returns the current control step."""
+
+    def __init__(self, policy: Policy, delay_steps: int | Sequence[int], now: Callable[[], int]) -> None:
+        delays = [delay_steps] if isinstance(delay_steps, int) else list(delay_steps)
+        if not delays or min(delays) < 0:
+            raise ValueError(f"delay_steps must be >= 0, got {delay_steps!r}")
+        self.policy, self.delays, self.now = policy, [int(d) for d in delays], now
+        self.chunks: list[P.Chunk] = []
+        """Every chunk answered, in order (for tests and metrics)."""
+        self.infer_s: list[float] = []
+        self._pending: _Pending | None = None
+        self._last: tuple[int, int, np.ndarray] | None = None  # episode, start_step, actions
+        self._rid = 0
+
+    def request(self, obs: dict[str, np.ndarray], episode_id: int, step: int, reset: bool = False,
+                prev_start_step: int = -1, delay_steps: int = -1) -> int:
+        self._rid += 1
+        guide = None
+        last = self._last
+        if (prev_start_step >= 0 and not reset and last is not None and last[0] == episode_id
+                and last[1] == prev_start_step and getattr(self.policy, "supports_guidance", False)):
+            guide = align_guide(last[2], prev_start_step, step, max(delay_steps, 0))
+        result = self.policy.predict(obs, guide) if guide is not None else self.policy.predict(obs)  # type: ignore[call-arg]
+        actions = np.asarray(result.actions, np.float32)
+        self.infer_s.append(result.infer_s)
+        self._last = (episode_id, step, actions)
+        reply = P.Chunk(self._rid, episode_id, step, actions, str(self.policy.spec.version), 0.0,
+                        result.infer_s * 1e3, result.infer_s * 1e3, frozen=int(getattr(result, "frozen", 0)))
+        self.chunks.append(reply)
+        self._pending = _Pending(reply, step + self.delays[(self._rid - 1) % len(self.delays)])
+        return self._rid
+
+    def poll(self, timeout_s: float = 0.0) -> P.Chunk | None:
+        if self._pending is None or self.now() < self._pending.ready_at:
+            return None
+        reply, self._pending = self._pending.reply, None
+        return reply
+
+    def cancel(self, timed_out: bool = False) -> None:
+        self._pending = None
+
+
+def seam_jerk(actions: Sequence[np.ndarray], seqs: Sequence[int]) -> tuple[float, int]:
+    """Mean squared second difference of the commanded actions at chunk seams, and the number of
+    seams.
+
+    ``seqs[t]`` is the chunk that step t's action came from (-1: held, the driver's hold action
+    was commanded). A seam is a step whose chunk differs from the last chunk executed before it
+    (held steps in between are skipped when comparing, but their commanded actions count). It
+    contributes the mean of the two second differences that straddle it,
+    ``‖a[t] − 2a[t−1] + a[t−2]‖²`` and ``‖a[t+1] − 2a[t] + a[t−1]‖²`` (where they exist), summed
+    over action dimensions.
+    """
+    a = np.asarray(actions, np.float64)  # (T, A)
+    vals, last = [], -1
+    for t, seq in enumerate(seqs):
+        if seq < 0:
+            continue
+        if last >= 0 and seq != last:
+            parts = [float(np.sum((a[u + 1] - 2 * a[u] + a[u - 1]) ** 2)) for u in (t - 1, t) if 1 <= u < len(a) - 1]
+            if parts:
+                vals.append(float(np.mean(parts)))
+        last = seq
+    return (float(np.mean(vals)) if vals else 0.0), len(vals)
