@@ -71,8 +71,8 @@ def check_policy_ref(ref: str) -> None:
 
         path = default_policy_path()
         if not path.is_file():
-            raise UserError(f"the shipped default policy is missing from this install ({path}); "
-                            "give policy=model.onnx")
+            raise UserError(f"policy: this install ships no default policy ({path.name} is not in {path.parent}); "
+                            "give policy=model.onnx (from qc-robot export) or policy=hold:28:5:5 to bring up without one")
         return
     try:
         if scripted_from_ref(ref) is not None:

@@ -142,3 +142,13 @@ def test_train_multirun_with_the_joblib_launcher(tmp_path, tiny_dataset, monkeyp
                "training.online_steps=0", "training.eval_episodes=0"])
     assert rc == 0
     assert len(list((tmp_path / "runs" / "sweep" / "train").glob("*/*/checkpoint.pt"))) == 2
+
+
+def test_serve_without_a_policy_is_one_line_when_none_is_shipped(capsys):
+    from qc_robot.assets import default_policy_path
+
+    if default_policy_path().is_file():
+        pytest.skip("a default policy is shipped")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ships no default policy" in err[0] and "policy=hold:28:5:5" in err[0]
