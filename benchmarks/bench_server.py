@@ -5,6 +5,8 @@ Measures, with identical payload sizes:
   2. a bare ZeroMQ DEALER→ROUTER round trip (no codec, no checks, no inference),
   3. observation → chunk through ``ControlServer`` + ``PolicyClient`` (codec, validation,
      worker hand-off, clipping, stamping),
+  4. the same through a server whose driver port uses ZeroMQ CURVE (encryption and
+     authentication; keys made for the run), interleaved with 3 in rounds so both see the same load,
 and reports the server's overhead as added milliseconds and as a ratio to (bare + policy).
 Then runs a 50 Hz control loop (mock driver, latency-aware executor, the same server) for
 ``--duration`` seconds and reports how late each tick starts.
@@ -18,10 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -36,6 +41,18 @@ from drivers.safety import SafeDriver  # noqa: E402
 from policies.base import Policy  # noqa: E402
 from qc_robot import protocol as P  # noqa: E402
 from qc_robot.server.app import ControlServer, load_policy  # noqa: E402
+from qc_robot.server.learner_link import CurveKeys, make_keys  # noqa: E402
+
+
+def curve_pair() -> tuple[CurveKeys, CurveKeys]:
+    """(server keys with one authorised driver, that driver's keys), in a temporary directory."""
+    d = Path(tempfile.mkdtemp(prefix="qc-curve-"))
+    server_pub, server_sec = make_keys(str(d / "server"), "server")
+    driver_pub, driver_sec = make_keys(str(d / "driver"), "driver")
+    (d / "authorized").mkdir()
+    shutil.copy(driver_pub, d / "authorized")
+    return (CurveKeys.from_files(server_sec, authorized_dir=str(d / "authorized")),
+            CurveKeys.from_files(driver_sec, server_pub))
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -100,9 +117,10 @@ def mock_for(policy: Policy) -> MockDriver:
                                  control_hz=policy.spec.control_hz, max_episode_steps=0, obs_key=f.key))
 
 
-def bench_server(policy: Policy, obs: dict[str, np.ndarray], n: int, address: str) -> tuple[list[float], list[P.Chunk]]:
+def bench_server(policy: Policy, obs: dict[str, np.ndarray], n: int, address: str,
+                 curve: Any = None) -> tuple[list[float], list[P.Chunk]]:
     d = mock_for(policy)
-    client = PolicyClient(address, d.spec.hello("bench"))
+    client = PolicyClient(address, d.spec.hello("bench"), curve=curve)
     client.connect(10)
     rtts, chunks = [], []
     for i in range(n + 20):
@@ -160,8 +178,16 @@ def main() -> None:
 
     pol = bench_policy(policy, obs, args.n)
     bare = bench_bare_zmq(req, rep, args.n)
-    with ControlServer(policy, "tcp://127.0.0.1:*") as server:
-        srv, chunks = bench_server(policy, obs, args.n, server.address)
+    server_keys, driver_keys = curve_pair()
+    srv, chunks, cur = [], [], []
+    with ControlServer(policy, "tcp://127.0.0.1:*") as server, \
+            ControlServer(policy, "tcp://127.0.0.1:*", curve=server_keys) as secure:
+        rounds = 5  # interleaved: plain and CURVE see the same background load
+        for _ in range(rounds):
+            a, c = bench_server(policy, obs, args.n // rounds, server.address)
+            srv += a
+            chunks += c
+            cur += bench_server(policy, obs, args.n // rounds, secure.address, curve=driver_keys)[0]
         jit = bench_jitter(policy, server.address, args.hz, args.duration) if args.duration > 0 else None
     total = [c.total_ms for c in chunks]
     base50 = pct(bare, 50) + pct(pol, 50)
@@ -170,6 +196,7 @@ def main() -> None:
         ("bare ZeroMQ round trip, same bytes", bare),
         ("server round trip (client → chunk)", srv),
         ("  of which server-side total_ms", total),
+        ("server round trip with CURVE on the driver port", cur),
     ]
     lines = [
         f"# Control server benchmark ({time.strftime('%Y-%m-%d')})",
@@ -188,6 +215,10 @@ def main() -> None:
         f"Server overhead at p50: {pct(srv, 50) - base50:+.3f} ms over bare ZeroMQ + policy "
         f"(ratio {pct(srv, 50) / base50:.2f}×). It covers msgpack encode/decode on both sides, observation "
         "checks, the hand-off to the inference worker thread and back over inproc, clipping and stamping.",
+        "",
+        f"CURVE (encrypted, authenticated driver port) adds {pct(cur, 50) - pct(srv, 50):+.3f} ms at p50 and "
+        f"{pct(cur, 99) - pct(srv, 99):+.3f} ms at p99 to the plain server round trip (same run, interleaved "
+        f"in {rounds} rounds).",
     ]
     if jit is not None:
         lines += [

@@ -48,6 +48,12 @@ class DriveConfig:
     estimate, the sim's physics/delay/noise; its id goes into the Hello and every logged episode."""
     randomize_physics: bool = False
     """sim: draw physical parameters per episode from the calibration's ranges."""
+    curve_secret_key: str = ""
+    """This driver's CURVE key pair file (``name.key_secret``): needed when the server's driver
+    port uses CURVE (a non-loopback server); its public key must be in the server's
+    ``driver_authorized_dir``."""
+    curve_server_key: str = ""
+    """The server's public key file (``server.key``), with ``curve_secret_key``."""
     send_transitions: bool = True
     """Stream executed transitions when the server asks for them (it logs episodes)."""
     log_level: str = "WARNING"

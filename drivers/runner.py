@@ -78,6 +78,8 @@ class EpisodeResult:
     overruns: int = 0
     """Waits of the loop for the robot's next step that ran past 1.5 control periods: the world did
     not advance when it should have (load, a stalled robot). Never a transition row."""
+    offline_s: float = 0.0
+    """Seconds of this episode without a server session (the robot held meanwhile)."""
 
 
 class _TransitionSender:
@@ -143,6 +145,7 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, se
     obs = driver.reset(seed)
     executor.reset()
     held0, chunks0, rtt0 = driver.stats.held, executor.stats.chunks, len(executor.stats.rtt_ms)
+    offline0 = client.offline_now if client is not None else 0.0
     limit = max_steps or (driver.spec.max_episode_steps * 2 if driver.spec.max_episode_steps else 100_000)
     sender = _TransitionSender(client, executor.chunk_len) if (client and send_transitions) else None
     period = pacer.period if pacer is not None else 1.0 / driver.spec.control_hz
@@ -189,6 +192,7 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, se
     res.chunks = executor.stats.chunks - chunks0
     res.duration_s = time.monotonic() - t0
     res.rtt_ms = executor.stats.rtt_ms[rtt0:]
+    res.offline_s = client.offline_now - offline0 if client is not None else 0.0
     return res
 
 
@@ -255,7 +259,13 @@ def run_drive(cfg: DriveConfig) -> int:
         return 2
     driver.connect()
     meta = {"mode": cfg.mode, "calibration_id": cal.id if cal is not None else ""}
-    client = PolicyClient(cfg.server, driver.spec.hello(cfg.driver, meta))
+    try:
+        curve = _client_curve(cfg)
+    except (OSError, ValueError) as e:
+        print(f"drive: CURVE keys: {e}")
+        driver.close()
+        return 2
+    client = PolicyClient(cfg.server, driver.spec.hello(cfg.driver, meta), curve=curve)
     try:
         welcome = client.connect(cfg.connect_timeout_s)
     except HandshakeError as e:
@@ -281,9 +291,11 @@ def run_drive(cfg: DriveConfig) -> int:
                             on_rows=video.episode(i) if video is not None else None)
             results.append(r)
             rtt = f"{np.median(r.rtt_ms):.1f} ms" if r.rtt_ms else "n/a"
+            lost = f"  SERVER LOST {r.offline_s:.1f} s (held)" if r.offline_s > 0 else ""
             print(f"episode {i + 1}/{cfg.episodes}: {'success' if r.success else 'failure'}  steps {r.steps} "
                   f"(robot {r.robot_steps})  rows {r.rows}  robot held {r.robot_held}  overruns {r.overruns}  "
-                  f"chunks {r.chunks}  held {r.held}  rtt p50 {rtt}  {r.duration_s:.1f} s", flush=True)
+                  f"chunks {r.chunks}  held {r.held} ({r.held / driver.spec.control_hz:.1f} s)  rtt p50 {rtt}  "
+                  f"{r.duration_s:.1f} s{lost}", flush=True)
     except KeyboardInterrupt:
         print("interrupted")
     finally:
@@ -296,4 +308,20 @@ def run_drive(cfg: DriveConfig) -> int:
     print(f"success {n_ok}/{len(results)} ({pct:.1f}%)  requests {executor.stats.requests}  timeouts "
           f"{executor.stats.timeouts}  stale actions dropped {executor.stats.dropped_stale}  "
           f"safety: held {driver.stats.held}, rejected {driver.stats.rejected}, trips {driver.stats.trips}")
+    lost_eps = sum(r.offline_s > 0 for r in results)
+    if lost_eps:
+        print(f"server lost {client.stats.lost} time(s): {lost_eps}/{len(results)} episode(s) ran partly or wholly "
+              f"without it, {sum(r.offline_s for r in results):.1f} s held in all (their outcome is the hold's, "
+              "not the policy's)")
     return 0
+
+
+def _client_curve(cfg: DriveConfig) -> Any:
+    """CURVE keys for the driver port (None: keyless, as on loopback)."""
+    if not cfg.curve_secret_key:
+        return None
+    if not cfg.curve_server_key:
+        raise ValueError("curve_secret_key needs curve_server_key (the server's public key file)")
+    from qc_robot.server.learner_link import CurveKeys  # zmq.auth only; torch-free
+
+    return CurveKeys.from_files(cfg.curve_secret_key, cfg.curve_server_key)

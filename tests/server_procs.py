@@ -70,7 +70,7 @@ def _dying() -> int:
 
     from policies.scripted import simple_spec
     from qc_robot.cli import compose
-    from qc_robot.server import app
+    from qc_robot.server import serve
 
     class Dying:
         spec = simple_spec(4, 2, 3, 20.0)
@@ -78,8 +78,8 @@ def _dying() -> int:
         def predict(self, obs: dict[str, np.ndarray]) -> object:
             raise SystemExit("policy exits")
 
-    app.load_policy = lambda *a, **k: Dying()  # fault injection in this child only
-    return app.run_serve(compose("serve", ["policy=unused", "bind='tcp://127.0.0.1:*'", "log_level=INFO"]))
+    serve.load_policy = lambda *a, **k: Dying()  # fault injection in this child only
+    return serve.run_serve(compose("serve", ["policy=unused", "bind='tcp://127.0.0.1:*'", "log_level=INFO"]))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import test_server
 import zmq
 from test_server import ACT, OBS, EchoPolicy, H, Raw, driver_spec, obs, spec
 
-from policies.base import ChunkResult
+from policies.base import ChunkResult, ObsField, PolicySpec
 from policies.scripted import HoldPolicy
 from qc_robot import protocol as P
 from qc_robot.data.hdf5_io import load_flat
@@ -296,3 +296,30 @@ def test_learner_port_refuses_garbage_and_keeps_serving(tmp_path) -> None:
     finally:
         raw.close()
         link.stop()
+
+
+def test_messages_over_the_advertised_limit_are_refused_by_zeromq(serve) -> None:
+    srv = serve(max_message_bytes=1 << 20)
+    raw, big = Raw(srv.address), Raw(srv.address)
+    try:
+        meta = raw.send(P.encode(P.Describe(1)))
+        assert isinstance(meta, P.Description) and meta.metadata["max_message_bytes"] == 1 << 20
+        under = msgpack.packb({"v": 1, "type": "heartbeat", "seq": 5, "timestamp": 0.0, "pad": bytes((1 << 20) - 200)})
+        assert isinstance(raw.send(under), P.Heartbeat)  # unknown fields are ignored, size is fine
+        big.sock.send(bytes((1 << 20) + 1))  # ZeroMQ drops the connection: never buffered, never answered
+        assert not big.sock.poll(500)
+        assert srv.stats.received == 2  # the over-limit message never reached the server's code
+        _sync(raw)
+    finally:
+        raw.close()
+        big.close()
+
+
+def test_the_default_limit_fits_the_policy() -> None:
+    from policies.scripted import simple_spec
+    from qc_robot.server.app import auto_message_limit
+
+    assert auto_message_limit(simple_spec(37, 5, 5)) == 1 << 20  # small state: the 1 MiB floor
+    image = PolicySpec([ObsField("image", (3, 224, 224), "uint8")], 7, 10, 10.0)
+    assert auto_message_limit(image) >= 4 * 10 * 2 * 3 * 224 * 224  # a 4·H-step transition of images
+    assert auto_message_limit(PolicySpec([ObsField("x", (4096, 4096), "float64")], 2, 50, 10.0)) == P.MAX_MESSAGE_BYTES

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
-import signal
 import threading
 import time
 import uuid
@@ -46,8 +44,6 @@ from qc_robot.server.ratelog import RateLimitedLog, TokenBuckets
 log = logging.getLogger("qc_robot.server")
 _LOCAL_PREFIXES = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")
 _ids = itertools.count()
-EXIT_THREAD_DIED = 70
-"""``qc-robot serve``'s exit code when one of its threads died (EX_SOFTWARE)."""
 
 
 @dataclass
@@ -100,7 +96,8 @@ class ControlServer:
                  episode_logger: EpisodeLogger | None = None, allow_remote: bool = False,
                  context: zmq.Context | None = None, learner_link: LearnerLink | None = None,
                  curve: CurveKeys | None = None, insecure_remote: bool = False, bye_grace_s: float = 0.5,
-                 error_burst: float = 20.0, error_rate: float = 10.0, errors_total_rate: float = 200.0) -> None:
+                 error_burst: float = 20.0, error_rate: float = 10.0, errors_total_rate: float = 200.0,
+                 max_message_bytes: int = 0) -> None:
         if not bind.startswith(_LOCAL_PREFIXES):
             if not allow_remote:
                 raise ValueError(f"refusing to bind {bind}: use loopback/ipc, or set allow_remote=true with CURVE "
@@ -124,7 +121,10 @@ class ControlServer:
         if learner_link is not None:
             learner_link.attach(self)
         self.stats = ServerStats()
+        self.max_message_bytes = max_message_bytes or auto_message_limit(policy.spec)
+        """Larger messages are refused by ZeroMQ before buffering (0: derived from the spec)."""
         self.metadata = policy_metadata(policy)
+        self.metadata["max_message_bytes"] = self.max_message_bytes
         self.address = ""
         """The bound endpoint (a concrete port when ``bind`` asked for ``*``)."""
         self.failure: BaseException | None = None
@@ -210,12 +210,13 @@ class ControlServer:
             target()
         except BaseException as e:
             self.failure = e
-            log.critical("server thread %s died: the server must be restarted", threading.current_thread().name,
+            log.critical("server thread %s died: qc-robot serve exits with code 70", threading.current_thread().name,
                          exc_info=True)
 
     def swap_policy(self, policy: Policy, version: int) -> None:
         """Serve ``policy`` from the next chunk on; a chunk in inference keeps the policy it started with."""
-        self.metadata = policy_metadata(policy, str(policy.spec.version))
+        self.metadata = {**policy_metadata(policy, str(policy.spec.version)),
+                         "max_message_bytes": self.max_message_bytes}
         self.policy, self.spec, self.policy_version = policy, policy.spec, version
 
     def __enter__(self) -> ControlServer:
@@ -229,7 +230,7 @@ class ControlServer:
     def _open_router(self) -> zmq.Socket:
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)  # refused by libzmq before buffering
+        router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)  # refused by libzmq before buffering
         router.setsockopt(zmq.RCVHWM, 64)  # per connection: bounds what a flooding peer can queue
         router.setsockopt(zmq.SNDHWM, 256)  # replies to a peer that never reads are dropped beyond this
         if self.curve is not None:
@@ -377,7 +378,7 @@ class ControlServer:
             self._on_hello(router, ident, msg, now)
         elif isinstance(msg, P.Bye):
             if session is not None:
-                log.info("driver %s (%s) said bye: %s", session.driver, session.id, msg.reason)
+                self._warn.info("bye", "driver %r (%s) said bye: %.200s", session.driver, session.id, msg.reason)
                 self._drop(ident)
         elif isinstance(msg, P.Observation):
             if session is None:
@@ -438,7 +439,8 @@ class ControlServer:
         s = _Session(ident, uuid.uuid4().hex[:12], hello.driver, now,
                      calibration_id=str(hello.meta.get("calibration_id", "") or ""))
         self._sessions[ident] = s
-        log.info("driver %r connected: session %s (%d active)", hello.driver, s.id, len(self._sessions))
+        self._warn.info("hello", "driver %.100r connected: session %s (%d active)", hello.driver, s.id,
+                        len(self._sessions))
         spec = self.spec
         self._reply(router, ident, P.Welcome(
             session=s.id, obs_spec=P.obs_spec_to_wire(spec.obs_fields), action_dim=spec.action_dim,
@@ -471,7 +473,8 @@ class ControlServer:
         now = time.monotonic()
         for ident, s in list(self._sessions.items()):
             if now - s.last_seen > self.session_timeout_s:
-                log.info("driver %r (session %s) silent for %.1f s: dropped", s.driver, s.id, now - s.last_seen)
+                self._warn.info("expired", "driver %.100r (session %s) silent for %.1f s: dropped", s.driver, s.id,
+                                now - s.last_seen)
                 self._drop(ident)
                 self._budget.forget(ident)
 
@@ -545,6 +548,15 @@ class ControlServer:
         return P.Error(code, message, rid)
 
 
+def auto_message_limit(spec: Any) -> int:
+    """The driver port's message size limit for a policy: room for a transition of 4·H steps
+    (obs and next_obs, 4× headroom for extra keys), at least 1 MiB, at most the protocol's 64 MiB.
+    A lower limit than the protocol's keeps one peer's huge messages from stalling the loop."""
+    obs_bytes = sum(int(np.prod(f.shape)) * np.dtype(f.dtype).itemsize for f in spec.obs_fields)
+    step = 2 * obs_bytes + 4 * spec.action_dim + 64
+    return int(min(P.MAX_MESSAGE_BYTES, max(1 << 20, 4 * 4 * spec.chunk_len * step)))
+
+
 def _request_id(data: bytes) -> int | None:
     """The ``request_id`` of ``data`` where it can be read (for an internal error's reply)."""
     try:
@@ -576,82 +588,10 @@ def load_policy(ref: str, threads: int = 1, providers: str = "auto") -> Policy:
 
 
 def run_serve(cfg: ServeConfig) -> int:
-    """``qc-robot serve``: serve until Ctrl-C / SIGTERM; returns the process exit code."""
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        policy = load_policy(cfg.policy, cfg.threads, cfg.providers)
-    except (OSError, ValueError) as e:
-        log.error("cannot load policy %r: %s", cfg.policy, e)
-        return 2
-    logger = None
-    try:
-        curve = _driver_curve(cfg)
-        if cfg.log_dir:
-            logger = EpisodeLogger(cfg.log_dir, _env_args(policy))
-            log.info("logging served episodes to %s", logger.path)
-        link = _learner_link(cfg)
-        server = ControlServer(policy, cfg.bind, workers=cfg.workers, max_clients=cfg.max_clients,
-                               heartbeat_s=cfg.heartbeat_s, session_timeout_s=cfg.session_timeout_s,
-                               episode_logger=logger, allow_remote=cfg.allow_remote, learner_link=link,
-                               curve=curve, insecure_remote=cfg.insecure_remote)
-        server.start()
-    except (ValueError, RuntimeError, OSError) as e:
-        log.error("%s", e)
-        if logger is not None:
-            logger.close()
-        return 2
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    code = 0
-    while not done.wait(0.5):
-        dead = server.dead_thread()
-        if dead is not None:  # never a live process that answers nothing: let a supervisor restart us
-            log.critical("%s died: exiting with code %d", dead, EXIT_THREAD_DIED)
-            code = EXIT_THREAD_DIED
-            break
-    server.stop()
-    log.info("stopped: %d chunks served, %d transitions, errors %s (%d unanswered)", server.stats.chunks,
-             server.stats.transitions, server.stats.errors or "none", server.stats.unanswered)
-    if code:
-        logging.shutdown()
-        os._exit(code)  # a wedged thread must not keep the process alive
-    return 0
+    """``qc-robot serve`` (:func:`qc_robot.server.serve.run_serve`)."""
+    from qc_robot.server.serve import run_serve as run
 
-
-def _driver_curve(cfg: ServeConfig) -> CurveKeys | None:
-    """CURVE keys for the driver port (None: keyless, only allowed on loopback or when insecure)."""
-    if not cfg.driver_authorized_dir:
-        return None
-    if not cfg.curve_secret_key:
-        raise ValueError("driver_authorized_dir needs curve_secret_key (the server's key pair)")
-    return CurveKeys.from_files(cfg.curve_secret_key, authorized_dir=cfg.driver_authorized_dir)
-
-
-def _learner_link(cfg: ServeConfig) -> LearnerLink | None:
-    """The learner port from the config (None when ``learner_bind`` is empty)."""
-    if not cfg.learner_bind:
-        return None
-    from policies.onnx_policy import OnnxPolicy
-    from qc_robot.server.journal import Journal
-    from qc_robot.server.learner_link import CurveKeys
-
-    curve = None
-    if cfg.curve_secret_key:
-        curve = CurveKeys.from_files(cfg.curve_secret_key, authorized_dir=cfg.curve_authorized_dir)
-
-    def loader(path: str, version: str) -> Policy:
-        return OnnxPolicy(path, providers=cfg.providers, threads=cfg.threads, version=version)
-
-    return LearnerLink(cfg.learner_bind, Journal(cfg.journal_dir), curve=curve, prune=cfg.journal_prune,
-                       timeout_s=cfg.learner_timeout_s, policy_loader=loader)
-
-
-def _env_args(policy: Policy) -> dict[str, Any]:
-    spec = policy.spec
-    return {"source": "qc-robot serve", "policy_version": str(spec.version), "actor_type": spec.actor_type,
-            "obs_keys": [f.key for f in spec.obs_fields], "action_dim": spec.action_dim,
-            "chunk_len": spec.chunk_len, "control_hz": float(spec.control_hz)}
+    return run(cfg)
 
 
 def _bind_retrying(sock: zmq.Socket, address: str, patience_s: float = 3.0) -> None:

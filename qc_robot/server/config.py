@@ -39,6 +39,10 @@ class ServeConfig:
     """Advertised to drivers: send a Heartbeat after this long without sending anything."""
     session_timeout_s: float = 10.0
     """A driver silent for this long is forgotten (its partial episode log is written)."""
+    max_message_bytes: int = 0
+    """Driver-port message size limit, enforced by ZeroMQ before buffering (0: enough for a
+    transition of 4·H steps of the policy's observations, at least 1 MiB; at most 64 MiB).
+    Advertised as ``welcome.metadata.max_message_bytes``."""
     log_dir: str = ""
     """Directory for HDF5 episode logs of everything served ('' = off)."""
     log_level: str = "INFO"

@@ -5,13 +5,15 @@ any moment leaves behind, and how each piece is made safe:
 
 * **open episodes**: every accepted transition is appended, on the socket loop and before the
   next message is read, to ``<log_dir>/open/<uuid>.qcep`` (checksummed frames, ``os.write``: in
-  the OS at once). A kill loses at most the frame being written, i.e. the step in flight.
+  the OS at once). A kill loses at most the frame being written, i.e. the step in flight. Nothing
+  of an open episode is held in memory, so a driver that never ends its episode costs disk only.
 * **finished episodes** (terminal or truncated row, a new episode id from the same session, the
-  session ending, server stop) are committed to the run's HDF5 file on a writer thread, the
-  teleop recorder's way: copy to ``<file>.commit.tmp``, append, fsync, ``os.replace`` (the
-  commit point), and only then delete the journal. The HDF5 file is therefore always a complete
-  older or newer version; a new file is started when it exceeds ``rotate_bytes`` so the copy stays
-  cheap.
+  session ending, server stop) are read back from their journals and committed to the run's
+  HDF5 file on a writer thread, the teleop recorder's way: copy to ``<file>.commit.tmp``, append,
+  fsync, ``os.replace`` (the commit point), and only then delete the journals. Episodes that
+  finished meanwhile are committed together (one copy per batch, so a flood of short episodes
+  costs one copy per batch, not per episode), and a new file is started past ``rotate_bytes``.
+  The HDF5 file is therefore always a complete older or newer version.
 * **recovery**: a new logger on the same ``log_dir`` commits every leftover journal into the
   file it was meant for (attr ``recovered=True``); each episode carries a ``uuid`` attr, so a kill
   between the replace and the unlink never adds an episode twice.
@@ -39,38 +41,44 @@ import numpy as np
 
 from qc_robot import protocol as P
 from qc_robot.data.frames import pack_frame, read_frame
+from qc_robot.server.ratelog import RateLimitedLog
 
 log = logging.getLogger("qc_robot.server")
 MAGIC = b"QCEPLOG1"
 MAX_FRAME_BYTES = P.MAX_MESSAGE_BYTES + (1 << 20)
+MAX_BATCH = 256
+"""Episodes committed with one copy of the file at most."""
 
 
 @dataclass
-class _OpenEpisode:
-    uuid: str
-    session: str
-    driver: str
-    episode_id: int
-    out: str
-    journal: str
+class _Open:
+    """An open episode: its journal's file descriptor and where it goes (no steps in memory)."""
+
     fd: int
+    journal: str
+    steps: int = 0
+
+
+@dataclass
+class JournaledEpisode:
+    """An episode read back from its journal (torn tail dropped)."""
+
+    header: dict[str, Any]
     parts: list[P.Transition] = field(default_factory=list)
-    success: bool = False
-    calibration_id: str = ""
-    missing_steps: int = 0
-    """Steps skipped between accepted transitions (a refused transition leaves a gap)."""
-    next_step: int = 0
-    env_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uuid(self) -> str:
+        return str(self.header["uuid"])
 
 
 @dataclass
 class _Commit:
-    ep: _OpenEpisode
+    journal: str
     recovered: bool = False
 
 
 class EpisodeLogger:
-    """Collects validated transitions per (session, episode) and commits finished episodes.
+    """Journals validated transitions per (session, episode) and commits finished episodes.
 
     ``add``/``end_session`` run on the server's socket loop (one thread); the HDF5 work runs on
     the logger's own writer thread, so I/O never stalls the loop beyond one small file append."""
@@ -84,15 +92,16 @@ class EpisodeLogger:
         self._part = 0
         self.path = self._file_name()
         self._env_args = dict(env_args)
-        self._open: dict[tuple[str, int], _OpenEpisode] = {}
+        self._open: dict[tuple[str, int], _Open] = {}
         self._queue: queue.Queue[_Commit | None] = queue.Queue()
         self.episodes_written = 0
         self.episodes_recovered = 0
         self.failures = 0
+        self._log = RateLimitedLog(log)
         self.failure: BaseException | None = None
         """Set when the writer thread died (the server then stops with a non-zero exit)."""
         for journal in sorted(self.open_dir.glob("*.qcep")):
-            self._queue_recovery(journal)
+            self._queue.put(_Commit(str(journal), recovered=True))
         self._thread = threading.Thread(target=self._guarded_write_loop, name="episode-log", daemon=True)
         self._thread.start()
 
@@ -114,32 +123,21 @@ class EpisodeLogger:
         key = (session, tr.episode_id)
         ep = self._open.get(key)
         if ep is None:
-            ep = self._begin(session, driver, tr, calibration_id)
+            ep = self._begin(session, driver, tr.episode_id, calibration_id)
         _write_all(ep.fd, pack_frame(P.encode(tr)))  # in the OS before the next message is read
-        if ep.parts and tr.start_step > ep.next_step:
-            ep.missing_steps += tr.start_step - ep.next_step
-        ep.parts.append(tr)
-        ep.next_step = tr.start_step + len(tr.actions)
-        ep.success = ep.success or tr.success
+        ep.steps += len(tr.actions)
         if bool(tr.terminals[-1]) or bool(tr.truncated[-1]):
             self._close(key)
 
-    def next_step(self, session: str, episode_id: int) -> int | None:
-        """First step the open episode expects next (None: no such open episode)."""
-        ep = self._open.get((session, episode_id))
-        return ep.next_step if ep is not None else None
-
-    def _begin(self, session: str, driver: str, tr: P.Transition, calibration_id: str) -> _OpenEpisode:
+    def _begin(self, session: str, driver: str, episode_id: int, calibration_id: str) -> _Open:
         uid = uuid.uuid4().hex
         path = str(self.open_dir / f"{uid}.qcep")
         # O_EXCL: a journal is unrecovered data and must never be overwritten
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        ep = _OpenEpisode(uid, session, driver, tr.episode_id, self.path, path, fd, calibration_id=calibration_id,
-                          next_step=tr.start_step, env_args=self._env_args)
-        header = {"uuid": uid, "session": session, "driver": driver, "episode_id": tr.episode_id,
+        header = {"uuid": uid, "session": session, "driver": driver, "episode_id": episode_id,
                   "calibration_id": calibration_id, "out": self.path, "env_args": self._env_args}
         _write_all(fd, MAGIC + pack_frame(msgpack.packb(header, use_bin_type=True)))
-        self._open[(session, tr.episode_id)] = ep
+        ep = self._open[(session, episode_id)] = _Open(fd, path)
         return ep
 
     def end_session(self, session: str) -> None:
@@ -155,96 +153,123 @@ class EpisodeLogger:
 
     def _close(self, key: tuple[str, int]) -> None:
         ep = self._open.pop(key, None)
-        if ep is None:
-            return
-        os.close(ep.fd)
-        ep.fd = -1
-        self._queue.put(_Commit(ep))
-
-    # -- recovery ------------------------------------------------------------------------------
-
-    def _queue_recovery(self, journal: Path) -> None:
-        try:
-            ep = read_episode_journal(str(journal))
-        except (OSError, ValueError) as e:
-            log.error("episode journal %s is unreadable (%s): moved aside", journal.name, e)
-            os.replace(journal, journal.with_suffix(".corrupt"))
-            return
-        if ep is None:
-            journal.unlink()  # killed before its first step was out: nothing to recover
-            return
-        self._queue.put(_Commit(ep, recovered=True))
+        if ep is not None:
+            os.close(ep.fd)
+            self._queue.put(_Commit(ep.journal))
 
     # -- writer thread -------------------------------------------------------------------------
 
     def _guarded_write_loop(self) -> None:
         try:
             self._write_loop()
-        except BaseException as e:  # the loop catches per-episode errors: this is a bug
+        except BaseException as e:  # per-batch errors are caught inside: this is a bug
             self.failure = e
             log.critical("episode logger thread died", exc_info=True)
 
     def _write_loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            ep = item.ep
-            try:
-                name = self._commit(item)
-            except Exception:  # one bad episode must not stop the logger; its journal stays
-                self.failures += 1
-                log.exception("could not log episode %s of session %s (journal kept: %s)", ep.episode_id,
-                              ep.session, ep.journal)
-                continue
-            if name is not None:
-                log.info("logged episode %s (%d steps%s) to %s as %s", ep.episode_id,
-                         sum(len(p.actions) for p in ep.parts), ", recovered" if item.recovered else "",
-                         ep.out, name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(ep.journal)  # only now: the episode is in the file
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            batch: list[_Commit] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            stop = item is None
+            if batch:
+                self._commit_batch(batch)
 
-    def _commit(self, item: _Commit) -> str | None:
+    def _commit_batch(self, batch: list[_Commit]) -> None:
+        """Read the batch's journals and commit them, one atomic copy per target file."""
+        groups: dict[str, list[tuple[_Commit, JournaledEpisode]]] = {}
+        for item in batch:
+            try:
+                ep = read_episode_journal(item.journal)
+            except Exception as e:  # noqa: BLE001 - one unreadable journal must not stop the others
+                log.error("episode journal %s is unreadable (%s): moved aside", item.journal, e)
+                with contextlib.suppress(OSError):
+                    os.replace(item.journal, item.journal + ".corrupt")
+                continue
+            if ep is None:
+                os.unlink(item.journal)  # killed before its first step was out: nothing to recover
+                continue
+            out = str(ep.header.get("out", "")) if item.recovered else self._current_file()
+            groups.setdefault(out or self._current_file(), []).append((item, ep))
+        for out, items in groups.items():
+            try:
+                names = self._commit(out, items)
+            except Exception:  # the journals stay: a later logger on this log_dir retries them
+                self.failures += 1
+                log.exception("could not log %d episode(s) to %s (journals kept)", len(items), out)
+                continue
+            for (item, ep), name in zip(items, names, strict=True):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(item.journal)  # only now: the episode is in the file
+                if name:
+                    self._log.info("episode", "logged episode %s (%d steps%s) to %s as %s", ep.header.get("episode_id"),
+                                   sum(len(p.actions) for p in ep.parts), ", recovered" if item.recovered else "",
+                                   out, name)
+
+    def _current_file(self) -> str:
+        if os.path.exists(self.path) and os.path.getsize(self.path) > self.rotate_bytes:
+            self._part += 1
+            self.path = self._file_name()
+        return self.path
+
+    def _commit(self, out: str, items: list[tuple[_Commit, JournaledEpisode]]) -> list[str]:
         from qc_robot.data.hdf5_io import EpisodeWriter  # h5py only when logging is on
 
-        ep, parts = item.ep, item.ep.parts
-        if not parts:
-            return None
-        out = ep.out
-        if not item.recovered:
-            if os.path.exists(self.path) and os.path.getsize(self.path) > self.rotate_bytes:
-                self._part += 1
-                self.path = self._file_name()
-            out = self.path
-        if item.recovered and ep.uuid in _uuids(out):
-            return None  # a kill between the replace and the unlink: already there
-        cat = np.concatenate
-        dones = cat([p.terminals for p in parts])
-        attrs = {"uuid": ep.uuid, "session": ep.session, "driver": ep.driver, "episode_id": ep.episode_id,
-                 "start_step": parts[0].start_step, "success": ep.success, "calibration_id": ep.calibration_id,
-                 "complete": bool(dones[-1] or parts[-1].truncated[-1]), "missing_steps": ep.missing_steps,
-                 "recovered": item.recovered,
-                 "policy_version": ",".join(dict.fromkeys(p.policy_version for p in parts if p.policy_version))}
+        done = _uuids(out) if any(item.recovered for item, _ in items) else set()
         tmp = out + ".commit.tmp"
         exists = os.path.exists(out)
         if exists:
             shutil.copyfile(out, tmp)
-        extras = {name: cat([getattr(p, name) for p in parts]) for name in ("timestamps", "held")
-                  if all(getattr(p, name) is not None for p in parts)}  # beside actions, when every part has them
-        with EpisodeWriter(tmp, ep.env_args, mode="a" if exists else "w") as writer:
-            name = writer.add_episode(
-                obs={k: cat([p.obs[k] for p in parts]) for k in parts[0].obs},
-                actions=cat([p.actions for p in parts]), rewards=cat([p.rewards for p in parts]), dones=dones,
-                next_obs={k: cat([p.next_obs[k] for p in parts]) for k in parts[0].next_obs}, attrs=attrs,
-                extras=extras or None)
+        names: list[str] = []
+        env_args = dict(items[0][1].header.get("env_args") or self._env_args)
+        with EpisodeWriter(tmp, env_args, mode="a" if exists else "w") as writer:
+            for item, ep in items:
+                if ep.uuid in done:  # a kill between the replace and the unlink: already there
+                    names.append("")
+                    continue
+                names.append(writer.add_episode(**_episode_arrays(ep, item.recovered)))
         _fsync(tmp)
         os.replace(tmp, out)  # the commit point
         _fsync(os.path.dirname(os.path.abspath(out)))
-        if item.recovered:
-            self.episodes_recovered += 1
-        else:
-            self.episodes_written += 1
-        return name
+        for (item, _), name in zip(items, names, strict=True):
+            if name and item.recovered:
+                self.episodes_recovered += 1
+            elif name:
+                self.episodes_written += 1
+        return names
 
 
-def read_episode_journal(path: str) -> _OpenEpisode | None:
+def _episode_arrays(ep: JournaledEpisode, recovered: bool) -> dict[str, Any]:
+    """``EpisodeWriter.add_episode`` arguments for one journaled episode."""
+    cat, parts, h = np.concatenate, ep.parts, ep.header
+    dones = cat([p.terminals for p in parts])
+    missing, expect = 0, parts[0].start_step
+    for p in parts:
+        missing += max(0, p.start_step - expect)  # a refused transition leaves a gap
+        expect = p.start_step + len(p.actions)
+    attrs = {"uuid": ep.uuid, "session": h.get("session", ""), "driver": h.get("driver", ""),
+             "episode_id": int(h.get("episode_id", -1)), "start_step": parts[0].start_step,
+             "success": any(p.success for p in parts), "calibration_id": h.get("calibration_id", ""),
+             "complete": bool(dones[-1] or parts[-1].truncated[-1]), "missing_steps": missing,
+             "recovered": recovered,
+             "policy_version": ",".join(dict.fromkeys(p.policy_version for p in parts if p.policy_version))}
+    extras = {name: cat([getattr(p, name) for p in parts]) for name in ("timestamps", "held")
+              if all(getattr(p, name) is not None for p in parts)}  # beside actions, when every part has them
+    return dict(obs={k: cat([p.obs[k] for p in parts]) for k in parts[0].obs},
+                actions=cat([p.actions for p in parts]), rewards=cat([p.rewards for p in parts]), dones=dones,
+                next_obs={k: cat([p.next_obs[k] for p in parts]) for k in parts[0].next_obs}, attrs=attrs,
+                extras=extras or None)
+
+
+def read_episode_journal(path: str) -> JournaledEpisode | None:
     """The episode in an open-episode journal, dropping a torn or corrupt tail (None: no steps)."""
     with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
@@ -252,9 +277,10 @@ def read_episode_journal(path: str) -> _OpenEpisode | None:
         head = read_frame(f, MAX_FRAME_BYTES)
         if head is None:
             return None
-        h = msgpack.unpackb(head, raw=False)
-        ep = _OpenEpisode(h["uuid"], h["session"], h["driver"], int(h["episode_id"]), h["out"], path, -1,
-                          calibration_id=h.get("calibration_id", ""), env_args=dict(h["env_args"]))
+        header = msgpack.unpackb(head, raw=False)
+        if not isinstance(header, dict) or "uuid" not in header:
+            raise ValueError("journal header is not a map with a uuid")
+        ep = JournaledEpisode(header)
         while (body := read_frame(f, MAX_FRAME_BYTES)) is not None:
             try:
                 tr = P.decode(body)
@@ -262,11 +288,7 @@ def read_episode_journal(path: str) -> _OpenEpisode | None:
                 break
             if not isinstance(tr, P.Transition):
                 break
-            if ep.parts and tr.start_step > ep.next_step:
-                ep.missing_steps += tr.start_step - ep.next_step
             ep.parts.append(tr)
-            ep.next_step = tr.start_step + len(tr.actions)
-            ep.success = ep.success or tr.success
     return ep if ep.parts else None
 
 

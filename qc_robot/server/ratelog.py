@@ -23,6 +23,14 @@ class RateLimitedLog:
         self._suppressed: dict[str, int] = {}
 
     def warn(self, kind: str, fmt: str, *args: object) -> None:
+        self.log(logging.WARNING, kind, fmt, *args)
+
+    def info(self, kind: str, fmt: str, *args: object) -> None:
+        self.log(logging.INFO, kind, fmt, *args)
+
+    def log(self, level: int, kind: str, fmt: str, *args: object) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
         now = time.monotonic()
         last = self._last.get(kind)
         if last is not None and now - last < self.interval_s:
@@ -31,9 +39,9 @@ class RateLimitedLog:
         n = self._suppressed.pop(kind, 0)
         self._last[kind] = now
         if n:
-            self.logger.warning(fmt + " (and %d more %s since the last report)", *args, n, kind)
+            self.logger.log(level, fmt + " (and %d more %s since the last report)", *args, n, kind)
         else:
-            self.logger.warning(fmt, *args)
+            self.logger.log(level, fmt, *args)
 
 
 class TokenBuckets:

@@ -1,0 +1,104 @@
+"""``qc-robot serve``: build the policy, episode logger, learner link and server from the config;
+serve until Ctrl-C / SIGTERM, or exit with code 70 when a server thread dies (so a supervisor
+restarts a server that could no longer answer)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from policies.base import Policy
+from qc_robot.server.app import ControlServer, load_policy
+from qc_robot.server.config import ServeConfig
+from qc_robot.server.episode_log import EpisodeLogger
+from qc_robot.server.learner_link import CurveKeys, LearnerLink
+
+log = logging.getLogger("qc_robot.server")
+EXIT_THREAD_DIED = 70
+"""Exit code when one of the server's threads died (EX_SOFTWARE)."""
+
+
+def run_serve(cfg: ServeConfig) -> int:
+    """``qc-robot serve``: serve until Ctrl-C / SIGTERM; returns the process exit code."""
+    # The socket loop hands observations to inference workers through the GIL; a short switch
+    # interval bounds that hand-off while the loop is busy refusing a flood (default 5 ms).
+    sys.setswitchinterval(0.0005)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policy = load_policy(cfg.policy, cfg.threads, cfg.providers)
+    except (OSError, ValueError) as e:
+        log.error("cannot load policy %r: %s", cfg.policy, e)
+        return 2
+    logger = None
+    try:
+        curve = _driver_curve(cfg)
+        if cfg.log_dir:
+            logger = EpisodeLogger(cfg.log_dir, _env_args(policy))
+            log.info("logging served episodes to %s", logger.path)
+        link = _learner_link(cfg)
+        server = ControlServer(policy, cfg.bind, workers=cfg.workers, max_clients=cfg.max_clients,
+                               heartbeat_s=cfg.heartbeat_s, session_timeout_s=cfg.session_timeout_s,
+                               episode_logger=logger, allow_remote=cfg.allow_remote, learner_link=link,
+                               curve=curve, insecure_remote=cfg.insecure_remote,
+                               max_message_bytes=cfg.max_message_bytes)
+        server.start()
+    except (ValueError, RuntimeError, OSError) as e:
+        log.error("%s", e)
+        if logger is not None:
+            logger.close()
+        return 2
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    code = 0
+    while not done.wait(0.5):
+        dead = server.dead_thread()
+        if dead is not None:  # never a live process that answers nothing: let a supervisor restart us
+            log.critical("%s died: exiting with code %d", dead, EXIT_THREAD_DIED)
+            code = EXIT_THREAD_DIED
+            break
+    server.stop()
+    log.info("stopped: %d messages received, %d chunks served, %d transitions, errors %s (%d unanswered)",
+             server.stats.received, server.stats.chunks, server.stats.transitions, server.stats.errors or "none",
+             server.stats.unanswered)
+    if code:
+        logging.shutdown()
+        os._exit(code)  # a wedged thread must not keep the process alive
+    return 0
+
+
+def _driver_curve(cfg: ServeConfig) -> CurveKeys | None:
+    """CURVE keys for the driver port (None: keyless, only allowed on loopback or when insecure)."""
+    if not cfg.driver_authorized_dir:
+        return None
+    if not cfg.curve_secret_key:
+        raise ValueError("driver_authorized_dir needs curve_secret_key (the server's key pair)")
+    return CurveKeys.from_files(cfg.curve_secret_key, authorized_dir=cfg.driver_authorized_dir)
+
+
+def _learner_link(cfg: ServeConfig) -> LearnerLink | None:
+    """The learner port from the config (None when ``learner_bind`` is empty)."""
+    if not cfg.learner_bind:
+        return None
+    from policies.onnx_policy import OnnxPolicy
+    from qc_robot.server.journal import Journal
+    curve = None
+    if cfg.curve_secret_key:
+        curve = CurveKeys.from_files(cfg.curve_secret_key, authorized_dir=cfg.curve_authorized_dir)
+
+    def loader(path: str, version: str) -> Policy:
+        return OnnxPolicy(path, providers=cfg.providers, threads=cfg.threads, version=version)
+
+    return LearnerLink(cfg.learner_bind, Journal(cfg.journal_dir), curve=curve, prune=cfg.journal_prune,
+                       timeout_s=cfg.learner_timeout_s, policy_loader=loader)
+
+
+def _env_args(policy: Policy) -> dict[str, Any]:
+    spec = policy.spec
+    return {"source": "qc-robot serve", "policy_version": str(spec.version), "actor_type": spec.actor_type,
+            "obs_keys": [f.key for f in spec.obs_fields], "action_dim": spec.action_dim,
+            "chunk_len": spec.chunk_len, "control_hz": float(spec.control_hz)}

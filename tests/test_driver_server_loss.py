@@ -1,0 +1,57 @@
+"""A driver whose server goes away says so, holds, reconnects, and its episode lines and summary
+show the time it ran without a server. Real server, real client, mock robot."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from drivers.config import DriveConfig
+from drivers.runner import run_drive
+import numpy as np
+
+from policies.base import ChunkResult
+from policies.scripted import HoldPolicy, simple_spec
+from qc_robot.server.app import ControlServer
+
+
+class SlowHold(HoldPolicy):
+    """5 ms per chunk, so an episode of 200 steps (40 chunks) lasts ~0.2 s."""
+
+    def predict(self, obs: dict[str, np.ndarray]) -> ChunkResult:
+        time.sleep(0.005)
+        return super().predict(obs)
+
+
+def _server(address: str) -> ControlServer:
+    return ControlServer(SlowHold(simple_spec(10, 5, 5)), address).start()
+
+
+def test_drive_reports_the_time_without_a_server(capsys, caplog) -> None:
+    first = _server("tcp://127.0.0.1:*")
+    address = first.address
+    servers = [first]
+
+    def outage() -> None:
+        time.sleep(0.4)
+        first.stop()
+        time.sleep(1.0)
+        servers.append(_server(address))
+
+    t = threading.Thread(target=outage)
+    t.start()
+    cfg = DriveConfig(driver="mock", server=address, episodes=12, request_timeout_s=0.3,
+                      driver_args={"max_episode_steps": 200})
+    try:
+        with caplog.at_level("WARNING", logger="qc_robot.client"):
+            assert run_drive(cfg) == 0
+    finally:
+        t.join(10)
+        for s in servers:
+            s.stop()
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("episode ")]
+    assert len(lines) == 12 and any("SERVER LOST" in x for x in lines), out
+    assert not all("SERVER LOST" in x for x in lines), out  # before and after the outage: served
+    assert "time(s):" in out and "s held in all" in out, out
+    assert any("lost the server" in r.getMessage() for r in caplog.records)
