@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(OmegaConf.to_yaml(asdict(cfg)))
         return 0
-    from qc_robot.cli_checks import preflight
+    from qc_robot.cli_checks import preflight, subject_of
 
-    return explain(verb, lambda: (preflight(verb, cfg), _load(VERBS[verb].run)(cfg))[1])
+    return explain(verb, lambda: (preflight(verb, cfg), _load(VERBS[verb].run)(cfg))[1], subject_of(verb, cfg))
 
 
 if __name__ == "__main__":

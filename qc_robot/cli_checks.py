@@ -56,6 +56,16 @@ def check_video(verb: str, cfg: Any) -> None:
     use_offscreen_gl()
 
 
+def subject_of(verb: str, cfg: Any) -> str:
+    """'checkpoint=PATH' / 'policy=PATH': the input file a verb's content errors are about."""
+    if verb in FILE_KEYS:
+        key = FILE_KEYS[verb][0]
+        return f"{key}={getattr(cfg, key)}"
+    if verb in ("serve", "demo"):
+        return f"policy={cfg.policy}"
+    return ""
+
+
 def need_file(path: str, key: str, what: str) -> None:
     if not Path(path).is_file():
         state = "is a directory" if Path(path).is_dir() else "not found"

@@ -50,6 +50,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         name = exc.filename or ""
         return f"file not found: {name}" if name and str(name) not in str(exc) else str(exc)
+    if type(exc).__name__ == "UnpicklingError" or isinstance(exc, EOFError):  # torch.load of a non-checkpoint
+        return f"not a checkpoint written by qc-robot train (cannot unpickle it: {' '.join(str(exc).split())})"
     module = type(exc).__module__ or ""
     if module.startswith("onnxruntime"):  # NoSuchFile, InvalidProtobuf, Fail: not an ONNX model
         text = str(exc).split(" : ")[-1]
@@ -81,8 +83,10 @@ def config_error_text(exc: BaseException) -> str:
     return " ".join(first.split())
 
 
-def explain(verb: str, fn: Callable[[], Any]) -> int:
-    """Run ``fn`` (the verb); any exception becomes one line on stderr and a non-zero code."""
+def explain(verb: str, fn: Callable[[], Any], subject: str = "") -> int:
+    """Run ``fn`` (the verb); any exception becomes one line on stderr and a non-zero code.
+
+    ``subject`` (e.g. ``checkpoint=runs/x.pt``) names the input a content error is about."""
     try:
         result = fn()
     except KeyboardInterrupt:
@@ -93,6 +97,9 @@ def explain(verb: str, fn: Callable[[], Any]) -> int:
     except Exception as e:  # noqa: BLE001 (the one place a whole verb's failure is reported)
         if os.environ.get("QC_ROBOT_TRACEBACK"):
             traceback.print_exc()
-        print(f"qc-robot {verb}: {describe(e)}", file=sys.stderr)
+        text = describe(e)
+        if subject and not isinstance(e, (UserError, ModuleNotFoundError)) and subject.split("=", 1)[-1] not in text:
+            text = f"{subject}: {text}"
+        print(f"qc-robot {verb}: {text}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, UserError) else EXIT_FAILED
     return int(result) if isinstance(result, int) else 0
