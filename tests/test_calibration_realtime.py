@@ -76,3 +76,24 @@ def test_check_flags_drift_on_a_realtime_calibration(tmp_path: Path, capsys: pyt
     assert run_calibrate(CalibrateConfig(dataset=drifted, **common)) == 1  # type: ignore[arg-type]
     text = capsys.readouterr().out
     assert "DRIFT" in text and "drift in physics" in text, text
+
+
+@pytest.mark.parametrize("latency_ms", [0.0, 500.0])
+def test_latency_step_within_one_control_step_up_to_500ms(latency_ms: float) -> None:
+    """The actuation delay at both ends of the range (the benchmark covers 0-500 ms in between):
+    a long delay keeps the previous step acting into the next hold, so the band must wait for stillness."""
+    from calibration.latency import measure_latency
+    from drivers.sim import SimConfig, SimDriver
+    from policies.scripted import HoldPolicy, simple_spec
+    from qc_robot.server.app import ControlServer
+
+    time_scale, hz = 2.0, 20.0
+    driver = SimDriver(SimConfig(env=TASK, latency_ms=latency_ms, time_scale=time_scale, max_episode_steps=100_000))
+    srv = ControlServer(HoldPolicy(simple_spec(28, 5, 5)), "tcp://127.0.0.1:*").start()
+    try:
+        lat = measure_latency(driver, srv.address, requests=5, trials=5, time_scale=time_scale)
+    finally:
+        srv.stop()
+        driver.close()
+    assert abs(lat["actuation_ms"]["p50"] - latency_ms) < 1e3 / hz, lat["actuation_ms"]
+    assert abs(lat["actuation_delay_steps"] - round(latency_ms * hz / 1e3)) <= 1
