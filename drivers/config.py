@@ -62,3 +62,6 @@ class DriveConfig:
     .mp4 with the video extra) from MuJoCo's offscreen renderer ('' = none)."""
     video_episodes: int = 1
     """Episodes recorded into ``video``."""
+    viz: str = ""
+    """Live view of the loop in Rerun (observations, actions, chunk seams, latency): 'rerun'
+    spawns the viewer, 'FILE.rrd' records for ``rerun FILE.rrd`` ('' = off; the viz extra)."""

@@ -285,10 +285,19 @@ def run_drive(cfg: DriveConfig) -> int:
         from qc_robot.video import DriverVideo
 
         video = DriverVideo(cfg.video, driver.driver, cfg.video_episodes)
+    view = None
+    if cfg.viz:  # a live view of the loop in Rerun (the viz extra)
+        from qc_robot.liveview import RerunView
+
+        view = RerunView(cfg.viz, executor)
     try:
         for i in range(cfg.episodes):
+            from qc_robot.liveview import chain
+
+            on_rows = chain(video.episode(i) if video is not None else None,
+                            view.episode(i) if view is not None else None)
             r = run_episode(driver, executor, i, cfg.seed + i, pacer, client, cfg.send_transitions,
-                            on_rows=video.episode(i) if video is not None else None)
+                            on_rows=on_rows)
             results.append(r)
             rtt = f"{np.median(r.rtt_ms):.1f} ms" if r.rtt_ms else "n/a"
             lost = f"  SERVER LOST {r.offline_s:.1f} s (held)" if r.offline_s > 0 else ""
@@ -302,6 +311,8 @@ def run_drive(cfg: DriveConfig) -> int:
         client.close()
         if video is not None:
             print(f"video of the first {cfg.video_episodes} episode(s): {video.close()}")
+        if view is not None:
+            view.close()
         driver.close()
     n_ok = sum(r.success for r in results)
     pct = 100.0 * n_ok / max(1, len(results))

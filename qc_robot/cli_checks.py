@@ -41,6 +41,11 @@ def preflight(verb: str, cfg: Any) -> None:
         check_task(cfg.task, key="task")
     if getattr(cfg, "video", ""):
         check_video(verb, cfg)
+    viz = getattr(cfg, "viz", "")
+    if viz:
+        if viz != "rerun" and not viz.endswith(".rrd"):
+            raise UserError(f"viz: {viz!r} is neither 'rerun' (spawn the viewer) nor a FILE.rrd")
+        import rerun  # noqa: F401  (the viz extra; its absence is the one-line install hint)
 
 
 def check_video(verb: str, cfg: Any) -> None:

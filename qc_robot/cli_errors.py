@@ -19,7 +19,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "torch": "learn", "onnx": "learn", "onnxscript": "learn", "matplotlib": "learn",
     "mujoco": "sim", "ogbench": "sim", "gymnasium": "sim", "scipy": "sim",
     "onnxruntime": "cpu", "evdev": "teleop", "pyspacemouse": "teleop",
-    "imageio": "video", "imageio_ffmpeg": "video", "PIL": "learn",
+    "imageio": "video", "imageio_ffmpeg": "video", "PIL": "learn", "rerun": "viz",
 }
 
 EXIT_USAGE = 2

@@ -152,3 +152,24 @@ def test_serve_without_a_policy_is_one_line_when_none_is_shipped(capsys):
     assert main(["serve"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ships no default policy" in err[0] and "policy=hold:28:5:5" in err[0]
+
+
+def test_drive_records_a_live_view_of_the_loop_for_rerun(tmp_path, hold_server, capsys):
+    """viz=FILE.rrd: one row per executed step of obs, action, chunk seam; one rtt per chunk."""
+    chunk_api = pytest.importorskip("rerun.chunk")
+    if not hasattr(chunk_api, "RrdReader"):
+        pytest.skip("this rerun-sdk cannot read recordings back")
+    srv = hold_server("hold:28:5:5")
+    rrd = tmp_path / "loop.rrd"
+    assert main(["drive", "driver=mock", f"server={srv.address}", "episodes=2", "driver_args.obs_dim=28",
+                 "driver_args.max_episode_steps=30", f"viz={rrd}"]) == 0
+    capsys.readouterr()
+    values: dict[str, list[float]] = {}
+    for ch in chunk_api.RrdReader(rrd).store().stream().to_chunks():
+        path = str(ch.entity_path)
+        if path in ("/action", "/chunk/seam", "/latency/rtt_ms", "/obs/state"):
+            col = ch.to_record_batch().column("Scalars:scalars").to_pylist()
+            values.setdefault(path, []).extend(col)
+    assert len(values["/action"]) == len(values["/obs/state"]) == 60  # 2 episodes x 30 steps
+    assert all(len(v) == 5 for v in values["/action"]) and all(len(v) == 28 for v in values["/obs/state"])
+    assert sum(v[0] for v in values["/chunk/seam"]) == 12 == len(values["/latency/rtt_ms"])  # H = 5
