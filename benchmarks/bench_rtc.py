@@ -167,6 +167,55 @@ def run_cell(args: tuple[str, str, int, int, int]) -> dict[str, Any]:
     return {"mode": mode, "delay_ms": delay_ms, "records": records, "wall_s": time.perf_counter() - t0}
 
 
+# -- the cost of guidance ------------------------------------------------------------------------
+
+
+def latency(calls: int, out: Path | None) -> str:
+    """OnnxPolicy.predict of one file, plain vs continued (d = 2, L = 3), at the reference config
+    (random weights: 4×512, N = 32, 10 flow steps, H = 5, A = 5, obs 37), one thread, interleaved."""
+    import tempfile
+
+    import torch
+
+    from policies.base import ChunkGuide, ObsField
+    from policies.onnx_policy import OnnxPolicy
+    from qc_robot.agent.acting import ActingPolicy
+    from qc_robot.agent.networks import ChunkCritic, FlowActor
+    from qc_robot.export.onnx_export import build_metadata, export_policy
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    h, a, o, hidden = 5, 5, 37, [512] * 4
+    acting = ActingPolicy("best_of_n", FlowActor(o, h * a, hidden), ChunkCritic(o, h * a, hidden), None, h, a,
+                          10, "mean").eval()
+    meta = build_metadata(acting, [ObsField("state", (o,))], -np.ones(a), np.ones(a), 20.0, num_samples=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        path = export_policy(acting, meta, Path(tmp) / "ref.onnx")
+        export_s = time.perf_counter() - t0
+        policy = OnnxPolicy(path, threads=1, warmup=20)
+        obs = {"state": np.zeros(o, np.float32)}
+        prev = policy.predict(obs).actions
+        guide = ChunkGuide(np.concatenate([prev[2:], np.zeros((2, a), np.float32)]), delay=2, overlap=3)
+        times: dict[str, list[float]] = {"plain": [], "rtc": []}
+        for _ in range(calls // 10):
+            for name in times:
+                for _ in range(10):
+                    t1 = time.perf_counter()
+                    policy.predict(obs, guide if name == "rtc" else None)
+                    times[name].append(time.perf_counter() - t1)
+    lines = ["| call | p50 (ms) | p99 (ms) |", "|---|---|---|"]
+    for name, ts in times.items():
+        lines.append(f"| `OnnxPolicy.predict`, {'with a guide (d = 2, L = 3)' if name == 'rtc' else 'plain'} | "
+                     f"{1e3 * np.median(ts):.2f} | {1e3 * np.percentile(ts, 99):.2f} |")
+    text = (f"Reference config (4×512, N = 32, 10 flow steps, H = 5, A = 5, obs 37), random weights, one "
+            f"onnxruntime thread, {calls} calls each, interleaved; export (two traces + verification) took "
+            f"{export_s:.0f} s.\n\n" + "\n".join(lines) + "\n")
+    if out is not None:
+        out.write_text(text)
+    return text
+
+
 # -- report --------------------------------------------------------------------------------------
 
 
@@ -242,7 +291,11 @@ def main() -> None:
     ap.add_argument("--json", default="", help="write the per-cell summaries here")
     ap.add_argument("--out", default="")
     ap.add_argument("--png", default="")
+    ap.add_argument("--latency", type=int, default=0, help="only time plain vs guided calls (this many each)")
     args = ap.parse_args()
+    if args.latency:
+        print(latency(args.latency, Path(args.out) if args.out else None))
+        return
     policy = args.policy
     if args.train:
         import torch
