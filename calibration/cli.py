@@ -67,8 +67,9 @@ class CalibrateConfig:
     """Physical parameter kinds to fit (calibration.randomization.PARAM_KINDS)."""
     max_delay: int = 4
     """sysid: largest control delay considered (steps; realtime logs: latencies up to this many periods)."""
-    max_iters: int = 12
-    """sysid: evaluation budget of each local least-squares stage."""
+    max_iters: int = 20
+    """sysid: evaluation budget of each local least-squares stage (each also costs one replay per
+    parameter for the Jacobian)."""
     global_evals: int = 64
     """sysid: CMA-ES evaluations of the global stage before the local one (0 = local only)."""
     replay: str = "auto"

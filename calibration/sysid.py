@@ -215,7 +215,7 @@ def _head(trajs: Sequence[Trajectory], rows: int) -> list[Trajectory]:
 
 
 def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = DEFAULT_KINDS,
-             max_delay: int = 4, max_iters: int = 12, range_k: float = 3.0, range_min_frac: float = 0.1,
+             max_delay: int = 4, max_iters: int = 20, range_k: float = 3.0, range_min_frac: float = 0.1,
              replayer: Replayer | None = None, replay: str = "auto", global_evals: int = 64,
              profile: bool = True, seed: int = 0, global_rows: int = 25) -> SysIdResult:
     """Fit ``kinds`` and the timing to ``trajs`` (see the module docstring)."""
