@@ -26,7 +26,9 @@ SIM_VERBS = ("datagen", "train", "eval", "demo")
 
 def preflight(verb: str, cfg: Any) -> None:
     """Raise UserError for the first mistake in ``cfg`` that would otherwise fail mid-run."""
-    if verb in ("serve", "demo"):
+    if verb == "demo" and cfg.finetune:  # the demo serves the checkpoint's own export
+        need_file(cfg.finetune, "finetune", "a checkpoint.pt written by qc-robot train")
+    elif verb in ("serve", "demo"):
         check_policy_ref(cfg.policy)
     if verb in FILE_KEYS:
         key, what = FILE_KEYS[verb]

@@ -44,6 +44,14 @@ class DemoConfig:
     """Episodes recorded into ``video``."""
     status: bool = True
     """Redraw a status line in place (only when stdout is a terminal; otherwise one line per episode)."""
+    finetune: str = ""
+    """A checkpoint.pt to fine-tune online while the demo runs ('' = off; needs the learn extra):
+    the demo serves its exported policy with a learner port, runs ``qc-robot finetune`` on the
+    driver's transitions and swaps each pushed policy in between chunks."""
+    push_every: int = 250
+    """finetune: updates between policy pushes."""
+    finetune_dir: str = "runs/demo-finetune"
+    """finetune: the learner's run directory (and the server's transition journal in it)."""
 
 
 @dataclass
@@ -55,6 +63,50 @@ class _Live:
     successes: int = 0
     done: int = 0
     t0: float = field(default_factory=time.monotonic)
+
+
+class _Finetune:
+    """The optional learner: the checkpoint exported to ONNX, a learner port on the server and a
+    ``qc-robot finetune`` process fed by it (stopped when the stream has been idle a while)."""
+
+    def __init__(self, cfg: DemoConfig) -> None:
+        from pathlib import Path
+
+        from policies.onnx_policy import OnnxPolicy
+        from qc_robot.config import ExportConfig
+        from qc_robot.export.onnx_export import run_export
+        from qc_robot.server.journal import Journal
+        from qc_robot.server.learner_link import LearnerLink
+
+        self.cfg = cfg
+        self.dir = Path(cfg.finetune_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.policy_path = str(self.dir / "start.onnx")
+        run_export(ExportConfig(checkpoint=cfg.finetune, out=self.policy_path))
+        self.address = f"ipc://{self.dir.resolve() / 'learner.ipc'}"
+        self.link = LearnerLink(self.address, Journal(str(self.dir / "journal")),
+                                policy_loader=lambda path, version: OnnxPolicy(path, version=version))
+        self.log_path = self.dir / "finetune.log"
+        self.proc: Any = None
+
+    def start(self) -> None:
+        import subprocess
+
+        args = [sys.executable, "-m", "qc_robot.cli", "finetune", f"checkpoint={self.cfg.finetune}",
+                f"server={self.address}", f"run_dir={self.dir / 'learner'}", f"push_every={self.cfg.push_every}",
+                "idle_stop_s=5", "log_level=WARNING"]
+        self.proc = subprocess.Popen(args, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
+
+    def finish(self, server: Any, timeout_s: float = 300.0) -> None:
+        """Wait for the learner (it acknowledges its final push before exiting: swapped by then)."""
+        import subprocess
+
+        print("waiting for the learner to take the last transitions and push its policy ...", flush=True)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
 
 
 def _status(live: _Live, cfg: DemoConfig, limit: int, rtt: list[float], server: Any) -> str:
@@ -73,13 +125,18 @@ def run_demo(cfg: DemoConfig) -> int:
     from qc_robot.server.app import ControlServer, load_policy
 
     tty = cfg.status and sys.stdout.isatty()
-    policy = load_policy(cfg.policy)
-    server = ControlServer(policy, "tcp://127.0.0.1:*").start()
+    learner = _Finetune(cfg) if cfg.finetune else None
+    policy = load_policy(learner.policy_path if learner is not None else cfg.policy)
+    server = ControlServer(policy, "tcp://127.0.0.1:*",
+                           learner_link=learner.link if learner is not None else None).start()
+    if learner is not None:
+        learner.start()
     drive = DriveConfig(driver="sim", env=cfg.env, server=server.address, episodes=cfg.episodes,
                         seed=cfg.seed, mode=cfg.mode, realtime=cfg.realtime, time_scale=cfg.time_scale)
     driver = build_driver(drive)
     spec = policy.spec
-    print(f"qc-robot demo: serving {cfg.policy} ({spec.actor_type}, H={spec.chunk_len}) on {server.address}; "
+    served = f"{cfg.finetune} (exported)" if learner is not None else cfg.policy
+    print(f"qc-robot demo: serving {served} ({spec.actor_type}, H={spec.chunk_len}) on {server.address}; "
           f"sim driver {cfg.env.name}, {'wall clock' if cfg.realtime else 'lockstep'} at "
           f"{driver.spec.control_hz * cfg.time_scale:g} Hz, {cfg.episodes} episodes", flush=True)
     client = PolicyClient(server.address, driver.spec.hello("sim", {"mode": cfg.mode}))
@@ -111,13 +168,15 @@ def run_demo(cfg: DemoConfig) -> int:
                     sys.stdout.write("\r" + _status(live, cfg, limit, executor.stats.rtt_ms, server) + "\033[K")
                     sys.stdout.flush()
 
-            r = run_episode(driver, executor, i, cfg.seed + i, pacer, client, on_rows=on_rows)
+            r = run_episode(driver, executor, i, cfg.seed + i, pacer, client, send_transitions=learner is not None,
+                            on_rows=on_rows)
             results.append(r)
             live.done += 1
             live.successes += int(r.success)
             end = "\r\033[K" if tty else ""
+            version = f", policy v{server.policy_version}" if learner is not None else ""
             print(f"{end}episode {i + 1}/{cfg.episodes}: {'SUCCESS' if r.success else 'failure'} after "
-                  f"{r.robot_steps} steps ({r.duration_s:.1f} s)", flush=True)
+                  f"{r.robot_steps} steps ({r.duration_s:.1f} s{version})", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted")
     finally:
@@ -127,8 +186,13 @@ def run_demo(cfg: DemoConfig) -> int:
             if path is not None:
                 print(f"video: {path}")
         driver.close()
+        if learner is not None:  # the learner drains what was sent, pushes its last policy, exits
+            learner.finish(server)
         server.stop()
     _summary(results, server, driver)
+    if learner is not None:
+        print(f"  fine-tune         {server.stats.transitions} transitions streamed, policy v0 → "
+              f"v{server.policy_version}; learner log {learner.log_path}")
     return 0
 
 

@@ -173,3 +173,20 @@ def test_drive_records_a_live_view_of_the_loop_for_rerun(tmp_path, hold_server, 
     assert len(values["/action"]) == len(values["/obs/state"]) == 60  # 2 episodes x 30 steps
     assert all(len(v) == 5 for v in values["/action"]) and all(len(v) == 28 for v in values["/obs/state"])
     assert sum(v[0] for v in values["/chunk/seam"]) == 12 == len(values["/latency/rtt_ms"])  # H = 5
+
+
+@pytest.mark.slow
+def test_demo_fine_tunes_online_and_swaps_pushed_policies(tmp_path, tiny_dataset, capsys):
+    """demo finetune=CKPT: export, learner port, a `qc-robot finetune` process on the driver's
+    transitions, pushed policies swapped in (about a minute: each push exports and verifies)."""
+    run = tmp_path / "smoke"
+    assert main(["train", "experiment=smoke", "agent=qc_fql", f"data.path={tiny_dataset}", f"training.run_dir={run}",
+                 "training.online_steps=0", "training.eval_episodes=0"]) == 0
+    capsys.readouterr()
+    assert main(["demo", f"finetune={run / 'checkpoint.pt'}", "episodes=2", "realtime=false",
+                 "env.max_episode_steps=30", "push_every=20", f"finetune_dir={tmp_path / 'ft'}"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("fine-tune"))
+    assert "12 transitions streamed" in line  # 2 episodes x 30 steps, in chunks of 5
+    assert "policy v0 → v" in line and not line.split("→ v")[1].startswith("0")
+    assert "60 env steps" in (tmp_path / "ft" / "finetune.log").read_text()
