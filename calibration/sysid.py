@@ -113,7 +113,8 @@ def latency_bounds(trajs: Sequence[Trajectory]) -> tuple[float, float]:
             hi = min(hi, float(np.min(t.t_tick[k] - t.t_sent[k])) * 1e3)
     if not np.isfinite(hi):
         raise ValueError("the log has no applied command (every tick held): nothing to time")
-    return lo, hi
+    # a driver stamps a tick a little after it read its inbox: sub-ms jitter can cross the bounds
+    return (lo, hi) if lo <= hi else (hi, lo)
 
 
 def _steps_in(lo_ms: float, hi_ms: float, period_ms: float) -> int:
