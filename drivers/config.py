@@ -22,9 +22,11 @@ class DriveConfig:
     seed: int = 0
     """Episode i resets with seed + i."""
     mode: str = "open_loop"
-    """'open_loop' (QC: run the whole chunk, then ask) or 'latency_aware' (ask early, drop stale)."""
+    """'open_loop' (QC: run the whole chunk, then ask), 'latency_aware' (ask early, drop stale),
+    'rtc' (as latency_aware; the server continues the executing chunk: frozen prefix + guided
+    rest, docs/rtc.md) or 'temporal_ensemble' (ACT's exponential blending of every prediction)."""
     request_threshold: float = 0.5
-    """latency_aware: ask for the next chunk when this fraction of H (or the measured delay, if
+    """latency_aware and rtc: ask for the next chunk when this fraction of H (or the measured delay, if
     larger) is left in the queue."""
     realtime: bool = True
     """sim: wall-clock robot (True) or lockstep (False: the world waits for the policy)."""
