@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
+from drivers.outbox import Outbox
 from qc_robot import protocol as P
 
 if TYPE_CHECKING:
@@ -60,8 +61,11 @@ class PolicyClient:
     """Connects one driver to a policy server."""
 
     def __init__(self, address: str, hello: P.Hello, *, context: zmq.Context | None = None,
-                 hello_retry_s: float = 0.5, curve: CurveKeys | None = None) -> None:
+                 hello_retry_s: float = 0.5, curve: CurveKeys | None = None,
+                 outbox: Outbox | None = None) -> None:
         self.address, self.hello = address, hello
+        self.outbox = outbox
+        """Transitions go through it (durable, acknowledged, re-sent) instead of fire-and-forget."""
         self.hello_retry_s = hello_retry_s
         self.curve = curve
         self._description: P.Description | None = None
@@ -156,6 +160,8 @@ class PolicyClient:
         self._sock, self.welcome, self.last_error = s, None, None
         self._outstanding, self._hello_sent = None, -1e9
         self._description = None
+        if self.outbox is not None:
+            self.outbox.rewind()  # a new session: whatever the old one did not acknowledge goes again
 
     def _maybe_send_hello(self) -> None:
         if self.welcome is None and time.monotonic() - self._hello_sent > self.hello_retry_s:
@@ -208,11 +214,36 @@ class PolicyClient:
             self.reconnect()
 
     def send_transition(self, tr: P.Transition) -> bool:
-        """Fire-and-forget; False if not sent (not connected)."""
-        return self.ready and self._send(tr)
+        """Without an outbox fire-and-forget (False if not sent: not connected). With one, it is
+        stored first and delivered as the server acknowledges (True: it is in the outbox)."""
+        if self.outbox is None:
+            return self.ready and self._send(tr)
+        self.outbox.put(tr)
+        self.deliver()
+        return True
+
+    def deliver(self) -> None:
+        """Send what the outbox has due (called every control tick through ``heartbeat``)."""
+        if self.outbox is None or self._sock is None:
+            return
+        if not self.ready:  # a new server: handshake again, then deliver what it never acknowledged
+            self._maybe_send_hello()
+        self._pump(0.0)  # take acknowledgements (or the Welcome) in first
+        if not self.ready:
+            return
+        assert self._sock is not None
+        for seq, data in self.outbox.due():
+            try:
+                self._sock.send(data, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.outbox.sent(seq)
+            self._last_send = time.monotonic()
 
     def heartbeat(self) -> None:
-        """Send a Heartbeat if nothing was sent for the server's heartbeat interval."""
+        """Send a Heartbeat if nothing was sent for the server's heartbeat interval; deliver the
+        outbox."""
+        self.deliver()
         if self.ready and self.welcome and time.monotonic() - self._last_send > self.welcome.heartbeat_s:
             self.ping()
 
@@ -278,6 +309,10 @@ class PolicyClient:
             return None
         if isinstance(msg, P.Heartbeat):
             self._pong[msg.seq] = time.monotonic()
+            return None
+        if isinstance(msg, P.Ack):  # the server journaled our outbox up to msg.seq
+            if self.outbox is not None:
+                self.outbox.ack(msg.seq)
             return None
         if isinstance(msg, P.Bye):
             log.warning("server said bye: %s", msg.reason)

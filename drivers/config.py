@@ -58,6 +58,19 @@ class DriveConfig:
     """The server's public key file (``server.key``), with ``curve_secret_key``."""
     send_transitions: bool = True
     """Stream executed transitions when the server asks for them (it logs episodes)."""
+    outbox_dir: str = ""
+    """A directory for the robot-side outbox ('' = none): transitions are kept on disk until the
+    server acknowledges them, and re-sent after it comes back (exactly once at the learner)."""
+    outbox_max_mb: int = 256
+    """Largest unacknowledged outbox; beyond it the oldest transitions are dropped (and counted)."""
+    outbox_drain_s: float = 30.0
+    """At the end of the run, how long to wait for the outbox to be acknowledged."""
+    pace_every: int = 0
+    """Lockstep drivers: after every N executed steps, act again only with a chunk from a newer
+    policy (a learner pushing every N·utd updates then trains between blocks, like the in-process
+    loop: the stack's staleness-free arm). 0: off."""
+    pace_timeout_s: float = 60.0
+    """Longest wait for a newer policy before acting with the old one again."""
     log_level: str = "WARNING"
     video: str = ""
     """sim, lockstep (realtime=false): write the first ``video_episodes`` episodes as a .gif (or

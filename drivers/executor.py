@@ -67,6 +67,8 @@ class ExecutorStats:
     """Actions dropped because their step had passed when they arrived."""
     frozen: int = 0
     """Actions the server reported frozen to the previous chunk (``rtc``)."""
+    gated: int = 0
+    """Chunks the gate refused (lockstep pacing: from a policy not newer than the last block's)."""
     rtt_ms: list[float] = field(default_factory=list)
     delay_steps: list[int] = field(default_factory=list)
 
@@ -84,7 +86,8 @@ class ChunkExecutor:
     def __init__(self, source: ChunkSource, chunk_len: int, mode: str = "open_loop", threshold: float = 0.5,
                  request_timeout_s: float = 2.0, wait_when_empty: bool = False,
                  clock: Callable[[], float] = time.monotonic, initial_delay_steps: int = 0,
-                 tick_wait_s: float = 0.0, ensemble_m: float = 0.01) -> None:
+                 tick_wait_s: float = 0.0, ensemble_m: float = 0.01,
+                 gate: Callable[[P.Chunk], bool] | None = None, gate_retry_s: float = 0.01) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.source, self.chunk_len, self.mode = source, chunk_len, mode
@@ -100,6 +103,10 @@ class ChunkExecutor:
         """Delay estimate before any reply is measured (e.g. the calibration file's)."""
         self.ensemble_m = ensemble_m
         """``temporal_ensemble``: weight exp(-m·j) for the j-th oldest prediction of a step."""
+        self.gate, self.gate_retry_s = gate, gate_retry_s
+        """Lockstep only: a chunk the gate refuses is dropped and asked for again after
+        ``gate_retry_s`` (``drivers.runner.PolicyPace``: wait for a newer policy)."""
+        self._refused = False
         self.stats = ExecutorStats()
         self._queue: collections.deque[tuple[int, np.ndarray, int]] = collections.deque()  # (step, action, seq)
         self._ensemble: dict[int, list[tuple[int, np.ndarray]]] = {}  # step → [(seq, action)], oldest first
@@ -151,14 +158,24 @@ class ChunkExecutor:
                 self.stats.requests += 1
                 self._inflight = _Inflight(rid, step, self.clock())
         if self.wait_when_empty:  # the world waits for the policy: no step passes during inference
-            while self._inflight is not None:
-                left = self.request_timeout_s - (self.clock() - self._inflight.sent)
-                if left <= 0:
-                    self.stats.timeouts += 1
-                    self.source.cancel(timed_out=True)
-                    self._inflight = None
+            while True:
+                while self._inflight is not None:
+                    left = self.request_timeout_s - (self.clock() - self._inflight.sent)
+                    if left <= 0:
+                        self.stats.timeouts += 1
+                        self.source.cancel(timed_out=True)
+                        self._inflight = None
+                        break
+                    self._accept(self.source.poll(min(left, 0.05)), step)
+                if self.queued or not self._refused:
                     break
-                self._accept(self.source.poll(min(left, 0.05)), step)
+                self._refused = False  # the gate wants a newer policy: ask again shortly
+                time.sleep(self.gate_retry_s)
+                rid = self.source.request(obs, episode_id, step, reset=step == 0)
+                if rid is None:
+                    break
+                self.stats.requests += 1
+                self._inflight = _Inflight(rid, step, self.clock())
         elif self.tick_wait_s > 0 and self.queued == 0 and self._inflight is not None:
             deadline = self.clock() + self.tick_wait_s
             while self._inflight is not None and (left := deadline - self.clock()) > 1e-4:
@@ -197,6 +214,10 @@ class ChunkExecutor:
             return
         if reply.start_step != sent_step:
             log.error("chunk for step %d answers a request made at step %d: dropped", reply.start_step, sent_step)
+            return
+        if self.gate is not None and not self.gate(reply):
+            self.stats.gated += 1
+            self._refused = True
             return
         self.stats.chunks += 1
         delay = step - sent_step

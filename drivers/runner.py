@@ -20,6 +20,7 @@ from drivers.base import ExecutedStep, StepInfo
 from drivers.client import HandshakeError, PolicyClient
 from drivers.config import DriveConfig
 from drivers.executor import ChunkExecutor
+from drivers.outbox import Outbox
 from drivers.registry import driver_config, make_driver
 from drivers.safety import SafeDriver
 from qc_robot import protocol as P
@@ -56,6 +57,57 @@ class Pacer:
         if late > self.period:
             self.overruns += 1
             self._next = time.monotonic()  # do not burst to catch up
+
+
+class PolicyPace:
+    """Lockstep pacing to a learner: after every ``every`` executed steps, act again only with a
+    chunk from a policy newer than the one that produced them (waiting up to ``timeout_s``).
+
+    With a learner that pushes every ``every · utd`` updates, the robot then waits for training
+    exactly as the in-process loop does: each block of steps is acted by the policy that trained
+    on every step before it. The wait is measured, and a learner that never answers costs one
+    ``timeout_s`` per block, not a dead robot.
+    """
+
+    def __init__(self, every: int, timeout_s: float = 60.0) -> None:
+        if every <= 0:
+            raise ValueError("pace every must be > 0")
+        self.every, self.timeout_s = every, timeout_s
+        self.steps = 0
+        self.version: str | None = None
+        self.blocks = 0
+        self.timeouts = 0
+        self.wait_s = 0.0
+        self._since: float | None = None
+
+    @property
+    def due(self) -> bool:
+        """The current block is complete: the next chunk must come from a newer policy."""
+        return self.version is not None and self.steps >= self.every
+
+    def executed(self, n: int) -> None:
+        self.steps += n
+
+    def accept(self, chunk: P.Chunk) -> bool:
+        if self.version is None or chunk.policy_version != self.version:
+            self._new_block(chunk.policy_version)
+            return True
+        if not self.due:
+            return True
+        now = time.monotonic()
+        self._since = self._since or now
+        if now - self._since >= self.timeout_s:
+            log.warning("no newer policy than %s after %.0f s: acting with it again", self.version, self.timeout_s)
+            self.timeouts += 1
+            self._new_block(chunk.policy_version)
+            return True
+        return False
+
+    def _new_block(self, version: str) -> None:
+        if self._since is not None:
+            self.wait_s += time.monotonic() - self._since
+        self.version, self.steps, self._since = version, 0, None
+        self.blocks += 1
 
 
 @dataclass
@@ -129,7 +181,7 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, se
                 pacer: Pacer | None = None, client: PolicyClient | None = None,
                 send_transitions: bool = False, max_steps: int = 0,
                 on_rows: Callable[[list[ExecutedStep]], None] | None = None,
-                stall_timeout_s: float = 5.0) -> EpisodeResult:
+                stall_timeout_s: float = 5.0, pace: PolicyPace | None = None) -> EpisodeResult:
     """One episode; returns its result.
 
     Rows (for ``send_transitions`` and ``on_rows``) are exact: one per step the robot executed,
@@ -183,8 +235,10 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, se
         res.rows += len(rows)
         if on_rows is not None and rows:
             on_rows(rows)
-        if sender is not None:
-            sender.flush(episode_id, force=ended)
+        if pace is not None:
+            pace.executed(len(rows))
+        if sender is not None:  # a complete pacing block goes out whole: the learner needs all of it
+            sender.flush(episode_id, force=ended or (pace is not None and pace.due))
         if ended:
             break
     res.robot_steps = driver.step_info().step if not driver.realtime else (last.step + 1 if last else 0)
@@ -234,6 +288,17 @@ def _idle(executor: ChunkExecutor, deadline: float, next_step: int) -> None:
     executor.idle(deadline, next_step)
 
 
+def _drain(client: PolicyClient, outbox: Outbox, timeout_s: float) -> None:
+    """Deliver what the outbox holds before leaving (what is left stays on disk for the next run)."""
+    deadline = time.monotonic() + timeout_s
+    while outbox.pending and time.monotonic() < deadline:
+        client.heartbeat()
+        client.poll(0.02)
+    if outbox.pending:
+        print(f"outbox: {outbox.pending} transitions not yet acknowledged: kept in {outbox.dir} for the next run")
+    outbox.close()
+
+
 def build_driver(cfg: DriveConfig) -> SafeDriver:
     """The configured driver behind the safety layer (watchdog on the robot's scaled clock)."""
     values: dict[str, Any] = dict(env=cfg.env.name, sparse_reward=cfg.env.sparse_reward,
@@ -265,7 +330,10 @@ def run_drive(cfg: DriveConfig) -> int:
         print(f"drive: CURVE keys: {e}")
         driver.close()
         return 2
-    client = PolicyClient(cfg.server, driver.spec.hello(cfg.driver, meta), curve=curve)
+    outbox = Outbox(cfg.outbox_dir, max_bytes=cfg.outbox_max_mb << 20) if cfg.outbox_dir else None
+    if outbox is not None:
+        meta["outbox"] = outbox.id
+    client = PolicyClient(cfg.server, driver.spec.hello(cfg.driver, meta), curve=curve, outbox=outbox)
     try:
         welcome = client.connect(cfg.connect_timeout_s)
     except HandshakeError as e:
@@ -274,8 +342,11 @@ def run_drive(cfg: DriveConfig) -> int:
         return 2
     print(f"connected to {cfg.server}: policy {welcome.policy_version} ({welcome.actor_type}), "
           f"H={welcome.chunk_len}, session {welcome.session}; mode {cfg.mode}, driver {cfg.driver}")
+    pace = PolicyPace(cfg.pace_every, cfg.pace_timeout_s) if cfg.pace_every and not driver.realtime else None
+    if cfg.pace_every and driver.realtime:
+        print("drive: pace_every applies to lockstep drivers only (a realtime robot cannot wait): ignored")
     executor = ChunkExecutor(client, welcome.chunk_len, cfg.mode, cfg.request_threshold, cfg.request_timeout_s,
-                             wait_when_empty=not driver.realtime,
+                             wait_when_empty=not driver.realtime, gate=pace.accept if pace is not None else None,
                              tick_wait_s=cfg.tick_wait / (driver.spec.control_hz * cfg.time_scale) if driver.realtime else 0.0,
                              initial_delay_steps=cal.inference_delay_steps if cal is not None else 0)
     pacer = Pacer(driver.spec.control_hz * cfg.time_scale) if driver.realtime else None
@@ -297,7 +368,7 @@ def run_drive(cfg: DriveConfig) -> int:
             on_rows = chain(video.episode(i) if video is not None else None,
                             view.episode(i) if view is not None else None)
             r = run_episode(driver, executor, i, cfg.seed + i, pacer, client, cfg.send_transitions,
-                            on_rows=on_rows)
+                            on_rows=on_rows, pace=pace)
             results.append(r)
             rtt = f"{np.median(r.rtt_ms):.1f} ms" if r.rtt_ms else "n/a"
             lost = f"  SERVER LOST {r.offline_s:.1f} s (held)" if r.offline_s > 0 else ""
@@ -308,6 +379,8 @@ def run_drive(cfg: DriveConfig) -> int:
     except KeyboardInterrupt:
         print("interrupted")
     finally:
+        if outbox is not None:
+            _drain(client, outbox, cfg.outbox_drain_s)
         client.close()
         if video is not None:
             print(f"video of the first {cfg.video_episodes} episode(s): {video.close()}")
@@ -324,6 +397,9 @@ def run_drive(cfg: DriveConfig) -> int:
         print(f"server lost {client.stats.lost} time(s): {lost_eps}/{len(results)} episode(s) ran partly or wholly "
               f"without it, {sum(r.offline_s for r in results):.1f} s held in all (their outcome is the hold's, "
               "not the policy's)")
+    if pace is not None:
+        print(f"paced to the learner: {pace.blocks} blocks of {pace.every} steps, waited {pace.wait_s:.1f} s, "
+              f"{pace.timeouts} timeouts")
     return 0
 
 

@@ -194,6 +194,11 @@ class Transition(Message):
     """(K,) float64, optional: driver clock (``time.time()``, s) when each step was applied."""
     held: np.ndarray | None = None
     """(K,) bool, optional: True where the robot got no new command in time and applied its hold."""
+    outbox: str = ""
+    """Id of the robot-side outbox that sent it ('' = none): stable across reconnects and restarts."""
+    outbox_seq: int = 0
+    """Its number in that outbox (1, 2, ...; 0 = not from an outbox). The server acknowledges it
+    with ``ack{seq=outbox_seq}`` once journaled; a re-sent one is applied once."""
 
 
 @dataclass

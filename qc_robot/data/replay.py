@@ -105,6 +105,18 @@ class ChunkReplay:
             return self._cursor - 1
         return None
 
+    def end_episode(self) -> bool:
+        """Mark the newest online row as its episode's end (a truncation: it still bootstraps), if
+        it is not one already; True if it changed. A resumed run starts a fresh episode, which must
+        not be glued to the one the interruption cut short."""
+        if self.size <= self.keep:
+            return False
+        last = self._cursor - 1 if self._cursor > self.keep else self.capacity - 1  # the newest row
+        if float(self._data["terminals"][last]) >= 1.0:
+            return False
+        self._data["terminals"][last] = 1.0
+        return True
+
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, batch_size: int, horizon: int, discount: float, generator: torch.Generator | None = None) -> ChunkBatch:
         """Sample ``batch_size`` chunks of length ``horizon`` with uniformly drawn start rows.

@@ -68,12 +68,15 @@ def export_policy(
     parity_tol: float = 1e-4,
     lean: bool = True,
     rtc: bool | None = None,
+    optimize: bool = True,
 ) -> Path:
     """Trace ``acting`` into ``out_path`` with ``meta`` embedded; returns the path.
 
     ``lean=False`` exports the acting rule as written (kept for benchmarks and as a fallback);
     the lean graph precomputes what is constant across samples and steps. ``rtc`` (default: as
-    ``meta.rtc`` says) adds the real-time-chunking inputs.
+    ``meta.rtc`` says) adds the real-time-chunking inputs. ``optimize=False`` skips the exporter's graph optimizer (onnxruntime still optimizes at load): every tensor of
+    the graph module stays an initializer under its own name, so new weights can be written into
+    the file without tracing again (``qc_robot.finetune.push``).
     Raises ValueError when ``meta`` disagrees with ``acting`` and :class:`ExportParityError`
     when onnxruntime and torch disagree by more than ``parity_tol``.
     """
@@ -84,9 +87,9 @@ def export_policy(
     acting = acting.eval()
     graph = ExportGraph(acting, meta.action_low, meta.action_high, lean=lean,
                         max_guidance=meta.rtc_max_guidance).eval()
-    model = _trace(graph, meta, opset, rtc=False)
+    model = _trace(graph, meta, opset, rtc=False, optimize=optimize)
     if meta.rtc:
-        model = _join_rtc(model, _trace(ContinuedGraph(graph), meta, opset, rtc=True), meta)
+        model = _join_rtc(model, _trace(ContinuedGraph(graph), meta, opset, rtc=True, optimize=optimize), meta)
     full = _add_noise_source(model, meta.noise_shape, optional=True)
     shipped = full if noise_input else _add_noise_source(model, meta.noise_shape, optional=False)
     for m in (full, shipped):
@@ -128,7 +131,8 @@ def _check_meta(acting: ActingPolicy, meta: PolicyMetadata) -> None:
             raise ValueError(f"metadata {key}={getattr(meta, key)!r} but the policy has {value!r}")
 
 
-def _trace(graph: torch.nn.Module, meta: PolicyMetadata, opset: int, rtc: bool) -> onnx.ModelProto:
+def _trace(graph: torch.nn.Module, meta: PolicyMetadata, opset: int, rtc: bool,
+           optimize: bool = True) -> onnx.ModelProto:
     """torch.onnx (dynamo) export with a dynamic batch; returns the ModelProto."""
     obs = torch.zeros(2, meta.obs_dim)
     noise = torch.zeros(2, *meta.noise_shape)
@@ -157,6 +161,7 @@ def _trace(graph: torch.nn.Module, meta: PolicyMetadata, opset: int, rtc: bool) 
                 output_names=outputs,
                 dynamic_shapes=shapes,
                 verbose=False,
+                optimize=optimize,
             )
     finally:
         quiet.setLevel(level)

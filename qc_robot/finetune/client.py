@@ -80,14 +80,21 @@ class LearnerClient:
         self._outbox: collections.deque[P.Message] = collections.deque()
         self._pushes: dict[int, Future[P.PolicyAck]] = {}
         self._stop = threading.Event()
+        self.error: BaseException | None = None
+        """What killed the link thread (None while it runs or after a clean close)."""
         self._ctx = zmq.Context()
-        self._thread = threading.Thread(target=self._run, name="qc-learner-client", daemon=True)
+        self._thread = threading.Thread(target=self._guarded_run, name="qc-learner-client", daemon=True)
 
     # -- the training loop's side -------------------------------------------------------------
 
     def start(self) -> LearnerClient:
         self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        """The link thread runs (False once it died; the training loop then exits non-zero)."""
+        return self._thread.is_alive() or (self._stop.is_set() and self.error is None)
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -134,6 +141,15 @@ class LearnerClient:
             self.curve.apply(s, server=False)
         s.connect(self.address)
         return s
+
+    def _guarded_run(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # noqa: BLE001 - recorded: the training loop checks ``alive``
+            self.error = e
+            log.exception("the learner link thread died")
+            with self._cond:
+                self._cond.notify_all()
 
     def _run(self) -> None:
         sock = self._socket()

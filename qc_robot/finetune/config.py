@@ -31,8 +31,12 @@ class FinetuneConfig:
     reward_fn: str = ""
     """'module:function' applied to each Transition learner-side: returns rewards (K,) or
     (rewards, terminals); '' keeps the driver's rewards (docs/finetune.md)."""
-    push_every: int = 1_000
-    """Updates between policy pushes (0: push only at the end)."""
+    push_every: int = 50
+    """Updates between policy pushes (0: push only at the end). A push holds training only for a
+    weight snapshot (milliseconds); export and upload run on a thread of their own."""
+    push_mode: str = "swap"
+    """'swap': trace the graph once, then write new weights into it (fast); 'trace': trace every
+    push (slow, the old behaviour; kept as the benchmark's baseline)."""
     push_on_exit: bool = True
     """Push the final policy when the run ends (if it changed since the last push)."""
     save_every: int = 5_000
@@ -46,7 +50,7 @@ class FinetuneConfig:
     idle_stop_s: float = 0.0
     """Stop when no transition arrived for this long (0: wait forever)."""
     verify_export: bool = True
-    """Check each exported policy against torch before pushing it."""
+    """Check each exported policy against torch before pushing it (a swap that fails it is traced)."""
     push_timeout_s: float = 30.0
     heartbeat_s: float = 1.0
     timeout_s: float = 5.0

@@ -118,6 +118,16 @@ class EpisodeAssembler:
             done.append(self._close(other, truncate=True))
         return done
 
+    def open_part(self, session: str) -> dict[str, np.ndarray] | None:
+        """The newest rows of ``session``'s open episode (None when it has none open)."""
+        ep = self._open.get(session)
+        return ep.parts[-1] if ep is not None and ep.parts else None
+
+    def open_rows(self) -> dict[str, dict[str, np.ndarray]]:
+        """Every open episode's rows so far, by session."""
+        return {s: {k: np.concatenate([p[k] for p in ep.parts]) for k in FIELDS}
+                for s, ep in self._open.items() if ep.parts}
+
     def _rows(self, tr: Transition) -> dict[str, np.ndarray]:
         k = len(tr.actions)
         rewards, terminated = tr.rewards, tr.terminals

@@ -38,6 +38,8 @@ from qc_robot.finetune.episodes import (
     intervention_segments,
     load_reward_fn,
 )
+from qc_robot.finetune.online import OnlineReplay, cat_batches
+from qc_robot.finetune.push import PolicyPusher
 from qc_robot.server.learner_link import CurveKeys
 from qc_robot.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from qc_robot.train.learner import CHECKPOINT, Learner
@@ -69,9 +71,16 @@ def export_onnx_bytes(agent: Any, offline: Checkpoint, train_step: int, verify: 
         return export_policy(acting, meta, Path(d) / "model.onnx", verify=verify).read_bytes()
 
 
-def _cat(a: ChunkBatch, b: ChunkBatch) -> ChunkBatch:
-    return ChunkBatch(**{f.name: torch.cat([getattr(a, f.name), getattr(b, f.name)])
-                         for f in dataclasses.fields(ChunkBatch)})
+@dataclass
+class RobotStats:
+    """Per-robot counts (a robot is its outbox id, else its driver session)."""
+
+    env_steps: int = 0
+    episodes: int = 0
+    successes: int = 0
+    duplicates: int = 0
+    """Transitions re-delivered by the robot's outbox and skipped (already applied)."""
+    last_outbox_seq: int = 0
 
 
 class Finetuner:
@@ -79,6 +88,8 @@ class Finetuner:
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
+        if cfg.push_mode not in ("swap", "trace"):
+            raise ValueError(f"push_mode must be 'swap' or 'trace', got {cfg.push_mode!r}")
         self.offline = load_checkpoint(cfg.checkpoint, device=cfg.device or None)
         tcfg = copy.deepcopy(self.offline.config)
         t = tcfg.training
@@ -117,38 +128,58 @@ class Finetuner:
         self.episodes: int = state.get("episodes", 0)
         self.successes: int = state.get("successes", 0)
         self.rejected = 0
+        self.online = OnlineReplay(lr.replay, self.horizon, self.discount)
+        self.robots: dict[str, RobotStats] = {k: RobotStats(**v) for k, v in state.get("robots", {}).items()}
         if "assembler" in state:
             self.assembler.load_state_dict(state["assembler"])
+            for key, rows in self.assembler.open_rows().items():  # open episodes are sampled again
+                self.online.stage(key, rows)
         if "interventions" in state:
             self.interventions.load_state_dict(state["interventions"])
         self._last_push = self.updates
         self._stop = threading.Event()
         self.client: LearnerClient | None = None
+        self.pusher: PolicyPusher | None = None
+        self.push_pause_s: list[float] = []
+        """Seconds each push held the training thread (the snapshot)."""
 
     # -- data ----------------------------------------------------------------------------------
 
     def apply(self, records: list[Record]) -> None:
-        """Take records in seq order; each is applied exactly once (older seqs are ignored)."""
+        """Take records in seq order; each is applied exactly once (older seqs are ignored, and so is
+        a transition a robot's outbox delivered twice). Every step enters the replay as it arrives:
+        an open episode is sampled from its staging buffer until it ends (``online.OnlineReplay``)."""
         for r in records:
             if r.seq <= self.applied_seq:
                 continue
+            tr = r.transition
+            key = tr.outbox or r.session  # the robot: stable across reconnects when it has an outbox
+            robot = self.robots.setdefault(key, RobotStats())
+            if tr.outbox and tr.outbox_seq:
+                if tr.outbox_seq <= robot.last_outbox_seq:
+                    robot.duplicates += 1
+                    self.applied_seq = r.seq
+                    continue
+                robot.last_outbox_seq = tr.outbox_seq
             try:
-                finished = self.assembler.add(r.seq, r.session, r.policy_version, r.transition)
+                finished = self.assembler.add(r.seq, key, r.policy_version, tr)
             except ValueError as e:
                 self.rejected += 1
                 log.error("record %d from %s (%s) refused: %s", r.seq, r.driver, r.session, e)
-                finished = []
-            else:
-                self.learner.env_steps += len(r.transition.actions)
-            for ep in finished:
+                self.applied_seq = r.seq
+                continue
+            self.learner.env_steps += len(tr.actions)
+            robot.env_steps += len(tr.actions)
+            for ep in finished:  # before staging: a new episode of this robot starts a new buffer
                 self._add_episode(ep)
+            part = self.assembler.open_part(key)  # this record's rows, if its episode goes on
+            if part is not None:
+                self.online.stage(key, part)
             self.applied_seq = r.seq
 
     def _add_episode(self, ep: Episode) -> None:
         rows, lr = ep.rows, self.learner
-        for i in range(ep.length):
-            lr.add_step(rows["obs"][i], rows["actions"][i], float(rows["rewards"][i]), bool(rows["terminated"][i]),
-                        bool(rows["truncated"][i]), rows["next_obs"][i])
+        self.online.commit(ep.session, rows)  # whole, with its final flags, into the main replay
         for start, stop in intervention_segments(rows["intervention"], self.horizon):
             for i in range(start, stop):
                 end = i == stop - 1 and not (rows["terminated"][i] or rows["truncated"][i])
@@ -157,6 +188,9 @@ class Finetuner:
                             replay=self.interventions)
         self.episodes += 1
         self.successes += int(ep.success)
+        robot = self.robots.setdefault(ep.session, RobotStats())
+        robot.episodes += 1
+        robot.successes += int(ep.success)
         path = Path(self.cfg.run_dir) / "episodes.csv"
         new = not path.exists()
         with path.open("a", newline="") as f:
@@ -173,44 +207,72 @@ class Finetuner:
     def owed(self) -> int:
         """Updates due for the env steps received (``utd`` per step after ``start_updates``)."""
         steps = self.learner.env_steps - self.cfg.start_updates
-        if steps <= 0 or self.learner.replay.size < self.horizon:
+        if steps <= 0 or not any(n > 0 for _, n in self.online.startable()):
             return 0
         return self.cfg.utd * steps - self.updates
 
     def sample(self) -> ChunkBatch:
-        """A batch: ``intervention_fraction`` of it from the intervention buffer once that holds a chunk."""
+        """A batch: ``intervention_fraction`` of it from the intervention buffer once that holds a
+        chunk, the rest uniform over every row of the replay, open episodes included."""
         gen, b = self.learner.sampler, self.batch_size
         n_int = int(round(b * self.cfg.intervention_fraction)) if self.interventions.size >= self.horizon else 0
-        main = self.learner.replay.sample(b - n_int, self.horizon, self.discount, generator=gen)
+        main = self.online.sample(b - n_int, generator=gen)
         if n_int == 0:
             return main
-        return _cat(main, self.interventions.sample(n_int, self.horizon, self.discount, generator=gen))
+        return cat_batches([main, self.interventions.sample(n_int, self.horizon, self.discount, generator=gen)])
 
-    def push(self) -> bool:
-        """Export the current policy and push it; True when the server serves it now."""
-        assert self.client is not None
-        t0 = time.perf_counter()
-        onnx = export_onnx_bytes(self.learner.agent, self.offline, self.learner.step, self.cfg.verify_export)
-        version = max(self.policy_version, self.client.server_version) + 1
-        ack = self.client.push_policy(version, onnx, self.cfg.push_timeout_s)
+    def push(self) -> float:
+        """Hand the current weights to the pusher thread (it exports and pushes them); returns the
+        seconds training was held. The server serves them from its next chunk once it acknowledges."""
+        if self.pusher is None:
+            self.pusher = self._make_pusher()
+        pause = self.pusher.submit(self.learner.step, self.updates)
+        self.push_pause_s.append(pause)
         self._last_push = self.updates
-        if ack is None:
-            log.warning("policy v%d: no answer from the server within %.0f s", version, self.cfg.push_timeout_s)
-            return False
-        if not ack.accepted:
-            log.warning("policy v%d refused: %s", version, ack.reason)
-            return False
-        self.policy_version = version
-        log.info("pushed policy v%d (%d updates, %.0f KiB, %.1f s)", version, self.updates, len(onnx) / 1024,
-                 time.perf_counter() - t0)
-        return True
+        return pause
+
+    def _make_pusher(self) -> PolicyPusher:
+        from qc_robot.export.onnx_export import build_metadata
+
+        off, agent = self.offline, self.learner.agent
+
+        def meta(acting: Any, train_step: int) -> Any:
+            return build_metadata(acting, off.obs_fields, off.action_low, off.action_high, off.control_hz,
+                                  num_samples=agent.cfg.num_samples, train_step=train_step,
+                                  config_hash=off.config_hash)
+
+        def send(version: int, onnx: bytes, timeout_s: float) -> Any:
+            assert self.client is not None
+            ack = self.client.push_policy(version, onnx, timeout_s)
+            if ack is not None and ack.accepted:
+                self.policy_version = max(self.policy_version, version)
+            return ack
+
+        def next_version() -> int:
+            assert self.client is not None
+            return max(self.policy_version, self.client.server_version) + 1
+
+        return PolicyPusher(agent, meta, send, next_version, verify=self.cfg.verify_export,
+                            timeout_s=self.cfg.push_timeout_s, trace_only=self.cfg.push_mode == "trace")
+
+    def _check_threads(self) -> None:
+        """A helper thread that died is fatal: the run must not go on without data or pushes."""
+        if self.client is not None and not self.client.alive:
+            raise RuntimeError(f"the learner link thread died: {self.client.error!r}")
+        if self.pusher is not None and not self.pusher.alive:
+            raise RuntimeError(f"the policy pusher thread died: {self.pusher.error!r}")
+
+    def robot_table(self) -> list[dict[str, Any]]:
+        """Per-robot env steps, episodes, successes and outbox re-deliveries skipped."""
+        return [{"robot": k, **dataclasses.asdict(v)} for k, v in sorted(self.robots.items())]
 
     def save(self) -> Path:
         ckpt = self.learner.checkpoint()
         ckpt.extra["finetune"] = {
             "applied_seq": self.applied_seq, "journal_id": self.journal_id, "updates": self.updates,
             "policy_version": self.policy_version, "episodes": self.episodes, "successes": self.successes,
-            "assembler": self.assembler.state_dict(), "interventions": self.interventions.state_dict()}
+            "assembler": self.assembler.state_dict(), "interventions": self.interventions.state_dict(),
+            "robots": {k: dataclasses.asdict(v) for k, v in self.robots.items()}}
         path = save_checkpoint(Path(self.cfg.run_dir) / CHECKPOINT, ckpt)
         if self.client is not None:
             self.client.persisted(self.applied_seq)  # the server may now prune what we hold
@@ -218,6 +280,11 @@ class Finetuner:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _write_push_stats(self) -> None:
+        assert self.pusher is not None
+        _write_csv(Path(self.cfg.run_dir) / "pushes.csv", [dataclasses.asdict(p) for p in self.pusher.stats])
+        _write_csv(Path(self.cfg.run_dir) / "robots.csv", self.robot_table())
 
     def _done(self, t_start: float, last_data: float) -> bool:
         c, now = self.cfg, time.monotonic()
@@ -233,10 +300,17 @@ class Finetuner:
         self.client = LearnerClient(c.server, self.applied_seq + 1, name=f"finetune:{c.run_dir}",
                                     window=c.window, heartbeat_s=c.heartbeat_s, timeout_s=c.timeout_s,
                                     curve=curve, journal_id=self.journal_id).start()
+        if c.push_every or c.push_on_exit:
+            self.pusher = self._make_pusher()
+            if c.push_mode != "trace":
+                t0 = time.perf_counter()
+                self.pusher.prepare(self.learner.step)  # the one trace, before any update
+                log.info("traced the acting graph for weight swaps in %.1f s", time.perf_counter() - t0)
         t_start = last_data = time.monotonic()
         info: dict[str, torch.Tensor] = {}
         try:
             while not self._done(t_start, last_data):
+                self._check_threads()
                 # max_env_steps reached: stop taking data (it stays in the journal), only pay the
                 # updates owed; else a learner that keeps pace with the robot never catches up
                 # and overshoots the limit by however much arrives meanwhile.
@@ -262,12 +336,28 @@ class Finetuner:
             if c.push_on_exit and self.updates > self._last_push:
                 self.push()
         finally:
-            self.save()
-            time.sleep(min(0.2, 2 * c.heartbeat_s))  # let the final ack (persisted seq) go out
-            self.client.close()
-            self.learner.logger.close()
+            try:
+                if self.pusher is not None:
+                    if self.client.alive and not self.pusher.flush(c.push_timeout_s + 60.0):
+                        log.warning("the last policy push did not finish")
+                    self.pusher.close()
+                    self._write_push_stats()
+                self.save()
+                time.sleep(min(0.2, 2 * c.heartbeat_s))  # let the final ack (persisted seq) go out
+            finally:
+                self.client.close()
+                self.learner.logger.close()
         return FinetuneResult(Path(c.run_dir), self.updates, self.learner.env_steps, self.applied_seq,
                               self.policy_version, self.episodes, self.successes)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def run_finetune(cfg: FinetuneConfig) -> int:
@@ -283,7 +373,15 @@ def run_finetune(cfg: FinetuneConfig) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: ft.stop())
-    r = ft.run()
+    try:
+        r = ft.run()
+    except Exception as e:  # a dead helper thread or a failed update: saved, and a non-zero exit
+        log.exception("finetune failed")
+        print(f"qc-robot finetune: failed: {type(e).__name__}: {e}")
+        return 1
+    for robot in ft.robot_table():
+        print(f"robot {robot['robot']}: {robot['env_steps']} env steps, {robot['episodes']} episodes "
+              f"({robot['successes']} successes), {robot['duplicates']} re-deliveries skipped")
     print(f"done: {r.updates} online updates, {r.env_steps} env steps, {r.episodes} episodes "
           f"({r.successes} successes), journal seq {r.applied_seq}, policy v{r.policy_version} → "
           f"{r.run_dir / CHECKPOINT}")

@@ -135,6 +135,7 @@ class ControlServer:
         self._warn = RateLimitedLog(log)
         self._budget = TokenBuckets(error_burst, error_rate, 10 * error_burst, errors_total_rate)
         self._sessions: dict[bytes, _Session] = {}
+        self._outbox_seen: dict[str, int] = {}  # outbox id -> newest outbox_seq recorded by this process
         self._slots: dict[bytes, _Job] = {}
         self._slots_lock = threading.Lock()
         self._last_chunk: dict[bytes, tuple[int, int, np.ndarray]] = {}
@@ -404,7 +405,12 @@ class ControlServer:
         """Check against the served spec and the session's step order, then journal and log.
 
         A refused transition gets ``bad_transition`` naming the field; the episode's other
-        transitions are unaffected (the log records the gap as ``missing_steps``)."""
+        transitions are unaffected (the log records the gap as ``missing_steps``). A transition
+        from a driver's outbox (``outbox_seq`` > 0) is acknowledged once recorded, or refused for
+        good; one this process already recorded (a re-send) is only acknowledged again."""
+        if msg.outbox_seq and msg.outbox_seq <= self._outbox_seen.get(msg.outbox, 0):
+            self._reply(router, ident, P.Ack(msg.outbox_seq))
+            return
         try:
             tr = check_transition(self.spec, msg)
             if msg.episode_id == session.episode_id and msg.start_step <= session.last_start:
@@ -412,6 +418,7 @@ class ControlServer:
                                  f"last transition started at step {session.last_start}")
         except ValueError as e:
             self._error(router, ident, P.ErrorCode.BAD_TRANSITION, str(e))
+            self._ack_outbox(router, ident, msg)  # refused for good: or an outbox re-sends it forever
             return
         session.episode_id, session.last_start = msg.episode_id, msg.start_step
         if not tr.policy_version and session.last_version:
@@ -423,8 +430,14 @@ class ControlServer:
                 self.logger.add(session.id, session.driver, tr, session.calibration_id)
         except (OSError, ValueError) as e:  # disk full, journal record too large, ...
             self._error(router, ident, P.ErrorCode.INTERNAL, f"could not record the transition: {e}")
-            return
+            return  # not acknowledged: an outbox sends it again later
         self.stats.transitions += 1
+        self._ack_outbox(router, ident, msg)
+
+    def _ack_outbox(self, router: zmq.Socket, ident: bytes, msg: P.Transition) -> None:
+        if msg.outbox_seq:  # the driver's outbox may forget it now (docs/protocol.md, transition)
+            self._outbox_seen[msg.outbox] = max(self._outbox_seen.get(msg.outbox, 0), msg.outbox_seq)
+            self._reply(router, ident, P.Ack(msg.outbox_seq))
 
     def _on_hello(self, router: zmq.Socket, ident: bytes, hello: P.Hello, now: float) -> None:
         if ident not in self._sessions and len(self._sessions) >= self.max_clients:

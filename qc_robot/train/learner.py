@@ -139,6 +139,7 @@ class Learner:
         online = ckpt.extra["online_rows"]
         # Older checkpoints hold the rows alone (no cursor): a ring that never wrapped.
         self.replay.load_online_state(online if "rows" in online else {"rows": online})
+        self.replay.end_episode()  # the interrupted episode ends here; the resumed run starts anew
 
     # -- phases ------------------------------------------------------------------------------
     def update(self, batch: ChunkBatch | None = None) -> dict[str, torch.Tensor]:
