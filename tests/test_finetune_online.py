@@ -196,6 +196,7 @@ def test_a_paced_lockstep_robot_acts_each_block_with_the_policy_trained_on_every
 
     arm = threading.Thread(target=robot, daemon=True)
     try:
+        ft.prepare()  # the one trace, before other threads run (qc_robot/finetune/push.py)
         arm.start()
         r = ft.run()
         arm.join(30)

@@ -294,18 +294,24 @@ class Finetuner:
                     or (c.max_wall_s and now - t_start >= c.max_wall_s)
                     or (c.idle_stop_s and now - last_data >= c.idle_stop_s and self.owed() <= 0))
 
+    def prepare(self) -> None:
+        """Trace the acting graph for weight swaps (seconds; before any update and before the link
+        thread starts: tracing is not safe alongside other threads compiling Python, see push.py)."""
+        c = self.cfg
+        if self.pusher is None and (c.push_every or c.push_on_exit):
+            self.pusher = self._make_pusher()
+            if c.push_mode != "trace":
+                t0 = time.perf_counter()
+                self.pusher.prepare(self.learner.step)
+                log.info("traced the acting graph for weight swaps in %.1f s", time.perf_counter() - t0)
+
     def run(self) -> FinetuneResult:
         c = self.cfg
+        self.prepare()
         curve = (CurveKeys.from_files(c.curve_secret_key, c.curve_server_key) if c.curve_secret_key else None)
         self.client = LearnerClient(c.server, self.applied_seq + 1, name=f"finetune:{c.run_dir}",
                                     window=c.window, heartbeat_s=c.heartbeat_s, timeout_s=c.timeout_s,
                                     curve=curve, journal_id=self.journal_id).start()
-        if c.push_every or c.push_on_exit:
-            self.pusher = self._make_pusher()
-            if c.push_mode != "trace":
-                t0 = time.perf_counter()
-                self.pusher.prepare(self.learner.step)  # the one trace, before any update
-                log.info("traced the acting graph for weight swaps in %.1f s", time.perf_counter() - t0)
         t_start = last_data = time.monotonic()
         info: dict[str, torch.Tensor] = {}
         try:

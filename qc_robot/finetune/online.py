@@ -98,8 +98,13 @@ class OnlineReplay:
         edges = torch.cumsum(counts, 0).to(device=device, dtype=draws.dtype)  # (N,)
         which = torch.searchsorted(edges, draws, right=True)  # (B,) buffer index of each draw
         starts = draws - torch.cat([edges.new_zeros(1), edges[:-1]])[which]  # (B,) local start rows
-        parts = [buf.gather(starts[which == i], self.horizon, self.discount)
-                 for i, (buf, _) in enumerate(bufs) if bool((which == i).any())]
+        parts = []
+        n_main = int((which == 0).sum())
+        if n_main:  # the main replay draws its own starts: it knows its ring's seam
+            parts.append(self.main.sample(n_main, self.horizon, self.discount, generator=generator))
+        for i, (buf, _) in enumerate(bufs[1:], start=1):
+            if bool((which == i).any()):
+                parts.append(buf.gather(starts[which == i], self.horizon, self.discount))
         return cat_batches(parts)
 
     def _buffer(self, rows: int) -> ChunkReplay:

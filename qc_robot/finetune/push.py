@@ -15,7 +15,10 @@ which
 3. pushes it and waits for the server's answer.
 
 Tracing must stay on the training thread: torch.export patches module calls process-wide while
-it traces, so a trace on another thread captures the training thread's forward passes. A swap
+it traces, so a trace on another thread captures the training thread's forward passes. (And it
+parses onnxscript sources with ``ast``, which on CPython 3.11 can fail with "AST constructor
+recursion depth mismatch" while another thread compiles code; so the one trace runs before the
+link thread starts, and a trace is retried once on that error.) A swap
 that fails verification (a tensor the trace folded into a constant) therefore makes the *next*
 submit trace again on the training thread (a pause of seconds, logged; not seen in practice).
 
@@ -199,9 +202,16 @@ class PolicyPusher:
 
         from qc_robot.export.onnx_export import export_policy
 
-        with tempfile.TemporaryDirectory(prefix="qc-push-") as d:
-            data = export_policy(self._acting, meta, Path(d) / "model.onnx", verify=self.verify,
-                                 optimize=self.trace_only).read_bytes()  # unoptimized: names stay
+        for attempt in (1, 2):
+            try:
+                with tempfile.TemporaryDirectory(prefix="qc-push-") as d:
+                    data = export_policy(self._acting, meta, Path(d) / "model.onnx", verify=self.verify,
+                                         optimize=self.trace_only).read_bytes()  # unoptimized: names stay
+                break
+            except SystemError as e:  # CPython 3.11's thread-unsafe AST recursion check (see above)
+                if attempt == 2:
+                    raise
+                log.warning("export failed (%s): once more", e)
         model = onnx.load_from_string(data)
         state = self._graph_state(meta)
         self._names = [i.name for i in model.graph.initializer if _state_key(i.name) in state]
