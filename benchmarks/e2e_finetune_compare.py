@@ -8,9 +8,11 @@ at UTD 1; then each result is evaluated with ``qc-robot eval`` on the same seeds
   agent/env/data settings (every leaf of its stored config passed as an override).
 * ``stack``: ``qc-robot serve`` (learner port + fresh journal) + ``qc-robot finetune
   max_env_steps=N utd=1 push_every=P`` + ``qc-robot drive driver=sim send_transitions=true
-  realtime=true time_scale=T``; T paces the robot (20 Hz · T steps/s) near the learner's update
-  rate so the served policy lags the learner by about ``push_every`` updates, not by a growing
-  backlog. The driver is stopped when the learner finishes.
+  realtime=true time_scale=T`` (T = 1: the robot's 20 Hz wall clock). The driver is stopped
+  when the learner finishes.
+* ``lockstep``: the same stack with ``drive realtime=false pace_every=H`` and ``finetune
+  push_every=H`` (H the chunk length): each chunk is acted by the policy trained on every step
+  before it, the in-process loop's staleness.
 
     OMP_NUM_THREADS=1 python benchmarks/e2e_finetune_compare.py \
         --checkpoint /work/runs/offline_ckpts/cube-single-task1-qc_fql/checkpoint.pt \
@@ -69,8 +71,8 @@ def main() -> int:
     ap.add_argument("--out-dir", default="runs/e2e/finetune")
     ap.add_argument("--onnx", default="", help="the checkpoint's exported policy (default: export it)")
     ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--push-every", type=int, default=250)
-    ap.add_argument("--time-scale", type=float, default=0.5)
+    ap.add_argument("--push-every", type=int, default=50)
+    ap.add_argument("--time-scale", type=float, default=1.0, help="wall-clock stack arm: 1 = 20 Hz")
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1000, help="first eval seed")
     ap.add_argument("--drive-seed", type=int, default=0, help="first training-episode seed of the driver")
@@ -78,7 +80,8 @@ def main() -> int:
     ap.add_argument("--arm-timeout", type=float, default=1200)
     ap.add_argument("--agent-group", default="qc_fql", help="configs/agent group of the checkpoint (its leaves are "
                     "overridden from the stored config anyway)")
-    ap.add_argument("--arms", default="inprocess,stack", help="comma list of offline,inprocess,stack")
+    ap.add_argument("--arms", default="inprocess,lockstep,stack",
+                    help="comma list of offline,inprocess,lockstep (stack, robot paced to the learner),stack (wall clock)")
     args = ap.parse_args()
     arms = args.arms.split(",")
     out = Path(args.out_dir)
@@ -119,8 +122,10 @@ def main() -> int:
                          updates=updates, env_steps=env_steps, wall=wall, pushes="—",
                          cmd=" ".join(cmd)))
 
-    if "stack" in arms:
-        run_dir, journal = out / "stack", out / "stack_journal"
+    for arm in [a for a in arms if a in ("lockstep", "stack")]:
+        lockstep = arm == "lockstep"
+        push_every = cfg.agent.horizon if lockstep else args.push_every
+        run_dir, journal = out / arm, out / f"{arm}_journal"
         for d in (run_dir, journal):
             shutil.rmtree(d, ignore_errors=True)
         onnx = args.onnx or str(out / "model.onnx")
@@ -130,18 +135,19 @@ def main() -> int:
         serve_cmd = ["qc-robot", "serve", "--policy", onnx, f"bind={drv}", f"learner_bind={lrn}",
                      f"journal_dir={journal}", "threads=1", "providers=cpu"]
         ft_cmd = ["qc-robot", "finetune", f"checkpoint={args.checkpoint}", f"server={lrn}", f"run_dir={run_dir}",
-                  f"max_env_steps={n_steps}", "utd=1", f"push_every={args.push_every}", "threads=1",
+                  f"max_env_steps={n_steps}", "utd=1", f"push_every={push_every}", "threads=1",
                   "replay_capacity=20000", "log_interval=250", f"max_wall_s={args.arm_timeout - 60:.0f}",
                   f"seed={cfg.training.seed}"]
         drive_cmd = ["qc-robot", "drive", "driver=sim", f"env={cfg.env.name}", f"server={drv}", "episodes=10000",
-                     f"seed={args.drive_seed}", "send_transitions=true", "realtime=true",
-                     f"time_scale={args.time_scale:g}"]
+                     f"seed={args.drive_seed}", "send_transitions=true"]
+        drive_cmd += (["realtime=false", f"pace_every={cfg.agent.horizon}"] if lockstep
+                      else ["realtime=true", f"time_scale={args.time_scale:g}"])
         t0 = time.monotonic()
-        server = background(serve_cmd, out / "serve_stack.log")
+        server = background(serve_cmd, out / f"serve_{arm}.log")
         time.sleep(3)
-        ft = background(ft_cmd, out / "finetune_stack.log")
+        ft = background(ft_cmd, out / f"finetune_{arm}.log")
         time.sleep(3)
-        drive = background(drive_cmd, out / "drive_stack.log")
+        drive = background(drive_cmd, out / f"drive_{arm}.log")
         try:
             ft.wait(args.arm_timeout)
         except subprocess.TimeoutExpired:
@@ -150,20 +156,23 @@ def main() -> int:
         wall = time.monotonic() - t0
         stop(drive)
         stop(server)
-        ft_log = (out / "finetune_stack.log").read_text()
+        ft_log = (out / f"finetune_{arm}.log").read_text()
         m = re.search(r"done: (\d+) online updates, (\d+) env steps, (\d+) episodes \((\d+) successes\).*policy v(\d+)",
                       ft_log)
         if m is None:
             raise RuntimeError(f"finetune did not report done:\n{ft_log[-3000:]}")
         pushes = len(re.findall(r"pushed policy v\d+", ft_log))
-        drive_log = (out / "drive_stack.log").read_text()
-        held = sum(int(h) for h in re.findall(r"held (\d+)\s+rtt", drive_log))
+        drive_log = (out / f"drive_{arm}.log").read_text()
+        robot_held = sum(int(h) for h in re.findall(r"robot held (\d+)", drive_log))
+        overruns = sum(int(h) for h in re.findall(r"overruns (\d+)", drive_log))
         robot_steps = sum(int(h) for h in re.findall(r"\(robot (\d+)\)", drive_log))
-        k, n, step = evaluate(run_dir / "checkpoint.pt", args.episodes, args.seed, out / "eval_stack.log")
-        rows.append(dict(arm=f"serve + sim driver + `qc-robot finetune` (time_scale {args.time_scale:g})", k=k, n=n,
-                         updates=int(m.group(1)), env_steps=int(m.group(2)), wall=wall,
-                         pushes=f"{pushes} (served v{m.group(5)}; {m.group(3)} training episodes, "
-                                f"{m.group(4)} successes; robot held {held}/{robot_steps} ticks)",
+        k, n, step = evaluate(run_dir / "checkpoint.pt", args.episodes, args.seed, out / f"eval_{arm}.log")
+        name = ("stack, lockstep robot paced to the learner" if lockstep
+                else f"stack, wall clock {20 * args.time_scale:g} Hz")
+        rows.append(dict(arm=name, k=k, n=n, updates=int(m.group(1)), env_steps=int(m.group(2)), wall=wall,
+                         pushes=f"{pushes} every {push_every} (served v{m.group(5)}; {m.group(3)} training episodes, "
+                                f"{m.group(4)} successes; robot held {robot_held}/{robot_steps} ticks, "
+                                f"{overruns} overruns)",
                          cmd=" && ".join(" ".join(c) for c in (serve_cmd, ft_cmd, drive_cmd))))
 
     print()

@@ -123,7 +123,8 @@ def main() -> int:
                     pauses.append(pusher.submit(updates[0], updates[0]))
                     snap = updates[0]
 
-                    def watch(before: int = before, snap: int = snap) -> None:
+                    def watch(before: int = before, snap: int = snap, pusher: PolicyPusher = pusher,
+                              served_at: list = served_at) -> None:
                         while len(pusher.stats) <= before:
                             time.sleep(0.001)
                         served_at.append((snap, updates[0]))

@@ -23,6 +23,7 @@ import struct
 import time
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from qc_robot import protocol as P
 from qc_robot.data.frames import pack_frame, read_frame
@@ -58,7 +59,7 @@ class Outbox:
         self._progress = time.monotonic()
         self._load()
         self.next_seq = max([self.acked, *(s for s, _ in self._entries)]) + 1
-        self._file = None
+        self._file: BinaryIO | None = None
         self._prune()
 
     # -- producing ------------------------------------------------------------------------------

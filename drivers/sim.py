@@ -292,14 +292,14 @@ class SimDriver(Driver):
             if late > self._period:
                 self.overruns += 1
                 next_tick = now  # do not try to catch up: a real controller would not either
-            cmd, cmd_step = None, -1
+            arrived: np.ndarray | None = None
+            cmd_step = -1
             while self._inbox and self._inbox[0][0] <= now:
-                _, cmd, cmd_step = self._inbox.popleft()
-            held = cmd is None
-            if held:
+                _, arrived, cmd_step = self._inbox.popleft()
+            held = arrived is None
+            if arrived is None:
                 self.missed_ticks += 1
-                cmd = self.hold_action()
-            self._tick(cmd, held, cmd_step, max(0.0, late))
+            self._tick(self.hold_action() if arrived is None else arrived, held, cmd_step, max(0.0, late))
             if self._info.terminated or self._info.truncated:
                 with self._ticked:
                     self._ticked.notify_all()

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from test_finetune_link import ACT, OBS, free_port, kill, spawn, transition, wait_until
 
 from drivers.base import DriverSpec
 from drivers.client import PolicyClient
@@ -14,7 +15,6 @@ from drivers.outbox import Outbox
 from policies.base import ObsField
 from qc_robot import protocol as P
 from qc_robot.finetune.client import LearnerClient, Record
-from test_finetune_link import ACT, OBS, free_port, kill, spawn, transition, wait_until
 
 
 def _client(addr: str, box: Outbox) -> PolicyClient:
