@@ -140,6 +140,8 @@ class Finetuner:
         self._stop = threading.Event()
         self.client: LearnerClient | None = None
         self.pusher: PolicyPusher | None = None
+        self.rates: list[tuple[float, float, int]] = []
+        """(env steps/s received, updates/s, updates owed) per log interval."""
         self.push_pause_s: list[float] = []
         """Seconds each push held the training thread (the snapshot)."""
 
@@ -262,6 +264,21 @@ class Finetuner:
         if self.pusher is not None and not self.pusher.alive:
             raise RuntimeError(f"the policy pusher thread died: {self.pusher.error!r}")
 
+    def _report_rate(self) -> None:
+        """Say so when the robots produce steps faster than the learner holds its UTD target."""
+        now, steps, done = time.monotonic(), self.learner.env_steps, self.updates
+        last = getattr(self, "_rate_mark", None)
+        self._rate_mark = (now, steps, done)
+        if last is None or now <= last[0]:
+            return
+        steps_s, upd_s = (steps - last[1]) / (now - last[0]), (done - last[2]) / (now - last[0])
+        behind = self.owed()
+        self.rates.append((steps_s, upd_s, behind))
+        if behind > max(2 * self.cfg.push_every, 100):
+            log.warning("the learner is %d updates behind its UTD target: robots send %.1f env steps/s, it makes "
+                        "%.1f updates/s (UTD %d needs %.1f); the backlog waits in the journal", behind, steps_s,
+                        upd_s, self.cfg.utd, self.cfg.utd * steps_s)
+
     def robot_table(self) -> list[dict[str, Any]]:
         """Per-robot env steps, episodes, successes and outbox re-deliveries skipped."""
         return [{"robot": k, **dataclasses.asdict(v)} for k, v in sorted(self.robots.items())]
@@ -332,9 +349,10 @@ class Finetuner:
                 self.updates += 1
                 self.learner.maybe_log(info, "online")
                 if c.log_interval and self.updates % c.log_interval == 0:
-                    log.info("updates %d  env steps %d  episodes %d (success %d)  seq %d  pending %d  policy v%d",
-                             self.updates, self.learner.env_steps, self.episodes, self.successes,
-                             self.applied_seq, self.assembler.pending_steps, self.policy_version)
+                    log.info("updates %d  env steps %d  episodes %d (success %d)  seq %d  open rows %d  policy v%d  "
+                             "%d robots", self.updates, self.learner.env_steps, self.episodes, self.successes,
+                             self.applied_seq, self.online.open_rows, self.policy_version, len(self.robots))
+                    self._report_rate()
                 if c.push_every and self.updates - self._last_push >= c.push_every:
                     self.push()
                 if c.save_every and self.updates % c.save_every == 0:
