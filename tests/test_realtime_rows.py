@@ -68,16 +68,17 @@ def served(tmp_path: Path):
 
 def _replay(rows: list[ExecutedStep], seed: int) -> None:
     """The logged actions through a lockstep copy of the task reproduce every logged outcome (to
-    round-off: MuJoCo on a loaded machine differs in the last bits; a wrong or missing step would
-    diverge by orders of magnitude more)."""
+    round-off: the robot's thread and this one may run with different floating-point modes, e.g.
+    flush-to-zero set by a numeric library, and MuJoCo amplifies last-bit differences over the
+    episode; a wrong or missing step diverges by orders of magnitude more)."""
     twin = make_safe_driver("sim", SimConfig(env=TASK, realtime=False, max_episode_steps=STEPS))
     obs = twin.reset(seed)["state"]
     try:
         for r in rows:
-            np.testing.assert_allclose(r.obs["state"], obs, rtol=1e-9, atol=1e-12, err_msg=f"row {r.step}: obs")
+            np.testing.assert_allclose(r.obs["state"], obs, rtol=1e-6, atol=1e-9, err_msg=f"row {r.step}: obs")
             twin.driver.send_action(r.action)
             obs, info = twin.get_observation()["state"], twin.step_info()
-            np.testing.assert_allclose(r.next_obs["state"], obs, rtol=1e-9, atol=1e-12,
+            np.testing.assert_allclose(r.next_obs["state"], obs, rtol=1e-6, atol=1e-9,
                                        err_msg=f"row {r.step}: next_obs")
             assert (r.reward, r.success, r.terminated, r.truncated) == \
                 (info.reward, info.success, info.terminated, info.truncated), f"row {r.step}"
