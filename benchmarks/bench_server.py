@@ -184,9 +184,9 @@ def main() -> None:
             ControlServer(policy, "tcp://127.0.0.1:*", curve=server_keys) as secure:
         rounds = 5  # interleaved: plain and CURVE see the same background load
         for _ in range(rounds):
-            a, c = bench_server(policy, obs, args.n // rounds, server.address)
-            srv += a
-            chunks += c
+            plain_rtt, plain_chunks = bench_server(policy, obs, args.n // rounds, server.address)
+            srv += plain_rtt
+            chunks += plain_chunks
             cur += bench_server(policy, obs, args.n // rounds, secure.address, curve=driver_keys)[0]
         jit = bench_jitter(policy, server.address, args.hz, args.duration) if args.duration > 0 else None
     total = [c.total_ms for c in chunks]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 import time
 
-from drivers.config import DriveConfig
-from drivers.runner import run_drive
 import numpy as np
 
+from drivers.config import DriveConfig
+from drivers.runner import run_drive
 from policies.base import ChunkResult
 from policies.scripted import HoldPolicy, simple_spec
 from qc_robot.server.app import ControlServer

@@ -284,14 +284,26 @@ class ControlServer:
             results.close(0)
 
     def _drain(self, router: zmq.Socket, n: int) -> bool:
-        """Handle up to ``n`` waiting messages; False when none are left."""
+        """Handle up to ``n`` waiting messages; False when none are left.
+
+        Fairness under a flood: of the messages read together, those of peers within their error
+        budget are handled first, then those of peers that exhausted it (each peer's messages keep
+        their order: a peer is in one class for the whole batch). So a well-behaved driver's
+        observation reaches the inference worker before a flooder's backlog is worked off."""
+        batch: list[list[bytes]] = []
+        more = True
         for _ in range(n):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                batch.append(router.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
-                return False
+                more = False
+                break
+        late = [f for f in batch if not self._budget.has_tokens(f[0])]
+        if late:
+            batch = [f for f in batch if self._budget.has_tokens(f[0])] + late
+        for frames in batch:
             self._on_frames(router, frames)
-        return True
+        return more
 
     def _send_results(self, router: zmq.Socket, results: zmq.Socket) -> None:
         for _ in range(256):

@@ -83,11 +83,15 @@ class EpisodeLogger:
     ``add``/``end_session`` run on the server's socket loop (one thread); the HDF5 work runs on
     the logger's own writer thread, so I/O never stalls the loop beyond one small file append."""
 
-    def __init__(self, log_dir: str, env_args: dict[str, Any], rotate_bytes: int = 256 << 20) -> None:
+    def __init__(self, log_dir: str, env_args: dict[str, Any], rotate_bytes: int = 256 << 20,
+                 min_commit_interval_s: float = 0.5) -> None:
         self.dir = Path(log_dir)
         self.open_dir = self.dir / "open"
         self.open_dir.mkdir(parents=True, exist_ok=True)
         self.rotate_bytes = rotate_bytes
+        self.min_commit_interval_s = min_commit_interval_s
+        """Commits (and their file copies) happen at most this often; episodes wait in a batch."""
+        self._last_commit = 0.0
         self._stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         self._part = 0
         self.path = self._file_name()
@@ -170,6 +174,10 @@ class EpisodeLogger:
         stop = False
         while not stop:
             item = self._queue.get()
+            if item is not None and self.min_commit_interval_s > 0:
+                # pace commits: under a flood of short episodes, batch them instead of contending
+                # with the socket loop for the GIL once per episode
+                time.sleep(max(0.0, self._last_commit + self.min_commit_interval_s - time.monotonic()))
             batch: list[_Commit] = []
             while item is not None:
                 batch.append(item)
@@ -182,6 +190,7 @@ class EpisodeLogger:
             stop = item is None
             if batch:
                 self._commit_batch(batch)
+                self._last_commit = time.monotonic()
 
     def _commit_batch(self, batch: list[_Commit]) -> None:
         """Read the batch's journals and commit them, one atomic copy per target file."""

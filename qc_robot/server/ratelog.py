@@ -79,5 +79,10 @@ class TokenBuckets:
             self._keys.popitem(last=False)
         return ok
 
+    def has_tokens(self, key: bytes) -> bool:
+        """Whether ``key`` could spend a token now (nothing is spent; unknown keys have a full bucket)."""
+        state = self._keys.get(key)
+        return state is None or self._refill(state, self.burst, self.rate, time.monotonic()) >= 1.0
+
     def forget(self, key: bytes) -> None:
         self._keys.pop(key, None)

@@ -4,6 +4,7 @@ restarts a server that could no longer answer)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -51,6 +52,9 @@ def run_serve(cfg: ServeConfig) -> int:
         if logger is not None:
             logger.close()
         return 2
+    # Everything loaded so far (policy, numpy, zmq, h5py, the CLI's config machinery) lives until
+    # exit: keep it out of the cyclic GC, whose full passes over it would stall the socket loop.
+    gc.freeze()
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
