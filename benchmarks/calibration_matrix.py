@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--global-evals", type=int, default=64)
     ap.add_argument("--max-iters", type=int, default=20)
     ap.add_argument("--global-rows", type=int, default=25)
+    ap.add_argument("--starts", type=int, default=1)
     ap.add_argument("--time-scale", type=float, default=1.0)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -74,7 +75,7 @@ def main() -> None:
                 driver.close()
             trajs = load_trajectories(data, TASK, args.episodes, args.steps)
             res = identify(TASK, trajs, KINDS, max_iters=args.max_iters, replayer=rep, global_evals=args.global_evals,
-                           seed=i, global_rows=args.global_rows)
+                           seed=i, global_rows=args.global_rows, starts=args.starts)
             scale = obs_scale(trajs)
             at_truth = rms(residuals(rep, trajs, hidden, Timing(delay, shift=0), scale))
             truth_as_rows = rms(residuals(rep, trajs, hidden, Timing(delay), scale))

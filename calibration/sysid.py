@@ -215,10 +215,24 @@ def _head(trajs: Sequence[Trajectory], rows: int) -> list[Trajectory]:
                                       if isinstance(getattr(t, f.name), np.ndarray)}) for t in trajs]
 
 
+def _distinct(history: list[tuple[np.ndarray, float]], n: int, min_dist: float) -> list[np.ndarray]:
+    """Up to ``n`` of the lowest-cost points of ``history`` after its best, each at least
+    ``min_dist`` (Euclidean, fit coordinates) from the best and from each other."""
+    ranked = sorted(history, key=lambda h: h[1])
+    chosen = [ranked[0][0]] if ranked else []
+    for x, _ in ranked[1:]:
+        if len(chosen) > n:
+            break
+        if all(np.linalg.norm(x - c) >= min_dist for c in chosen):
+            chosen.append(x)
+    return chosen[1:]
+
+
 def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = DEFAULT_KINDS,
              max_delay: int = 4, max_iters: int = 20, range_k: float = 3.0, range_min_frac: float = 0.1,
              replayer: Replayer | None = None, replay: str = "auto", global_evals: int = 64,
-             profile: bool = True, seed: int = 0, global_rows: int = 25) -> SysIdResult:
+             profile: bool = True, seed: int = 0, global_rows: int = 25, starts: int = 1, start_iters: int = 6,
+             min_dist: float = 0.4) -> SysIdResult:
     """Fit ``kinds`` and the timing to ``trajs`` (see the module docstring)."""
     from scipy.optimize import least_squares
 
@@ -251,9 +265,22 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
         def cost(x: np.ndarray) -> float:
             return float(np.mean(np.square(residuals(rep, short, _from_x(x, kinds, base), timing, scale))))
 
-        xg, _, _ = global_search(cost, kinds, _to_x(base, kinds), global_evals, seed)
+        xg, _, history = global_search(cost, kinds, _to_x(base, kinds), global_evals, seed)
         params = _from_x(xg, kinds, base)
         err_global = rms(residuals(rep, trajs, params, timing, scale))
+        # multi-start: short local runs from the best CMA-ES points of other basins (far apart in
+        # fit coordinates); the global stage's best on a subset of rows is not always the basin
+        # of the best fit on all of them
+        lo_b, hi_b = fit_bounds(kinds)
+        best_err = err_global
+        for x0 in _distinct(history, starts - 1, min_dist):
+            def fun0(z: np.ndarray) -> np.ndarray:
+                return residuals(rep, trajs, _from_x(z, kinds, base), timing, scale)
+
+            sol0 = least_squares(fun0, np.clip(x0, lo_b + 1e-6, hi_b - 1e-6), bounds=(lo_b, hi_b), diff_step=0.02,
+                                 max_nfev=start_iters, xtol=1e-4, ftol=1e-6)
+            if rms(sol0.fun) < best_err:
+                best_err, params = rms(sol0.fun), _from_x(sol0.x, kinds, base)
     sigma = dict.fromkeys(kinds, float("nan"))
     lo, hi = fit_bounds(kinds)
     for _ in range(2):  # local fit at the timing, re-scan the timing at the fit
