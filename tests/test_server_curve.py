@@ -77,3 +77,25 @@ def test_serve_config_turns_curve_on(keys: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="curve_secret_key"):
         _driver_curve(ServeConfig(policy="hold:4:2:3", driver_authorized_dir=keys["authorized"]))
     np.testing.assert_equal(len(curve.public), 40)
+
+
+def test_qc_robot_drive_with_keys_is_served_and_without_is_not(keys: dict[str, str], capsys) -> None:
+    from drivers.config import DriveConfig
+    from drivers.runner import run_drive
+    from policies.scripted import simple_spec
+
+    curve = CurveKeys.from_files(keys["server_sec"], authorized_dir=keys["authorized"])
+    srv = ControlServer(HoldPolicy(simple_spec(10, 5, 5)), "tcp://127.0.0.1:*", curve=curve).start()
+    try:
+        base = dict(driver="mock", server=srv.address, episodes=1, driver_args={"max_episode_steps": 10},
+                    connect_timeout_s=1.0)
+        assert run_drive(DriveConfig(**base, curve_secret_key=keys["driver_sec"],
+                                     curve_server_key=keys["server_pub"])) == 0
+        assert srv.stats.chunks >= 2
+        assert run_drive(DriveConfig(**base)) == 2  # keyless: no answer at all
+        assert run_drive(DriveConfig(**base, curve_secret_key=keys["intruder_sec"],
+                                     curve_server_key=keys["server_pub"])) == 2
+        out = capsys.readouterr().out
+        assert out.count("no answer from") == 2
+    finally:
+        srv.stop()
