@@ -65,6 +65,10 @@ class AgentConfig:
     distillation target): 'float32', 'bfloat16' (a bf16 copy of the flow's weights; Euler state
     and normalization stay fp32) or 'auto' (bf16 where the hardware has it natively). The
     critic that ranks best-of-N candidates, the target critic and acting are always fp32."""
+    fast_sampling: bool = True
+    """Run the update's no-grad sampling on fused weight copies (one oneDNN GEMM+bias+GELU call
+    per layer on CPU; the same arithmetic). False: through the nn.Module forward (the baseline
+    of benchmarks/bench_update.py). Ignored with compile=True, where inductor fuses instead."""
     obs_norm: str = "none"
     """Observation normalization: 'none' (raw observations, as the reference) or 'std'
     ((obs - mean) / max(std, obs_norm_eps) with the offline data's statistics)."""

@@ -175,7 +175,13 @@ def test_bf16_sampling_target_is_close_to_fp32(actor_type: str) -> None:
             from qc_robot.agent.acting import euler_sample
 
             d32 = euler_sample(ref.flow, obs, noise, 3)
-            d16 = euler_sample(lp._sampling["flow"], obs, noise, 3)
+            if lp._fast_flow is not None:  # the agent's fused bf16 sampler
+                lp._fast_flow.refresh()
+                assert lp._fast_flow.dtype == torch.bfloat16
+                d16 = lp._fast_flow.sample(obs, noise, 3)
+            else:
+                d16 = euler_sample(lp._sampling["flow"], obs, noise, 3)
+            assert (d32 - d16).abs().max() > 0  # bf16 did run
             assert (d32 - d16).abs().max() < 0.05
     assert (q32 - q16).abs().mean() < 0.02 * q32.abs().mean() + 1e-3
 
@@ -199,3 +205,27 @@ def test_critic_regresses_constant_returns() -> None:
         info = agent.update(batch)
     assert info["critic/q_mean"].item() == pytest.approx(1.9, abs=0.05)
     assert info["critic/loss"].item() < 1e-2
+
+
+@pytest.mark.parametrize("actor_type", ["best_of_n", "fql"])
+def test_fast_sampling_computes_what_the_modules_compute(actor_type: str) -> None:
+    """The fused sampler is a faster route to the same numbers: fp32 vs the module path."""
+    cfgs = [small_cfg(actor_type=actor_type, hidden_dims=[64, 64], num_samples=8, sample_dtype="float32",
+                      fast_sampling=fast) for fast in (True, False)]
+    fast, slow = (QCAgent(c, OBS, A, seed=0) for c in cfgs)
+    assert fast._fast_flow is not None and slow._fast_flow is None
+    obs = torch.randn(64, OBS)
+    noise = torch.randn(fast.noise_shape(64))
+    with torch.no_grad():
+        torch.testing.assert_close(fast._target_actions(obs, noise), slow._target_actions(obs, noise),
+                                   atol=1e-5, rtol=1e-5)
+        fast._fast_flow.refresh()
+        from qc_robot.agent.acting import euler_sample
+
+        z = torch.randn(64, fast.chunk_dim)
+        torch.testing.assert_close(fast._fast_flow.sample(obs, z, 3), euler_sample(slow.flow, obs, z, 3),
+                                   atol=1e-5, rtol=1e-5)
+    for i in range(3):  # and the updates agree (the copies follow the live weights)
+        fi, si = fast.update(random_batch(16, 3, seed=i)), slow.update(random_batch(16, 3, seed=i))
+    for k in fi:
+        torch.testing.assert_close(fi[k], si[k], atol=1e-4, rtol=1e-4)

@@ -24,6 +24,12 @@ import torch
 from torch import nn
 
 from qc_robot.agent.acting import ActingPolicy, best_of_n, one_step
+from qc_robot.agent.fast_sampling import (
+    FastCritic,
+    FastFlow,
+    fast_best_of_n,
+    fused_linear_available,
+)
 from qc_robot.agent.losses import Info, LossNoise, total_loss
 from qc_robot.agent.networks import ChunkCritic, FlowActor, OneStepActor
 from qc_robot.config import AgentConfig
@@ -163,6 +169,18 @@ class QCAgent(nn.Module):
             self._lp = [_LowPrecisionCopy(self.flow, "mlp", dtype)]
             self._sampling = {"flow": self._lp[0].module, "critic": self.critic}
 
+        # The fast sampler replaces the module path (and its bf16 module copy) for the update's
+        # no-grad sampling; acting and export keep the modules.
+        self._fast_flow: FastFlow | None = None
+        self._fast_critic: FastCritic | None = None
+        if cfg.fast_sampling and not cfg.compile and cfg.fourier_time_dims == 0:
+            fused = fused_linear_available(self.device)
+            self._fast_flow = FastFlow(self.flow, dtype, fused)
+            if cfg.actor_type == "best_of_n":
+                self._fast_critic = FastCritic(self.critic, fused)
+            self._lp = []
+            self._sampling = {"flow": self.flow, "critic": self.critic}
+
         self._target_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._target_actions
         self._loss_fn: Callable[..., tuple[torch.Tensor, Info]] = total_loss
         if cfg.compile:
@@ -225,6 +243,12 @@ class QCAgent(nn.Module):
     def _target_actions(self, next_obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """a' ~ π(s') for the bootstrap (no grad): best-of-N ranked by the online critic, or μ."""
         if self.cfg.actor_type == "best_of_n":
+            if self._fast_flow is not None and self._fast_critic is not None:
+                self._fast_flow.refresh()  # from the live weights: cheap next to the sampling
+                self._fast_critic.refresh()
+                return fast_best_of_n(
+                    self._fast_flow, self._fast_critic, next_obs, noise, self.cfg.flow_steps, self.cfg.q_agg
+                )
             return best_of_n(
                 self._sampling["flow"],
                 self._sampling["critic"],
@@ -252,7 +276,12 @@ class QCAgent(nn.Module):
         )
         for lp in self._lp:
             lp.refresh()
+        distill_target = None
         with torch.no_grad():
+            if self._fast_flow is not None and noise.z is not None:
+                # QC-FQL's distillation target Euler(v, s, z), before any weight moves
+                self._fast_flow.refresh()
+                distill_target = self._fast_flow.sample(batch.observations, noise.z, self.cfg.flow_steps)
             next_actions = self._target_fn(batch.next_observations, target_noise)  # (B, D)
         loss, info = self._loss_fn(
             self.critic,
@@ -264,6 +293,7 @@ class QCAgent(nn.Module):
             noise,
             self.cfg,
             self._sampling["flow"],
+            distill_target,
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -112,14 +112,17 @@ def distill_loss(
     noise: torch.Tensor,
     flow_steps: int,
     alpha: float,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Info]:
     """QC-FQL distillation ``α · mean (μ(s, z) − Euler(v, s, z))²``; the target is detached.
 
     ``actor_actions`` = μ(s, z) (B, D) is passed in so the caller runs μ once for this loss and
     :func:`q_loss`. ``flow`` may be a low-precision copy: it only produces the target.
+    ``target`` = Euler(v, s, z) when the caller sampled it already (the agent's fast sampler).
     """
-    with torch.no_grad():
-        target = euler_sample(flow, observations, noise, flow_steps)  # (B, D), clipped
+    if target is None:
+        with torch.no_grad():
+            target = euler_sample(flow, observations, noise, flow_steps)  # (B, D), clipped
     mse = (actor_actions - target).square().mean()
     return alpha * mse, {"distill_loss": mse.detach()}
 
@@ -150,11 +153,13 @@ def total_loss(
     noise: LossNoise,
     cfg: AgentConfig,
     sampling_flow: FlowActor | None = None,
+    distill_target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Info]:
     """critic + (BC flow [+ α·distill + Q loss for 'fql']); info keys ``critic/…``, ``actor/…``.
 
     ``sampling_flow`` (default ``flow``) computes the no-grad distillation target; the agent
-    passes a bf16 copy when ``cfg.sample_dtype='bfloat16'``.
+    passes a bf16 copy when ``cfg.sample_dtype='bfloat16'``; ``distill_target`` skips that
+    sampling when the caller has done it.
     """
     c_loss, c_info = critic_loss(critic, target_critic, batch, next_actions, cfg)
     obs = batch.observations
@@ -167,7 +172,7 @@ def total_loss(
             raise ValueError("actor_type='fql' needs the one-step actor and noise.z")
         mu = one_step_actor(obs, noise.z)  # (B, D)
         d_loss, d_info = distill_loss(
-            mu, sampling_flow or flow, obs, noise.z, cfg.flow_steps, cfg.alpha
+            mu, sampling_flow or flow, obs, noise.z, cfg.flow_steps, cfg.alpha, distill_target
         )
         ql, q_info = q_loss(critic, obs, mu)
         actor = actor + d_loss + ql
