@@ -169,7 +169,7 @@ def main() -> None:
             for dtype in args.dtypes:
                 for comp in [False, True] if args.compile else [False]:
                     bon = actor == "best_of_n"
-                    variants = [("module", False), ("fused", True)] if not comp else [("module", False)]
+                    variants = [("module", False), ("fused", True)]
                     agents = {}
                     for label, fast in variants:
                         cfg = AgentConfig(actor_type=actor, hidden_dims=s.hidden, sample_dtype=dtype,

@@ -68,7 +68,7 @@ class AgentConfig:
     fast_sampling: bool = True
     """Run the update's no-grad sampling on fused weight copies (one oneDNN GEMM+bias+GELU call
     per layer on CPU; the same arithmetic). False: through the nn.Module forward (the baseline
-    of benchmarks/bench_update.py). Ignored with compile=True, where inductor fuses instead."""
+    of benchmarks/bench_update.py). With compile=True only the loss is compiled."""
     obs_norm: str = "none"
     """Observation normalization: 'none' (raw observations, as the reference) or 'std'
     ((obs - mean) / max(std, obs_norm_eps) with the offline data's statistics)."""

@@ -173,7 +173,7 @@ class QCAgent(nn.Module):
         # no-grad sampling; acting and export keep the modules.
         self._fast_flow: FastFlow | None = None
         self._fast_critic: FastCritic | None = None
-        if cfg.fast_sampling and not cfg.compile and cfg.fourier_time_dims == 0:
+        if cfg.fast_sampling and cfg.fourier_time_dims == 0:
             fused = fused_linear_available(self.device)
             self._fast_flow = FastFlow(self.flow, dtype, fused)
             if cfg.actor_type == "best_of_n":
@@ -184,7 +184,8 @@ class QCAgent(nn.Module):
         self._target_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._target_actions
         self._loss_fn: Callable[..., tuple[torch.Tensor, Info]] = total_loss
         if cfg.compile:
-            self._target_fn = torch.compile(self._target_actions, dynamic=False)
+            if self._fast_flow is None:  # the fast sampler is already one fused call per layer
+                self._target_fn = torch.compile(self._target_actions, dynamic=False)
             self._loss_fn = torch.compile(total_loss, dynamic=False)
 
     # -- setup -------------------------------------------------------------------------------
