@@ -72,6 +72,7 @@ def main() -> int:
     ap.add_argument("--onnx", default="", help="the checkpoint's exported policy (default: export it)")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--push-every", type=int, default=50)
+    ap.add_argument("--start-updates", type=int, default=0, help="env steps before online updates (both arms)")
     ap.add_argument("--time-scale", type=float, default=1.0, help="wall-clock stack arm: 1 = 20 Hz")
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1000, help="first eval seed")
@@ -111,6 +112,7 @@ def main() -> int:
         cmd = (["qc-robot", "train", "experiment=cpu_small", f"agent={args.agent_group}"] + config_overrides(cfg)
                + [f"training.run_dir={run_dir}", "training.resume=true", f"training.offline_steps={offline_step}",
                   f"training.online_steps={n_steps}", "training.utd=1", "training.eval_interval=0",
+                  f"training.start_online_updates={args.start_updates}",
                   "training.eval_episodes=0", "training.save_interval=0", "training.threads=1",
                   "training.progress=false", "training.log_interval=250", f"training.seed={cfg.training.seed}"])
         _, wall = run(cmd, args.arm_timeout, out / "train_inprocess.log")
@@ -136,6 +138,7 @@ def main() -> int:
                      f"journal_dir={journal}", "threads=1", "providers=cpu"]
         ft_cmd = ["qc-robot", "finetune", f"checkpoint={args.checkpoint}", f"server={lrn}", f"run_dir={run_dir}",
                   f"max_env_steps={n_steps}", "utd=1", f"push_every={push_every}", "threads=1",
+                  f"start_updates={args.start_updates}",
                   "replay_capacity=20000", "log_interval=250", f"max_wall_s={args.arm_timeout - 60:.0f}",
                   f"seed={cfg.training.seed}"]
         drive_cmd = ["qc-robot", "drive", "driver=sim", f"env={cfg.env.name}", f"server={drv}", "episodes=10000",
