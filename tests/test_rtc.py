@@ -233,11 +233,13 @@ def test_rtc_seams_are_smoother_than_latency_aware(smooth: dict[str, Path], acto
     policy = OnnxPolicy(smooth[actor_type], warmup=0)
     jerk = {}
     for mode in ("latency_aware", "rtc"):
-        _, ex, executed, seqs = _run(policy, mode, 2)
+        # The graph draws its own (unseeded) noise: 480 steps keep the ratio's spread small.
+        _, ex, executed, seqs = _run(policy, mode, 2, steps=480)
         assert ex.stats.empty <= 2  # both ask early: no holds after the first reply
         jerk[mode], seams = seam_jerk([a if a is not None else np.zeros(3) for a in executed], seqs)
-        assert seams > 15
-    assert jerk["rtc"] < 0.5 * jerk["latency_aware"], jerk
+        assert seams > 45
+    # fql blends (ratio ~0.45), best-of-N guides (~0.15): both clearly below latency_aware.
+    assert jerk["rtc"] < 0.7 * jerk["latency_aware"], jerk
 
 
 class _LevelSource:
