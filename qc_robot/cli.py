@@ -247,11 +247,15 @@ def main(argv: list[str] | None = None) -> int:
 
         from omegaconf import OmegaConf
 
-        print(OmegaConf.to_yaml(asdict(cfg)))
+        print(OmegaConf.to_yaml(asdict(cfg)))  # type: ignore[arg-type]  # a config dataclass
         return 0
     from qc_robot.cli_checks import preflight, subject_of
 
-    return explain(verb, lambda: (preflight(verb, cfg), _load(VERBS[verb].run)(cfg))[1], subject_of(verb, cfg))
+    def checked_run() -> int:
+        preflight(verb, cfg)
+        return _load(VERBS[verb].run)(cfg)
+
+    return explain(verb, checked_run, subject_of(verb, cfg))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def groups_of(path: Path, config_dir: Path) -> list[tuple[str, str, list[str]]]:
     from omegaconf import OmegaConf
 
     out = []
-    for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):
+    loaded = OmegaConf.to_container(OmegaConf.load(path))
+    for entry in (loaded.get("defaults", []) if isinstance(loaded, dict) else []):
         if not isinstance(entry, dict):
             continue
         for key, default in entry.items():

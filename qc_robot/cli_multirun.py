@@ -45,8 +45,13 @@ def multirun(verb: str, schema: type, run: Any, config_dir: str, overrides: list
             with open_dict(cfg):
                 OmegaConf.update(cfg, key, HydraConfig.get().runtime.output_dir)
         OmegaConf.resolve(cfg)
-        dc = to_dataclass(schema, cfg)
-        code = explain(verb, lambda: (preflight(verb, dc), run(dc))[1])
+        dc: Any = to_dataclass(schema, cfg)
+
+        def checked_run(dc: Any = dc) -> int:
+            preflight(verb, dc)
+            return run(dc)
+
+        code = explain(verb, checked_run)
         codes.append(code)
         return code
 

@@ -93,7 +93,7 @@ class VideoWriter:
 
             with imageio.get_writer(self.path, fps=self.fps, macro_block_size=8) as w:
                 for f in self.frames:
-                    w.append_data(f)
+                    w.append_data(f)  # type: ignore[attr-defined]
         self.written += len(self.frames)
         self.frames = []
         return self.path

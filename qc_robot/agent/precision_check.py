@@ -49,7 +49,7 @@ def scaled_critic(obs_rep: torch.Tensor, candidates: torch.Tensor, n: int, hidde
     critic = ChunkCritic(obs_rep.shape[1], candidates.shape[1], hidden).requires_grad_(False)
     q = aggregate_q(critic(obs_rep, candidates), "mean").reshape(-1, n)
     c = sigma / q.std(dim=1).mean().item()
-    last = critic.net[-1]
+    last: torch.nn.Linear = critic.net[-1]  # type: ignore[assignment]  # the output layer
     last.weight.mul_(c)
     last.bias.mul_(c).add_(level - c * q.mean().item())
     return critic

@@ -528,7 +528,8 @@ class ControlServer:
         spec = policy.spec
         guide = self._guide(job, spec.chunk_len) if getattr(policy, "supports_guidance", False) else None
         try:
-            result = policy.predict(job.obs, guide) if guide is not None else policy.predict(job.obs)
+            # only guidance-capable policies (supports_guidance) take a guide
+            result = policy.predict(job.obs, guide) if guide is not None else policy.predict(job.obs)  # type: ignore[call-arg]
         except ValueError as e:
             return self._worker_error(P.ErrorCode.BAD_OBSERVATION, f"policy refused the observation: {e}", rid)
         except Exception as e:
