@@ -290,18 +290,24 @@ def load_flat(
         raise DatasetError(f"{path}: damaged HDF5 structure ({e})") from None
 
 
+def _selected_demos(path: str, f: Any, data: Any, filter_key: str | None) -> list[str]:
+    """The file's demo group names, restricted to robomimic's ``mask/<filter_key>`` when given."""
+    names = _demo_names(data)
+    if filter_key is None:
+        return names
+    mask = f.get(f"mask/{filter_key}")
+    if mask is None:
+        raise DatasetError(f"{path}: mask/{filter_key} is missing")
+    wanted = {_str(x) for x in mask[()]}
+    return [n for n in names if n in wanted]
+
+
 def _load_flat(
     path: str, obs_keys: list[str] | None, reward_shift: float, sparse_reward: bool, filter_key: str | None
 ) -> FlatDataset:
     with _open(path) as f:
         data, env_args = _check_header(path, f)
-        names = _demo_names(data)
-        if filter_key is not None:
-            mask = f.get(f"mask/{filter_key}")
-            if mask is None:
-                raise DatasetError(f"{path}: mask/{filter_key} is missing")
-            wanted = {_str(x) for x in mask[()]}
-            names = [n for n in names if n in wanted]
+        names = _selected_demos(path, f, data, filter_key)
         complete = [n for n in names if "num_samples" in data[n].attrs]
         if len(complete) < len(names):
             warnings.warn(
@@ -383,13 +389,7 @@ def vector_obs_keys(
     path = os.fspath(path)
     with _open(path) as f:
         data, _ = _check_header(path, f)
-        names = _demo_names(data)
-        if filter_key is not None:
-            mask = f.get(f"mask/{filter_key}")
-            if mask is None:
-                raise DatasetError(f"{path}: mask/{filter_key} is missing")
-            wanted = {_str(x) for x in mask[()]}
-            names = [n for n in names if n in wanted]
+        names = _selected_demos(path, f, data, filter_key)
         first = next((data[n] for n in names if "num_samples" in data[n].attrs), None)
         if first is None:
             raise DatasetError(f"{path}: empty file: no complete data/demo_<i> groups")

@@ -55,7 +55,8 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _uuids(out: str) -> set[str]:
+def complete_uuids(out: str) -> set[str]:
+    """uuids of the complete episodes in ``out`` (none if it does not exist)."""
     if not os.path.exists(out):
         return set()
     with h5py.File(out, "r") as f:
@@ -113,7 +114,7 @@ def recover(out: str, commit: str = "atomic") -> str | None:
     except JournalError:
         os.unlink(jp)  # killed before the begin frame was out: no step was recorded
         return None
-    if len(ep) == 0 or ep.uuid in _uuids(out):
+    if len(ep) == 0 or ep.uuid in complete_uuids(out):
         os.unlink(jp)
         return None
     ep.attrs["recovered"] = True

@@ -41,6 +41,7 @@ import numpy as np
 
 from qc_robot import protocol as P
 from qc_robot.data.frames import pack_frame, read_frame
+from qc_robot.data.recorder import complete_uuids
 from qc_robot.server.ratelog import RateLimitedLog
 
 log = logging.getLogger("qc_robot.server")
@@ -232,7 +233,7 @@ class EpisodeLogger:
     def _commit(self, out: str, items: list[tuple[_Commit, JournaledEpisode]]) -> list[str]:
         from qc_robot.data.hdf5_io import EpisodeWriter  # h5py only when logging is on
 
-        done = _uuids(out) if any(item.recovered for item, _ in items) else set()
+        done = complete_uuids(out) if any(item.recovered for item, _ in items) else set()
         tmp = out + ".commit.tmp"
         exists = os.path.exists(out)
         if exists:
@@ -299,20 +300,6 @@ def read_episode_journal(path: str) -> JournaledEpisode | None:
                 break
             ep.parts.append(tr)
     return ep if ep.parts else None
-
-
-def _uuids(out: str) -> set[str]:
-    """uuids of the complete episodes in ``out`` (none if it does not exist)."""
-    if not os.path.exists(out):
-        return set()
-    import h5py
-
-    with h5py.File(out, "r") as f:
-        data = f.get("data")
-        if not isinstance(data, h5py.Group):
-            return set()
-        return {str(g.attrs.get("uuid", "")) for k in data if k.startswith("demo_")
-                and "num_samples" in (g := data[k]).attrs} - {""}
 
 
 def _write_all(fd: int, data: bytes) -> None:
