@@ -40,8 +40,9 @@ from drivers.runner import Pacer  # noqa: E402
 from drivers.safety import SafeDriver  # noqa: E402
 from policies.base import Policy  # noqa: E402
 from qc_robot import protocol as P  # noqa: E402
-from qc_robot.server.app import ControlServer, load_policy  # noqa: E402
+from qc_robot.server.app import ControlServer  # noqa: E402
 from qc_robot.server.learner_link import CurveKeys, make_keys  # noqa: E402
+from qc_robot.server.serve import load_policy  # noqa: E402
 
 
 def curve_pair() -> tuple[CurveKeys, CurveKeys]:

@@ -36,7 +36,7 @@ VERBS: dict[str, Verb] = {
                  "success rate of a checkpoint in sim"),
     "export": Verb("qc_robot.config:ExportConfig", "qc_robot.export.onnx_export:run_export",
                    "export a checkpoint to a self-describing model.onnx"),
-    "serve": Verb("qc_robot.server.config:ServeConfig", "qc_robot.server.app:run_serve",
+    "serve": Verb("qc_robot.server.config:ServeConfig", "qc_robot.server.serve:run_serve",
                   "serve an ONNX policy's action chunks over ZeroMQ"),
     "drive": Verb("drivers.config:DriveConfig", "drivers.runner:run_drive",
                   "run a robot driver (sim or real) against a policy server"),

@@ -122,7 +122,8 @@ def run_demo(cfg: DemoConfig) -> int:
     from drivers.config import DriveConfig
     from drivers.executor import ChunkExecutor
     from drivers.runner import Pacer, build_driver, run_episode
-    from qc_robot.server.app import ControlServer, load_policy
+    from qc_robot.server.app import ControlServer
+    from qc_robot.server.serve import load_policy
 
     tty = cfg.status and sys.stdout.isatty()
     learner = _Finetune(cfg) if cfg.finetune else None

@@ -46,9 +46,10 @@ def learner(addr: str, d: str) -> None:
 
 
 def server(driver_port: str, learner_port: str, journal_dir: str) -> None:
-    from qc_robot.server.app import ControlServer, load_policy
+    from qc_robot.server.app import ControlServer
     from qc_robot.server.journal import Journal
     from qc_robot.server.learner_link import LearnerLink
+    from qc_robot.server.serve import load_policy
 
     link = LearnerLink(f"tcp://127.0.0.1:{learner_port}", Journal(journal_dir), heartbeat_s=0.2, timeout_s=3.0,
                        resend_s=1.0)

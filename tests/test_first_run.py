@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def hold_server():
     """A real control server on a free loopback port, serving a bring-up policy."""
-    from qc_robot.server.app import ControlServer, load_policy
+    from qc_robot.server.app import ControlServer
+    from qc_robot.server.serve import load_policy
 
     made = []
 

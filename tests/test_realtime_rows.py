@@ -139,7 +139,7 @@ class _NoLoad:
 def test_lockstep_rows_carry_the_outcome_of_their_own_step() -> None:
     """A lockstep robot's row i holds step i's reward and flags, and the episode's end once."""
     from drivers.mock import MockConfig
-    from qc_robot.server.app import load_policy
+    from qc_robot.server.serve import load_policy
 
     srv = ControlServer(load_policy("random:10:5:5"), "tcp://127.0.0.1:*").start()
     driver = make_safe_driver("mock", MockConfig(max_episode_steps=12))

@@ -30,12 +30,12 @@ import zmq
 from policies.base import ChunkGuide, Policy, align_guide
 from qc_robot import protocol as P
 from qc_robot.server.checks import (
+    auto_message_limit,
     check_hello,
     check_observation,
     check_transition,
     sanitize_actions,
 )
-from qc_robot.server.config import ServeConfig
 from qc_robot.server.episode_log import EpisodeLogger
 from qc_robot.server.learner_link import CurveKeys, LearnerLink
 from qc_robot.server.metadata import policy_metadata
@@ -574,15 +574,6 @@ class ControlServer:
         return P.Error(code, message, rid)
 
 
-def auto_message_limit(spec: Any) -> int:
-    """The driver port's message size limit for a policy: room for a transition of 4·H steps
-    (obs and next_obs, 4× headroom for extra keys), at least 1 MiB, at most the protocol's 64 MiB.
-    A lower limit than the protocol's keeps one peer's huge messages from stalling the loop."""
-    obs_bytes = sum(int(np.prod(f.shape)) * np.dtype(f.dtype).itemsize for f in spec.obs_fields)
-    step = 2 * obs_bytes + 4 * spec.action_dim + 64
-    return int(min(P.MAX_MESSAGE_BYTES, max(1 << 20, 4 * 4 * spec.chunk_len * step)))
-
-
 def _request_id(data: bytes) -> int | None:
     """The ``request_id`` of ``data`` where it can be read (for an internal error's reply)."""
     try:
@@ -593,31 +584,6 @@ def _request_id(data: bytes) -> int | None:
         return None
     rid = getattr(msg, "request_id", None)
     return rid if isinstance(rid, int) else None
-
-
-def load_policy(ref: str, threads: int = 1, providers: str = "auto") -> Policy:
-    """A policy from ``--policy``: an ONNX file, 'default' (the shipped one), or
-    ``hold:...``/``random:...`` for bring-up."""
-    from policies.scripted import scripted_from_ref
-
-    if ref in ("", "default"):
-        from qc_robot.assets import default_policy_path
-
-        ref = str(default_policy_path())
-
-    scripted = scripted_from_ref(ref)
-    if scripted is not None:
-        return scripted
-    from policies.onnx_policy import OnnxPolicy  # onnxruntime only when serving a model
-
-    return OnnxPolicy(ref, providers=providers, threads=threads)
-
-
-def run_serve(cfg: ServeConfig) -> int:
-    """``qc-robot serve`` (:func:`qc_robot.server.serve.run_serve`)."""
-    from qc_robot.server.serve import run_serve as run
-
-    return run(cfg)
 
 
 def _bind_retrying(sock: zmq.Socket, address: str, patience_s: float = 3.0) -> None:

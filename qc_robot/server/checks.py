@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from policies.base import PolicySpec
+from qc_robot import protocol as _P
 from qc_robot.protocol import Hello, ProtocolError, Transition, check_obs_spec
 
 _NUMERIC_KINDS = "biuf"
@@ -137,3 +138,12 @@ def _check_rows(spec: PolicySpec, obs: dict[str, Any], k: int, where: str) -> di
         _numeric_finite(f"{where}[{f.key!r}]", v)
         out[f.key] = v.astype(f.dtype, copy=False)
     return out
+
+
+def auto_message_limit(spec: Any) -> int:
+    """The driver port's message size limit for a policy: room for a transition of 4·H steps
+    (obs and next_obs, 4× headroom for extra keys), at least 1 MiB, at most the protocol's 64 MiB.
+    A lower limit than the protocol's keeps one peer's huge messages from stalling the loop."""
+    obs_bytes = sum(int(np.prod(f.shape)) * np.dtype(f.dtype).itemsize for f in spec.obs_fields)
+    step = 2 * obs_bytes + 4 * spec.action_dim + 64
+    return int(min(_P.MAX_MESSAGE_BYTES, max(1 << 20, 4 * 4 * spec.chunk_len * step)))

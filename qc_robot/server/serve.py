@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from policies.base import Policy
-from qc_robot.server.app import ControlServer, load_policy
+from qc_robot.server.app import ControlServer
 from qc_robot.server.config import ServeConfig
 from qc_robot.server.episode_log import EpisodeLogger
 from qc_robot.server.learner_link import CurveKeys, LearnerLink
@@ -21,6 +21,24 @@ from qc_robot.server.learner_link import CurveKeys, LearnerLink
 log = logging.getLogger("qc_robot.server")
 EXIT_THREAD_DIED = 70
 """Exit code when one of the server's threads died (EX_SOFTWARE)."""
+
+
+def load_policy(ref: str, threads: int = 1, providers: str = "auto") -> Policy:
+    """A policy from ``--policy``: an ONNX file, 'default' (the shipped one), or
+    ``hold:...``/``random:...`` for bring-up."""
+    from policies.scripted import scripted_from_ref
+
+    if ref in ("", "default"):
+        from qc_robot.assets import default_policy_path
+
+        ref = str(default_policy_path())
+
+    scripted = scripted_from_ref(ref)
+    if scripted is not None:
+        return scripted
+    from policies.onnx_policy import OnnxPolicy  # onnxruntime only when serving a model
+
+    return OnnxPolicy(ref, providers=providers, threads=threads)
 
 
 def run_serve(cfg: ServeConfig) -> int:
