@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from qc_robot.policies.base import ObsField
+from qc_robot.policies.onnx_policy import OnnxPolicy
 
 import qc_robot
-from policies.base import ObsField
-from policies.onnx_policy import OnnxPolicy
 from qc_robot.agent.acting import ActingPolicy
 from qc_robot.agent.networks import ChunkCritic, FlowActor, OneStepActor
 from qc_robot.export.onnx_export import build_metadata, export_policy

@@ -4,13 +4,13 @@ Modes ``open_loop``, ``latency_aware``, ``rtc`` and ``temporal_ensemble`` (drive
 run the same exported flow policy on ``cube-single-task1`` (20 Hz) with an injected inference
 delay of 0, 50, 100 and 200 ms. The clock is simulated: the sim driver is lockstep (the world
 advances one control period per command, hold or not), and a request made at tick t is answered
-at tick ``t + ceil(delay / 50 ms)`` (``drivers.simclock.DelayedPolicySource``; 0 ms: within the
+at tick ``t + ceil(delay / 50 ms)`` (``qc_robot.drivers.simclock.DelayedPolicySource``; 0 ms: within the
 tick). The policy's own compute time does not count: the delay is exactly the injected one, so
 the modes are compared on the same, reproducible timeline rather than on this machine's load.
 
 Per mode and delay: success rate, completion time (ticks to success × 50 ms, successful
 episodes), seam jerk (mean squared second difference of the commanded actions at the steps where
-execution switches chunk, ``drivers.simclock.seam_jerk``), jerk over all steps, and held ticks.
+execution switches chunk, ``qc_robot.drivers.simclock.seam_jerk``), jerk over all steps, and held ticks.
 Episodes use seeds 0..E-1 in every cell (paired).
 
 The policy: no trained checkpoint ships with the repository, so ``--train`` makes one here:
@@ -47,7 +47,8 @@ PERIOD_MS = 50.0
 
 def collect_demos(episodes: int, noise: float, seed: int) -> list[dict[str, np.ndarray]]:
     """Scripted plan-oracle episodes on the lockstep sim: [{'obs': (T, O), 'actions': (T, A)}]."""
-    from drivers.sim import SimConfig, SimDriver
+    from qc_robot.drivers.sim import SimConfig, SimDriver
+
     from qc_robot.teleop.scripted import ScriptedOperator
 
     driver = SimDriver(SimConfig(env=TASK, realtime=False, seed=seed))
@@ -78,8 +79,8 @@ def collect_demos(episodes: int, noise: float, seed: int) -> list[dict[str, np.n
 def train_policy(out: Path, demos: list[dict[str, np.ndarray]], horizon: int, steps: int, seed: int) -> Path:
     """Flow-matching BC on the demos' H-step chunks, exported (with RTC inputs) to ``out``."""
     import torch
+    from qc_robot.policies.base import ObsField
 
-    from policies.base import ObsField
     from qc_robot.agent.acting import ActingPolicy
     from qc_robot.agent.networks import ChunkCritic, FlowActor
     from qc_robot.export.onnx_export import build_metadata, export_policy
@@ -124,11 +125,11 @@ def run_cell(args: tuple[str, str, int, int, int]) -> dict[str, Any]:
     """Run ``episodes`` episodes of ``mode`` with ``delay_ms``; returns the per-episode records."""
     policy_path, mode, delay_ms, episodes, threshold_pct = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from drivers.executor import ChunkExecutor
-    from drivers.safety import SafeDriver
-    from drivers.sim import SimConfig, SimDriver
-    from drivers.simclock import DelayedPolicySource, seam_jerk
-    from policies.onnx_policy import OnnxPolicy
+    from qc_robot.drivers.executor import ChunkExecutor
+    from qc_robot.drivers.safety import SafeDriver
+    from qc_robot.drivers.sim import SimConfig, SimDriver
+    from qc_robot.drivers.simclock import DelayedPolicySource, seam_jerk
+    from qc_robot.policies.onnx_policy import OnnxPolicy
 
     policy = OnnxPolicy(policy_path, threads=1, warmup=2)
     driver = SafeDriver(SimDriver(SimConfig(env=TASK, realtime=False)))
@@ -176,9 +177,9 @@ def latency(calls: int, out: Path | None) -> str:
     import tempfile
 
     import torch
+    from qc_robot.policies.base import ChunkGuide, ObsField
+    from qc_robot.policies.onnx_policy import OnnxPolicy
 
-    from policies.base import ChunkGuide, ObsField
-    from policies.onnx_policy import OnnxPolicy
     from qc_robot.agent.acting import ActingPolicy
     from qc_robot.agent.networks import ChunkCritic, FlowActor
     from qc_robot.export.onnx_export import build_metadata, export_policy

@@ -13,8 +13,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from calibration.cli import CalibrateConfig, run_calibrate
-from calibration.files import Calibration, load_calibration, save_calibration
+from qc_robot.calibration.cli import CalibrateConfig, run_calibrate
+from qc_robot.calibration.files import Calibration, load_calibration, save_calibration
 
 TASK = "cube-single-task1"
 HIDDEN = {"kp": 0.7, "damping": 2.0, "armature": 1.0, "frictionloss": 0.0}

@@ -25,9 +25,10 @@ def main() -> None:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
-    from calibration.latency import measure_latency
-    from drivers.sim import SimConfig, SimDriver
-    from policies.scripted import HoldPolicy, simple_spec
+    from qc_robot.calibration.latency import measure_latency
+    from qc_robot.drivers.sim import SimConfig, SimDriver
+    from qc_robot.policies.scripted import HoldPolicy, simple_spec
+
     from qc_robot.server.app import ControlServer
 
     rows = []

@@ -6,7 +6,7 @@
 Each "robot" is the realtime sim driver (20 Hz control, run at ``--time-scale`` x real time)
 with physics and an actuation delay the fit is not told. It logs ``--episodes`` x ``--steps``
 excitation steps through ``record_excitation`` (rows = the robot's executed steps), and
-``calibration.sysid.identify`` fits kp, damping, armature, friction and the delay, with the same
+``qc_robot.calibration.sysid.identify`` fits kp, damping, armature, friction and the delay, with the same
 defaults as ``qc-robot calibrate step=sysid`` unless overridden. Printed: markdown rows (hidden,
 fitted, relative error, range, truth in range, identifiable) and replay errors (nominal, fitted,
 at the truth; and the truth replayed as loop rows with its whole-step delay, which is what the
@@ -48,12 +48,12 @@ def main() -> None:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
-    from calibration.excitation import record_excitation
-    from calibration.files import Calibration, save_calibration
-    from calibration.logs import load_trajectories
-    from calibration.replay import Replayer
-    from calibration.sysid import Timing, identify, obs_scale, residuals, rms
-    from drivers.sim import SimConfig, SimDriver
+    from qc_robot.calibration.excitation import record_excitation
+    from qc_robot.calibration.files import Calibration, save_calibration
+    from qc_robot.calibration.logs import load_trajectories
+    from qc_robot.calibration.replay import Replayer
+    from qc_robot.calibration.sysid import Timing, identify, obs_scale, residuals, rms
+    from qc_robot.drivers.sim import SimConfig, SimDriver
 
     rep = Replayer(TASK)
     out = []

@@ -51,7 +51,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from policies.base import ObsField
+    from qc_robot.policies.base import ObsField
+
     from qc_robot.agent.agent import QCAgent
     from qc_robot.cli import compose
     from qc_robot.data.replay import ChunkReplay

@@ -92,7 +92,8 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(1)
-        from policies.onnx_policy import OnnxPolicy
+        from qc_robot.policies.onnx_policy import OnnxPolicy
+
         from qc_robot.train.checkpoint import load_checkpoint
         from qc_robot.train.evaluate import evaluate
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibration.files import (
+from qc_robot.calibration.files import (
     Calibration,
     CalibrationError,
     default_path,
@@ -64,7 +64,7 @@ class CalibrateConfig:
     steps: int = 50
     """excite/sysid: steps per episode written / used."""
     kinds: list[str] = field(default_factory=lambda: ["kp", "damping", "armature", "frictionloss"])
-    """Physical parameter kinds to fit (calibration.randomization.PARAM_KINDS)."""
+    """Physical parameter kinds to fit (qc_robot.calibration.randomization.PARAM_KINDS)."""
     max_delay: int = 4
     """sysid: largest control delay considered (steps; realtime logs: latencies up to this many periods)."""
     max_iters: int = 20
@@ -94,7 +94,7 @@ class CalibrateConfig:
 
 
 def _driver(cfg: CalibrateConfig) -> Any:
-    from drivers.registry import driver_config, make_driver
+    from qc_robot.drivers.registry import driver_config, make_driver
 
     values: dict[str, Any] = dict(env=cfg.task, realtime=cfg.realtime, time_scale=cfg.time_scale,
                                   latency_ms=cfg.latency_ms, obs_noise=cfg.obs_noise, seed=cfg.seed)
@@ -105,15 +105,16 @@ def _driver(cfg: CalibrateConfig) -> Any:
 
 
 def _latency(cfg: CalibrateConfig) -> dict[str, Any]:
-    from calibration.latency import measure_latency
+    from qc_robot.calibration.latency import measure_latency
 
     driver = _driver(cfg)
     server = None
     try:
         address = cfg.server
         if cfg.server == "local":
-            from policies.base import PolicySpec
-            from policies.scripted import HoldPolicy
+            from qc_robot.policies.base import PolicySpec
+            from qc_robot.policies.scripted import HoldPolicy
+
             from qc_robot.server.app import ControlServer
 
             s = driver.spec
@@ -129,9 +130,9 @@ def _latency(cfg: CalibrateConfig) -> dict[str, Any]:
 
 
 def _sysid(cfg: CalibrateConfig, out: Path) -> dict[str, Any]:
-    from calibration.logs import load_trajectories
-    from calibration.replay import Replayer
-    from calibration.sysid import identify, plot_fit
+    from qc_robot.calibration.logs import load_trajectories
+    from qc_robot.calibration.replay import Replayer
+    from qc_robot.calibration.sysid import identify, plot_fit
 
     trajs = load_trajectories(cfg.dataset, cfg.task, cfg.episodes, cfg.steps)
     rep = Replayer(cfg.task, cfg.seed)
@@ -175,14 +176,14 @@ def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
 
     drifted = []
     if cfg.dataset:
-        from calibration.logs import check_log
+        from qc_robot.calibration.logs import check_log
 
         check_log(cfg.dataset, cfg.task, episodes=None)
     if cal.physics is not None and cfg.dataset:
-        from calibration.logs import load_trajectories
-        from calibration.replay import Replayer, replay_mode
-        from calibration.sysid import Timing, obs_scale, residuals, rms, timing_candidates
-        from sim.tasks import task_spec
+        from qc_robot.calibration.logs import load_trajectories
+        from qc_robot.calibration.replay import Replayer, replay_mode
+        from qc_robot.calibration.sysid import Timing, obs_scale, residuals, rms, timing_candidates
+        from qc_robot.sim.tasks import task_spec
 
         trajs = load_trajectories(cfg.dataset, cfg.task, cfg.episodes, cfg.steps)
         mode = replay_mode(trajs, cfg.replay)
@@ -208,7 +209,7 @@ def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
               f"{ref:.4f}, drift above {cfg.drift_factor * ref:.4f}){'  DRIFT' if bad else '  ok'}")
         drifted += ["physics"] if bad else []
     if cal.normalization is not None and cfg.dataset:
-        from calibration.normalization import dataset_stats
+        from qc_robot.calibration.normalization import dataset_stats
 
         new, old = dataset_stats(cfg.dataset), cal.normalization
         for key in sorted(set(new["obs"]) & set(old["obs"])):
@@ -236,7 +237,7 @@ def run_calibrate(cfg: CalibrateConfig) -> int:
     try:
         out = Path(cfg.out) if cfg.out else default_path(cfg.robot_id)
         if cfg.step == "excite":
-            from calibration.excitation import record_excitation
+            from qc_robot.calibration.excitation import record_excitation
 
             if not cfg.dataset:
                 raise CalibrationError("excite needs dataset=<path to write>")
@@ -267,11 +268,11 @@ def run_calibrate(cfg: CalibrateConfig) -> int:
                   f"actuation p50/p90 {lat['actuation_ms']['p50']:.1f}/{lat['actuation_ms']['p90']:.1f} ms -> "
                   f"{lat['actuation_delay_steps']} steps; obs noise std {lat['obs_noise_std']:.2g}")
         if cfg.dataset and cfg.step in ("normalization", "sysid", "all"):
-            from calibration.logs import check_log
+            from qc_robot.calibration.logs import check_log
 
             check_log(cfg.dataset, cfg.task, episodes=None)  # before any step reads it
         if cfg.step in ("normalization", "all") and cfg.dataset:
-            from calibration.normalization import dataset_stats
+            from qc_robot.calibration.normalization import dataset_stats
 
             cal.normalization = dataset_stats(cfg.dataset)
             print(f"normalization: {cal.normalization['transitions']} transitions of "

@@ -36,7 +36,7 @@ def record_excitation(driver: Any, path: str, episodes: int = 3, steps: int = 50
 
     Realtime drivers are paced at their control rate (× ``time_scale``). A realtime driver that
     logs its executed steps (``driver.logs_steps``) gives one row per executed step, the command
-    it applied and its timing (``calibration.logs``): what sysid replays exactly. Commands are then
+    it applied and its timing (``qc_robot.calibration.logs``): what sysid replays exactly. Commands are then
     sent at a random phase between the robot's ticks, so the log bounds the actuation latency
     tightly. Other drivers give one row per command sent, the observation read one period later.
     """
@@ -88,7 +88,7 @@ def record_excitation(driver: Any, path: str, episodes: int = 3, steps: int = 50
 
 def _executed_rows(driver: Any, steps: int, period: float, applied: list[np.ndarray], t_sent: list[float],
                    t0: float, time_scale: float, key: str) -> dict[str, np.ndarray]:
-    """The first ``steps`` executed steps of the episode as log arrays (see ``calibration.logs``)."""
+    """The first ``steps`` executed steps of the episode as log arrays (see ``qc_robot.calibration.logs``)."""
     if not driver.wait_step(steps, 10 * steps * period):
         raise RuntimeError(f"the robot executed fewer than {steps} steps in the excitation episode")
     rows = driver.executed_steps()[:steps]

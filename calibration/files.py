@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibration.randomization import PARAM_KINDS, check_params
+from qc_robot.calibration.randomization import PARAM_KINDS, check_params
 
 FORMAT = "qc-robot-calibration"
 VERSION = 1
@@ -39,13 +39,13 @@ class Calibration:
     """Sim task the sections were measured for (obs layout and sim model); '' = any."""
     control_hz: float = 20.0
     latency: dict[str, Any] | None = None
-    """``calibration.latency.measure_latency`` output: rtt_ms / actuation_ms stats (p50, p90, p99,
+    """``qc_robot.calibration.latency.measure_latency`` output: rtt_ms / actuation_ms stats (p50, p90, p99,
     mean, max, n), ``inference_delay_steps``, ``actuation_delay_steps``, ``obs_noise_std``."""
     normalization: dict[str, Any] | None = None
-    """``calibration.normalization.dataset_stats`` output: per obs key and for actions, mean, std,
+    """``qc_robot.calibration.normalization.dataset_stats`` output: per obs key and for actions, mean, std,
     min, max, percentiles; ``action_limits``; the dataset it came from."""
     physics: dict[str, Any] | None = None
-    """``params`` (kind → value, see ``calibration.randomization``), ``ranges`` (kind → [lo, hi]),
+    """``params`` (kind → value, see ``qc_robot.calibration.randomization``), ``ranges`` (kind → [lo, hi]),
     ``control_delay_steps``, ``sigma`` and the fit report."""
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
     notes: str = ""

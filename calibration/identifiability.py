@@ -19,8 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from calibration.randomization import PARAM_KINDS, from_fit, to_fit
+from qc_robot.calibration.randomization import PARAM_KINDS, from_fit, to_fit
 
 SCALE_STEPS = (0.1, 0.35, 0.7)
 """Profile offsets in log coordinates: x1.1, x1.4, x2 (and their inverses)."""

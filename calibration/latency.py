@@ -202,7 +202,7 @@ def measure_latency(driver: Any, address: str, requests: int = 50, trials: int =
                     seed: int = 0) -> dict[str, Any]:
     """The calibration's ``latency`` section: round trips via the server at ``address`` and step
     tests on ``driver`` (connected here; reset once)."""
-    from drivers.client import PolicyClient  # pyzmq
+    from qc_robot.drivers.client import PolicyClient  # pyzmq
 
     driver.connect()
     driver.reset(seed)

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from calibration.files import CalibrationError
+from qc_robot.calibration.files import CalibrationError
 
 TIMING_KEYS = ("held", "t_tick", "t_sent")
 """Fields of a realtime excitation log (all or none)."""
@@ -69,7 +68,7 @@ def _env_args(path: str, f: Any) -> dict[str, Any]:
 def check_task(path: str, env_args: dict[str, Any], task: str, obs_dim: int | None = None,
                act_dim: int | None = None) -> None:
     """Refuse a log recorded on another task: its ``env_args['task']``, else its widths and rate."""
-    from sim.tasks import task_spec  # static table
+    from qc_robot.sim.tasks import task_spec  # static table
 
     spec = task_spec(task)
     logged = env_args.get("task") or env_args.get("env")

@@ -2,7 +2,7 @@
 
 A log is replayed one control step per row. What a row's command means depends on the log:
 
-* **Executed steps** (a realtime driver's own record, ``calibration.logs``): row ``t``'s action is
+* **Executed steps** (a realtime driver's own record, ``qc_robot.calibration.logs``): row ``t``'s action is
   the command the robot's controller applied at that tick (the hold command on a held tick), so
   the replay runs them as they are: the robot's latency, its held ticks and its late reads are
   already in the rows, and at the robot's true physics the replay reproduces the log.
@@ -21,9 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from calibration.logs import Trajectory
-from calibration.randomization import PhysicsParams
+from qc_robot.calibration.logs import Trajectory
+from qc_robot.calibration.randomization import PhysicsParams
 
 MODES = ("auto", "lockstep", "executed")
 
@@ -47,7 +46,7 @@ class Replayer:
     OGBench env takes about a second)."""
 
     def __init__(self, env_name: str, seed: int = 0) -> None:
-        from sim.tasks import make_env
+        from qc_robot.sim.tasks import make_env
 
         self.env = make_env(env_name, seed=seed)
         self.env.reset(seed=seed)

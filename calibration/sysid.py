@@ -1,6 +1,6 @@
 """System identification: fit the sim's physical parameters and control delay to logged robot data.
 
-Each logged trajectory is replayed *open loop* (``calibration.replay``), one control step per
+Each logged trajectory is replayed *open loop* (``qc_robot.calibration.replay``), one control step per
 row: a lockstep log's commands shifted by a candidate whole-step delay; a realtime log of executed
 steps as the robot applied them (its latency and held ticks are in the rows), the delay then read
 off the log's timing instead of fitted. The error is over the arm's proprioceptive dims (joint pos/vel, effector pos/yaw,
@@ -18,7 +18,7 @@ Fit, in four stages:
    so it does not.
 3. **Local**: ``scipy.optimize.least_squares`` from the global optimum; the timing is re-scanned
    at the fit, and the local stage repeated once if it changed.
-4. **Identifiability** (``calibration.identifiability``): each parameter's error profile gives
+4. **Identifiability** (``qc_robot.calibration.identifiability``): each parameter's error profile gives
    its range, or the statement that this log does not identify it.
 """
 
@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from calibration.logs import Trajectory
-from calibration.randomization import PARAM_KINDS, from_fit, nominal_params, to_fit
-from calibration.replay import Replayer, replay_mode
+from qc_robot.calibration.logs import Trajectory
+from qc_robot.calibration.randomization import PARAM_KINDS, from_fit, nominal_params, to_fit
+from qc_robot.calibration.replay import Replayer, replay_mode
 
 log = logging.getLogger("qc_robot.calibration")
 OBS_DIMS = slice(0, 18)
@@ -234,10 +233,9 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
              profile: bool = True, seed: int = 0, global_rows: int = 25, starts: int = 1, start_iters: int = 6,
              min_dist: float = 0.4) -> SysIdResult:
     """Fit ``kinds`` and the timing to ``trajs`` (see the module docstring)."""
+    from qc_robot.calibration.identifiability import assess
+    from qc_robot.sim.tasks import task_spec
     from scipy.optimize import least_squares
-
-    from calibration.identifiability import assess
-    from sim.tasks import task_spec
 
     t0 = time.monotonic()
     for k in kinds:

@@ -2,7 +2,7 @@
 
 Modelled on LeRobot's ``Robot``: a driver declares its observation and action spec, and
 ``send_action`` returns the action actually applied after clipping. Drivers are wrapped in
-``drivers.safety.SafeDriver`` by the registry, so the limits below are the last line of defence,
+``qc_robot.drivers.safety.SafeDriver`` by the registry, so the limits below are the last line of defence,
 not the only one. numpy only: a robot PC needs neither torch nor mujoco to import this.
 """
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from qc_robot.policies.base import ObsField
 
-from policies.base import ObsField
 from qc_robot.protocol import Hello, obs_spec_to_wire
 
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
+from qc_robot.drivers.outbox import Outbox
 
-from drivers.outbox import Outbox
 from qc_robot import protocol as P
 
 if TYPE_CHECKING:

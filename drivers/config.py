@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from drivers.safety import SafetyConfig
+from qc_robot.drivers.safety import SafetyConfig
+
 from qc_robot.config import EnvConfig
 
 
@@ -14,7 +15,7 @@ class DriveConfig:
     """Run a driver against a policy server for a number of episodes."""
 
     driver: str = "sim"
-    """Registered driver name (drivers.registry): 'sim' or 'mock'."""
+    """Registered driver name (qc_robot.drivers.registry): 'sim' or 'mock'."""
     env: EnvConfig = field(default_factory=lambda: EnvConfig(name="cube-single-task1"))
     """The simulated task (sim driver only; the shipped default policy's task by default)."""
     server: str = "tcp://127.0.0.1:5555"

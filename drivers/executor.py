@@ -40,7 +40,7 @@ MODES = ("open_loop", "latency_aware", "rtc", "temporal_ensemble")
 
 
 class ChunkSource(Protocol):
-    """What the executor needs from a client (``drivers.client.PolicyClient`` implements it).
+    """What the executor needs from a client (``qc_robot.drivers.client.PolicyClient`` implements it).
 
     In ``rtc`` mode ``request`` is also given ``prev_start_step`` (start step of the chunk being
     executed, -1 for none) and ``delay_steps`` (steps the answer is expected to take) as keywords.
@@ -105,7 +105,7 @@ class ChunkExecutor:
         """``temporal_ensemble``: weight exp(-m·j) for the j-th oldest prediction of a step."""
         self.gate, self.gate_retry_s = gate, gate_retry_s
         """Lockstep only: a chunk the gate refuses is dropped and asked for again after
-        ``gate_retry_s`` (``drivers.runner.PolicyPace``: wait for a newer policy)."""
+        ``gate_retry_s`` (``qc_robot.drivers.runner.PolicyPace``: wait for a newer policy)."""
         self._refused = False
         self.stats = ExecutorStats()
         self._queue: collections.deque[tuple[int, np.ndarray, int]] = collections.deque()  # (step, action, seq)

@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from drivers.base import Driver, DriverSpec, StepInfo
-from policies.base import ObsField
+from qc_robot.drivers.base import Driver, DriverSpec, StepInfo
+from qc_robot.policies.base import ObsField
 
 log = logging.getLogger("qc_robot.lerobot")
 

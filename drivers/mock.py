@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from drivers.base import Driver, DriverSpec, StepInfo
-from policies.base import ObsField
+from qc_robot.drivers.base import Driver, DriverSpec, StepInfo
+from qc_robot.policies.base import ObsField
 
 DEFAULT_EPISODE_STEPS = 100
 
@@ -98,7 +97,7 @@ def policy_dims(ref: str, obs_key: str = "state") -> tuple[int, int, float]:
     The policy must observe one flat vector under ``obs_key`` (as every policy this project
     exports does); anything else cannot be mimicked by a point robot and is a ValueError.
     """
-    from policies.scripted import scripted_from_ref
+    from qc_robot.policies.scripted import scripted_from_ref
 
     if ref == "default":
         from qc_robot.assets import default_policy_path
@@ -110,8 +109,7 @@ def policy_dims(ref: str, obs_key: str = "state") -> tuple[int, int, float]:
         fields, act_dim, hz = spec.obs_fields, spec.action_dim, spec.control_hz
     else:
         import onnxruntime as ort  # the robot-side runtime; only when sizing from a file
-
-        from policies.onnx_metadata import PolicyMetadata
+        from qc_robot.policies.onnx_metadata import PolicyMetadata
 
         session = ort.InferenceSession(ref, providers=["CPUExecutionProvider"])
         meta = PolicyMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))

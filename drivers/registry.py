@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from drivers.base import Driver
-from drivers.lerobot_driver import LeRobotConfig, LeRobotDriver
-from drivers.mock import MockConfig, MockDriver
-from drivers.safety import SafeDriver, SafetyConfig
-from drivers.sim import SimConfig, SimDriver
-from drivers.xarm import XArmConfig, XArmDriver
+from qc_robot.drivers.base import Driver
+from qc_robot.drivers.lerobot_driver import LeRobotConfig, LeRobotDriver
+from qc_robot.drivers.mock import MockConfig, MockDriver
+from qc_robot.drivers.safety import SafeDriver, SafetyConfig
+from qc_robot.drivers.sim import SimConfig, SimDriver
+from qc_robot.drivers.xarm import XArmConfig, XArmDriver
 
 DRIVERS: dict[str, tuple[type, type[Driver]]] = {
     "mock": (MockConfig, MockDriver),

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from qc_robot.calibration.files import load_calibration
+from qc_robot.drivers.base import ExecutedStep, StepInfo
+from qc_robot.drivers.client import HandshakeError, PolicyClient
+from qc_robot.drivers.config import DriveConfig
+from qc_robot.drivers.executor import ChunkExecutor
+from qc_robot.drivers.outbox import Outbox
+from qc_robot.drivers.registry import driver_config, make_driver
+from qc_robot.drivers.safety import SafeDriver
 
-from calibration.files import load_calibration
-from drivers.base import ExecutedStep, StepInfo
-from drivers.client import HandshakeError, PolicyClient
-from drivers.config import DriveConfig
-from drivers.executor import ChunkExecutor
-from drivers.outbox import Outbox
-from drivers.registry import driver_config, make_driver
-from drivers.safety import SafeDriver
 from qc_robot import protocol as P
 
 log = logging.getLogger("qc_robot.runner")

@@ -9,7 +9,7 @@ world keeps moving while the policy thinks, so inference delay has its real cost
 Lockstep mode (``realtime=False``): each ``send_action`` advances exactly one control step, with
 latency expressed as whole steps of delay; deterministic for a seed (conformance tests, evals).
 
-Every realtime tick is logged as an :class:`~drivers.base.ExecutedStep` (observation before,
+Every realtime tick is logged as an :class:`~qc_robot.drivers.base.ExecutedStep` (observation before,
 command applied, held or not, reward and flags, observation after, timestamps): the exact
 transitions the control loop streams and calibration replays. A realtime observation is one
 sensor reading per tick (noise drawn once per tick), so every read between two ticks agrees with
@@ -20,8 +20,8 @@ applied to the MuJoCo model, its control delay and observation noise are used wh
 leaves ``latency_ms``/``obs_noise`` at 0, and with ``randomize`` every episode draws the parameters
 from the file's ranges (domain randomization for training and robustness evals).
 
-Only the gymnasium API of ``sim.tasks.make_env`` (plus ``env.unwrapped.model`` for calibration)
-is used; mujoco/ogbench are imported when the driver connects, so ``import drivers.sim`` stays cheap.
+Only the gymnasium API of ``qc_robot.sim.tasks.make_env`` (plus ``env.unwrapped.model`` for calibration)
+is used; mujoco/ogbench are imported when the driver connects, so ``import qc_robot.drivers.sim`` stays cheap.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from drivers.base import Driver, DriverSpec, ExecutedStep, StepInfo
-from policies.base import ObsField
+from qc_robot.drivers.base import Driver, DriverSpec, ExecutedStep, StepInfo
+from qc_robot.policies.base import ObsField
 
 log = logging.getLogger("qc_robot.sim")
 LOG_STEPS = 100_000
@@ -46,7 +45,7 @@ LOG_STEPS = 100_000
 @dataclass
 class SimConfig:
     env: str = "cube-double-task2"
-    """Task name from ``sim.tasks`` (e.g. cube-double-task2)."""
+    """Task name from ``qc_robot.sim.tasks`` (e.g. cube-double-task2)."""
     sparse_reward: bool | None = None
     """None: the task's paper default."""
     max_episode_steps: int = 0
@@ -72,7 +71,7 @@ class SimDriver(Driver):
     name = "sim"
 
     def __init__(self, cfg: SimConfig | None = None) -> None:
-        from sim.tasks import task_spec  # static table, no simulator import
+        from qc_robot.sim.tasks import task_spec  # static table, no simulator import
 
         self.cfg = cfg = cfg or SimConfig()
         if cfg.time_scale <= 0:
@@ -89,7 +88,7 @@ class SimDriver(Driver):
         """Id of the calibration in use (recorded with every logged episode); '' = none."""
         latency_ms, self._obs_noise = cfg.latency_ms, cfg.obs_noise
         if cfg.calibration:
-            from calibration.files import load_calibration  # stdlib + numpy only
+            from qc_robot.calibration.files import load_calibration  # stdlib + numpy only
 
             self.calibration = load_calibration(cfg.calibration, task=cfg.env)
             self.calibration_id = self.calibration.id
@@ -102,7 +101,7 @@ class SimDriver(Driver):
         self.latency_ms = latency_ms
         self._latency_s = latency_ms / 1e3 / cfg.time_scale
         self._latency_steps = int(round(latency_ms / 1e3 * self.task.control_hz))
-        self._physics: Any = None  # calibration.randomization.PhysicsParams once connected
+        self._physics: Any = None  # qc_robot.calibration.randomization.PhysicsParams once connected
         self._phys_rng = np.random.default_rng(cfg.seed + 2)
         self._env: Any = None
         self._lock = threading.Lock()  # guards obs and info between the tick thread and readers
@@ -125,12 +124,12 @@ class SimDriver(Driver):
 
     def connect(self) -> None:
         if self._env is None:
-            from sim.tasks import make_env
+            from qc_robot.sim.tasks import make_env
 
             self._env = make_env(self.cfg.env, sparse_reward=self.cfg.sparse_reward,
                                  max_episode_steps=self.spec.max_episode_steps, seed=self.cfg.seed)
             if self.calibration is not None and self.calibration.physics:
-                from calibration.randomization import PhysicsParams
+                from qc_robot.calibration.randomization import PhysicsParams
 
                 self._env.reset(seed=self.cfg.seed)  # OGBench compiles the MjModel on the first reset
                 self._physics = PhysicsParams(self._env)
@@ -139,7 +138,7 @@ class SimDriver(Driver):
     @property
     def physics_params(self) -> dict[str, float]:
         """Physical parameters applied to the model now (the stock model's if uncalibrated)."""
-        from calibration.randomization import nominal_params
+        from qc_robot.calibration.randomization import nominal_params
 
         return dict(self._physics.current) if self._physics is not None else nominal_params()
 
@@ -167,7 +166,7 @@ class SimDriver(Driver):
         if seed is not None:
             self._phys_rng = np.random.default_rng(seed + 2)
         if self.cfg.randomize and self._physics is not None:
-            from calibration.randomization import sample_params
+            from qc_robot.calibration.randomization import sample_params
 
             phys = self.calibration.physics
             self._physics.apply(sample_params(phys["ranges"], self._phys_rng, phys["params"]))

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from qc_robot.policies.base import Policy, align_guide
 
-from policies.base import Policy, align_guide
 from qc_robot import protocol as P
 
 
@@ -29,7 +29,7 @@ class _Pending:
 
 
 class DelayedPolicySource:
-    """A :class:`drivers.executor.ChunkSource` backed by ``policy``, answering ``delay_steps``
+    """A :class:`qc_robot.drivers.executor.ChunkSource` backed by ``policy``, answering ``delay_steps``
     control steps after each request (a sequence: request k takes ``delay_steps[k % len]``, a
     jittery delay); ``now()`` returns the current control step."""
 

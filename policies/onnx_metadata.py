@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from policies.base import ObsField, PolicySpec
+from qc_robot.policies.base import ObsField, PolicySpec
 
 FORMAT_NAME = "qc-robot-policy"
 FORMAT_VERSION = 1

@@ -1,12 +1,12 @@
 """Serve an exported ``model.onnx`` with onnxruntime alone (numpy + onnxruntime; no torch).
 
-The file describes itself (:mod:`policies.onnx_metadata`): observation keys, shapes and order,
+The file describes itself (:mod:`qc_robot.policies.onnx_metadata`): observation keys, shapes and order,
 chunk length, control rate and action limits. The graph already returns actions in robot units
 clipped to the limits, so this module only checks observations, concatenates them in spec order
 and times the call.
 
 Real-time chunking: a file exported with ``rtc`` (metadata ``rtc: true``) continues a previous
-chunk when given a :class:`policies.base.ChunkGuide` (``predict(obs, guide)``): the first
+chunk when given a :class:`qc_robot.policies.base.ChunkGuide` (``predict(obs, guide)``): the first
 ``guide.frozen`` actions come back unchanged and the rest is guided toward the previous plan.
 Files exported before RTC (no such inputs) still load and serve; they ignore the guide
 (``supports_guidance`` is False, the chunk is the plain one and ``frozen`` 0).
@@ -25,16 +25,15 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-
-from policies.base import ChunkGuide, ChunkResult, PolicySpec
-from policies.onnx_metadata import MetadataError, PolicyMetadata
+from qc_robot.policies.base import ChunkGuide, ChunkResult, PolicySpec
+from qc_robot.policies.onnx_metadata import MetadataError, PolicyMetadata
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
 class OnnxPolicy:
-    """A :class:`policies.base.Policy` backed by an onnxruntime session.
+    """A :class:`qc_robot.policies.base.Policy` backed by an onnxruntime session.
 
     ``providers``: 'auto' (CUDA when onnxruntime-gpu sees a GPU, else CPU), 'cpu' or 'cuda'.
     ``threads``: intra-op threads (1 is fastest per call on a loaded robot PC; see

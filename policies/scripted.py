@@ -10,8 +10,7 @@ import time
 from typing import Any
 
 import numpy as np
-
-from policies.base import ChunkResult, ObsField, PolicySpec
+from qc_robot.policies.base import ChunkResult, ObsField, PolicySpec
 
 
 def simple_spec(obs_dim: int, action_dim: int, chunk_len: int, control_hz: float = 20.0,

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+import qc_robot.configs
+
+CONFIG_DIR = Path(qc_robot.configs.__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class Verb:
 
 
 VERBS: dict[str, Verb] = {
-    "datagen": Verb("qc_robot.config:DatagenConfig", "sim.datagen:run_datagen",
+    "datagen": Verb("qc_robot.config:DatagenConfig", "qc_robot.sim.datagen:run_datagen",
                     "generate an offline play dataset in sim with OGBench's scripted oracles"),
     "train": Verb("qc_robot.config:TrainConfig", "qc_robot.train.learner:run_train",
                   "train the QC agent: offline updates, then online env steps"),
@@ -38,7 +40,7 @@ VERBS: dict[str, Verb] = {
                    "export a checkpoint to a self-describing model.onnx"),
     "serve": Verb("qc_robot.server.config:ServeConfig", "qc_robot.server.serve:run_serve",
                   "serve an ONNX policy's action chunks over ZeroMQ"),
-    "drive": Verb("drivers.config:DriveConfig", "drivers.runner:run_drive",
+    "drive": Verb("qc_robot.drivers.config:DriveConfig", "qc_robot.drivers.runner:run_drive",
                   "run a robot driver (sim or real) against a policy server"),
     "finetune": Verb("qc_robot.finetune.config:FinetuneConfig", "qc_robot.finetune.loop:run_finetune",
                      "fine-tune a checkpoint online from robots' transitions via the server's learner port"),
@@ -55,7 +57,7 @@ VERBS: dict[str, Verb] = {
                      ("recover", "commit the episodes a crashed teleop run left in FILE's journal"))),
     "demo": Verb("qc_robot.demo:DemoConfig", "qc_robot.demo:run_demo",
                  "the whole loop in one command: serve the shipped policy, drive the sim, summary"),
-    "calibrate": Verb("calibration.cli:CalibrateConfig", "calibration.cli:run_calibrate",
+    "calibrate": Verb("qc_robot.calibration.cli:CalibrateConfig", "qc_robot.calibration.cli:run_calibrate",
                       "measure latency, dataset stats and sim physics into calibration/<robot_id>.json"),
 }
 

@@ -1,7 +1,7 @@
 """Checks of a composed config before its verb runs: files that must exist, task names.
 
 A failed check raises :class:`~qc_robot.cli_errors.UserError` with the one line to show, naming
-the key to fix. Checks import only what they check with (``sim.tasks`` for a task name), so a
+the key to fix. Checks import only what they check with (``qc_robot.sim.tasks`` for a task name), so a
 robot PC without the ``sim`` extra gets the extra's install hint for a sim verb, and nothing
 for ``serve`` or ``drive driver=mock``.
 """
@@ -81,7 +81,7 @@ def need_file(path: str, key: str, what: str) -> None:
 
 def check_policy_ref(ref: str) -> None:
     """``policy`` must be 'default', a scripted bring-up policy or an existing file."""
-    from policies.scripted import scripted_from_ref
+    from qc_robot.policies.scripted import scripted_from_ref
 
     if ref in ("", "default"):
         from qc_robot.assets import default_policy_path
@@ -110,7 +110,7 @@ def fold_names(names: list[str]) -> str:
 
 
 def check_task(name: str, key: str = "env.name") -> None:
-    from sim.tasks import list_tasks, task_spec  # needs the sim extra (gymnasium)
+    from qc_robot.sim.tasks import list_tasks, task_spec  # needs the sim extra (gymnasium)
 
     try:
         task_spec(name)

@@ -83,7 +83,7 @@ class EnvConfig:
     """A simulated task."""
 
     name: str = "cube-single-task1"
-    """Short task name ('' in ``eval``: the checkpoint's task); understood by ``sim.tasks`` (e.g. cube-double-task2, scene-task2)."""
+    """Short task name ('' in ``eval``: the checkpoint's task); understood by ``qc_robot.sim.tasks`` (e.g. cube-double-task2, scene-task2)."""
     sparse_reward: bool | None = None
     """r = -1 unless the env reward is 0; None: the task's default (sparse for scene and puzzle,
     as in the paper)."""

@@ -72,9 +72,9 @@ class _Finetune:
     def __init__(self, cfg: DemoConfig) -> None:
         from pathlib import Path
 
-        from policies.onnx_policy import OnnxPolicy
         from qc_robot.config import ExportConfig
         from qc_robot.export.onnx_export import run_export
+        from qc_robot.policies.onnx_policy import OnnxPolicy
         from qc_robot.server.journal import Journal
         from qc_robot.server.learner_link import LearnerLink
 
@@ -118,10 +118,10 @@ def _status(live: _Live, cfg: DemoConfig, limit: int, rtt: list[float], server: 
 
 def run_demo(cfg: DemoConfig) -> int:
     """CLI entry: serve, drive ``cfg.episodes`` episodes, print a summary; 0 on a clean run."""
-    from drivers.client import PolicyClient
-    from drivers.config import DriveConfig
-    from drivers.executor import ChunkExecutor
-    from drivers.runner import Pacer, build_driver, run_episode
+    from qc_robot.drivers.client import PolicyClient
+    from qc_robot.drivers.config import DriveConfig
+    from qc_robot.drivers.executor import ChunkExecutor
+    from qc_robot.drivers.runner import Pacer, build_driver, run_episode
     from qc_robot.server.app import ControlServer
     from qc_robot.server.serve import load_policy
 

@@ -334,7 +334,7 @@ LEARNER_TYPES = frozenset({"subscribe", "ack", "heartbeat", "policy_push", "bye"
 
 
 def obs_spec_to_wire(fields: Any) -> list[dict[str, Any]]:
-    """Objects with ``key``/``shape``/``dtype`` (e.g. ``policies.base.ObsField``) → wire form."""
+    """Objects with ``key``/``shape``/``dtype`` (e.g. ``qc_robot.policies.base.ObsField``) → wire form."""
     return [{"key": str(f.key), "shape": [int(s) for s in f.shape], "dtype": str(f.dtype)} for f in fields]
 
 

@@ -41,7 +41,7 @@ def check_video_path(path: str) -> None:
 
 
 def render_frame(env: Any) -> np.ndarray:
-    """One RGB frame (H, W, 3) uint8 of a task env (``sim.tasks.TaskEnv`` or a gymnasium env)."""
+    """One RGB frame (H, W, 3) uint8 of a task env (``qc_robot.sim.tasks.TaskEnv`` or a gymnasium env)."""
     base = getattr(env, "unwrapped", env)
     return np.asarray(base.render(), np.uint8)
 

@@ -2,7 +2,7 @@
 
 ``cube-double-task2`` maps to OGBench's ``cube-double-play-singletask-task2-v0``. OGBench
 builds these environments offline (``make_env_and_datasets(id, env_only=True)``); only the
-datasets need a download, and ``sim.datagen`` makes those locally instead.
+datasets need a download, and ``qc_robot.sim.datagen`` makes those locally instead.
 
 Facts from the installed ``ogbench`` package (``manipspace/__init__.py``, ``envs/*.py``):
 singletask envs use ``success_timing='pre'`` (reward, success and ``terminated`` describe the

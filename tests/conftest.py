@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """cube-single-task1 play data: 3 episodes x 60 steps from OGBench's oracle."""
-    from sim.datagen import generate
+    from qc_robot.sim.datagen import generate
 
     out = tmp_path_factory.mktemp("data") / "cube-single-task1.hdf5"
     generate("cube-single-task1", num_episodes=3, episode_length=60, noise=0.1, seed=0,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from qc_robot.policies.base import ObsField
+from qc_robot.policies.onnx_metadata import PolicyMetadata
 
-from policies.base import ObsField
-from policies.onnx_metadata import PolicyMetadata
 from qc_robot.agent.acting import ActingPolicy
 from qc_robot.agent.networks import ChunkCritic, FlowActor, OneStepActor
 from qc_robot.export.onnx_export import build_metadata, export_policy

@@ -16,8 +16,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from calibration.files import Calibration, CalibrationError, load_calibration, save_calibration
+from qc_robot.calibration.files import (
+    Calibration,
+    CalibrationError,
+    load_calibration,
+    save_calibration,
+)
 
 TASK = "cube-single-task1"
 HIDDEN = {"kp": 0.7, "damping": 2.0, "armature": 1.0, "frictionloss": 0.0}
@@ -100,8 +104,7 @@ def test_mismatched_or_missing_files_are_refused(tmp_path: Path) -> None:
 
 def test_normalization_matches_numpy(tiny_dataset: Path) -> None:
     import h5py
-
-    from calibration.normalization import dataset_stats
+    from qc_robot.calibration.normalization import dataset_stats
 
     st = dataset_stats(tiny_dataset)
     with h5py.File(tiny_dataset, "r") as f:
@@ -124,8 +127,8 @@ def test_normalization_matches_numpy(tiny_dataset: Path) -> None:
 
 
 def test_sim_driver_applies_calibration_and_randomizes_per_episode(tmp_path: Path) -> None:
-    from drivers.executor import ChunkExecutor
-    from drivers.sim import SimConfig, SimDriver
+    from qc_robot.drivers.executor import ChunkExecutor
+    from qc_robot.drivers.sim import SimConfig, SimDriver
 
     ranges = {"kp": [0.6, 0.8], "damping": [1.5, 2.5], "frictionloss": [0.0, 0.5]}
     p = _cal_file(tmp_path, params=HIDDEN, delay=HIDDEN_DELAY, ranges=ranges)
@@ -168,10 +171,10 @@ def test_sim_driver_applies_calibration_and_randomizes_per_episode(tmp_path: Pat
 
 def test_calibration_id_reaches_hello_and_logged_episodes(tmp_path: Path) -> None:
     import h5py
+    from qc_robot.drivers.config import DriveConfig
+    from qc_robot.drivers.runner import run_drive
+    from qc_robot.policies.scripted import HoldPolicy, simple_spec
 
-    from drivers.config import DriveConfig
-    from drivers.runner import run_drive
-    from policies.scripted import HoldPolicy, simple_spec
     from qc_robot.config import EnvConfig
     from qc_robot.server.app import ControlServer
     from qc_robot.server.episode_log import EpisodeLogger
@@ -193,9 +196,10 @@ def test_calibration_id_reaches_hello_and_logged_episodes(tmp_path: Path) -> Non
 
 
 def test_latency_recovers_injected_actuation_delay() -> None:
-    from calibration.latency import measure_latency
-    from drivers.sim import SimConfig, SimDriver
-    from policies.scripted import HoldPolicy, simple_spec
+    from qc_robot.calibration.latency import measure_latency
+    from qc_robot.drivers.sim import SimConfig, SimDriver
+    from qc_robot.policies.scripted import HoldPolicy, simple_spec
+
     from qc_robot.server.app import ControlServer
 
     latency_ms, hz = 100.0, 20.0
@@ -221,7 +225,7 @@ def test_latency_recovers_injected_actuation_delay() -> None:
 
 
 def test_sysid_recovers_hidden_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from calibration.cli import CalibrateConfig, run_calibrate
+    from qc_robot.calibration.cli import CalibrateConfig, run_calibrate
 
     hidden = _cal_file(tmp_path, "hidden", params=HIDDEN, delay=HIDDEN_DELAY)
     data = str(tmp_path / "excite.hdf5")

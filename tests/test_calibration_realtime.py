@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from calibration.cli import CalibrateConfig, run_calibrate
-from calibration.files import Calibration, save_calibration
+from qc_robot.calibration.cli import CalibrateConfig, run_calibrate
+from qc_robot.calibration.files import Calibration, save_calibration
 
 TASK = "cube-single-task1"
 HIDDEN = {"kp": 0.7, "damping": 2.0, "armature": 1.0, "frictionloss": 0.0}
@@ -34,9 +33,9 @@ def _excite(tmp_path: Path, robot: str, name: str, seed: int = 0, steps: int = 3
 
 
 def test_realtime_log_replays_exactly_at_the_true_physics(tmp_path: Path) -> None:
-    from calibration.logs import load_trajectories
-    from calibration.replay import Replayer, replay_mode
-    from calibration.sysid import Timing, obs_scale, residuals, rms, timing_candidates
+    from qc_robot.calibration.logs import load_trajectories
+    from qc_robot.calibration.replay import Replayer, replay_mode
+    from qc_robot.calibration.sysid import Timing, obs_scale, residuals, rms, timing_candidates
 
     data = _excite(tmp_path, _robot(tmp_path, "hidden", HIDDEN), "rt")
     trajs = load_trajectories(data, TASK, episodes=1)
@@ -84,9 +83,10 @@ def test_latency_step_within_one_control_step_up_to_500ms(latency_ms: float) -> 
     """The long end of the range (test_calibration covers 100 ms, benchmarks/calibration_latency.py
     0-500 ms): a long delay keeps the previous step acting into the next hold, so the band must
     wait for stillness, and a held step would walk the arm into the workspace bounds."""
-    from calibration.latency import measure_latency
-    from drivers.sim import SimConfig, SimDriver
-    from policies.scripted import HoldPolicy, simple_spec
+    from qc_robot.calibration.latency import measure_latency
+    from qc_robot.drivers.sim import SimConfig, SimDriver
+    from qc_robot.policies.scripted import HoldPolicy, simple_spec
+
     from qc_robot.server.app import ControlServer
 
     time_scale, hz = 2.0, 20.0

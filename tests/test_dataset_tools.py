@@ -7,8 +7,8 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from qc_robot.drivers.safety import SafetyConfig
 
-from drivers.safety import SafetyConfig
 from qc_robot.cli import main
 from qc_robot.config import EnvConfig
 from qc_robot.data import tools

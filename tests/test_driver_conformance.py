@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qc_robot.drivers.base import Driver
+from qc_robot.drivers.registry import DRIVERS, driver_config, make_driver
+from qc_robot.drivers.safety import SafeDriver, SafetyConfig
 
-from drivers.base import Driver
-from drivers.registry import DRIVERS, driver_config, make_driver
-from drivers.safety import SafeDriver, SafetyConfig
 from qc_robot import protocol as P
 
 

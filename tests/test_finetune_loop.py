@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qc_robot.drivers.client import PolicyClient
+from qc_robot.drivers.executor import ChunkExecutor
+from qc_robot.drivers.mock import MockConfig
+from qc_robot.drivers.registry import make_safe_driver
+from qc_robot.drivers.runner import run_episode
+from qc_robot.policies.onnx_policy import OnnxPolicy
 
-from drivers.client import PolicyClient
-from drivers.executor import ChunkExecutor
-from drivers.mock import MockConfig
-from drivers.registry import make_safe_driver
-from drivers.runner import run_episode
-from policies.onnx_policy import OnnxPolicy
 from qc_robot import protocol as P
 from qc_robot.cli import compose
 from qc_robot.finetune.client import Record

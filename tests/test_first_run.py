@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qc_robot.drivers.mock import MockConfig, MockDriver, policy_dims
 
-from drivers.mock import MockConfig, MockDriver, policy_dims
 from qc_robot.cli import compose, main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,10 +20,9 @@ pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
 
 from feetech_sim import FeetechBusSim  # noqa: E402
 from lerobot_rig import IDS, OFFSETS, RANGES, calibrated_so101  # noqa: E402
-
-from drivers.lerobot_driver import LeRobotConfig, LeRobotDriver, make_lerobot_robot  # noqa: E402
-from drivers.registry import driver_config, make_driver  # noqa: E402
-from drivers.safety import SafeDriver, SafetyConfig  # noqa: E402
+from qc_robot.drivers.lerobot_driver import LeRobotConfig, LeRobotDriver, make_lerobot_robot  # noqa: E402
+from qc_robot.drivers.registry import driver_config, make_driver  # noqa: E402
+from qc_robot.drivers.safety import SafeDriver, SafetyConfig  # noqa: E402
 
 JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
 
@@ -253,9 +252,10 @@ def test_leader_arm_teleop_records_through_the_session(tmp_path: Path) -> None:
 
 def test_a_served_episode_runs_through_qc_robot_drive(tmp_path: Path, capsys) -> None:
     """The first served episode: ``qc-robot drive driver=lerobot`` against a control server."""
-    from drivers.config import DriveConfig
-    from drivers.runner import run_drive
-    from policies.scripted import RandomPolicy, simple_spec
+    from qc_robot.drivers.config import DriveConfig
+    from qc_robot.drivers.runner import run_drive
+    from qc_robot.policies.scripted import RandomPolicy, simple_spec
+
     from qc_robot.server.app import ControlServer
 
     sim, args = calibrated_so101("follower", tmp_path)

@@ -11,10 +11,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx_fixtures import HIGH, LOW, OBS_DIM, Variant, export, noise_shape
-
-from policies.base import ChunkResult, Policy
-from policies.onnx_metadata import FORMAT_VERSION, MetadataError, PolicyMetadata
-from policies.onnx_policy import OnnxPolicy
+from qc_robot.policies.base import ChunkResult, Policy
+from qc_robot.policies.onnx_metadata import FORMAT_VERSION, MetadataError, PolicyMetadata
+from qc_robot.policies.onnx_policy import OnnxPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANT = Variant("best_of_n", 5)
@@ -135,7 +134,7 @@ def test_runtime_imports_without_torch(model: tuple[PolicyMetadata, Path]) -> No
                 return None
 
         sys.meta_path.insert(0, Block())
-        from policies.onnx_policy import OnnxPolicy
+        from qc_robot.policies.onnx_policy import OnnxPolicy
         policy = OnnxPolicy({str(model[1])!r}, warmup=1)
         res = policy.predict({{"joint_pos": np.zeros(4), "target": np.zeros(2)}})
         assert res.actions.shape == (5, 3), res.actions.shape
@@ -158,7 +157,7 @@ LEGACY = {name: REPO / "tests" / "fixtures" / f"legacy_v1_{name}.onnx" for name 
 @pytest.mark.parametrize("name", list(LEGACY))
 def test_legacy_file_still_loads_and_predicts(name: str) -> None:
     """A file from the exporter before RTC (no prev_* inputs, no rtc keys) serves as before."""
-    from policies.base import ChunkGuide
+    from qc_robot.policies.base import ChunkGuide
 
     policy = OnnxPolicy(LEGACY[name], warmup=1)
     assert not policy.meta.rtc and not policy.supports_guidance
@@ -173,7 +172,7 @@ def test_legacy_file_still_loads_and_predicts(name: str) -> None:
 
 
 def test_rtc_file_freezes_the_prefix_it_is_given(model: tuple[PolicyMetadata, Path]) -> None:
-    from policies.base import ChunkGuide
+    from qc_robot.policies.base import ChunkGuide
 
     policy = OnnxPolicy(model[1], warmup=0)
     assert policy.meta.rtc and policy.supports_guidance

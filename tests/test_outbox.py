@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from qc_robot.drivers.base import DriverSpec
+from qc_robot.drivers.client import PolicyClient
+from qc_robot.drivers.outbox import Outbox
+from qc_robot.policies.base import ObsField
 from test_finetune_link import ACT, OBS, free_port, kill, spawn, transition, wait_until
 
-from drivers.base import DriverSpec
-from drivers.client import PolicyClient
-from drivers.outbox import Outbox
-from policies.base import ObsField
 from qc_robot import protocol as P
 from qc_robot.finetune.client import LearnerClient, Record
 

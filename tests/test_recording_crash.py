@@ -26,8 +26,8 @@ from qc_robot.data.recorder import journal_path, recover
 CHILD = textwrap.dedent(r'''
     import os, sys, time
     import numpy as np
-    from drivers.mock import MockConfig
-    from drivers.registry import make_safe_driver
+    from qc_robot.drivers.mock import MockConfig
+    from qc_robot.drivers.registry import make_safe_driver
     from qc_robot.data import recorder as R
     from qc_robot.teleop.devices import Event, TeleopCommand, TeleopDevice
     from qc_robot.teleop.session import TeleopSession

@@ -15,10 +15,10 @@ def test_serve_and_drive_import_with_torch_and_mujoco_blocked():
                 if name.split(".")[0] in {BLOCKED!r}:
                     raise ImportError("blocked on the robot PC: " + name)
         sys.meta_path.insert(0, Block())
-        import qc_robot.protocol, qc_robot.server.app, drivers.runner, drivers.registry, policies.onnx_policy
+        import qc_robot.protocol, qc_robot.server.app, qc_robot.drivers.runner, qc_robot.drivers.registry, qc_robot.policies.onnx_policy
         from qc_robot.cli import compose
         serve, drive = compose("serve", ["policy=model.onnx"]), compose("drive", ["driver=mock"])
-        from drivers.registry import make_safe_driver
+        from qc_robot.drivers.registry import make_safe_driver
         d = make_safe_driver("mock")
         d.driver.reset(0)
         print("ok", serve.bind, drive.driver, sorted(m for m in {BLOCKED!r} if m in sys.modules))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from onnx_fixtures import HIGH, LOW, OBS_DIM, Variant, make_acting, make_meta, make_smooth_acting
+from qc_robot.drivers.client import PolicyClient
+from qc_robot.drivers.executor import MODES, ChunkExecutor
+from qc_robot.drivers.simclock import DelayedPolicySource, seam_jerk
+from qc_robot.policies.base import ChunkGuide
+from qc_robot.policies.onnx_policy import OnnxPolicy
 
-from drivers.client import PolicyClient
-from drivers.executor import MODES, ChunkExecutor
-from drivers.simclock import DelayedPolicySource, seam_jerk
-from policies.base import ChunkGuide
-from policies.onnx_policy import OnnxPolicy
 from qc_robot import protocol as P
 from qc_robot.agent import rtc
 from qc_robot.agent.acting import euler_sample

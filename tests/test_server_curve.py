@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qc_robot.drivers.client import HandshakeError, PolicyClient
+from qc_robot.policies.scripted import HoldPolicy
 from test_server import driver_spec, obs, spec
 
-from drivers.client import HandshakeError, PolicyClient
-from policies.scripted import HoldPolicy
 from qc_robot import protocol as P
 from qc_robot.server.app import ControlServer
 from qc_robot.server.learner_link import CurveKeys, make_keys
@@ -80,9 +80,9 @@ def test_serve_config_turns_curve_on(keys: dict[str, str]) -> None:
 
 
 def test_qc_robot_drive_with_keys_is_served_and_without_is_not(keys: dict[str, str], capsys) -> None:
-    from drivers.config import DriveConfig
-    from drivers.runner import run_drive
-    from policies.scripted import simple_spec
+    from qc_robot.drivers.config import DriveConfig
+    from qc_robot.drivers.runner import run_drive
+    from qc_robot.policies.scripted import simple_spec
 
     curve = CurveKeys.from_files(keys["server_sec"], authorized_dir=keys["authorized"])
     srv = ControlServer(HoldPolicy(simple_spec(10, 5, 5)), "tcp://127.0.0.1:*", curve=curve).start()

@@ -61,8 +61,8 @@ def _shipped(wheel: Path) -> list[str]:
 
 def test_the_wheel_holds_the_configs(wheel: Path):
     names = zipfile.ZipFile(wheel).namelist()
-    assert {f"configs/env/{t}.yaml" for t in ("cube-single-task1", "cube-triple-task1")} <= set(names)
-    assert "configs/demo.yaml" in names and "qc_robot/assets/__init__.py" in names
+    assert {f"qc_robot/configs/env/{t}.yaml" for t in ("cube-single-task1", "cube-triple-task1")} <= set(names)
+    assert "qc_robot/configs/demo.yaml" in names and "qc_robot/assets/__init__.py" in names
 
 
 @pytest.mark.xfail(strict=True, reason="no policy is shipped yet: the first-run training reached 15/40 "
@@ -73,8 +73,6 @@ def test_the_wheel_ships_the_default_policy(wheel: Path):
     assert zipfile.ZipFile(wheel).getinfo(onnx[0]).file_size < 8 * 2**20  # a few MB at most
 
 
-@pytest.mark.xfail(strict=True, reason="the sim/drivers/policies/calibration/configs namespace move "
-                                       "under qc_robot.* is not done yet (issue 15)")
 def test_nothing_but_qc_robot_is_installed_at_top_level(wheel: Path):
     top = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist() if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"qc_robot"}
@@ -88,7 +86,7 @@ def test_installed_serve_and_drive_work_on_the_shipped_policy(venv: Path, wheel:
     shipped = bool(_shipped(wheel))
     bin_ = venv / "bin"
     env = {"PATH": f"{bin_}:/usr/bin:/bin", "HOME": str(tmp_path), "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    where = subprocess.run([str(bin_ / "python"), "-c", "import qc_robot, sim; print(qc_robot.__file__, sim.__file__)"],
+    where = subprocess.run([str(bin_ / "python"), "-c", "import qc_robot, qc_robot.sim; print(qc_robot.__file__, qc_robot.sim.__file__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
     assert str(REPO) not in where and str(venv) in where  # the installed copy, not the checkout
     address = f"tcp://127.0.0.1:{_free_port()}"

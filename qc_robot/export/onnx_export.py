@@ -3,7 +3,7 @@
 The graph holds the whole acting rule (see :mod:`qc_robot.export.graph`): observation
 normalization, every Euler step, best-of-N scoring and argmax (or the one-step actor), then the
 map from agent space [-1, 1] to robot units and the clip to [low, high]. Metadata
-(:class:`policies.onnx_metadata.PolicyMetadata`) goes into ``metadata_props``.
+(:class:`qc_robot.policies.onnx_metadata.PolicyMetadata`) goes into ``metadata_props``.
 
 Noise design: one file, noise optional.
     Inputs are ``observation`` (batch, O) and ``noise`` ((batch, N, D) for best-of-N,
@@ -48,10 +48,10 @@ import torch
 from onnx import TensorProto, helper
 
 import qc_robot
-from policies.onnx_metadata import PolicyMetadata
 from qc_robot.agent.acting import ActingPolicy
 from qc_robot.export.graph import ContinuedGraph, ExportGraph, obs_dim_of
 from qc_robot.export.verify import ExportParityError, verify_file
+from qc_robot.policies.onnx_metadata import PolicyMetadata
 
 __all__ = ["ExportParityError", "build_metadata", "export_policy", "run_export"]
 

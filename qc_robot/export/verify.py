@@ -8,10 +8,10 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from policies.onnx_metadata import PolicyMetadata
 from qc_robot.agent.acting import ActingPolicy, euler_sample
 from qc_robot.agent.networks import aggregate_q
 from qc_robot.export.graph import ExportGraph
+from qc_robot.policies.onnx_metadata import PolicyMetadata
 
 VERIFY_BATCH = 4
 

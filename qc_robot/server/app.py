@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from policies.base import ChunkGuide, Policy, align_guide
 from qc_robot import protocol as P
+from qc_robot.policies.base import ChunkGuide, Policy, align_guide
 from qc_robot.server.checks import (
     auto_message_limit,
     check_hello,

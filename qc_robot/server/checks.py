@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from policies.base import PolicySpec
 from qc_robot import protocol as _P
+from qc_robot.policies.base import PolicySpec
 from qc_robot.protocol import Hello, ProtocolError, Transition, check_obs_spec
 
 _NUMERIC_KINDS = "biuf"

@@ -29,7 +29,7 @@ class ServeConfig:
     threads: int = 1
     """Intra-op threads of the ONNX runtime session."""
     providers: str = "auto"
-    """onnxruntime execution providers: 'auto', 'cpu', 'cuda' (see policies.onnx_policy)."""
+    """onnxruntime execution providers: 'auto', 'cpu', 'cuda' (see qc_robot.policies.onnx_policy)."""
     workers: int = 1
     """Inference worker threads. >1 lets drivers' inferences overlap (the policy must be
     thread-safe: onnxruntime sessions are)."""

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 import zmq
 
-from policies.base import Policy, PolicySpec
 from qc_robot import protocol as P
+from qc_robot.policies.base import Policy, PolicySpec
 from qc_robot.server.journal import Journal
 
 log = logging.getLogger("qc_robot.learner_link")
@@ -99,7 +99,7 @@ def same_spec(a: PolicySpec, b: PolicySpec) -> list[str]:
 
 
 def _load_onnx(path: str, version: str) -> Policy:
-    from policies.onnx_policy import OnnxPolicy  # onnxruntime only when a push arrives
+    from qc_robot.policies.onnx_policy import OnnxPolicy  # onnxruntime only when a push arrives
 
     return OnnxPolicy(path, version=version)
 

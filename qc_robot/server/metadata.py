@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from policies.base import Policy
 from qc_robot import protocol as P
+from qc_robot.policies.base import Policy
 
 _ONNX_KEYS = ("num_samples", "flow_steps", "q_agg", "train_step", "config_hash", "code_version", "format_version")
 
@@ -37,7 +37,7 @@ def policy_metadata(policy: Policy, version: str | None = None) -> dict[str, Any
         "actor_type": str(spec.actor_type),
         "source": "scripted",
     }
-    onnx_meta = getattr(policy, "meta", None)  # policies.onnx_policy.OnnxPolicy
+    onnx_meta = getattr(policy, "meta", None)  # qc_robot.policies.onnx_policy.OnnxPolicy
     if onnx_meta is not None:
         meta["source"] = "onnx"
         for k in _ONNX_KEYS:

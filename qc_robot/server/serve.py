@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import Any
 
-from policies.base import Policy
+from qc_robot.policies.base import Policy
 from qc_robot.server.app import ControlServer
 from qc_robot.server.config import ServeConfig
 from qc_robot.server.episode_log import EpisodeLogger
@@ -26,7 +26,7 @@ EXIT_THREAD_DIED = 70
 def load_policy(ref: str, threads: int = 1, providers: str = "auto") -> Policy:
     """A policy from ``--policy``: an ONNX file, 'default' (the shipped one), or
     ``hold:...``/``random:...`` for bring-up."""
-    from policies.scripted import scripted_from_ref
+    from qc_robot.policies.scripted import scripted_from_ref
 
     if ref in ("", "default"):
         from qc_robot.assets import default_policy_path
@@ -36,7 +36,7 @@ def load_policy(ref: str, threads: int = 1, providers: str = "auto") -> Policy:
     scripted = scripted_from_ref(ref)
     if scripted is not None:
         return scripted
-    from policies.onnx_policy import OnnxPolicy  # onnxruntime only when serving a model
+    from qc_robot.policies.onnx_policy import OnnxPolicy  # onnxruntime only when serving a model
 
     return OnnxPolicy(ref, providers=providers, threads=threads)
 
@@ -106,7 +106,7 @@ def _learner_link(cfg: ServeConfig) -> LearnerLink | None:
     """The learner port from the config (None when ``learner_bind`` is empty)."""
     if not cfg.learner_bind:
         return None
-    from policies.onnx_policy import OnnxPolicy
+    from qc_robot.policies.onnx_policy import OnnxPolicy
     from qc_robot.server.journal import Journal
     curve = None
     if cfg.curve_secret_key:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from drivers.safety import SafetyConfig
 from qc_robot.config import EnvConfig
+from qc_robot.drivers.safety import SafetyConfig
 
 
 @dataclass
@@ -14,7 +14,7 @@ class TeleopConfig:
     """Drive a robot from a teleop device through the safety layer and record episodes."""
 
     driver: str = "sim"
-    """Registered driver name (drivers.registry)."""
+    """Registered driver name (qc_robot.drivers.registry)."""
     env: EnvConfig = field(default_factory=lambda: EnvConfig(name="cube-double-task2"))
     """sim: the task (config group ``env``: ``env=cube-single-task1``)."""
     device: str = "keyboard"

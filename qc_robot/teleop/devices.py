@@ -222,7 +222,7 @@ class LeRobotLeaderDevice(TeleopDevice):
     @classmethod
     def for_driver(cls, driver: Any, teleop_type: str = "so101_leader", teleop_args: Mapping[str, Any] | None = None,
                    teleop: Any = None) -> LeRobotLeaderDevice:
-        """The leader for a ``drivers.lerobot_driver.LeRobotDriver`` (bare or behind the safety layer)."""
+        """The leader for a ``qc_robot.drivers.lerobot_driver.LeRobotDriver`` (bare or behind the safety layer)."""
         inner = getattr(driver, "driver", driver)
         towards = getattr(inner, "action_towards", None)
         if towards is None:
@@ -231,7 +231,7 @@ class LeRobotLeaderDevice(TeleopDevice):
 
     def open(self) -> None:
         if self.teleop is None:
-            from drivers.lerobot_driver import make_lerobot_teleoperator
+            from qc_robot.drivers.lerobot_driver import make_lerobot_teleoperator
 
             self.teleop = make_lerobot_teleoperator(self.teleop_type, self.teleop_args)
         if not self.teleop.is_connected:

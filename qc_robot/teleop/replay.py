@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from drivers.runner import Pacer
-from drivers.safety import SafeDriver
 from qc_robot.config import EnvConfig
 from qc_robot.data.hdf5_io import DatasetError
+from qc_robot.drivers.runner import Pacer
+from qc_robot.drivers.safety import SafeDriver
 from qc_robot.teleop.config import ReplayConfig, TeleopConfig
 from qc_robot.teleop.session import StatusLine, build_driver
 

@@ -18,10 +18,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from drivers.registry import driver_config, make_safe_driver
-from drivers.runner import Pacer
-from drivers.safety import SafeDriver
 from qc_robot.data.recorder import Recorder
+from qc_robot.drivers.registry import driver_config, make_safe_driver
+from qc_robot.drivers.runner import Pacer
+from qc_robot.drivers.safety import SafeDriver
 from qc_robot.teleop.config import TeleopConfig
 from qc_robot.teleop.devices import Event, TeleopDevice, make_device
 
@@ -184,7 +184,7 @@ def env_args_for(cfg: TeleopConfig, driver: SafeDriver) -> dict[str, Any]:
                             "obs_shapes": {f.key: list(f.shape) for f in spec.obs_fields},
                             "act_dim": spec.action_dim, "source": "qc-robot teleop"}
     if cfg.driver == "sim":
-        from sim.tasks import task_spec
+        from qc_robot.sim.tasks import task_spec
 
         t = task_spec(cfg.env.name)
         sparse = cfg.driver_args.get("sparse_reward", cfg.env.sparse_reward)
@@ -207,7 +207,7 @@ def build_driver(cfg: TeleopConfig) -> SafeDriver:
 
 def build_device(cfg: TeleopConfig, driver: SafeDriver) -> TeleopDevice:
     if cfg.device == "scripted":
-        from drivers.sim import SimDriver
+        from qc_robot.drivers.sim import SimDriver
         from qc_robot.teleop.scripted import ScriptedOperator
 
         sim = driver.driver

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 import qc_robot
-from policies.base import ObsField
 from qc_robot.agent.agent import QCAgent
 from qc_robot.config import TrainConfig, to_dataclass
+from qc_robot.policies.base import ObsField
 
 FORMAT = "qc-robot-checkpoint"
 FORMAT_VERSION = 1

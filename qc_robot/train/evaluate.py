@@ -37,7 +37,7 @@ def evaluate(policy: ChunkFn, env_name: str, episodes: int, seed: int, sparse_re
     ``on_step(episode, env)`` is called after each reset and each step (a video recorder)."""
     from tqdm import tqdm
 
-    from sim.tasks import make_env
+    from qc_robot.sim.tasks import make_env
 
     env = make_env(env_name, sparse_reward=sparse_reward, max_episode_steps=max_episode_steps)
     successes, returns, lengths, queries = [], [], [], 0

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from policies.base import ObsField
 from qc_robot.agent.agent import QCAgent
 from qc_robot.config import TrainConfig
 from qc_robot.data.batch import ChunkBatch
 from qc_robot.data.replay import ChunkReplay
+from qc_robot.policies.base import ObsField
 from qc_robot.train.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint
 from qc_robot.train.evaluate import EvalResult, agent_policy, evaluate
 from qc_robot.train.logs import RunLogger
@@ -41,7 +41,7 @@ class TrainSetupError(ValueError):
 
 def _dataset(cfg: TrainConfig):  # noqa: ANN202 (FlatDataset)
     from qc_robot.data.hdf5_io import load_flat, vector_obs_keys
-    from sim.tasks import task_spec
+    from qc_robot.sim.tasks import task_spec
 
     sparse = cfg.env.sparse_reward
     if sparse is None:
@@ -79,7 +79,7 @@ class Learner:
     """Owns the agent, the replay, the sim env for online steps, and the run directory."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from sim.tasks import task_spec
+        from qc_robot.sim.tasks import task_spec
 
         self.cfg = cfg
         t = cfg.training
@@ -205,7 +205,7 @@ class Learner:
 
     def run_online(self) -> None:
         """Online steps in sim: act once per chunk, append each step, ``utd`` updates per step."""
-        from sim.tasks import make_env
+        from qc_robot.sim.tasks import make_env
 
         t, a = self.cfg.training, self.cfg.agent
         if self.env_steps >= t.online_steps:
