@@ -10,18 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from qc_robot import protocol as P
+from qc_robot.cli import compose
 from qc_robot.drivers.client import PolicyClient
 from qc_robot.drivers.executor import ChunkExecutor
 from qc_robot.drivers.mock import MockConfig
 from qc_robot.drivers.registry import make_safe_driver
 from qc_robot.drivers.runner import run_episode
-from qc_robot.policies.onnx_policy import OnnxPolicy
-
-from qc_robot import protocol as P
-from qc_robot.cli import compose
+from qc_robot.export.graph import ExportGraph
+from qc_robot.export.verify import verify_file
 from qc_robot.finetune.client import Record
 from qc_robot.finetune.config import FinetuneConfig
 from qc_robot.finetune.loop import Finetuner, export_onnx_bytes
+from qc_robot.policies.onnx_policy import OnnxPolicy
 from qc_robot.server.app import ControlServer
 from qc_robot.server.journal import Journal
 from qc_robot.server.learner_link import LearnerLink
@@ -90,6 +92,15 @@ def test_finetune_appends_updates_pushes_and_the_server_serves_it(offline, tmp_p
         assert r.updates == 40 and r.env_steps >= 40
         assert r.policy_version == 2 == server.policy_version  # pushed after 20 and 40 updates
         assert [v for v, ok, _ in link.pushes if ok] == [1, 2]
+        # the first swap after the trace is checked against torch, the next (verify_every=10) is not,
+        # and is still exactly the learner's final policy
+        assert ft.pusher is not None
+        assert [(s.kind, s.verified) for s in ft.pusher.stats] == [("swap", True), ("swap", False)]
+        served = link.policy_dir / "model-v2.onnx"
+        acting = load_checkpoint(tmp_path / "ft" / CHECKPOINT).agent.acting_policy().cpu().eval()
+        meta = OnnxPolicy(served, threads=1, warmup=0).meta
+        ref = ExportGraph(acting, meta.action_low, meta.action_high, lean=False, max_guidance=meta.rtc_max_guidance)
+        assert verify_file(served, ref.eval(), acting, meta, 1e-4) <= 1e-4
         assert ft.learner.replay.size == offline_rows + 20 * r.episodes > offline_rows  # whole episodes
         n = len(versions)
         deadline = time.monotonic() + 10

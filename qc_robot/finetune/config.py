@@ -50,7 +50,12 @@ class FinetuneConfig:
     idle_stop_s: float = 0.0
     """Stop when no transition arrived for this long (0: wait forever)."""
     verify_export: bool = True
-    """Check each exported policy against torch before pushing it (a swap that fails it is traced)."""
+    """Check exported policies against torch before pushing them: every traced file, the first
+    weight swap after each trace and every ``verify_every``-th swap (a swap that fails is traced)."""
+    verify_every: int = 10
+    """With ``verify_export``: check every n-th weight swap after the first (0: only the first).
+    A swap rewrites only the weights of a graph that passed the check; each check costs about as
+    much as the rest of a push (an onnxruntime session and a torch pass)."""
     push_timeout_s: float = 30.0
     heartbeat_s: float = 1.0
     timeout_s: float = 5.0

@@ -255,7 +255,8 @@ class Finetuner:
             return max(self.policy_version, self.client.server_version) + 1
 
         return PolicyPusher(agent, meta, send, next_version, verify=self.cfg.verify_export,
-                            timeout_s=self.cfg.push_timeout_s, trace_only=self.cfg.push_mode == "trace")
+                            timeout_s=self.cfg.push_timeout_s, trace_only=self.cfg.push_mode == "trace",
+                            verify_every=self.cfg.verify_every)
 
     def _check_threads(self) -> None:
         """A helper thread that died is fatal: the run must not go on without data or pushes."""

@@ -11,7 +11,11 @@ which
    are recomputed by building :class:`ExportGraph` from the snapshot), so the file is a new
    serialization of the same graph, not a new trace,
 2. verifies the file against torch on fixed noise (``verify``: the same check as ``qc-robot
-   export``), and
+   export``) for the first swap after each trace and then every ``verify_every``-th: a swap
+   only rewrites the named initializers of a graph that passed the check, so later files differ
+   from a checked one in weight values alone, and the periodic check is the canary for a tensor
+   the trace folded into a constant (it costs an onnxruntime session and a torch pass: most of a
+   best-of-N push's time on a 2-core CPU), and
 3. pushes it and waits for the server's answer.
 
 Tracing must stay on the training thread: torch.export patches module calls process-wide while
@@ -62,6 +66,8 @@ class PushStat:
     accepted: bool
     reason: str = ""
     nbytes: int = 0
+    verified: bool = False
+    """The file was checked against torch before it was pushed (see ``verify_every``)."""
 
 
 @dataclass
@@ -80,9 +86,13 @@ class PolicyPusher:
 
     def __init__(self, agent: Any, build_meta: Callable[[Any, int], Any],
                  push: Callable[[int, bytes, float], P.PolicyAck | None], next_version: Callable[[], int],
-                 verify: bool = True, timeout_s: float = 30.0, trace_only: bool = False) -> None:
+                 verify: bool = True, timeout_s: float = 30.0, trace_only: bool = False,
+                 verify_every: int = 10) -> None:
         self.agent, self.build_meta, self._push = agent, build_meta, push
         self.next_version, self.verify, self.timeout_s = next_version, verify, timeout_s
+        self.verify_every = verify_every
+        """Check every n-th swap after the first one (0: only the first after each trace)."""
+        self._swaps = 0  # swaps since the last trace
         self.trace_only = trace_only
         """Always trace, on the training thread (the old behaviour; the benchmark's baseline)."""
         self.stats: list[PushStat] = []
@@ -172,10 +182,13 @@ class PolicyPusher:
 
     def _one(self, snap: _Snapshot) -> None:
         t0 = time.monotonic()
-        onnx_bytes, kind = snap.traced, "trace"
+        onnx_bytes, kind, verified = snap.traced, "trace", self.verify
         if onnx_bytes is None:
             self._acting.load_state_dict(snap.state)
-            onnx_bytes, kind = self._swap(self.build_meta(self._acting, snap.train_step)), "swap"
+            verified = self.verify and (self._swaps == 0 or (self.verify_every > 0
+                                                             and self._swaps % self.verify_every == 0))
+            onnx_bytes, kind = self._swap(self.build_meta(self._acting, snap.train_step), verified), "swap"
+            self._swaps += 1
         build = time.monotonic() - t0
         if onnx_bytes is None:  # cannot swap: the next submit traces again
             self._needs_trace = True
@@ -195,7 +208,7 @@ class PolicyPusher:
         else:
             log.warning("policy v%d not served: %s", version, reason)
         self.stats.append(PushStat(version, snap.updates, kind, snap.pause_s, build, latency, ok, reason,
-                                   len(onnx_bytes)))
+                                   len(onnx_bytes), verified))
 
     def _trace(self, meta: Any) -> bytes:
         import onnx
@@ -213,6 +226,7 @@ class PolicyPusher:
                     raise
                 log.warning("export failed (%s): once more", e)
         model = onnx.load_from_string(data)
+        self._swaps = 0
         state = self._graph_state(meta)
         self._names = [i.name for i in model.graph.initializer if _state_key(i.name) in state]
         self._template = model
@@ -235,8 +249,9 @@ class PolicyPusher:
         return ExportGraph(self._acting, meta.action_low, meta.action_high, lean=False,
                            max_guidance=meta.rtc_max_guidance).eval()
 
-    def _swap(self, meta: Any) -> bytes | None:
-        """The traced graph with this snapshot's weights (verified), or None to trace instead."""
+    def _swap(self, meta: Any, verify: bool) -> bytes | None:
+        """The traced graph with this snapshot's weights (checked against torch when ``verify``),
+        or None to trace instead."""
         from onnx import helper, numpy_helper
 
         from qc_robot.export.verify import ExportParityError, verify_file
@@ -254,7 +269,7 @@ class PolicyPusher:
         del model.metadata_props[:]
         helper.set_model_props(model, meta.to_props())
         data = model.SerializeToString()
-        if self.verify:
+        if verify:
             with tempfile.TemporaryDirectory(prefix="qc-swap-") as d:
                 path = Path(d) / "model.onnx"
                 path.write_bytes(data)
