@@ -93,6 +93,9 @@ class Learner:
         resume = t.resume and ckpt_path.exists()
 
         data = _dataset(cfg) if (t.offline_steps > 0 or Path(cfg.data.path).exists()) else None
+        # the rate the data was recorded at (a robot's teleop file says it; datagen's is the task's)
+        self.control_hz = float((data.env_args.get("control_hz") if data is not None else None)
+                                or self.task.control_hz)
         obs_dim = data.observations.shape[1] if data is not None else self.task.obs_dim
         act_dim = data.actions.shape[1] if data is not None else self.task.act_dim
         if t.online_steps > 0 or t.eval_episodes > 0:  # the env will be stepped
@@ -123,7 +126,7 @@ class Learner:
             obs_fields=[ObsField("state", (self.agent.obs_dim,), "float32")],
             action_low=-np.ones(self.agent.act_dim, np.float32),
             action_high=np.ones(self.agent.act_dim, np.float32),
-            control_hz=self.task.control_hz, config_hash=config_hash(self.cfg),
+            control_hz=self.control_hz, config_hash=config_hash(self.cfg),
             extra={"sampler": self.sampler.get_state(), "online_rows": self.replay.online_state(),
                    "env_rng": self.env_rng.bit_generator.state},
         )
