@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from qc_robot.policies.base import ObsField
-from qc_robot.policies.onnx_policy import OnnxPolicy
 
 import qc_robot
 from qc_robot.agent.acting import ActingPolicy
 from qc_robot.agent.networks import ChunkCritic, FlowActor, OneStepActor
 from qc_robot.export.onnx_export import build_metadata, export_policy
+from qc_robot.policies.base import ObsField
+from qc_robot.policies.onnx_policy import OnnxPolicy
 
 
 def make_acting(actor_type: str, args: argparse.Namespace) -> ActingPolicy:

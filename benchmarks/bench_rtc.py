@@ -48,7 +48,6 @@ PERIOD_MS = 50.0
 def collect_demos(episodes: int, noise: float, seed: int) -> list[dict[str, np.ndarray]]:
     """Scripted plan-oracle episodes on the lockstep sim: [{'obs': (T, O), 'actions': (T, A)}]."""
     from qc_robot.drivers.sim import SimConfig, SimDriver
-
     from qc_robot.teleop.scripted import ScriptedOperator
 
     driver = SimDriver(SimConfig(env=TASK, realtime=False, seed=seed))
@@ -79,11 +78,11 @@ def collect_demos(episodes: int, noise: float, seed: int) -> list[dict[str, np.n
 def train_policy(out: Path, demos: list[dict[str, np.ndarray]], horizon: int, steps: int, seed: int) -> Path:
     """Flow-matching BC on the demos' H-step chunks, exported (with RTC inputs) to ``out``."""
     import torch
-    from qc_robot.policies.base import ObsField
 
     from qc_robot.agent.acting import ActingPolicy
     from qc_robot.agent.networks import ChunkCritic, FlowActor
     from qc_robot.export.onnx_export import build_metadata, export_policy
+    from qc_robot.policies.base import ObsField
 
     torch.manual_seed(seed)
     obs, chunks = [], []
@@ -177,12 +176,12 @@ def latency(calls: int, out: Path | None) -> str:
     import tempfile
 
     import torch
-    from qc_robot.policies.base import ChunkGuide, ObsField
-    from qc_robot.policies.onnx_policy import OnnxPolicy
 
     from qc_robot.agent.acting import ActingPolicy
     from qc_robot.agent.networks import ChunkCritic, FlowActor
     from qc_robot.export.onnx_export import build_metadata, export_policy
+    from qc_robot.policies.base import ChunkGuide, ObsField
+    from qc_robot.policies.onnx_policy import OnnxPolicy
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -33,14 +33,13 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qc_robot import protocol as P  # noqa: E402
 from qc_robot.drivers.client import PolicyClient  # noqa: E402
 from qc_robot.drivers.executor import ChunkExecutor  # noqa: E402
 from qc_robot.drivers.mock import MockConfig, MockDriver  # noqa: E402
 from qc_robot.drivers.runner import Pacer  # noqa: E402
 from qc_robot.drivers.safety import SafeDriver  # noqa: E402
 from qc_robot.policies.base import Policy  # noqa: E402
-
-from qc_robot import protocol as P  # noqa: E402
 from qc_robot.server.app import ControlServer  # noqa: E402
 from qc_robot.server.learner_link import CurveKeys, make_keys  # noqa: E402
 from qc_robot.server.serve import load_policy  # noqa: E402

@@ -28,7 +28,6 @@ def main() -> None:
     from qc_robot.calibration.latency import measure_latency
     from qc_robot.drivers.sim import SimConfig, SimDriver
     from qc_robot.policies.scripted import HoldPolicy, simple_spec
-
     from qc_robot.server.app import ControlServer
 
     rows = []

@@ -45,20 +45,22 @@ def main() -> int:
     ap.add_argument("--push-every", type=int, default=50)
     ap.add_argument("--baseline-updates", type=int, default=200)
     ap.add_argument("--modes", default="swap,trace")
+    ap.add_argument("--verify-every", type=int, default=2,
+                    help="swap mode: check every n-th swap against torch (finetune's default is 10; 2 "
+                         "interleaves checked and unchecked pushes so both are measured in the same run)")
     ap.add_argument("--port", type=int, default=5691)
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
-    from qc_robot.policies.base import ObsField
-
     from qc_robot.agent.agent import QCAgent
     from qc_robot.cli import compose
     from qc_robot.data.replay import ChunkReplay
     from qc_robot.export.onnx_export import build_metadata, export_policy
     from qc_robot.finetune.client import LearnerClient
     from qc_robot.finetune.push import PolicyPusher
+    from qc_robot.policies.base import ObsField
 
     cfg = compose("train", [f"experiment={args.experiment}", f"agent={args.agent}", "env=cube-single-task1"])
     obs_dim, act_dim, n = 28, 5, 5000
@@ -101,7 +103,7 @@ def main() -> int:
                 return ack
 
             pusher = PolicyPusher(agent, meta, push, lambda: max(version[0], client.server_version) + 1,
-                                  verify=True, trace_only=mode == "trace")
+                                  verify=True, trace_only=mode == "trace", verify_every=args.verify_every)
             t0 = time.perf_counter()
             if mode == "swap":
                 pusher.prepare(updates[0])
@@ -134,16 +136,20 @@ def main() -> int:
             pusher.flush(120)
             time.sleep(0.05)
             pusher.close()
-            ok = [p for p in pusher.stats if p.accepted]
-            lat = [p.latency_s for p in ok]
-            build = [p.build_s for p in ok]
             lag = [done - snap for snap, done in served_at]  # updates made while the push was on its way
-            results.append(dict(mode=mode, pushes=len(pusher.stats), accepted=len(ok), prepare_s=prepare_s,
-                                pause_p50=pct(pauses, 50), pause_max=max(pauses) if pauses else float("nan"),
-                                lat_p50=pct(lat, 50), lat_p99=pct(lat, 99), build_p50=pct(build, 50),
-                                base_p50=pct(base, 50), base_p99=pct(base, 99), upd_p50=pct(with_push, 50),
-                                upd_p99=pct(with_push, 99), lag_max=max(lag) if lag else -1,
-                                kinds=sorted({p.kind for p in pusher.stats}), nbytes=ok[-1].nbytes if ok else 0))
+            groups = [(mode, [p for p in pusher.stats if p.accepted])]
+            if mode == "swap":  # checked against torch before the push, or not (see verify_every)
+                groups = [(f"swap, {'checked' if v else 'unchecked'}", [p for p in pusher.stats if p.accepted
+                                                                          and p.verified == v]) for v in (True, False)]
+            for name, ok in groups:
+                lat = [p.latency_s for p in ok]
+                build = [p.build_s for p in ok]
+                results.append(dict(mode=name, pushes=len(pusher.stats), accepted=len(ok), prepare_s=prepare_s,
+                                    pause_p50=pct(pauses, 50), pause_max=max(pauses) if pauses else float("nan"),
+                                    lat_p50=pct(lat, 50), lat_p99=pct(lat, 99), build_p50=pct(build, 50),
+                                    base_p50=pct(base, 50), base_p99=pct(base, 99), upd_p50=pct(with_push, 50),
+                                    upd_p99=pct(with_push, 99), lag_max=max(lag) if lag else -1,
+                                    kinds=sorted({p.kind for p in ok}), nbytes=ok[-1].nbytes if ok else 0))
     finally:
         client.close()
         stop(server)
@@ -153,7 +159,7 @@ def main() -> int:
     print(f"agent {args.agent} ({args.experiment}: hidden {list(a.hidden_dims)}, batch {a.batch_size}), one torch "
           f"thread; push every {args.push_every} updates; server in its own process (1 onnxruntime thread).")
     print()
-    print("| mode | pushes served | one-off trace s | training pause per push p50 / max | snapshot → served p50 / p99 "
+    print("| mode | pushes served (of all in the mode) | one-off trace s | training pause per push p50 / max | snapshot → served p50 / p99 "
           "| update ms p50 / p99 without pushes | with pushes | updates made while a push travels (max) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -161,7 +167,8 @@ def main() -> int:
               f"| {1e3 * r['pause_p50']:.1f} ms / {1e3 * r['pause_max']:.1f} ms "
               f"| {r['lat_p50']:.3f} s / {r['lat_p99']:.3f} s | {1e3 * r['base_p50']:.1f} / {1e3 * r['base_p99']:.1f} "
               f"| {1e3 * r['upd_p50']:.1f} / {1e3 * r['upd_p99']:.1f} | {r['lag_max']} |")
-    print(f"\nfile size {results[0]['nbytes'] / 1024:.0f} KiB" if results else "")
+    print(f"\nfile size {results[0]['nbytes'] / 1024:.0f} KiB; build = swap or trace, plus the check when made: "
+          + ", ".join(f"{r['mode']} {r['build_p50']:.3f} s" for r in results) if results else "")
     return 0
 
 

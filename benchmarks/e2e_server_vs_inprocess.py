@@ -93,7 +93,6 @@ def main() -> int:
 
         torch.set_num_threads(1)
         from qc_robot.policies.onnx_policy import OnnxPolicy
-
         from qc_robot.train.checkpoint import load_checkpoint
         from qc_robot.train.evaluate import evaluate
 

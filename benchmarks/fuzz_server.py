@@ -47,11 +47,10 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qc_robot import protocol as P  # noqa: E402
 from qc_robot.drivers.base import DriverSpec  # noqa: E402
 from qc_robot.drivers.client import PolicyClient  # noqa: E402
 from qc_robot.policies.base import ObsField  # noqa: E402
-
-from qc_robot import protocol as P  # noqa: E402
 
 OBS, ACT, H, HZ = 37, 5, 5, 50.0
 POLICY = f"random:{OBS}:{ACT}:{H}:{HZ:g}"

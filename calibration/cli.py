@@ -114,7 +114,6 @@ def _latency(cfg: CalibrateConfig) -> dict[str, Any]:
         if cfg.server == "local":
             from qc_robot.policies.base import PolicySpec
             from qc_robot.policies.scripted import HoldPolicy
-
             from qc_robot.server.app import ControlServer
 
             s = driver.spec

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from qc_robot.calibration.randomization import PARAM_KINDS, from_fit, to_fit
 
 SCALE_STEPS = (0.1, 0.35, 0.7)

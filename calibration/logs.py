@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from qc_robot.calibration.files import CalibrationError
 
 TIMING_KEYS = ("held", "t_tick", "t_sent")

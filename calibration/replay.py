@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from qc_robot.calibration.logs import Trajectory
 from qc_robot.calibration.randomization import PhysicsParams
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from qc_robot.calibration.logs import Trajectory
 from qc_robot.calibration.randomization import PARAM_KINDS, from_fit, nominal_params, to_fit
 from qc_robot.calibration.replay import Replayer, replay_mode
@@ -233,9 +234,10 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
              profile: bool = True, seed: int = 0, global_rows: int = 25, starts: int = 1, start_iters: int = 6,
              min_dist: float = 0.4) -> SysIdResult:
     """Fit ``kinds`` and the timing to ``trajs`` (see the module docstring)."""
+    from scipy.optimize import least_squares
+
     from qc_robot.calibration.identifiability import assess
     from qc_robot.sim.tasks import task_spec
-    from scipy.optimize import least_squares
 
     t0 = time.monotonic()
     for k in kinds:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from qc_robot.policies.base import ObsField
 
+from qc_robot.policies.base import ObsField
 from qc_robot.protocol import Hello, obs_spec_to_wire
 
 

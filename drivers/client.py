@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
-from qc_robot.drivers.outbox import Outbox
 
 from qc_robot import protocol as P
+from qc_robot.drivers.outbox import Outbox
 
 if TYPE_CHECKING:
     from qc_robot.server.learner_link import CurveKeys

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from qc_robot.drivers.safety import SafetyConfig
-
 from qc_robot.config import EnvConfig
+from qc_robot.drivers.safety import SafetyConfig
 
 
 @dataclass

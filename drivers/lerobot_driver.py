@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from qc_robot.drivers.base import Driver, DriverSpec, StepInfo
 from qc_robot.policies.base import ObsField
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from qc_robot.drivers.base import Driver, DriverSpec, StepInfo
 from qc_robot.policies.base import ObsField
 
@@ -109,6 +110,7 @@ def policy_dims(ref: str, obs_key: str = "state") -> tuple[int, int, float]:
         fields, act_dim, hz = spec.obs_fields, spec.action_dim, spec.control_hz
     else:
         import onnxruntime as ort  # the robot-side runtime; only when sizing from a file
+
         from qc_robot.policies.onnx_metadata import PolicyMetadata
 
         session = ort.InferenceSession(ref, providers=["CPUExecutionProvider"])

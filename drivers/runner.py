@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from qc_robot import protocol as P
 from qc_robot.calibration.files import load_calibration
 from qc_robot.drivers.base import ExecutedStep, StepInfo
 from qc_robot.drivers.client import HandshakeError, PolicyClient
@@ -22,8 +24,6 @@ from qc_robot.drivers.executor import ChunkExecutor
 from qc_robot.drivers.outbox import Outbox
 from qc_robot.drivers.registry import driver_config, make_driver
 from qc_robot.drivers.safety import SafeDriver
-
-from qc_robot import protocol as P
 
 log = logging.getLogger("qc_robot.runner")
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from qc_robot.drivers.base import Driver, DriverSpec, ExecutedStep, StepInfo
 
 log = logging.getLogger("qc_robot.safety")

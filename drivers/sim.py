@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from qc_robot.drivers.base import Driver, DriverSpec, ExecutedStep, StepInfo
 from qc_robot.policies.base import ObsField
 

@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from qc_robot.policies.base import Policy, align_guide
 
 from qc_robot import protocol as P
+from qc_robot.policies.base import Policy, align_guide
 
 
 @dataclass

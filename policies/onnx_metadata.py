@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from qc_robot.policies.base import ObsField, PolicySpec
 
 FORMAT_NAME = "qc-robot-policy"

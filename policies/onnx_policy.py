@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
 from qc_robot.policies.base import ChunkGuide, ChunkResult, PolicySpec
 from qc_robot.policies.onnx_metadata import MetadataError, PolicyMetadata
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from qc_robot.policies.base import ChunkResult, ObsField, PolicySpec
 
 

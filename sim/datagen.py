@@ -26,11 +26,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from qc_robot.sim.tasks import TaskSpec, task_spec
 from tqdm import tqdm
 
 from qc_robot.config import DatagenConfig
 from qc_robot.data.hdf5_io import EpisodeWriter, load_flat
+from qc_robot.sim.tasks import TaskSpec, task_spec
 
 NOISE_SMOOTHING = 0.5  # OGBench's default for PlanOracle play data
 

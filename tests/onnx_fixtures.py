@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from qc_robot.policies.base import ObsField
-from qc_robot.policies.onnx_metadata import PolicyMetadata
 
 from qc_robot.agent.acting import ActingPolicy
 from qc_robot.agent.networks import ChunkCritic, FlowActor, OneStepActor
 from qc_robot.export.onnx_export import build_metadata, export_policy
+from qc_robot.policies.base import ObsField
+from qc_robot.policies.onnx_metadata import PolicyMetadata
 
 OBS_FIELDS = [ObsField("joint_pos", (4,)), ObsField("target", (2,))]
 OBS_DIM = 6

@@ -67,9 +67,9 @@ class ServeProcess:
 
 def _dying() -> int:
     import numpy as np
-    from qc_robot.policies.scripted import simple_spec
 
     from qc_robot.cli import compose
+    from qc_robot.policies.scripted import simple_spec
     from qc_robot.server import serve
 
     class Dying:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from qc_robot.calibration.files import (
     Calibration,
     CalibrationError,
@@ -104,6 +105,7 @@ def test_mismatched_or_missing_files_are_refused(tmp_path: Path) -> None:
 
 def test_normalization_matches_numpy(tiny_dataset: Path) -> None:
     import h5py
+
     from qc_robot.calibration.normalization import dataset_stats
 
     st = dataset_stats(tiny_dataset)
@@ -171,11 +173,11 @@ def test_sim_driver_applies_calibration_and_randomizes_per_episode(tmp_path: Pat
 
 def test_calibration_id_reaches_hello_and_logged_episodes(tmp_path: Path) -> None:
     import h5py
+
+    from qc_robot.config import EnvConfig
     from qc_robot.drivers.config import DriveConfig
     from qc_robot.drivers.runner import run_drive
     from qc_robot.policies.scripted import HoldPolicy, simple_spec
-
-    from qc_robot.config import EnvConfig
     from qc_robot.server.app import ControlServer
     from qc_robot.server.episode_log import EpisodeLogger
 
@@ -199,7 +201,6 @@ def test_latency_recovers_injected_actuation_delay() -> None:
     from qc_robot.calibration.latency import measure_latency
     from qc_robot.drivers.sim import SimConfig, SimDriver
     from qc_robot.policies.scripted import HoldPolicy, simple_spec
-
     from qc_robot.server.app import ControlServer
 
     latency_ms, hz = 100.0, 20.0

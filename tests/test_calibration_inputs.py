@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from qc_robot.calibration.cli import CalibrateConfig, run_calibrate
 from qc_robot.calibration.files import (
     Calibration,
@@ -19,9 +20,8 @@ from qc_robot.calibration.files import (
     load_calibration,
     save_calibration,
 )
-from qc_robot.sim.tasks import task_spec
-
 from qc_robot.data.hdf5_io import EpisodeWriter
+from qc_robot.sim.tasks import task_spec
 
 TASK = "cube-single-task1"
 PARAMS = {"kp": 0.7, "damping": 2.0, "armature": 1.0, "frictionloss": 0.0}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from qc_robot.calibration.cli import CalibrateConfig, run_calibrate
 from qc_robot.calibration.files import Calibration, save_calibration
 
@@ -86,7 +87,6 @@ def test_latency_step_within_one_control_step_up_to_500ms(latency_ms: float) -> 
     from qc_robot.calibration.latency import measure_latency
     from qc_robot.drivers.sim import SimConfig, SimDriver
     from qc_robot.policies.scripted import HoldPolicy, simple_spec
-
     from qc_robot.server.app import ControlServer
 
     time_scale, hz = 2.0, 20.0

@@ -172,6 +172,7 @@ def test_config_dataclass_docs_are_read_from_field_docstrings():
 
 def test_every_registered_task_can_be_named_with_env():
     from omegaconf import OmegaConf
+
     from qc_robot.sim.tasks import list_tasks, task_spec
 
     files = sorted((REPO / "configs" / "env").glob("*.yaml"))

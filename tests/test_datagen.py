@@ -9,11 +9,11 @@ import gymnasium
 import h5py
 import numpy as np
 import pytest
-from qc_robot.sim.datagen import generate, label_episode, run_datagen
-from qc_robot.sim.tasks import task_spec
 
 from qc_robot.config import DataConfig, DatagenConfig, EnvConfig
 from qc_robot.data.hdf5_io import load_flat, validate
+from qc_robot.sim.datagen import generate, label_episode, run_datagen
+from qc_robot.sim.tasks import task_spec
 
 
 @pytest.fixture(scope="module")

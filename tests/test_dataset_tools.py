@@ -7,12 +7,12 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from qc_robot.drivers.safety import SafetyConfig
 
 from qc_robot.cli import main
 from qc_robot.config import EnvConfig
 from qc_robot.data import tools
 from qc_robot.data.hdf5_io import DatasetError, load_flat
+from qc_robot.drivers.safety import SafetyConfig
 from qc_robot.teleop.config import TeleopConfig
 from qc_robot.teleop.replay import load_demo, replay_actions
 from qc_robot.teleop.session import build_driver, run_teleop

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from qc_robot import protocol as P
 from qc_robot.drivers.base import Driver
 from qc_robot.drivers.registry import DRIVERS, driver_config, make_driver
 from qc_robot.drivers.safety import SafeDriver, SafetyConfig
-
-from qc_robot import protocol as P
 
 
 def _lerobot(stack: contextlib.ExitStack, tmp: Path) -> Driver:

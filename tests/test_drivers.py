@@ -7,14 +7,14 @@ import math
 
 import numpy as np
 import pytest
+
+from qc_robot import protocol as P
+from qc_robot.config import EnvConfig
 from qc_robot.drivers.config import DriveConfig
 from qc_robot.drivers.executor import ChunkExecutor
 from qc_robot.drivers.mock import MockConfig, MockDriver
 from qc_robot.drivers.runner import run_drive, run_episode
 from qc_robot.drivers.safety import SafeDriver, SafetyConfig
-
-from qc_robot import protocol as P
-from qc_robot.config import EnvConfig
 
 # -- conformance over every registered driver: tests/test_driver_conformance.py ---------------------
 
@@ -208,7 +208,6 @@ def test_executor_reset_forgets_inflight_request() -> None:
 @pytest.fixture
 def server():
     from qc_robot.policies.scripted import RandomPolicy, simple_spec
-
     from qc_robot.server.app import ControlServer
 
     made = []

@@ -118,11 +118,10 @@ def test_metadata_must_match_policy(tmp_path: Path) -> None:
 
 def test_run_export_from_checkpoint(tmp_path: Path) -> None:
     """CLI path: a saved checkpoint → verified model.onnx whose metadata comes from it."""
-    from qc_robot.policies.onnx_policy import OnnxPolicy
-
     from qc_robot.agent.agent import QCAgent
     from qc_robot.config import AgentConfig, ExportConfig, TrainConfig
     from qc_robot.export.onnx_export import run_export
+    from qc_robot.policies.onnx_policy import OnnxPolicy
     from qc_robot.train.checkpoint import Checkpoint, config_hash, save_checkpoint
 
     agent_cfg = AgentConfig(

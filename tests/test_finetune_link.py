@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from qc_robot.drivers.base import DriverSpec
-from qc_robot.drivers.client import PolicyClient
-from qc_robot.policies.base import ChunkResult, ObsField
-from qc_robot.policies.scripted import simple_spec
 
 from qc_robot import protocol as P
+from qc_robot.drivers.base import DriverSpec
+from qc_robot.drivers.client import PolicyClient
 from qc_robot.finetune.client import LearnerClient, Record
+from qc_robot.policies.base import ChunkResult, ObsField
+from qc_robot.policies.scripted import simple_spec
 from qc_robot.server.app import ControlServer
 from qc_robot.server.journal import Journal
 from qc_robot.server.learner_link import CurveKeys, LearnerLink, make_keys

@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from qc_robot import protocol as P
+from qc_robot.cli import compose
 from qc_robot.drivers.client import PolicyClient
 from qc_robot.drivers.executor import ChunkExecutor
 from qc_robot.drivers.mock import MockConfig
 from qc_robot.drivers.registry import make_safe_driver
 from qc_robot.drivers.runner import PolicyPace, run_episode
-from qc_robot.policies.onnx_policy import OnnxPolicy
-
-from qc_robot import protocol as P
-from qc_robot.cli import compose
 from qc_robot.finetune.client import Record
 from qc_robot.finetune.config import FinetuneConfig
 from qc_robot.finetune.loop import Finetuner, export_onnx_bytes, run_finetune
+from qc_robot.policies.onnx_policy import OnnxPolicy
 from qc_robot.server.app import ControlServer
 from qc_robot.server.journal import Journal
 from qc_robot.server.learner_link import LearnerLink

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qc_robot.drivers.mock import MockConfig, MockDriver, policy_dims
 
 from qc_robot.cli import compose, main
+from qc_robot.drivers.mock import MockConfig, MockDriver, policy_dims
 
 REPO = Path(__file__).resolve().parent.parent
 

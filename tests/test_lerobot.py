@@ -20,6 +20,7 @@ pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
 
 from feetech_sim import FeetechBusSim  # noqa: E402
 from lerobot_rig import IDS, OFFSETS, RANGES, calibrated_so101  # noqa: E402
+
 from qc_robot.drivers.lerobot_driver import LeRobotConfig, LeRobotDriver, make_lerobot_robot  # noqa: E402
 from qc_robot.drivers.registry import driver_config, make_driver  # noqa: E402
 from qc_robot.drivers.safety import SafeDriver, SafetyConfig  # noqa: E402
@@ -255,7 +256,6 @@ def test_a_served_episode_runs_through_qc_robot_drive(tmp_path: Path, capsys) ->
     from qc_robot.drivers.config import DriveConfig
     from qc_robot.drivers.runner import run_drive
     from qc_robot.policies.scripted import RandomPolicy, simple_spec
-
     from qc_robot.server.app import ControlServer
 
     sim, args = calibrated_so101("follower", tmp_path)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx_fixtures import HIGH, LOW, OBS_DIM, Variant, export, noise_shape
+
 from qc_robot.policies.base import ChunkResult, Policy
 from qc_robot.policies.onnx_metadata import FORMAT_VERSION, MetadataError, PolicyMetadata
 from qc_robot.policies.onnx_policy import OnnxPolicy

@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from qc_robot.drivers.base import DriverSpec
-from qc_robot.drivers.client import PolicyClient
-from qc_robot.drivers.outbox import Outbox
-from qc_robot.policies.base import ObsField
 from test_finetune_link import ACT, OBS, free_port, kill, spawn, transition, wait_until
 
 from qc_robot import protocol as P
+from qc_robot.drivers.base import DriverSpec
+from qc_robot.drivers.client import PolicyClient
+from qc_robot.drivers.outbox import Outbox
 from qc_robot.finetune.client import LearnerClient, Record
+from qc_robot.policies.base import ObsField
 
 
 def _client(addr: str, box: Outbox) -> PolicyClient:

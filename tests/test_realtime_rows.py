@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from qc_robot.drivers.base import ExecutedStep
 from qc_robot.drivers.client import PolicyClient
 from qc_robot.drivers.executor import ChunkExecutor
@@ -24,7 +25,6 @@ from qc_robot.drivers.registry import make_safe_driver
 from qc_robot.drivers.runner import Pacer, run_episode
 from qc_robot.drivers.sim import SimConfig
 from qc_robot.policies.scripted import RandomPolicy, simple_spec
-
 from qc_robot.server.app import ControlServer
 from qc_robot.server.episode_log import EpisodeLogger
 
@@ -139,7 +139,6 @@ class _NoLoad:
 def test_lockstep_rows_carry_the_outcome_of_their_own_step() -> None:
     """A lockstep robot's row i holds step i's reward and flags, and the episode's end once."""
     from qc_robot.drivers.mock import MockConfig
-
     from qc_robot.server.serve import load_policy
 
     srv = ControlServer(load_policy("random:10:5:5"), "tcp://127.0.0.1:*").start()

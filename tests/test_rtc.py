@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 from onnx_fixtures import HIGH, LOW, OBS_DIM, Variant, make_acting, make_meta, make_smooth_acting
-from qc_robot.drivers.client import PolicyClient
-from qc_robot.drivers.executor import MODES, ChunkExecutor
-from qc_robot.drivers.simclock import DelayedPolicySource, seam_jerk
-from qc_robot.policies.base import ChunkGuide
-from qc_robot.policies.onnx_policy import OnnxPolicy
 
 from qc_robot import protocol as P
 from qc_robot.agent import rtc
 from qc_robot.agent.acting import euler_sample
 from qc_robot.agent.networks import FlowActor, aggregate_q
+from qc_robot.drivers.client import PolicyClient
+from qc_robot.drivers.executor import MODES, ChunkExecutor
+from qc_robot.drivers.simclock import DelayedPolicySource, seam_jerk
 from qc_robot.export.graph import ExportGraph
 from qc_robot.export.onnx_export import export_policy
+from qc_robot.policies.base import ChunkGuide
+from qc_robot.policies.onnx_policy import OnnxPolicy
 
 H = 8
 OBS = {"joint_pos": np.zeros(4), "target": np.zeros(2)}

@@ -10,12 +10,12 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+
+from qc_robot import protocol as P
 from qc_robot.drivers.base import DriverSpec
 from qc_robot.drivers.client import HandshakeError, PolicyClient
 from qc_robot.policies.base import ChunkResult, ObsField, PolicySpec
 from qc_robot.policies.scripted import HoldPolicy, simple_spec
-
-from qc_robot import protocol as P
 from qc_robot.server.app import ControlServer
 
 OBS, ACT, H = 4, 2, 3

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qc_robot.drivers.client import HandshakeError, PolicyClient
-from qc_robot.policies.scripted import HoldPolicy
 from test_server import driver_spec, obs, spec
 
 from qc_robot import protocol as P
+from qc_robot.drivers.client import HandshakeError, PolicyClient
+from qc_robot.policies.scripted import HoldPolicy
 from qc_robot.server.app import ControlServer
 from qc_robot.server.learner_link import CurveKeys, make_keys
 

@@ -20,10 +20,10 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qc_robot.policies.scripted import RandomPolicy
 from test_server import ACT, OBS, driver_spec, spec
 
 from qc_robot import protocol as P
+from qc_robot.policies.scripted import RandomPolicy
 from qc_robot.server.app import ControlServer
 from qc_robot.server.episode_log import EpisodeLogger
 from qc_robot.server.journal import Journal

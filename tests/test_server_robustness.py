@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import test_server
 import zmq
-from qc_robot.policies.base import ChunkResult, ObsField, PolicySpec
-from qc_robot.policies.scripted import HoldPolicy
 from test_server import ACT, OBS, EchoPolicy, H, Raw, driver_spec, obs, spec
 
 from qc_robot import protocol as P
 from qc_robot.data.hdf5_io import load_flat
+from qc_robot.policies.base import ChunkResult, ObsField, PolicySpec
+from qc_robot.policies.scripted import HoldPolicy
 from qc_robot.server.app import ControlServer
 from qc_robot.server.episode_log import EpisodeLogger
 
@@ -317,7 +317,6 @@ def test_messages_over_the_advertised_limit_are_refused_by_zeromq(serve) -> None
 
 def test_the_default_limit_fits_the_policy() -> None:
     from qc_robot.policies.scripted import simple_spec
-
     from qc_robot.server.app import auto_message_limit
 
     assert auto_message_limit(simple_spec(37, 5, 5)) == 1 << 20  # small state: the 1 MiB floor

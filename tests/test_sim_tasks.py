@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from qc_robot.sim.tasks import list_tasks, make_env, sparsify, task_spec
 
 CHECKED = ["cube-single-task1", "cube-double-task2", "scene-task2", "puzzle-3x3-task1"]

@@ -13,9 +13,10 @@ import pytest
 
 pytest.importorskip("xarm.wrapper", reason="xarm-python-sdk not installed (pip install 'qc-robot[xarm]')")
 
+from xarm_sim import BOUNDARY_ERROR, XArmSim  # noqa: E402
+
 from qc_robot.drivers.safety import SafeDriver, SafetyConfig  # noqa: E402
 from qc_robot.drivers.xarm import XArmConfig, XArmDriver  # noqa: E402
-from xarm_sim import BOUNDARY_ERROR, XArmSim  # noqa: E402
 
 if not XArmSim.available():
     pytest.skip("the xArm controller simulator must listen on port 502 (root or CAP_NET_BIND_SERVICE)",
@@ -133,7 +134,6 @@ def test_a_served_episode_runs_through_qc_robot_drive(rig, capsys) -> None:
     from qc_robot.drivers.config import DriveConfig
     from qc_robot.drivers.runner import run_drive
     from qc_robot.policies.scripted import RandomPolicy, simple_spec
-
     from qc_robot.server.app import ControlServer
 
     d, sim = rig
