@@ -305,7 +305,9 @@ def build_driver(cfg: DriveConfig) -> SafeDriver:
                                   max_episode_steps=cfg.env.max_episode_steps, realtime=cfg.realtime,
                                   time_scale=cfg.time_scale, latency_ms=cfg.latency_ms,
                                   obs_noise=cfg.obs_noise, seed=cfg.seed, calibration=cfg.calibration,
-                                  randomize=cfg.randomize_physics)
+                                  randomize=cfg.randomize_physics,
+                                  image_size=cfg.env.image_size, image_key=cfg.env.image_key,
+                                  camera=cfg.env.camera, render_fast=cfg.env.render_fast)
     values.update(cfg.driver_args)
     scale = cfg.time_scale
     return SafeDriver(make_driver(cfg.driver, driver_config(cfg.driver, **values)), cfg.safety,

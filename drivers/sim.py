@@ -20,6 +20,12 @@ applied to the MuJoCo model, its control delay and observation noise are used wh
 leaves ``latency_ms``/``obs_noise`` at 0, and with ``randomize`` every episode draws the parameters
 from the file's ranges (domain randomization for training and robustness evals).
 
+Camera images (``image_size`` > 0, and by default on OGBench's visual-* tasks): each step also
+renders the task camera into ``{image_key: uint8 (S, S, 3)}`` beside the state, after the physics
+and before the step is published, so a logged row's image and state describe the same instant.
+Rendering runs on the camera's own GL thread and its cost (35-700 ms a frame on this CPU) is
+part of the tick: a realtime sim with images cannot hold 20 Hz here (``overruns`` counts it).
+
 Only the gymnasium API of ``qc_robot.sim.tasks.make_env`` (plus ``env.unwrapped.model`` for calibration)
 is used; mujoco/ogbench are imported when the driver connects, so ``import qc_robot.drivers.sim`` stays cheap.
 """
@@ -64,10 +70,20 @@ class SimConfig:
     """Path of a calibration file ('' = the stock model): physics applied, delay and noise defaulted."""
     randomize: bool = False
     """Draw the physical parameters per episode from the calibration's ranges."""
+    image_size: int = -1
+    """Side of the square camera image in every observation (-1: the task's default, 64 on the
+    visual-* tasks and none otherwise; 0: none)."""
+    image_key: str = "image"
+    """Observation key of the image (uint8 (image_size, image_size, 3) RGB)."""
+    camera: str = "front_pixels"
+    """MuJoCo camera the image is rendered from."""
+    render_fast: bool = False
+    """Cheaper rendering (512² shadow map, no MSAA) instead of OGBench's exact settings."""
 
 
 class SimDriver(Driver):
-    """OGBench task as a robot: observation ``{obs_key: (obs_dim,) float64}``, actions in [-1, 1]."""
+    """OGBench task as a robot: observation ``{obs_key: (obs_dim,) float64}`` (plus
+    ``{image_key: (S, S, 3) uint8}`` with a camera), actions in [-1, 1]."""
 
     name = "sim"
 
@@ -80,8 +96,13 @@ class SimDriver(Driver):
         self.task = task_spec(cfg.env)
         limit = cfg.max_episode_steps or self.task.max_episode_steps
         a = self.task.act_dim
-        self.spec = DriverSpec([ObsField(cfg.obs_key, (self.task.obs_dim,), "float64")], a, -np.ones(a),
-                               np.ones(a), self.task.control_hz, limit)
+        self.image_size = self.task.default_image_size if cfg.image_size < 0 else cfg.image_size
+        fields = [ObsField(cfg.obs_key, (self.task.obs_dim,), "float64")]
+        if self.image_size > 0:
+            if cfg.image_key == cfg.obs_key:
+                raise ValueError(f"image_key and obs_key are both {cfg.obs_key!r}")
+            fields.append(ObsField(cfg.image_key, (self.image_size, self.image_size, 3), "uint8"))
+        self.spec = DriverSpec(fields, a, -np.ones(a), np.ones(a), self.task.control_hz, limit)
         self.realtime = cfg.realtime
         self._period = 1.0 / (self.task.control_hz * cfg.time_scale)  # wall seconds per tick
         self.calibration: Any = None
@@ -112,6 +133,8 @@ class SimDriver(Driver):
         self._reading = np.zeros(self.task.obs_dim)  # realtime: this tick's (noisy) sensor reading
         self._pipe: collections.deque[np.ndarray] = collections.deque()  # lockstep latency FIFO
         self._obs = np.zeros(self.task.obs_dim)
+        self._frame = np.zeros((max(self.image_size, 0),) * 2 + (3,), np.uint8)  # latest render
+        self._frame_reading = self._frame  # realtime: the frame published with this tick's reading
         self._info = StepInfo()
         self._noise_rng = np.random.default_rng(cfg.seed + 1)
         self._thread: threading.Thread | None = None
@@ -128,7 +151,9 @@ class SimDriver(Driver):
             from qc_robot.sim.tasks import make_env
 
             self._env = make_env(self.cfg.env, sparse_reward=self.cfg.sparse_reward,
-                                 max_episode_steps=self.spec.max_episode_steps, seed=self.cfg.seed)
+                                 max_episode_steps=self.spec.max_episode_steps, seed=self.cfg.seed,
+                                 image_size=self.image_size, camera=self.cfg.camera,
+                                 render_fast=self.cfg.render_fast)
             if self.calibration is not None and self.calibration.physics:
                 from qc_robot.calibration.randomization import PhysicsParams
 
@@ -173,6 +198,8 @@ class SimDriver(Driver):
             self._physics.apply(sample_params(phys["ranges"], self._phys_rng, phys["params"]))
         with self._lock:
             obs, _ = self._env.reset(seed=seed)
+            if self.image_size > 0:
+                self._frame = self._frame_reading = self._env.image()
             self._obs = np.asarray(obs, np.float64)
             self._info = StepInfo(time=time.monotonic())
             self._inbox.clear()
@@ -191,10 +218,18 @@ class SimDriver(Driver):
     def get_observation(self) -> dict[str, np.ndarray]:
         if self.realtime:
             with self._lock:
-                return {self.cfg.obs_key: self._reading.copy()}
+                return self._obs_dict(self._reading.copy(), self._frame_reading)
         with self._lock:
-            obs = self._obs.copy()
-        return {self.cfg.obs_key: self._noisy(obs)}
+            obs, frame = self._obs.copy(), self._frame
+        return self._obs_dict(self._noisy(obs), frame)
+
+    def _obs_dict(self, state: np.ndarray, frame: np.ndarray) -> dict[str, np.ndarray]:
+        """The observation map: the state, and the image when there is a camera (a copy: callers
+        may keep it while the next frame is rendered)."""
+        out = {self.cfg.obs_key: state}
+        if self.image_size > 0:
+            out[self.cfg.image_key] = frame.copy()
+        return out
 
     def step_info(self) -> StepInfo:
         with self._lock:
@@ -253,28 +288,29 @@ class SimDriver(Driver):
         if self._info.terminated or self._info.truncated:
             return
         obs, reward, terminated, truncated, info = self._env.step(cmd)
+        frame = self._env.image() if self.image_size > 0 else self._frame
         new_info = StepInfo(float(reward), bool(info.get("success", False)), bool(terminated),
                             bool(truncated), self._info.step + 1, time.monotonic())
         with self._lock:
             self._obs = np.asarray(obs, np.float64)
+            self._frame = frame
             self._info = new_info
 
     def _tick(self, cmd: np.ndarray, held: bool, cmd_step: int, late_s: float) -> None:
         """One realtime step, logged: the reading before, the command, the reading after."""
         if self._info.terminated or self._info.truncated:
             return
-        before, state = self._reading, self.sim_state()
+        before, frame_before, state = self._reading, self._frame_reading, self.sim_state()
         t, wall = time.monotonic(), time.time()
         step = self._info.step
         self._step(cmd)
-        reading = self._noisy(self._obs)
+        reading, frame = self._noisy(self._obs), self._frame
         info = self._info
-        key = self.cfg.obs_key
-        row = ExecutedStep(step, {key: before}, cmd.astype(np.float32), held, info.reward, info.success,
-                           info.terminated, info.truncated, {key: reading}, t, wall, late_s, cmd_step,
-                           {"state": state})
+        row = ExecutedStep(step, self._obs_dict(before, frame_before), cmd.astype(np.float32), held, info.reward,
+                           info.success, info.terminated, info.truncated, self._obs_dict(reading, frame), t, wall,
+                           late_s, cmd_step, {"state": state})
         with self._ticked:
-            self._reading = reading
+            self._reading, self._frame_reading = reading, frame
             if len(self._log) == self._log.maxlen:
                 self.log_dropped += 1
             self._log.append(row)

@@ -89,6 +89,16 @@ class EnvConfig:
     as in the paper)."""
     max_episode_steps: int = 0
     """0: the task's own limit."""
+    image_size: int = -1
+    """Side of the square camera images the sim renders into the observation (-1: the task's
+    default, OGBench's 64 on the visual-* tasks, none otherwise; 0: none). Rendering costs
+    35-700 ms a frame on a CPU."""
+    image_key: str = "image"
+    """Observation key of the camera image (uint8 (image_size, image_size, 3) RGB)."""
+    camera: str = "front_pixels"
+    """MuJoCo camera the image is rendered from (OGBench's pixel camera; 'front' is the video one)."""
+    render_fast: bool = False
+    """Cheaper rendering (512² shadow map, no MSAA) instead of OGBench's exact settings."""
 
 
 @dataclass

@@ -15,6 +15,10 @@ state (``info['prev_qpos']``, ``info['prev_button_states']``): per subtask succe
 and ``mask = 1 - all(solved)``. That is exactly what the singletask env returns on the same
 state (``success_timing='pre'``). We store ``dones = 1 - mask``: the true-termination flag.
 Every episode ends at ``episode_length`` (a time limit, not a termination).
+
+With ``image_size`` > 0 (by default on the visual-* tasks, OGBench's 64) every step's camera
+image is recorded too, ``obs/<image_key>`` and ``next_obs/<image_key>`` uint8 (N, S, S, 3),
+rendered by :class:`qc_robot.sim.camera.SimCamera` from the same pre-action state as ``obs/state``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from tqdm import tqdm
 
 from qc_robot.config import DatagenConfig
 from qc_robot.data.hdf5_io import EpisodeWriter, load_flat
-from qc_robot.sim.tasks import TaskSpec, task_spec
+from qc_robot.sim.tasks import TaskSpec, task_spec, use_state_observations, visual_env_kwargs
 
 NOISE_SMOOTHING = 0.5  # OGBench's default for PlanOracle play data
 
@@ -112,19 +116,25 @@ def _rollout(
     task_goals: np.ndarray | None = None,
     task_goal_prob: float = 0.0,
     rng: np.random.Generator | None = None,
+    camera: Any = None,
 ) -> dict[str, np.ndarray]:
     """One play episode of ``length`` steps; arrays of the pre-action state per step.
 
     With ``task_goals`` (cube tasks), each new target is, with probability ``task_goal_prob``,
     one of the evaluation task's goals instead of a random one ("task-directed play").
+    With a ``camera`` (:class:`~qc_robot.sim.camera.SimCamera`), ``frames`` holds the N + 1
+    images of the visited states (N + 1: the last is the final next observation).
     """
     ob, info = env.reset(seed=reset_seed)
+    frames = [camera.render()] if camera is not None else []
     agent = oracles[info["privileged/target_task"]]
     agent.reset(ob, info)
     obs, next_obs, actions, qpos, qvel, buttons = [], [], [], [], [], []
     for _ in range(length):
         action = np.clip(np.asarray(agent.select_action(ob, info), dtype=np.float64), -1.0, 1.0)
         next_ob, _, _, _, info = env.step(action)
+        if camera is not None:
+            frames.append(camera.render())  # the state after the action, before a new target is set
         if agent.done:
             # New random target whenever the current one is handled (OGBench's play recipe).
             agent_ob, agent_info = env.set_new_target(p_stack=p_stack)
@@ -151,6 +161,8 @@ def _rollout(
     }
     if buttons:
         out["button_states"] = np.asarray(buttons, dtype=np.int64)  # (N, num_buttons)
+    if frames:
+        out["frames"] = np.stack(frames)  # (N + 1, S, S, 3) uint8
     return out
 
 
@@ -177,6 +189,10 @@ def generate(
     progress: bool = True,
     save_states: bool = True,
     task_goal_prob: float = 0.0,
+    image_size: int = -1,
+    image_key: str = "image",
+    camera: str = "",
+    render_fast: bool = False,
 ) -> str:
     """Generate ``num_episodes`` play episodes of ``episode_length`` steps into ``out_path``.
 
@@ -185,17 +201,32 @@ def generate(
     of the observed state) and, for scene/puzzle, ``button_states``, so labels can be re-checked.
     ``task_goal_prob`` > 0 (cube tasks only) makes that fraction of the oracle's targets the
     evaluation task's goals: small play datasets otherwise rarely contain a solved task.
-    Returns ``out_path``.
+    ``image_size`` (-1: the task's default, 64 on visual-* tasks, else none; 0: none) records the
+    camera image of every step under ``image_key`` (``camera`` '' = ``front_pixels``; rendering
+    costs 35-700 ms a frame here, so image datasets are small). Returns ``out_path``.
     """
+    spec = task_spec(task)
+    if image_size > 0 or (image_size < 0 and spec.visual):
+        from qc_robot.video import use_offscreen_gl
+
+        use_offscreen_gl()  # before mujoco's first import picks its GL backend
     import gymnasium
     import ogbench  # noqa: F401  (registers the envs)
 
-    spec = task_spec(task)
     if num_episodes <= 0 or episode_length <= 0:
         raise ValueError("num_episodes and episode_length must be positive")
+    size = spec.default_image_size if image_size < 0 else image_size
+    if size > 0 and image_key == "state":
+        raise ValueError("image_key must differ from the state key 'state'")
     env = gymnasium.make(
-        spec.play_env_id, terminate_at_goal=False, mode="data_collection"
+        spec.play_env_id, terminate_at_goal=False, mode="data_collection", **visual_env_kwargs(spec, size)
     ).unwrapped
+    use_state_observations(env)  # visual envs: keep the state observation, images come from cam
+    cam = None
+    if size > 0:
+        from qc_robot.sim.camera import DEFAULT_CAMERA, SimCamera
+
+        cam = SimCamera(env, size, size, camera or DEFAULT_CAMERA, render_fast)
     oracles = _make_oracles(spec, env, noise)
     label_env = gymnasium.make(spec.singletask_env_id)
     task_goals = None
@@ -210,7 +241,7 @@ def generate(
         "singletask_env_id": spec.singletask_env_id,
         "play_env_id": spec.play_env_id,
         "control_hz": spec.control_hz,
-        "obs_keys": ["state"],
+        "obs_keys": ["state"] + ([image_key] if size > 0 else []),
         "obs_dim": spec.obs_dim,
         "act_dim": spec.act_dim,
         "source": "qc-robot datagen (ogbench PlanOracle play data)",
@@ -222,6 +253,9 @@ def generate(
         "sparse_reward": False,
         "task_goal_prob": task_goal_prob,
     }
+    if size > 0:
+        env_args.update(image_size=size, image_key=image_key, camera=camera or "front_pixels",
+                        render_fast=render_fast, visual=spec.visual)
     rng = np.random.default_rng(seed)
     with _seeded_global_numpy(seed), EpisodeWriter(out_path, env_args, mode="w") as writer:
         bar = tqdm(
@@ -235,7 +269,7 @@ def generate(
             while True:
                 p_stack = _p_stack(spec.dataset_family, rng)
                 roll = _rollout(env, oracles, episode_length, p_stack, seed if first else None,
-                                task_goals, task_goal_prob, rng)
+                                task_goals, task_goal_prob, rng, cam)
                 first = False
                 if spec.dataset_family != "scene" or _scene_healthy(roll["qpos"]):
                     break
@@ -247,17 +281,22 @@ def generate(
                 )  # (N, nq+nv)
                 if "button_states" in roll:
                     extras["button_states"] = roll["button_states"]
+            obs, next_obs = {"state": roll["obs"]}, {"state": roll["next_obs"]}
+            if cam is not None:
+                obs[image_key], next_obs[image_key] = roll["frames"][:-1], roll["frames"][1:]
             writer.add_episode(
-                obs={"state": roll["obs"]},
+                obs=obs,
                 actions=roll["actions"],
                 rewards=rewards,
                 dones=dones,
-                next_obs={"state": roll["next_obs"]},
+                next_obs=next_obs,
                 attrs={"episode": ep, "p_stack": p_stack, "nq": roll["qpos"].shape[1]},
                 extras=extras,
             )
             bar.update(episode_length)
         bar.close()
+    if cam is not None:
+        cam.close()
     env.close()
     label_env.close()
     return out_path
@@ -276,9 +315,13 @@ def run_datagen(cfg: DatagenConfig) -> int:
         out_path=path,
         progress=cfg.progress,
         task_goal_prob=cfg.data.task_goal_prob,
+        image_size=cfg.env.image_size,
+        image_key=cfg.env.image_key,
+        camera=cfg.env.camera,
+        render_fast=cfg.env.render_fast,
     )
     elapsed = time.perf_counter() - start
-    ds = load_flat(path)
+    ds = load_flat(path, obs_keys=["state"])  # the summary needs no pixels
     n = len(ds)
     print(
         f"datagen {cfg.env.name}: {len(ds.episode_ends)} episodes, {n} transitions "

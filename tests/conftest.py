@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from qc_robot.video import use_offscreen_gl
+
+use_offscreen_gl()  # before any test imports mujoco: it picks its GL backend (EGL headless) once
+
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:

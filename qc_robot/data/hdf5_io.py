@@ -6,7 +6,8 @@ Layout (plain h5py can read it; robomimic files load too)::
                                       format='qc-robot-hdf5', format_version=1
     data/demo_<i>              attrs: num_samples (written last: marks the episode complete)
         actions (N, A) float32, rewards (N,), dones (N,)  (dones = true termination)
-        obs/<key> (N, ...), next_obs/<key> (N, ...)   (sim data: the single key 'state')
+        obs/<key> (N, ...), next_obs/<key> (N, ...)   (sim data: 'state', and camera images)
+                               images: uint8 (N, H, W, 3) RGB, one chunk per frame, gzip
         <extra> (N, ...)        optional per-step arrays, e.g. robomimic's 'states'
     mask/<filter>              optional lists of demo names (e.g. train / valid)
 
@@ -134,7 +135,7 @@ class EpisodeWriter:
         name = f"demo_{self._next}"
         grp = self._data.create_group(name)
         for k, v in arrays.items():
-            grp.create_dataset(k, data=v)
+            grp.create_dataset(k, data=v, **_storage(v))
         for k, v in (attrs or {}).items():
             grp.attrs[k] = v
         grp.attrs["num_samples"] = n  # last: the episode is complete
@@ -165,6 +166,25 @@ class EpisodeWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+IMAGE_COMPRESSION = "gzip"
+IMAGE_COMPRESSION_LEVEL = 4
+"""Images are stored compressed (gzip: readable by any HDF5 build, unlike lzf)."""
+
+
+def is_image(v: np.ndarray) -> bool:
+    """A per-step image array: uint8 (N, H, W) or (N, H, W, C)."""
+    return v.dtype == np.uint8 and v.ndim in (3, 4)
+
+
+def _storage(v: np.ndarray) -> dict[str, Any]:
+    """Dataset options: images chunked one frame per chunk (a reader of one step decompresses
+    one frame) and compressed; everything else contiguous as before."""
+    if not is_image(v):
+        return {}
+    return dict(chunks=(1, *v.shape[1:]), compression=IMAGE_COMPRESSION,
+                compression_opts=IMAGE_COMPRESSION_LEVEL, shuffle=False)
 
 
 # -- reading -------------------------------------------------------------------------------------

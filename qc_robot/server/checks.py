@@ -34,6 +34,8 @@ def check_hello(spec: PolicySpec, hello: Hello) -> tuple[list[str], list[str]]:
             problems.append(f"observation {f.key!r}: policy expects shape {list(f.shape)}, driver sends {list(shape)}")
         if np.dtype(dtype).kind not in _NUMERIC_KINDS:  # pragma: no cover - allow-list is numeric
             problems.append(f"observation {f.key!r}: dtype {dtype} is not numeric")
+        elif _exact_dtype(f.dtype) and np.dtype(dtype) != np.dtype(f.dtype):
+            problems.append(f"observation {f.key!r}: policy expects {f.dtype} (an image), driver sends {dtype}")
     if hello.action_dim != spec.action_dim:
         problems.append(f"action_dim: policy {spec.action_dim}, driver {hello.action_dim}")
     elif hello.action_low.shape != (spec.action_dim,) or hello.action_high.shape != (spec.action_dim,):
@@ -65,10 +67,22 @@ def check_observation(spec: PolicySpec, obs: dict[str, Any]) -> dict[str, np.nda
             raise ValueError(f"observation {f.key!r} has shape {list(v.shape)}, expected {list(f.shape)}")
         if v.dtype.kind not in _NUMERIC_KINDS:
             raise ValueError(f"observation {f.key!r} has non-numeric dtype {v.dtype}")
+        _check_exact_dtype(f"observation {f.key!r}", f.dtype, v)
         if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
             raise ValueError(f"observation {f.key!r} contains NaN or inf")
         out[f.key] = v.astype(f.dtype, copy=False)
     return out
+
+
+def _exact_dtype(dtype: str) -> bool:
+    """Integer fields (uint8 images) must arrive in exactly their dtype: a cast from float
+    would wrap or truncate values silently. Float fields accept any numeric dtype, cast."""
+    return np.dtype(dtype).kind in "iu"
+
+
+def _check_exact_dtype(where: str, want: str, v: np.ndarray) -> None:
+    if _exact_dtype(want) and v.dtype != np.dtype(want):
+        raise ValueError(f"{where} has dtype {v.dtype}, expected {want} (images are uint8 HWC RGB)")
 
 
 def sanitize_actions(spec: PolicySpec, actions: Any) -> tuple[np.ndarray, int]:
@@ -136,6 +150,7 @@ def _check_rows(spec: PolicySpec, obs: dict[str, Any], k: int, where: str) -> di
             got = list(v.shape) if isinstance(v, np.ndarray) else type(v).__name__
             raise ValueError(f"{where}[{f.key!r}] must have shape {[k, *f.shape]}, got {got}")
         _numeric_finite(f"{where}[{f.key!r}]", v)
+        _check_exact_dtype(f"{where}[{f.key!r}]", f.dtype, v)
         out[f.key] = v.astype(f.dtype, copy=False)
     return out
 

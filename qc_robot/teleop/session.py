@@ -197,7 +197,9 @@ def build_driver(cfg: TeleopConfig) -> SafeDriver:
     """The configured driver behind the safety layer (watchdog on the scaled clock)."""
     values: dict[str, Any] = dict(env=cfg.env.name, sparse_reward=cfg.env.sparse_reward,
                                   max_episode_steps=cfg.env.max_episode_steps, realtime=cfg.realtime,
-                                  time_scale=cfg.time_scale, seed=cfg.seed)
+                                  time_scale=cfg.time_scale, seed=cfg.seed,
+                                  image_size=cfg.env.image_size, image_key=cfg.env.image_key,
+                                  camera=cfg.env.camera, render_fast=cfg.env.render_fast)
     values.update(cfg.driver_args)
     driver = make_safe_driver(cfg.driver, driver_config(cfg.driver, **values), cfg.safety)
     scale = cfg.time_scale
