@@ -18,6 +18,11 @@ from qc_robot.policies.base import ObsField
 from qc_robot.protocol import Hello, obs_spec_to_wire
 
 
+class SensorError(RuntimeError):
+    """A sensor cannot give a current reading (a stale or failed camera). Raised by
+    ``get_observation``; the safety layer holds the robot until readings are current again."""
+
+
 @dataclass
 class DriverSpec:
     """What a driver observes and accepts."""

@@ -45,6 +45,10 @@ class DriveConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     driver_args: dict[str, Any] = field(default_factory=dict)
     """Further driver-specific config keys (override the common ones above)."""
+    cameras: list[dict[str, Any]] = field(default_factory=list)
+    """Cameras added to the driver's observation, each a ``qc_robot.drivers.camera.CameraConfig``
+    map: ``{name: agentview_image, kind: opencv, source: '0', width: 128, height: 128,
+    max_age_s: 0.2}``. A stale or failed camera holds the robot (docs/robots.md)."""
     calibration: str = ""
     """Calibration file (``calibration/<robot_id>.json``, '' = none): the executor's initial delay
     estimate, the sim's physics/delay/noise; its id goes into the Hello and every logged episode."""

@@ -208,7 +208,11 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, se
     if pacer is not None:
         pacer.start()
     while True:
-        action = executor.act(obs, res.steps, episode_id)
+        if driver.sensor_fault is not None:  # a stale/failed camera: hold, and drop the plans made
+            executor.reset()  # before it, so none of them runs once the sensors are current again
+            action = None
+        else:
+            action = executor.act(obs, res.steps, episode_id)
         held_before = driver.stats.held
         applied = driver.act(action)
         res.steps += 1
@@ -310,8 +314,12 @@ def build_driver(cfg: DriveConfig) -> SafeDriver:
                                   camera=cfg.env.camera, render_fast=cfg.env.render_fast)
     values.update(cfg.driver_args)
     scale = cfg.time_scale
-    return SafeDriver(make_driver(cfg.driver, driver_config(cfg.driver, **values)), cfg.safety,
-                      clock=lambda: time.monotonic() * scale)
+    driver = make_driver(cfg.driver, driver_config(cfg.driver, **values))
+    if cfg.cameras:
+        from qc_robot.drivers.camera_driver import CameraDriver
+
+        driver = CameraDriver(driver, cfg.cameras)
+    return SafeDriver(driver, cfg.safety, clock=lambda: time.monotonic() * scale)
 
 
 def run_drive(cfg: DriveConfig) -> int:

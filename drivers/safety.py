@@ -9,6 +9,10 @@ fresh one. The layer then:
 * holds (sends the driver's hold action) whenever there is no fresh action, including at
   start-up until the first valid action arrives, so a robot that connects before the policy
   is ready waits instead of tripping;
+* holds while a sensor cannot give a current reading (``get_observation`` raised
+  :class:`~qc_robot.drivers.base.SensorError`: a stale or failed camera): the loop gets the last
+  good observation flagged by ``sensor_fault`` (never a silent repeat) and every action is
+  replaced by the hold until a current reading arrives;
 * trips the watchdog once actions have been flowing and none arrived for ``watchdog_s``:
   ``on_timeout='hold'`` keeps holding and resumes with the next fresh action, ``'stop'`` calls
   the driver's ``stop()`` and ignores actions until ``rearm()`` (an operator decision).
@@ -24,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from qc_robot.drivers.base import Driver, DriverSpec, ExecutedStep, StepInfo
+from qc_robot.drivers.base import Driver, DriverSpec, ExecutedStep, SensorError, StepInfo
 
 log = logging.getLogger("qc_robot.safety")
 
@@ -51,6 +55,10 @@ class SafetyStats:
     clipped: int = 0
     delta_limited: int = 0
     trips: int = 0
+    sensor_faults: int = 0
+    """Observations a sensor could not give current (stale or failed camera)."""
+    sensor_holds: int = 0
+    """Ticks held because of a sensor fault (also counted in ``held``)."""
 
 
 class SafeDriver:
@@ -67,6 +75,9 @@ class SafeDriver:
             raise ValueError(f"max_delta needs 0, 1 or {a} positive values, got {self.cfg.max_delta}")
         self._max_delta = None if md.size == 0 else np.broadcast_to(md, (a,)).copy()
         self.stats = SafetyStats()
+        self.sensor_fault: str | None = None
+        """Why the last observation is not current (None: it is); actions are held meanwhile."""
+        self._last_obs: dict[str, np.ndarray] | None = None
         self.rearm()
 
     # -- the driver API, delegated -------------------------------------------------------------
@@ -90,10 +101,28 @@ class SafeDriver:
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         self.rearm()
-        return self.driver.reset(seed)
+        self.sensor_fault, self._last_obs = None, None
+        obs = self.driver.reset(seed)
+        self._last_obs = obs
+        return obs
 
     def get_observation(self) -> dict[str, np.ndarray]:
-        return self.driver.get_observation()
+        """The driver's observation; on a SensorError the last good one, with ``sensor_fault``
+        set (the robot is held until a current reading arrives). Raises when there is none."""
+        try:
+            obs = self.driver.get_observation()
+        except SensorError as e:
+            self.stats.sensor_faults += 1
+            if self.sensor_fault is None:
+                log.warning("sensor fault: %s: holding the robot", e)
+            self.sensor_fault = str(e)
+            if self._last_obs is None:
+                raise
+            return {k: v.copy() for k, v in self._last_obs.items()}
+        if self.sensor_fault is not None:
+            log.info("sensors current again after: %s", self.sensor_fault)
+        self.sensor_fault, self._last_obs = None, obs
+        return obs
 
     def step_info(self) -> StepInfo:
         return self.driver.step_info()
@@ -138,6 +167,9 @@ class SafeDriver:
         """One control tick: apply ``action`` (or a hold) through the limits; returns what was applied."""
         now = self.clock()
         a = self._validate(action)
+        if self.sensor_fault is not None:
+            self.stats.sensor_holds += 1
+            a = None  # an action chosen without current sensors never reaches the robot
         if self._stopped:
             return self.driver.hold_action()  # latched: nothing reaches the robot until rearm()
         if a is None:

@@ -40,6 +40,7 @@ def test_sim_camera_is_pixel_identical_to_ogbench_pixel_observation() -> None:
     (its own renderer, on its own GL thread) gives the same bytes."""
     import gymnasium
     import ogbench  # noqa: F401
+
     from qc_robot.sim.camera import SimCamera
 
     env = gymnasium.make("visual-cube-single-singletask-task1-v0", width=32, height=32)

@@ -55,6 +55,9 @@ class TeleopConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     driver_args: dict[str, Any] = field(default_factory=dict)
     """Further driver-specific config keys."""
+    cameras: list[dict[str, Any]] = field(default_factory=list)
+    """Cameras recorded with every step (``qc_robot.drivers.camera.CameraConfig`` maps, as in
+    ``qc-robot drive``); their frames go to ``obs/<name>`` uint8 (T, H, W, 3)."""
     status: bool = True
     """Redraw a status line in place when stdout is a terminal."""
 

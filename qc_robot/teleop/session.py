@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from qc_robot.data.recorder import Recorder
-from qc_robot.drivers.registry import driver_config, make_safe_driver
+from qc_robot.drivers.registry import driver_config, make_driver
 from qc_robot.drivers.runner import Pacer
 from qc_robot.drivers.safety import SafeDriver
 from qc_robot.teleop.config import TeleopConfig
@@ -139,6 +139,10 @@ class TeleopSession:
         try:
             while True:
                 obs = self.driver.get_observation()
+                if self.driver.sensor_fault is not None:  # a stale/failed camera: this episode's rows
+                    self.status.message(f"sensor fault: {self.driver.sensor_fault}")  # would be wrong
+                    verdict = "discard"
+                    break
                 if pending is None:
                     self.recorder.begin(obs, attrs)  # the observation the first action sees
                 else:
@@ -201,7 +205,12 @@ def build_driver(cfg: TeleopConfig) -> SafeDriver:
                                   image_size=cfg.env.image_size, image_key=cfg.env.image_key,
                                   camera=cfg.env.camera, render_fast=cfg.env.render_fast)
     values.update(cfg.driver_args)
-    driver = make_safe_driver(cfg.driver, driver_config(cfg.driver, **values), cfg.safety)
+    inner = make_driver(cfg.driver, driver_config(cfg.driver, **values))
+    if cfg.cameras:
+        from qc_robot.drivers.camera_driver import CameraDriver
+
+        inner = CameraDriver(inner, cfg.cameras)
+    driver = SafeDriver(inner, cfg.safety)
     scale = cfg.time_scale
     driver.clock = lambda: time.monotonic() * scale
     return driver

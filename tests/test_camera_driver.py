@@ -1,0 +1,176 @@
+"""Robot-side cameras with real OpenCV capture (cv2.VideoCapture on generated video files and
+image sequences; no device here): RGB frames, timestamps, a loop that never blocks, stale and
+ended sources as sensor faults that the safety layer turns into holds."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2")
+
+from qc_robot.drivers.base import SensorError  # noqa: E402
+from qc_robot.drivers.camera import CameraConfig, OpenCVCamera, make_camera  # noqa: E402
+from qc_robot.drivers.camera_driver import CameraDriver  # noqa: E402
+from qc_robot.drivers.mock import MockConfig, MockDriver  # noqa: E402
+from qc_robot.drivers.safety import SafeDriver  # noqa: E402
+
+
+def _video(path: Path, n: int, size: tuple[int, int] = (40, 30)) -> Path:
+    """An MJPG .avi of ``n`` frames: frame i is pure red (RGB) with a bar whose width is i."""
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, size)
+    for i in range(n):
+        bgr = np.zeros((size[1], size[0], 3), np.uint8)
+        bgr[:, :, 2] = 220  # red, in OpenCV's BGR order
+        bgr[:4, : 2 * (i + 1), 1] = 255  # a green bar that grows: frames are told apart
+        w.write(bgr)
+    w.release()
+    return path
+
+
+def _wait_for(pred, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def test_video_file_frames_are_rgb_timestamped_and_newest(tmp_path: Path) -> None:
+    cam = OpenCVCamera(CameraConfig(name="front", source=str(_video(tmp_path / "v.avi", 30)), fps=50,
+                                    max_age_s=1.0, width=20, height=16, loop=True))
+    cam.start()
+    try:
+        f1 = cam.latest()
+        assert f1.image.shape == (16, 20, 3) and f1.image.dtype == np.uint8  # resized to the config
+        r, g, b = (float(f1.image[8:, :, c].mean()) for c in range(3))
+        assert r > 180 and g < 40 and b < 40  # RGB, not OpenCV's BGR
+        _wait_for(lambda: cam.latest().seq >= f1.seq + 3)
+        f2 = cam.latest()
+        assert f2.t > f1.t and f2.seq > f1.seq  # timestamps and sequence move on
+        t0 = time.perf_counter()
+        for _ in range(200):
+            cam.latest()
+        assert (time.perf_counter() - t0) / 200 < 0.005  # taking a frame never waits for the device
+    finally:
+        cam.stop()
+
+
+def test_image_sequence_source_ends_as_a_failure_not_a_repeat(tmp_path: Path) -> None:
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"f_{i:03d}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+    cam = make_camera(CameraConfig(name="seq", source=str(tmp_path / "f_%03d.png"), fps=50, max_age_s=5.0))
+    cam.start()
+    try:
+        assert cam.latest().image.shape == (8, 8, 3)
+        _wait_for(lambda: cam.frames == 3)
+        _wait_for(lambda: cam._error is not None)
+        with pytest.raises(SensorError, match="ended"):
+            cam.latest()  # the last frame is still there, but it is never handed out again
+        assert cam.frames == 3
+    finally:
+        cam.stop()
+
+
+def test_slow_camera_frames_go_stale_between_frames_without_blocking(tmp_path: Path) -> None:
+    """4 frames a second with max_age_s 0.05: most reads find a stale frame; none waits."""
+    cam = OpenCVCamera(CameraConfig(source=str(_video(tmp_path / "v.avi", 10)), fps=4, max_age_s=0.05, loop=True))
+    cam.start()
+    fresh = stale = 0
+    worst = 0.0
+    try:
+        end = time.monotonic() + 0.8
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            try:
+                cam.latest()
+                fresh += 1
+            except SensorError as e:
+                assert "old" in str(e)
+                stale += 1
+            worst = max(worst, time.perf_counter() - t0)
+            time.sleep(0.01)
+    finally:
+        cam.stop()
+    assert fresh > 0 and stale > fresh and worst < 0.01
+
+
+def test_a_camera_that_cannot_open_is_a_clear_error(tmp_path: Path) -> None:
+    cam = OpenCVCamera(CameraConfig(name="wrist", source=str(tmp_path / "missing.avi"), open_timeout_s=2.0))
+    with pytest.raises(SensorError, match="camera 'wrist'.*cannot open"):
+        cam.start()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        CameraConfig(kind="webcam")
+    with pytest.raises(ValueError, match="set width and height"):
+        CameraDriver(MockDriver(MockConfig()), [{"name": "x", "source": "0"}])
+
+
+def test_safety_layer_holds_while_a_camera_is_stale_and_resumes(tmp_path: Path) -> None:
+    """A mock arm with a camera whose file ends: the loop keeps getting an observation (the
+    last good one, flagged), every action becomes the hold, nothing is sent from it."""
+    src = str(_video(tmp_path / "v.avi", 6))
+    driver = SafeDriver(CameraDriver(MockDriver(MockConfig()), [CameraConfig(
+        name="agentview_image", source=src, fps=30, max_age_s=0.5, width=16, height=12)]))
+    spec = {f.key: (f.shape, f.dtype) for f in driver.spec.obs_fields}
+    assert spec["agentview_image"] == ((12, 16, 3), "uint8") and "state" in spec
+    driver.connect()
+    try:
+        obs = driver.reset(seed=0)
+        assert obs["agentview_image"].shape == (12, 16, 3) and driver.sensor_fault is None
+        push = np.full(driver.spec.action_dim, 0.5, np.float32)
+        np.testing.assert_allclose(driver.act(push), push)  # current camera: the action is applied
+        _wait_for(lambda: driver.driver.cameras[0]._error is not None)  # the file ended
+        before = driver.get_observation()
+        assert driver.sensor_fault is not None and "ended" in driver.sensor_fault
+        assert before["agentview_image"].shape == (12, 16, 3)  # the loop still has an observation
+        held = driver.act(push)
+        np.testing.assert_array_equal(held, driver.driver.hold_action())
+        assert driver.stats.sensor_holds == 1 and driver.stats.sensor_faults >= 1
+        arm = driver.driver.driver  # the mock itself, under the camera wrapper
+        state_before = arm.get_observation()["state"].copy()
+        driver.act(push)
+        np.testing.assert_array_equal(arm.get_observation()["state"], state_before)  # the arm did not move
+        driver.reset(seed=1)  # a new episode restarts the camera: current again, actions flow
+        assert driver.sensor_fault is None
+        np.testing.assert_allclose(driver.act(push), push)
+    finally:
+        driver.close()
+
+
+def test_served_episode_holds_from_the_camera_fault_on(tmp_path: Path) -> None:
+    """A real server and control loop: images travel in every observation (uint8 on the wire);
+    once the camera's source ends mid-episode, every later step is held and no chunk is asked for."""
+    from qc_robot.drivers.client import PolicyClient
+    from qc_robot.drivers.executor import ChunkExecutor
+    from qc_robot.drivers.runner import run_episode
+    from qc_robot.server.app import ControlServer
+    from qc_robot.server.serve import load_policy
+
+    srv = ControlServer(load_policy("hold:28:5:5"), "tcp://127.0.0.1:*").start()
+    cam = CameraConfig(name="agentview_image", source=str(_video(tmp_path / "v.avi", 4)), fps=30, max_age_s=5.0,
+                       width=16, height=12)
+    driver = SafeDriver(CameraDriver(MockDriver(MockConfig(obs_dim=28, max_episode_steps=30)), [cam]))
+    driver.connect()
+    client = PolicyClient(srv.address, driver.spec.hello("mock"))
+    try:
+        client.connect(5.0)
+        ex = ChunkExecutor(client, 5, "open_loop", wait_when_empty=True)
+        rows: list = []
+
+        def on_rows(new: list) -> None:
+            rows.extend(new)
+            if len(rows) == 10:  # the camera dies here (its 4-frame file ends)
+                _wait_for(lambda: driver.driver.cameras[0]._error is not None)
+
+        res = run_episode(driver, ex, 0, 0, None, client, on_rows=on_rows)
+        requests_at_fault = ex.stats.requests
+    finally:
+        client.close()
+        driver.close()
+        srv.stop()
+    assert res.steps == 30 and all(r.obs["agentview_image"].shape == (12, 16, 3) for r in rows)
+    assert not any(r.held for r in rows[:10])
+    assert all(r.held for r in rows[11:]) and driver.stats.sensor_faults >= 19
+    assert requests_at_fault == 3  # chunks for steps 0, 5 and 10 (read before the fault); none after it
