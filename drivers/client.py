@@ -62,8 +62,13 @@ class PolicyClient:
 
     def __init__(self, address: str, hello: P.Hello, *, context: zmq.Context | None = None,
                  hello_retry_s: float = 0.5, curve: CurveKeys | None = None,
-                 outbox: Outbox | None = None) -> None:
+                 outbox: Outbox | None = None, jpeg_quality: int = 0) -> None:
         self.address, self.hello = address, hello
+        if not 0 <= jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 0..100, got {jpeg_quality}")
+        self.jpeg_quality = jpeg_quality
+        """1-100: observations send their uint8 (H, W, 3) images as JPEG (lossy; the server decodes
+        them before the policy sees them); 0: raw. Transitions always go raw (lossless data)."""
         self.outbox = outbox
         """Transitions go through it (durable, acknowledged, re-sent) instead of fire-and-forget."""
         self.hello_retry_s = hello_retry_s
@@ -171,7 +176,8 @@ class PolicyClient:
     def _send(self, msg: P.Message) -> bool:
         assert self._sock is not None
         try:
-            self._sock.send(P.encode(msg), zmq.NOBLOCK)
+            q = self.jpeg_quality if isinstance(msg, P.Observation) else 0
+            self._sock.send(P.encode(msg, jpeg_quality=q), zmq.NOBLOCK)
         except zmq.Again:  # not connected (IMMEDIATE) or flooded: the caller retries later
             return False
         self._last_send = time.monotonic()

@@ -343,7 +343,8 @@ def run_drive(cfg: DriveConfig) -> int:
     outbox = Outbox(cfg.outbox_dir, max_bytes=cfg.outbox_max_mb << 20) if cfg.outbox_dir else None
     if outbox is not None:
         meta["outbox"] = outbox.id
-    client = PolicyClient(cfg.server, driver.spec.hello(cfg.driver, meta), curve=curve, outbox=outbox)
+    client = PolicyClient(cfg.server, driver.spec.hello(cfg.driver, meta), curve=curve, outbox=outbox,
+                          jpeg_quality=cfg.jpeg_quality)
     try:
         welcome = client.connect(cfg.connect_timeout_s)
     except HandshakeError as e:

@@ -3,6 +3,8 @@
 Every message is one msgpack map ``{"v": 1, "type": <name>, ...fields}``; numpy arrays travel as
 msgpack ExtType 1 (dtype name, shape, raw little-endian bytes) and only dtypes in an allow-list
 are accepted, so decoding never builds objects (no pickle, no object/void/complex dtypes).
+Camera images may travel as JPEG instead (ExtType 2, opt-in per sender), decoded back to the
+uint8 (H, W, 3) array before anyone sees the message.
 ``docs/protocol.md`` is the language-neutral specification of the same format.
 
 Imports only numpy, msgpack and the standard library, so a robot PC needs nothing else.
@@ -24,6 +26,8 @@ import numpy as np
 PROTOCOL_VERSION = 1
 ARRAY_EXT = 1
 """msgpack ExtType code of an ndarray."""
+JPEG_EXT = 2
+"""msgpack ExtType code of a JPEG-compressed uint8 (H, W, 3) image (decoded to an ndarray)."""
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_NDIM = 16
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -381,6 +385,30 @@ def unpack_array(payload: bytes) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
+def pack_jpeg(arr: np.ndarray, quality: int) -> msgpack.ExtType:
+    """A uint8 (H, W, 3) RGB image as ExtType 2 (``qc_robot.image_codec.jpeg_payload``)."""
+    from qc_robot.image_codec import ImageCodecError, jpeg_payload
+
+    try:
+        return msgpack.ExtType(JPEG_EXT, jpeg_payload(arr, quality))
+    except ImageCodecError as e:
+        raise ProtocolError(str(e)) from None
+
+
+def unpack_jpeg(payload: bytes, budget: list[int]) -> np.ndarray:
+    """Inverse of :func:`pack_jpeg`; ``budget[0]`` (decoded bytes left in this message) is charged first."""
+    from qc_robot.image_codec import ImageCodecError, image_from_payload
+
+    try:
+        return image_from_payload(payload, budget)
+    except ImageCodecError as e:
+        raise ProtocolError(f"JPEG image: {e}") from None
+
+
+def _is_image(obj: Any) -> bool:
+    return isinstance(obj, np.ndarray) and obj.dtype == np.uint8 and obj.ndim == 3 and obj.shape[2] == 3
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return pack_array(obj)
@@ -399,19 +427,37 @@ def _ext_hook(code: int, data: bytes) -> Any:
     return unpack_array(data)
 
 
+def _message_ext_hook() -> Any:
+    """The ext hook of one message: arrays, and JPEG images within one decoded-bytes budget."""
+    budget = [MAX_MESSAGE_BYTES]  # decoded JPEG bytes one message may produce
+
+    def hook(code: int, data: bytes) -> Any:
+        if code == JPEG_EXT:
+            return unpack_jpeg(data, budget)
+        return _ext_hook(code, data)
+
+    return hook
+
+
 # ---------------------------------------------------------------------------------------------
 # Messages ⇄ bytes
 
 
-def encode(msg: Message) -> bytes:
-    """Serialize a message (one ZeroMQ frame)."""
+def encode(msg: Message, jpeg_quality: int = 0) -> bytes:
+    """Serialize a message (one ZeroMQ frame). ``jpeg_quality`` 1-100: every uint8 (H, W, 3)
+    array travels as a JPEG (ext type 2; lossy, decoded back to the array by the receiver);
+    0: all arrays raw (ext type 1)."""
     if type(msg) not in MESSAGE_TYPES.values():
         raise ProtocolError(f"not a protocol message: {type(msg).__name__}")
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
     for f in dataclasses.fields(msg):
         body[f.name] = getattr(msg, f.name)
+    default = _default
+    if jpeg_quality:
+        def default(obj: Any) -> Any:
+            return pack_jpeg(obj, jpeg_quality) if _is_image(obj) else _default(obj)
     try:
-        return msgpack.packb(body, default=_default, use_bin_type=True)
+        return msgpack.packb(body, default=default, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
         if isinstance(e, ProtocolError):
             raise
@@ -428,7 +474,7 @@ def decode(data: bytes | bytearray | memoryview, accept: frozenset[str] | None =
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        body = msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=True, timestamp=0)
+        body = msgpack.unpackb(data, raw=False, ext_hook=_message_ext_hook(), strict_map_key=True, timestamp=0)
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises many types on garbage: report them all the same way
