@@ -105,7 +105,7 @@ def bench_capture(size: int, frames: list[np.ndarray], n: int) -> dict[str, Any]
         # the capture thread's work per frame: read+decode, colour order, resize to the policy's size
         cap = cv2.VideoCapture(path)
         ts = []
-        for i in range(n):
+        for _ in range(n):
             t = time.perf_counter()
             ok, bgr = cap.read()
             if not ok:

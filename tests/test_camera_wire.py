@@ -13,7 +13,12 @@ import pytest
 
 from qc_robot import protocol as P
 from qc_robot.policies.base import ChunkResult, ObsField, PolicySpec
-from qc_robot.server.checks import auto_message_limit, check_hello, check_observation, check_transition
+from qc_robot.server.checks import (
+    auto_message_limit,
+    check_hello,
+    check_observation,
+    check_transition,
+)
 
 pytest.importorskip("cv2")
 
