@@ -110,6 +110,12 @@ def _build(kind: str, type_name: str, args: Mapping[str, Any]) -> Any:
     mod = _import_lerobot(package)
     base = mod.RobotConfig if kind == "robots" else mod.TeleoperatorConfig
     cls = _config_class(base, package, type_name)
+    if kind == "robots" and args.get("cameras"):
+        for cam in ("opencv", "realsense"):  # camera config types register on import (as LeRobot's CLI does)
+            try:
+                importlib.import_module(f"lerobot.cameras.{cam}")
+            except ImportError:  # its SDK is missing: that camera type stays unknown
+                pass
     try:
         config = draccus.decode(cls, dict(args))
     except Exception as e:  # draccus raises its own parsing errors: say which config failed
