@@ -39,7 +39,7 @@ class OnnxPolicy:
     ``providers``: 'auto' (CUDA when onnxruntime-gpu sees a GPU, else CPU), 'cpu' or 'cuda'.
     ``threads``: intra-op threads (1 is fastest per call on a loaded robot PC; see
     docs/benchmarks_inference.md). ``warmup``: calls made at load so the first real call is not
-    slower (allocations, CUDA kernels).
+    slower (allocations, CUDA kernels). ``seed``: of the sampling noise (None: OS entropy).
     """
 
     def __init__(
@@ -49,8 +49,14 @@ class OnnxPolicy:
         threads: int = 1,
         warmup: int = 10,
         version: str | None = None,
+        seed: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        # The sampling noise comes from this generator (OS entropy unless ``seed``), not from the
+        # graph's own RandomNormal: onnxruntime restarts that at the same seed in every session
+        # one process creates, so a server swapping in pushed policies explored with one noise
+        # draw repeated from each new session (every chunk, when pushes come every chunk).
+        self._rng = np.random.default_rng(seed)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads
@@ -89,6 +95,8 @@ class OnnxPolicy:
         """
         flat = self.flatten(obs)[None]  # (1, O)
         feed: dict[str, np.ndarray] = {"observation": flat}
+        if self._has_noise:
+            feed["noise"] = self._rng.standard_normal((1, *self.meta.noise_shape), dtype=np.float32)
         frozen = 0
         if guide is not None and self.supports_guidance and guide.overlap > 0:
             feed.update(self.guide_feed(guide))

@@ -78,6 +78,18 @@ def test_predict_batch_with_noise_is_deterministic(model: tuple[PolicyMetadata, 
         policy.predict_batch(obs, noise[:, :2])
 
 
+def test_each_session_draws_its_own_noise(model: tuple[PolicyMetadata, Path]) -> None:
+    """Two sessions of one file in one process (a server swapping in pushed policies) sample
+    different chunks for the same observation; onnxruntime's in-graph RandomNormal gave both the
+    same draws. A seed makes a session's draws reproducible."""
+    _, path = model
+    obs = _obs()
+    a, b = OnnxPolicy(path, warmup=10), OnnxPolicy(path, warmup=10)
+    assert not np.allclose(a.predict(obs).actions, b.predict(obs).actions)
+    s1, s2 = OnnxPolicy(path, warmup=0, seed=3), OnnxPolicy(path, warmup=0, seed=3)
+    np.testing.assert_array_equal(s1.predict(obs).actions, s2.predict(obs).actions)
+
+
 @pytest.mark.parametrize(
     ("obs", "message"),
     [
