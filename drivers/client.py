@@ -196,6 +196,9 @@ class PolicyClient:
             if not self.ready:
                 return None
         rid = next(self._ids)
+        if self.welcome is not None and self.welcome.obs_spec:  # only what the policy reads: a camera
+            wanted = {f.get("key") for f in self.welcome.obs_spec}  # it does not use costs nothing
+            obs = {k: v for k, v in obs.items() if k in wanted}
         if not self._send(P.Observation(rid, episode_id, step, time.time(), obs, reset, prev_start_step,
                                         delay_steps)):
             return None

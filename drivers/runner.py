@@ -152,6 +152,19 @@ class _TransitionSender:
         if n <= 0:
             return
         rows, self.rows = self.rows[:n], self.rows[n:]
+        per = self._rows_per_message(rows[0])
+        for i in range(0, n, per):  # consecutive messages: the server's size limit holds with images too
+            self._send(episode_id, rows[i:i + per])
+
+    def _rows_per_message(self, row: ExecutedStep) -> int:
+        """Rows that fit the server's advertised message limit (with a quarter left for framing)."""
+        w = self.client.welcome
+        limit = int(w.metadata.get("max_message_bytes", P.MAX_MESSAGE_BYTES)) if w is not None else P.MAX_MESSAGE_BYTES
+        row_bytes = sum(v.nbytes for v in row.obs.values()) + sum(v.nbytes for v in row.next_obs.values())
+        row_bytes += row.action.nbytes + 64
+        return max(1, int(0.75 * limit) // row_bytes)
+
+    def _send(self, episode_id: int, rows: list[ExecutedStep]) -> None:
         self.success = self.success or any(r.success for r in rows)  # succeeded by the last row sent
         keys = rows[0].obs.keys()
         self.client.send_transition(P.Transition(
@@ -164,7 +177,7 @@ class _TransitionSender:
             next_obs={k: np.stack([r.next_obs[k] for r in rows]) for k in keys}, success=self.success,
             timestamps=np.asarray([r.wall_time for r in rows], np.float64),
             held=np.asarray([r.held for r in rows], bool)))
-        self.start_step += n
+        self.start_step += len(rows)
 
 
 def _snapshot(driver: SafeDriver) -> tuple[dict[str, np.ndarray], StepInfo]:

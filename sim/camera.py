@@ -14,7 +14,8 @@ Two facts shape the design:
   camera; :meth:`SimCamera.render` hands it the job and waits.
 - Software GL is slow here, and nearly all of it is OGBench's 4096² shadow map and 4× MSAA (the
   image size barely matters). ``fast=True`` renders with a 512² shadow map and no MSAA: several
-  times cheaper, a mean difference under 1/255 per pixel (benchmarks/bench_camera.py measures both).
+  times cheaper, with softer shadow edges (benchmarks/bench_camera.py measures both, and how far apart
+  their pixels are).
 
 Offscreen GL needs ``MUJOCO_GL`` before mujoco is imported (EGL without a display):
 :func:`qc_robot.video.use_offscreen_gl` is called on construction, mujoco is imported lazily.

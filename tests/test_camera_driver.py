@@ -12,6 +12,7 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
+from qc_robot import protocol as P  # noqa: E402
 from qc_robot.drivers.base import SensorError  # noqa: E402
 from qc_robot.drivers.camera import CameraConfig, OpenCVCamera, make_camera  # noqa: E402
 from qc_robot.drivers.camera_driver import CameraDriver  # noqa: E402
@@ -174,3 +175,49 @@ def test_served_episode_holds_from_the_camera_fault_on(tmp_path: Path) -> None:
     assert not any(r.held for r in rows[:10])
     assert all(r.held for r in rows[11:]) and driver.stats.sensor_faults >= 19
     assert requests_at_fault == 3  # chunks for steps 0, 5 and 10 (read before the fault); none after it
+
+
+def test_transitions_with_images_are_split_to_fit_the_servers_limit(tmp_path: Path) -> None:
+    """128x128 frames make a 5-step transition ~0.5 MB; a server advertising a 0.3 MB limit gets
+    them as consecutive messages that all fit (none refused or dropped), covering every step.
+    Observations carry only the keys the policy reads."""
+    from qc_robot.drivers.client import PolicyClient
+    from qc_robot.drivers.executor import ChunkExecutor
+    from qc_robot.drivers.runner import run_episode
+    from qc_robot.server.app import ControlServer
+    from qc_robot.server.episode_log import EpisodeLogger
+    from qc_robot.server.serve import load_policy
+
+    logger = EpisodeLogger(str(tmp_path / "log"), {"test": True})
+    srv = ControlServer(load_policy("hold:28:5:5"), "tcp://127.0.0.1:*", episode_logger=logger,
+                        max_message_bytes=300_000).start()
+    cam = CameraConfig(name="agentview_image", source=str(_video(tmp_path / "v.avi", 30, (128, 128))), fps=30,
+                       max_age_s=5.0, width=128, height=128, loop=True)
+    driver = SafeDriver(CameraDriver(MockDriver(MockConfig(obs_dim=28, max_episode_steps=12)), [cam]))
+    driver.connect()
+    client = PolicyClient(srv.address, driver.spec.hello("mock"))
+    sent: list = []
+    original = client.send_transition
+    client.send_transition = lambda tr: sent.append(tr) or original(tr)  # type: ignore[method-assign]
+    try:
+        client.connect(5.0)
+        assert client.welcome is not None and client.welcome.log_transitions
+        observed: list[set[str]] = []
+        send = client._send
+        client._send = lambda m: (observed.append(set(m.obs)) if isinstance(m, P.Observation) else None) \
+            or send(m)  # type: ignore[method-assign]
+        res = run_episode(driver, ChunkExecutor(client, 5, "open_loop", wait_when_empty=True), 0, 0, None, client,
+                          send_transitions=True)
+        end = time.monotonic() + 5.0
+        while srv.stats.transitions < len(sent) and time.monotonic() < end:
+            time.sleep(0.02)
+    finally:
+        client.close()
+        driver.close()
+        srv.stop()
+    assert res.steps == 12 and len(sent) >= 6  # at most 2 rows (2 x 98 KB) per 0.3 MB message
+    assert all(len(P.encode(tr)) <= 300_000 for tr in sent)
+    assert [tr.start_step for tr in sent] == list(np.cumsum([0] + [len(tr.actions) for tr in sent[:-1]]))
+    assert sum(len(tr.actions) for tr in sent) == 12 and all(tr.obs["agentview_image"].dtype == np.uint8 for tr in sent)
+    assert srv.stats.transitions == len(sent) and not srv.stats.errors
+    assert observed and all(keys == {"state"} for keys in observed)  # the policy reads no image

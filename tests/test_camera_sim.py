@@ -80,6 +80,30 @@ def test_sim_driver_observes_state_and_image_lockstep() -> None:
         d.close()
 
 
+def test_realtime_sim_logs_each_tick_with_its_own_frames() -> None:
+    """The wall-clock sim renders inside each tick: a logged row's next image is the next row's
+    image, and what get_observation returns matches the newest row (one reading per tick)."""
+    from qc_robot.drivers.sim import SimConfig, SimDriver
+
+    d = SimDriver(SimConfig(env="cube-single-task1", image_size=16, render_fast=True, time_scale=20.0))
+    try:
+        d.reset(seed=0)
+        d.send_action(np.array([1.0, 0.0, -1.0, 0.0, 0.0], np.float32))
+        assert d.wait_step(3, 30.0)
+        rows = d.executed_steps()
+        obs = d.get_observation()
+    finally:
+        d.close()
+    assert rows is not None and len(rows) >= 3
+    for a, b in zip(rows, rows[1:], strict=False):
+        np.testing.assert_array_equal(a.next_obs["image"], b.obs["image"])
+        np.testing.assert_array_equal(a.next_obs["state"], b.obs["state"])
+    assert rows[-1].next_obs["image"].shape == (16, 16, 3) and rows[-1].next_obs["image"].dtype == np.uint8
+    if d.step_info().step == rows[-1].step + 1:
+        np.testing.assert_array_equal(obs["image"], rows[-1].next_obs["image"])
+    assert not np.array_equal(rows[0].obs["image"], rows[-1].next_obs["image"])  # the arm moved
+
+
 def test_state_task_has_no_image_unless_asked() -> None:
     from qc_robot.drivers.sim import SimConfig, SimDriver
 
