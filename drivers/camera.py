@@ -57,6 +57,7 @@ class CameraConfig:
     """Files: start over at the end (replays); False: the end of the file is a failure."""
 
     def __post_init__(self) -> None:
+        self.source = str(self.source)  # YAML reads `source: 0` as an int, a caller may pass a Path
         if self.kind not in KINDS:
             raise ValueError(f"camera {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.max_age_s <= 0 or self.fps <= 0:

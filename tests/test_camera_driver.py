@@ -221,3 +221,28 @@ def test_transitions_with_images_are_split_to_fit_the_servers_limit(tmp_path: Pa
     assert sum(len(tr.actions) for tr in sent) == 12 and all(tr.obs["agentview_image"].dtype == np.uint8 for tr in sent)
     assert srv.stats.transitions == len(sent) and not srv.stats.errors
     assert observed and all(keys == {"state"} for keys in observed)  # the policy reads no image
+
+
+def test_drive_and_teleop_configs_attach_cameras(tmp_path: Path, capsys) -> None:
+    """`qc-robot drive ... cameras=[{...}]` runs a served episode with the camera in the driver's
+    spec; teleop's build_driver attaches the same way."""
+    from qc_robot.cli import main
+    from qc_robot.server.app import ControlServer
+    from qc_robot.server.serve import load_policy
+    from qc_robot.teleop.config import TeleopConfig
+    from qc_robot.teleop.session import build_driver
+
+    video = _video(tmp_path / "v.avi", 10)
+    cams = f"cameras=[{{name:front,source:'{video}',width:16,height:12,loop:true,max_age_s:1.0}}]"
+    srv = ControlServer(load_policy("hold:28:5:5"), "tcp://127.0.0.1:*").start()
+    try:
+        rc = main(["drive", "driver=mock", f"server={srv.address}", "episodes=1", "driver_args.obs_dim=28",
+                   "env.max_episode_steps=10", "jpeg_quality=90", cams])
+    finally:
+        srv.stop()
+    out = capsys.readouterr().out
+    assert rc == 0 and "success 0/1" in out, out
+    d = build_driver(TeleopConfig(driver="mock", cameras=[{"name": "front", "source": video, "width": 16,
+                                                           "height": 12}]))
+    assert CameraConfig(source=0).source == "0"  # a YAML int is a device index
+    assert ("front", (12, 16, 3), "uint8") in [(f.key, f.shape, f.dtype) for f in d.spec.obs_fields]
