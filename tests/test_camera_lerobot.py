@@ -51,25 +51,25 @@ def test_lerobot_camera_features_become_uint8_image_fields(tmp_path: Path) -> No
 
 def test_qc_robot_cameras_on_a_lerobot_arm_hold_it_when_stale(tmp_path: Path) -> None:
     sim, args = calibrated_so101("follower", tmp_path)
-    video = _red_video(tmp_path / "wrist.avi", 5)
+    video = _red_video(tmp_path / "wrist.avi", 6)
     try:
         arm = LeRobotDriver(LeRobotConfig(robot_type="so101_follower", robot_args=args))
-        d = SafeDriver(CameraDriver(arm, [CameraConfig(name="wrist_image", source=video, fps=30, max_age_s=0.5,
-                                                       width=20, height=16)]))
+        d = SafeDriver(CameraDriver(arm, [CameraConfig(name="wrist_image", source=video, fps=30, max_age_s=0.6,
+                                                       width=20, height=16, loop=True)]))
         d.connect()
         try:
             obs = d.reset()
             assert obs["wrist_image"].shape == (16, 20, 3) and obs["state"].shape == (6,)
             push = np.full(6, 0.5, np.float32)
+            d.get_observation()
             assert np.abs(d.act(push)).max() > 0  # current camera: the arm moves
             before = arm.target
             cam = d.driver.cameras[0]
+            cam.stop()  # the camera stalls
             deadline = time.monotonic() + 5.0
-            while cam._error is None:  # the 5-frame file ends
+            while d.get_observation() is not None and d.sensor_fault is None:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            d.get_observation()
-            assert d.sensor_fault is not None
             np.testing.assert_array_equal(d.act(push), np.zeros(6, np.float32))  # delta hold
             np.testing.assert_allclose(arm.target, before)  # the joint targets did not move
         finally:
