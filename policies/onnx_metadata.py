@@ -6,6 +6,13 @@ are JSON. A file is recognised by ``format == FORMAT_NAME``; ``format_version`` 
 any change a reader of the previous version would misread. Keys added without a bump are
 optional and have defaults (``rtc``, ``rtc_max_guidance``): a file written before them reads as
 before, and an older reader keeps them in ``extra`` and serves the plain ``actions`` output.
+
+Image policies (issue 12) are format_version 2: a field of dtype uint8 and shape (H, W, C) is an
+image, fed as its own uint8 NHWC graph input named by its key (the graph divides by 255), and
+``image_spec`` says so (keys, shapes, layout, normalization, frame stacking). The flat float32
+``observation`` input holds the other fields, and ``obs_dim`` counts only those. A file without
+images is still written as version 1, byte for byte as before, so older runtimes keep reading
+state-only files; they refuse image files by version instead of misreading them.
 """
 
 from __future__ import annotations
@@ -20,8 +27,18 @@ import numpy as np
 from qc_robot.policies.base import ObsField, PolicySpec
 
 FORMAT_NAME = "qc-robot-policy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest version this code reads (it reads 1 too); files without images are written as 1."""
+IMAGE_VERSION = 2
 ACTOR_TYPES = ("best_of_n", "fql")
+GRAPH_INPUTS = ("observation", "noise", "prev_actions", "prev_delay", "prev_len")
+"""Input names the graph uses itself: no image key may take one."""
+IMAGE_NORMALIZATION = "x/255"
+
+
+def is_image_field(f: ObsField) -> bool:
+    """uint8 (H, W, C): an image, fed to the graph as bytes under its own key."""
+    return f.dtype == "uint8" and len(f.shape) == 3
 
 
 class MetadataError(ValueError):
@@ -54,11 +71,14 @@ class PolicyMetadata:
     ``prev_actions``, ``prev_delay``, ``prev_len`` (absent in files exported before RTC)."""
     rtc_max_guidance: float = 5.0
     """β, the bound on the RTC guidance weight the graph was built with."""
+    frame_stack: int = 1
+    """Frames stacked along channels in each image input (C = 3·frame_stack; images only)."""
     train_step: int = 0
     config_hash: str = ""
     code_version: str = ""
     torch_version: str = ""
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
+    """As read from a file; :meth:`to_props` writes the lowest version that describes it."""
     extra: dict[str, str] = field(default_factory=dict)
     """Other metadata_props found in the file (kept, not interpreted)."""
 
@@ -76,8 +96,23 @@ class PolicyMetadata:
         self.action_high = np.asarray(self.action_high, np.float32).reshape(-1)
 
     @property
+    def image_fields(self) -> list[ObsField]:
+        """The image inputs, in graph-input order."""
+        return [f for f in self.obs_fields if is_image_field(f)]
+
+    @property
+    def flat_fields(self) -> list[ObsField]:
+        """The fields concatenated (as float32) into the ``observation`` input, in order."""
+        return [f for f in self.obs_fields if not is_image_field(f)]
+
+    @property
     def obs_dim(self) -> int:
-        return sum(math.prod(f.shape) for f in self.obs_fields)
+        """Width of the flat ``observation`` input (image fields are inputs of their own)."""
+        return sum(math.prod(f.shape) for f in self.flat_fields)
+
+    @property
+    def written_version(self) -> int:
+        return IMAGE_VERSION if self.image_fields else 1
 
     @property
     def flat_dim(self) -> int:
@@ -93,10 +128,17 @@ class PolicyMetadata:
 
     def validate(self) -> None:
         """Raise :class:`MetadataError` naming the first inconsistent key."""
-        if self.format_version != FORMAT_VERSION:
+        if not 1 <= self.format_version <= FORMAT_VERSION:
             raise MetadataError(
-                f"unsupported format_version {self.format_version} (this code reads {FORMAT_VERSION})"
+                f"unsupported format_version {self.format_version} (this code reads {FORMAT_VERSION} and older)"
             )
+        for f in self.image_fields:
+            if f.key in GRAPH_INPUTS:
+                raise MetadataError(f"image key {f.key!r} is a name the graph uses for another input")
+            if min(f.shape) < 1:
+                raise MetadataError(f"image {f.key!r} has an empty shape {list(f.shape)}")
+        if int(self.frame_stack) < 1:
+            raise MetadataError(f"frame_stack must be >= 1, got {self.frame_stack}")
         if self.actor_type not in ACTOR_TYPES:
             raise MetadataError(f"actor_type must be one of {ACTOR_TYPES}, got {self.actor_type!r}")
         if not self.obs_fields:
@@ -130,7 +172,7 @@ class PolicyMetadata:
         props.update(
             {
                 "format": FORMAT_NAME,
-                "format_version": str(self.format_version),
+                "format_version": str(self.written_version),
                 "obs_spec": json.dumps(
                     [
                         {"key": f.key, "shape": list(f.shape), "dtype": f.dtype}
@@ -156,6 +198,13 @@ class PolicyMetadata:
                 "torch_version": self.torch_version,
             }
         )
+        if self.image_fields:
+            props["image_spec"] = json.dumps({
+                "keys": [f.key for f in self.image_fields],
+                "shapes": {f.key: list(f.shape) for f in self.image_fields},
+                "dtype": "uint8", "layout": "NHWC", "color": "RGB",
+                "normalization": IMAGE_NORMALIZATION, "frame_stack": int(self.frame_stack),
+            })
         return props
 
     @classmethod
@@ -167,9 +216,9 @@ class PolicyMetadata:
                 f"not a {FORMAT_NAME} file: metadata key 'format' {found} (export it with `qc-robot export`)"
             )
         version = _get(props, "format_version", int)
-        if version != FORMAT_VERSION:
+        if not 1 <= version <= FORMAT_VERSION:
             raise MetadataError(
-                f"unsupported format_version {version} (this runtime reads {FORMAT_VERSION}); "
+                f"unsupported format_version {version} (this runtime reads {FORMAT_VERSION} and older); "
                 "upgrade qc-robot or re-export the policy"
             )
         try:
@@ -183,6 +232,18 @@ class PolicyMetadata:
             raise MetadataError(
                 f"obs_dim {props['obs_dim']} does not match obs_spec (sum = {meta.obs_dim})"
             )
+        if bool(meta.image_fields) != (version >= IMAGE_VERSION):
+            raise MetadataError(f"format_version {version} but the obs_spec has "
+                                f"{'image' if meta.image_fields else 'no image'} fields")
+        if meta.image_fields:
+            spec = _get(props, "image_spec", json.loads)
+            if not isinstance(spec, dict) or spec.get("keys") != [f.key for f in meta.image_fields]:
+                raise MetadataError(f"image_spec keys {spec.get('keys') if isinstance(spec, dict) else spec!r} "
+                                    f"do not match the obs_spec's images {[f.key for f in meta.image_fields]}")
+            if spec.get("normalization") != IMAGE_NORMALIZATION or spec.get("dtype") != "uint8":
+                raise MetadataError(f"image_spec: this runtime feeds uint8 images normalized "
+                                    f"{IMAGE_NORMALIZATION} in the graph, the file says {spec}")
+            meta.frame_stack = int(spec.get("frame_stack", 1))
         meta.validate()
         return meta
 

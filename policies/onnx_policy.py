@@ -14,6 +14,10 @@ Files exported before RTC (no such inputs) still load and serve; they ignore the
 Observation checks: every key of the spec must be present with exactly its shape, a real numeric
 dtype (cast to float32) and finite values; otherwise ValueError naming the key. Keys the spec
 does not name are ignored, so a driver may send more than a policy uses (images, timestamps).
+
+Image policies (metadata format_version 2): each image key is its own uint8 (1, H, W, C) graph
+input, fed as the bytes arrived (the graph divides by 255). An image must be uint8 with exactly
+the spec's (H, W, C): a float image or a transposed one is refused, not cast.
 """
 
 from __future__ import annotations
@@ -76,17 +80,23 @@ class OnnxPolicy:
         except MetadataError as e:
             raise MetadataError(f"{self.path}: {e}") from e
         self.spec: PolicySpec = self.meta.to_spec(version)
-        self._offsets = np.cumsum([0] + [math.prod(f.shape) for f in self.meta.obs_fields])
+        self._offsets = np.cumsum([0] + [math.prod(f.shape) for f in self.meta.flat_fields])
         names = {i.name for i in self.session.get_inputs()}
         names |= {i.name for i in self.session.get_overridable_initializers()}
         if "observation" not in names:
             raise MetadataError(f"{self.path}: graph has no 'observation' input")
+        missing = [f.key for f in self.meta.image_fields if f.key not in names]
+        if missing:
+            raise MetadataError(f"{self.path}: the metadata names image inputs {missing} the graph lacks")
+        self.image_keys = [f.key for f in self.meta.image_fields]
+        """Image inputs (uint8 HWC, one graph input each); empty for state-only policies."""
         self._has_noise = "noise" in names
         self.supports_guidance = bool(self.meta.rtc) and {"prev_actions", "prev_delay", "prev_len"} <= names
         """True when the file takes a previous chunk (real-time chunking)."""
-        zeros = np.zeros((1, self.meta.obs_dim), np.float32)
+        zeros = {"observation": np.zeros((1, self.meta.obs_dim), np.float32),
+                 **{f.key: np.zeros((1, *f.shape), np.uint8) for f in self.meta.image_fields}}
         for _ in range(warmup):
-            self.session.run(["actions"], {"observation": zeros})
+            self.session.run(["actions"], zeros)
 
     def predict(self, obs: dict[str, np.ndarray], guide: ChunkGuide | None = None) -> ChunkResult:
         """One chunk (H, A) float32 in robot units for one unbatched observation dict.
@@ -94,7 +104,7 @@ class OnnxPolicy:
         With ``guide`` (and a file that supports it) the chunk continues the previous one.
         """
         flat = self.flatten(obs)[None]  # (1, O)
-        feed: dict[str, np.ndarray] = {"observation": flat}
+        feed: dict[str, np.ndarray] = {"observation": flat, **self.image_feed(obs)}
         if self._has_noise:
             feed["noise"] = self._rng.standard_normal((1, *self.meta.noise_shape), dtype=np.float32)
         frozen = 0
@@ -124,8 +134,8 @@ class OnnxPolicy:
         """Check ``obs`` against the spec and concatenate it in spec order: (O,) float32."""
         if not isinstance(obs, dict):
             raise ValueError(f"observation must be a dict of arrays, got {type(obs).__name__}")
-        parts = []
-        for f in self.meta.obs_fields:
+        parts = [np.zeros(0, np.float32)]  # an images-only policy has an empty flat observation
+        for f in self.meta.flat_fields:
             if f.key not in obs:
                 raise ValueError(
                     f"observation {f.key!r} missing (expected keys {[g.key for g in self.meta.obs_fields]})"
@@ -143,16 +153,38 @@ class OnnxPolicy:
             parts.append(arr.reshape(-1))
         return np.concatenate(parts)
 
-    def predict_batch(self, obs_flat: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    def image_feed(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The image inputs of one observation: key → (1, H, W, C) uint8, checked, not cast."""
+        feed: dict[str, np.ndarray] = {}
+        for f in self.meta.image_fields:
+            if f.key not in obs:
+                raise ValueError(f"observation {f.key!r} (an image) missing (expected keys "
+                                 f"{[g.key for g in self.meta.obs_fields]})")
+            arr = np.asarray(obs[f.key])
+            if arr.dtype != np.uint8:
+                raise ValueError(f"image {f.key!r} has dtype {arr.dtype}, expected uint8 (0-255 bytes, HWC RGB)")
+            if arr.shape != f.shape:
+                raise ValueError(f"image {f.key!r} has shape {arr.shape}, expected {f.shape} (H, W, C)")
+            feed[f.key] = np.ascontiguousarray(arr)[None]
+        return feed
+
+    def predict_batch(self, obs_flat: np.ndarray, noise: np.ndarray | None = None,
+                      images: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Actions (B, H, A) for flat observations (B, O); fixed ``noise`` makes it deterministic.
 
         ``noise`` is (B, N, D) for best-of-N and (B, D) for fql (D = H·A); without it the graph
-        draws its own. For tests and benchmarks: no per-key checks here.
+        draws its own. ``images``: key → (B, H, W, C) uint8 for image policies. For tests and
+        benchmarks: no per-key checks here beyond shapes.
         """
         obs_flat = np.ascontiguousarray(obs_flat, np.float32)
         if obs_flat.ndim != 2 or obs_flat.shape[1] != self.meta.obs_dim:
             raise ValueError(f"obs_flat must be (B, {self.meta.obs_dim}), got {obs_flat.shape}")
         feed = {"observation": obs_flat}
+        for f in self.meta.image_fields:
+            img = None if images is None else images.get(f.key)
+            if img is None or img.dtype != np.uint8 or img.shape != (obs_flat.shape[0], *f.shape):
+                raise ValueError(f"images[{f.key!r}] must be uint8 {(obs_flat.shape[0], *f.shape)}")
+            feed[f.key] = np.ascontiguousarray(img)
         if noise is not None:
             if not self._has_noise:
                 raise ValueError("this file was exported without a noise input (noise_input=False)")

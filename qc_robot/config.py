@@ -21,6 +21,30 @@ T = TypeVar("T")
 
 
 @dataclass
+class VisionConfig:
+    """Image observations (used only when the data has image keys, ``data.obs_keys``)."""
+
+    channels: list[int] = field(default_factory=lambda: [16, 32, 32])
+    """Channels of the IMPALA-style residual stacks (each halves H and W); the reference's
+    impala_small is [16, 32, 32]."""
+    blocks: int = 1
+    """Residual blocks per stack (impala_small: 1)."""
+    out_dim: int = 256
+    """Width of each camera's feature (linear + GELU after the conv stacks; the reference: 512)."""
+    layer_norm: bool = False
+    """LayerNorm on each camera's feature."""
+    encoder_grad: str = "critic"
+    """Which losses train the shared encoder: 'critic' (DrQ: the actors see detached
+    features) or 'all' (critic, BC flow and distillation; never QC-FQL's Q loss)."""
+    aug_pad: int = 4
+    """Random-shift augmentation: each image moved by up to this many pixels (edges
+    replicated), independently for s and s'; 0 turns it off. Training only."""
+    frame_stack: int = 1
+    """Frames per image observation, stacked along channels (the current one last; at an
+    episode's start the first frame repeats). 1: no stacking."""
+
+
+@dataclass
 class AgentConfig:
     """The Q-chunking agent (QC_SPEC defaults)."""
 
@@ -76,6 +100,8 @@ class AgentConfig:
     """Floor on the std for obs_norm='std'."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """The image encoder, its augmentation and frame stacking (images only)."""
 
 
 @dataclass
@@ -121,8 +147,9 @@ class DataConfig:
     reward_shift: float = 0.0
     """Added to every logged reward when loading (robomimic uses -1)."""
     obs_keys: list[str] | None = None
-    """Observation keys to train on, concatenated in this order (None: every key whose steps
-    are vectors; image keys (H, W, C) are left out, with a note)."""
+    """Observation keys to train on (None: every key whose steps are vectors; image keys are
+    left out, with a note). Vector keys are concatenated in this order into the state; uint8
+    (H, W, 3) keys are images, each encoded by the agent's conv encoder (agent.vision)."""
     filter_key: str | None = None
     """Train only on the demos listed in ``mask/<filter_key>`` (e.g. robomimic's 'train')."""
 

@@ -92,7 +92,10 @@ def test_image_keys_are_left_out_and_filter_key_selects_demos(image_dataset, tmp
     filtered = Learner(_cfg(image_dataset, tmp_path / "b", *base, "data.filter_key=train"))
     assert filtered.replay.size == 7 + 11
     keyed = Learner(_cfg(image_dataset, tmp_path / "c", *base, "data.obs_keys=[state,agentview_image]"))
-    assert keyed.agent.obs_dim == 28 + 8 * 8 * 3
+    # issue 12: a named image key goes to the conv encoder as uint8, never flattened into the
+    # MLP (this line pinned the flattening, 28 + 8·8·3, before)
+    assert keyed.agent.obs_dim == 28 and keyed.agent.image_shapes == {"agentview_image": (8, 8, 3)}
+    assert keyed.replay.numpy()["images/agentview_image"].dtype == np.uint8
 
 
 def test_dataset_info_counts_robomimic_success_by_reward(tmp_path):

@@ -7,9 +7,12 @@ Noise is an explicit argument: callers draw it, tests and export can fix it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
+from qc_robot.agent.encoder import ObsEncoder
 from qc_robot.agent.networks import ChunkCritic, FlowActor, OneStepActor, aggregate_q
 
 
@@ -50,6 +53,10 @@ class ActingPolicy(nn.Module):
 
     ``noise`` is (B, N, D) for best-of-N and (B, D) for the one-step actor, with D = H·A where H
     is the policy's chunk length. Output (B, H, A) in [-1, 1].
+
+    An image policy holds its ``encoder``: ``forward(obs, noise, images)`` encodes (state,
+    images) once into the features the networks take (:meth:`features`); everything after
+    that is the state-only rule on features. Without an encoder the state is the features.
     """
 
     def __init__(
@@ -62,13 +69,30 @@ class ActingPolicy(nn.Module):
         action_dim: int,
         flow_steps: int,
         q_agg: str,
+        encoder: ObsEncoder | None = None,
     ) -> None:
         super().__init__()
         self.actor_type, self.chunk_len, self.action_dim = actor_type, chunk_len, action_dim
         self.flow_steps, self.q_agg = flow_steps, q_agg
         self.flow, self.critic, self.one_step_actor = flow, critic, one_step_actor
+        self.encoder = encoder  # None registers nothing: a state-only state_dict is unchanged
 
-    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    @property
+    def image_keys(self) -> list[str]:
+        return [] if self.encoder is None else list(self.encoder.image_keys)
+
+    def features(self, obs: torch.Tensor, images: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """What the networks take: the state (no encoder) or the encoder's (B, F) features."""
+        if self.encoder is None:
+            return obs
+        if images is None:
+            raise ValueError(f"this policy needs images for {self.image_keys}")
+        return self.encoder(obs, images)
+
+    def forward(
+        self, obs: torch.Tensor, noise: torch.Tensor, images: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        obs = self.features(obs, images)
         if self.actor_type == "best_of_n":
             assert self.critic is not None
             flat = best_of_n(self.flow, self.critic, obs, noise, self.flow_steps, self.q_agg)

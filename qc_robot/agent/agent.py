@@ -16,7 +16,8 @@ The critic that *ranks* the best-of-N candidates is always the fp32 online criti
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from qc_robot.agent.acting import ActingPolicy, best_of_n, one_step
+from qc_robot.agent.encoder import ObsEncoder, random_shift
 from qc_robot.agent.fast_sampling import (
     FastCritic,
     FastFlow,
@@ -107,16 +109,24 @@ class QCAgent(nn.Module):
         obs_dim, act_dim: sizes of one observation and one (per-step) action.
         seed: seeds initialization and the agent's generators. ``None`` draws from the global
             torch RNG (so a caller's ``torch.manual_seed`` decides everything).
+        image_shapes: image keys → (H, W, C) as the encoder sees them (C = 3·frame_stack),
+            in the order batches and acting calls list them. With images, one conv encoder
+            (:class:`~qc_robot.agent.encoder.ObsEncoder`, ``cfg.vision``) turns (state, images)
+            into the flat features every network takes; ``obs_dim`` is then the state's width
+            (0 for images only). Without, nothing changes: the networks take the state.
     """
 
     def __init__(
-        self, cfg: AgentConfig, obs_dim: int, act_dim: int, seed: int | None = None
+        self, cfg: AgentConfig, obs_dim: int, act_dim: int, seed: int | None = None,
+        image_shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         if cfg.actor_type not in ("best_of_n", "fql"):
             raise ValueError(f"actor_type must be 'best_of_n' or 'fql', got {cfg.actor_type!r}")
         if cfg.obs_norm not in ("none", "std"):
             raise ValueError(f"obs_norm must be 'none' or 'std', got {cfg.obs_norm!r}")
+        if cfg.vision.encoder_grad not in ("critic", "all"):
+            raise ValueError(f"vision.encoder_grad must be 'critic' or 'all', got {cfg.vision.encoder_grad!r}")
         if cfg.sample_dtype not in (*_DTYPES, "auto"):
             raise ValueError(
                 f"sample_dtype must be 'auto' or one of {sorted(_DTYPES)}, got {cfg.sample_dtype!r}"
@@ -126,28 +136,47 @@ class QCAgent(nn.Module):
         """Actions per policy query (and per critic input): h with chunking, else 1."""
         self.chunk_dim = self.policy_horizon * act_dim
         self.device = resolve_device(cfg.device)
+        self.image_shapes: dict[str, tuple[int, ...]] = {
+            k: tuple(int(x) for x in v) for k, v in (image_shapes or {}).items()
+        }
 
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             else:
                 seed = int(torch.randint(0, 2**62, ()))
+            feat_dim = obs_dim
+            if self.image_shapes:
+                v = cfg.vision
+                self.encoder: ObsEncoder | None = ObsEncoder(
+                    obs_dim, self.image_shapes, v.channels, v.blocks, v.out_dim, v.layer_norm  # type: ignore[arg-type]
+                )
+                feat_dim = self.encoder.feature_dim
+            else:
+                self.encoder = None
+            self.feature_dim = feat_dim
+            """Width of what the networks take: the state, or state + image features."""
             self.critic = ChunkCritic(
-                obs_dim, self.chunk_dim, cfg.hidden_dims, cfg.num_qs, cfg.critic_layer_norm
+                feat_dim, self.chunk_dim, cfg.hidden_dims, cfg.num_qs, cfg.critic_layer_norm
             )
             self.flow = FlowActor(
-                obs_dim,
+                feat_dim,
                 self.chunk_dim,
                 cfg.hidden_dims,
                 cfg.actor_layer_norm,
                 cfg.fourier_time_dims,
             )
             self.one_step_actor = (
-                OneStepActor(obs_dim, self.chunk_dim, cfg.hidden_dims, cfg.actor_layer_norm)
+                OneStepActor(feat_dim, self.chunk_dim, cfg.hidden_dims, cfg.actor_layer_norm)
                 if cfg.actor_type == "fql"
                 else None
             )
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        # the target critic's encoder: a Polyak copy too (the reference's target critic holds
+        # its encoder's parameters)
+        self.target_encoder: ObsEncoder | None = (
+            copy.deepcopy(self.encoder).requires_grad_(False) if self.encoder is not None else None
+        )
         self.to(self.device)
 
         params = [p for p in self.parameters() if p.requires_grad]
@@ -196,6 +225,11 @@ class QCAgent(nn.Module):
         is floored at ``eps``. Not calling it leaves raw observations (the reference's way)."""
         mean_t = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
         std_t = torch.as_tensor(std, dtype=torch.float32, device=self.device)
+        if self.encoder is not None:  # the state is normalized once, inside the encoder
+            for enc in (self.encoder, self.target_encoder):
+                assert enc is not None
+                enc.normalizer.set_stats(mean_t, std_t, eps)
+            return
         for net in (self.critic, self.target_critic, self.flow, self.one_step_actor):
             if net is not None:
                 net.normalizer.set_stats(mean_t, std_t, eps)
@@ -211,7 +245,12 @@ class QCAgent(nn.Module):
             self.act_dim,
             self.cfg.flow_steps,
             self.cfg.q_agg,
+            encoder=self.encoder,
         )
+
+    @property
+    def image_keys(self) -> list[str]:
+        return list(self.image_shapes)
 
     def noise_shape(self, batch_size: int) -> tuple[int, ...]:
         """Shape of the acting/target noise for ``batch_size`` states."""
@@ -222,20 +261,27 @@ class QCAgent(nn.Module):
     # -- acting ------------------------------------------------------------------------------
     @torch.no_grad()
     def act(
-        self, obs: np.ndarray | torch.Tensor, generator: torch.Generator | None = None
+        self, obs: np.ndarray | torch.Tensor, generator: torch.Generator | None = None,
+        images: Sequence[np.ndarray | torch.Tensor] | None = None,
     ) -> np.ndarray:
         """Chunks for a batch of raw observations (B, O) → (B, policy_horizon, act_dim) in [-1, 1].
 
         Noise comes from ``generator`` (default: the agent's acting generator, separate from the
-        training one so evaluation does not change training's random stream).
+        training one so evaluation does not change training's random stream). Image agents
+        also take ``images``: uint8 (B, H, W, C) per image key, in :attr:`image_keys` order.
         """
         obs_t = torch.as_tensor(obs, dtype=torch.float32).to(self.device)
+        imgs = None
+        if self.encoder is not None:
+            if images is None:
+                raise ValueError(f"this agent needs images for {self.image_keys}")
+            imgs = [torch.as_tensor(np.asarray(i)).to(self.device) for i in images]
         gen = generator if generator is not None else self.act_generator
         noise = torch.randn(self.noise_shape(obs_t.shape[0]), generator=gen, device=self.device)
         was_training = self.training
         self.eval()
         try:
-            chunk = self.acting_policy()(obs_t, noise)  # (B, H, A)
+            chunk = self.acting_policy()(obs_t, noise, imgs)  # (B, H, A)
         finally:
             self.train(was_training)
         return chunk.cpu().numpy()
@@ -275,6 +321,10 @@ class QCAgent(nn.Module):
             if self.cfg.actor_type == "fql"
             else None,
         )
+        actor_obs: torch.Tensor | None = None
+        next_obs = batch.next_observations
+        if self.encoder is not None:
+            batch, actor_obs, next_obs = self._encode(batch, gen)
         for lp in self._lp:
             lp.refresh()
         distill_target = None
@@ -282,8 +332,10 @@ class QCAgent(nn.Module):
             if self._fast_flow is not None and noise.z is not None:
                 # QC-FQL's distillation target Euler(v, s, z), before any weight moves
                 self._fast_flow.refresh()
-                distill_target = self._fast_flow.sample(batch.observations, noise.z, self.cfg.flow_steps)
-            next_actions = self._target_fn(batch.next_observations, target_noise)  # (B, D)
+                obs_in = batch.observations if actor_obs is None else actor_obs.detach()
+                distill_target = self._fast_flow.sample(obs_in, noise.z, self.cfg.flow_steps)
+            next_actions = self._target_fn(next_obs, target_noise)  # (B, D)
+        extra = {} if actor_obs is None else {"actor_observations": actor_obs}
         loss, info = self._loss_fn(
             self.critic,
             self.target_critic,
@@ -295,6 +347,7 @@ class QCAgent(nn.Module):
             self.cfg,
             self._sampling["flow"],
             distill_target,
+            **extra,
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -303,12 +356,43 @@ class QCAgent(nn.Module):
         self.num_updates += 1
         return info
 
+    def _encode(
+        self, batch: ChunkBatch, gen: torch.Generator
+    ) -> tuple[ChunkBatch, torch.Tensor, torch.Tensor]:
+        """Image batch → (feature batch for the losses, the actors' features, s' features for
+        sampling the target actions).
+
+        Random shifts (``vision.aug_pad``) are drawn independently for s and s' from the training
+        generator, after the update's other draws. The critic sees s's features with gradient
+        (the encoder learns from the TD loss); the actors see them detached unless
+        ``vision.encoder_grad='all'``. s' is encoded without gradient twice: by the target
+        encoder for the target critic, by the online encoder for the policy that samples a'
+        (best-of-N ranks with the online critic, as without images).
+        """
+        assert self.encoder is not None and self.target_encoder is not None
+        if batch.images is None or batch.next_images is None:
+            raise ValueError(f"this agent needs images for {self.image_keys}; the batch has none")
+        pad = self.cfg.vision.aug_pad
+        imgs = [random_shift(i, pad, gen) for i in batch.images]
+        next_imgs = [random_shift(i, pad, gen) for i in batch.next_images]
+        feat = self.encoder(batch.observations, imgs)  # (B, F)
+        with torch.no_grad():
+            next_online = self.encoder(batch.next_observations, next_imgs)  # (B, F)
+            next_target = self.target_encoder(batch.next_observations, next_imgs)  # (B, F)
+        actor_obs = feat if self.cfg.vision.encoder_grad == "all" else feat.detach()
+        enc = dataclasses.replace(batch, observations=feat, next_observations=next_target, images=None,
+                                  next_images=None)
+        return enc, actor_obs, next_online
+
     @torch.no_grad()
     def _polyak(self) -> None:
-        """θ̄ ← (1 − τ) θ̄ + τ θ for the target critic's parameters."""
-        torch._foreach_lerp_(
-            list(self.target_critic.parameters()), list(self.critic.parameters()), self.cfg.tau
-        )
+        """θ̄ ← (1 − τ) θ̄ + τ θ for the target critic's parameters (and its encoder's)."""
+        target: list[torch.Tensor] = list(self.target_critic.parameters())
+        online: list[torch.Tensor] = list(self.critic.parameters())
+        if self.encoder is not None and self.target_encoder is not None:
+            target += list(self.target_encoder.parameters())
+            online += list(self.encoder.parameters())
+        torch._foreach_lerp_(target, online, self.cfg.tau)
 
     # -- state -------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:

@@ -154,15 +154,19 @@ def total_loss(
     cfg: AgentConfig,
     sampling_flow: FlowActor | None = None,
     distill_target: torch.Tensor | None = None,
+    actor_observations: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Info]:
     """critic + (BC flow [+ α·distill + Q loss for 'fql']); info keys ``critic/…``, ``actor/…``.
 
     ``sampling_flow`` (default ``flow``) computes the no-grad distillation target; the agent
     passes a bf16 copy when ``cfg.sample_dtype='bfloat16'``; ``distill_target`` skips that
-    sampling when the caller has done it.
+    sampling when the caller has done it. ``actor_observations`` (default
+    ``batch.observations``) is what the actor losses see: image agents pass the encoder's
+    features, detached unless the actor losses are to train the encoder too. The Q loss always
+    sees them detached: maximizing Q must move the actor, not the representation.
     """
     c_loss, c_info = critic_loss(critic, target_critic, batch, next_actions, cfg)
-    obs = batch.observations
+    obs = batch.observations if actor_observations is None else actor_observations
     bc, a_info = flow_bc_loss(
         flow, obs, policy_actions(batch, cfg), policy_valid(batch, cfg), noise.x0, noise.t
     )
@@ -174,7 +178,7 @@ def total_loss(
         d_loss, d_info = distill_loss(
             mu, sampling_flow or flow, obs, noise.z, cfg.flow_steps, cfg.alpha, distill_target
         )
-        ql, q_info = q_loss(critic, obs, mu)
+        ql, q_info = q_loss(critic, obs.detach(), mu)
         actor = actor + d_loss + ql
         a_info = {**a_info, **d_info, **q_info}
     info = {f"critic/{k}": v for k, v in c_info.items()}

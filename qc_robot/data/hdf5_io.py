@@ -203,13 +203,22 @@ class FlatDataset:
     env_args: dict[str, Any]
     episode_ends: np.ndarray  # (E,) int64 exclusive end row of each demo
     demo_names: list[str] = field(default_factory=list)
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    """Image keys (uint8 (H, W, C) steps), kept as (T, H, W, C) uint8, not flattened into
+    ``observations``; in ``obs_keys`` order."""
+    next_images: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rewards)
 
+    @property
+    def vector_keys(self) -> list[str]:
+        """The keys concatenated into ``observations`` (``obs_keys`` without the images)."""
+        return [k for k in self.obs_keys if k not in self.images]
+
     def as_replay_dict(self) -> dict[str, np.ndarray]:
         """The mapping ``ChunkReplay.add_offline`` takes."""
-        return {
+        out = {
             "observations": self.observations,
             "actions": self.actions,
             "rewards": self.rewards,
@@ -217,6 +226,9 @@ class FlatDataset:
             "masks": self.masks,
             "next_observations": self.next_observations,
         }
+        out.update({f"images/{k}": v for k, v in self.images.items()})
+        out.update({f"next_images/{k}": v for k, v in self.next_images.items()})
+        return out
 
 
 def _demo_names(data: h5py.Group) -> list[str]:
@@ -278,14 +290,22 @@ def _read_demo(path: str, demo: h5py.Group, obs_keys: list[str]) -> dict[str, np
             full = f"{group}/{key}"
             if full not in demo:
                 raise DatasetError(f"{where}/{full} is missing")
-            v = np.asarray(demo[full][()], dtype=np.float32)
+            ds = demo[full]
+            # images stay bytes (a quarter of float32's memory); everything else is float32
+            v = np.asarray(ds[()]) if is_image_step(ds.shape[1:], ds.dtype) else np.asarray(ds[()], dtype=np.float32)
             if len(v) != n:
                 raise DatasetError(f"{where}/{full} has {len(v)} rows, actions has {n}")
             out[full] = v
     for k, v in out.items():
-        if not np.isfinite(v).all():
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
             raise DatasetError(f"{where}/{k} contains NaN or inf")
     return out
+
+
+def is_image_step(step_shape: Sequence[int], dtype: Any) -> bool:
+    """An image observation the agent encodes: uint8 steps of shape (H, W, C) (robomimic's
+    camera keys); read as bytes, never flattened into the state."""
+    return len(step_shape) == 3 and np.dtype(dtype) == np.uint8
 
 
 def load_flat(
@@ -298,7 +318,8 @@ def load_flat(
     """Load every complete demo of ``path`` as flat float32 arrays.
 
     Observations of several keys are flattened per step and concatenated in ``obs_keys`` order
-    (default: the sorted keys of the first demo). ``sparse_reward`` maps rewards to 0 where they
+    (default: the sorted keys of the first demo). Image keys (uint8 (H, W, C) steps) are not
+    flattened: they come back as uint8 arrays in ``images``/``next_images``. ``sparse_reward`` maps rewards to 0 where they
     are 0 and -1 elsewhere (the paper's sparse setting) before ``reward_shift`` is added.
     ``filter_key`` restricts to the demos listed in ``mask/<filter_key>``.
     """
@@ -364,16 +385,29 @@ def _load_flat(
                         f"expected {obs_shapes[k]}"
                     )
 
+    image_keys = [k for k in keys if demos[0][f"obs/{k}"].dtype == np.uint8 and len(obs_shapes[k]) == 3]
+    vec_keys = [k for k in keys if k not in image_keys]
+    for name, d in zip(complete, demos, strict=True):
+        for k in keys:
+            for group in ("obs", "next_obs"):
+                if (k in image_keys) != (d[f"{group}/{k}"].dtype == np.uint8):
+                    raise DatasetError(f"{path}: data/{name}/{group}/{k} has dtype {d[f'{group}/{k}'].dtype}, "
+                                       f"the first demo's obs/{k} has {demos[0][f'obs/{k}'].dtype}")
+
     def flat(group: str) -> np.ndarray:
         # per demo: (N, *shape) -> (N, prod(shape)), keys side by side -> (N, O); demos stacked -> (T, O)
         return np.concatenate(
             [
                 np.concatenate(
-                    [d[f"{group}/{k}"].reshape(len(d["actions"]), -1) for k in keys], axis=1
+                    [d[f"{group}/{k}"].reshape(len(d["actions"]), -1) for k in vec_keys]
+                    or [np.zeros((len(d["actions"]), 0), np.float32)], axis=1
                 )
                 for d in demos
             ]
         )
+
+    def stack(group: str) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([d[f"{group}/{k}"] for d in demos]) for k in image_keys}  # (T, H, W, C)
 
     lengths = np.array([len(d["actions"]) for d in demos], dtype=np.int64)
     ends = np.cumsum(lengths)
@@ -394,6 +428,8 @@ def _load_flat(
         env_args=env_args,
         episode_ends=ends,
         demo_names=complete,
+        images=stack("obs"),
+        next_images=stack("next_obs"),
     )
 
 

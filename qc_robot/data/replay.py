@@ -4,6 +4,11 @@ One flat, preallocated store of transitions in time order; an episode is a run o
 ends with ``terminals = 1``. Offline data is loaded first, online transitions are appended after
 it, so the offline data stays in the replay (the paper's protocol). Storage is a torch tensor on
 the learner's device: sampling is an on-device gather, with no host copies inside an update.
+
+Image observations (``image_shapes``) are stored as uint8 (H, W, C) rows beside the vectors, under
+``images/<key>`` and ``next_images/<key>``: a 64x64 RGB camera costs 2·12 KiB per transition
+(s and s'), a quarter of float32. With ``frame_stack = k`` a sampled image is the last k frames of
+its episode stacked along channels, (H, W, 3k), the first frame repeated at an episode's start.
 """
 
 from __future__ import annotations
@@ -33,9 +38,16 @@ class ChunkReplay:
         act_dim: int,
         capacity: int,
         device: torch.device | str = "cpu",
+        image_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        frame_stack: int = 1,
     ) -> None:
         self.obs_dim, self.act_dim, self.capacity = obs_dim, act_dim, capacity
         self.device = torch.device(device)
+        self.image_shapes = {k: tuple(int(x) for x in v) for k, v in (image_shapes or {}).items()}
+        if frame_stack < 1:
+            raise ValueError(f"frame_stack must be >= 1, got {frame_stack}")
+        self.frame_stack = frame_stack
+        self._fields = _FIELDS + tuple(f"{g}/{k}" for g in ("images", "next_images") for k in self.image_shapes)
         z = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=self.device)  # noqa: E731
         self._data: dict[str, torch.Tensor] = {
             "observations": z(capacity, obs_dim),
@@ -45,6 +57,11 @@ class ChunkReplay:
             "masks": z(capacity),
             "next_observations": z(capacity, obs_dim),
         }
+        for g in ("images", "next_images"):
+            for k, shape in self.image_shapes.items():
+                # empty, not zeros: rows are written before they are read, and an untouched page of a
+                # large host allocation costs no memory (a 500k-row 64x64 replay reserves 12 GiB)
+                self._data[f"{g}/{k}"] = torch.empty((capacity, *shape), dtype=torch.uint8, device=self.device)
         self.size = 0
         self.keep = 0  # rows protected from overwrite (the offline dataset)
         self._cursor = 0  # next row to write once full
@@ -57,7 +74,9 @@ class ChunkReplay:
 
     def add(self, transition: Mapping[str, np.ndarray | float]) -> None:
         """Append one online transition (fields above, unbatched)."""
-        self.extend({k: np.asarray(transition[k], dtype=np.float32)[None] for k in _FIELDS})
+        rows = {k: np.asarray(transition[k], dtype=np.float32)[None] for k in _FIELDS}
+        rows.update({k: np.asarray(transition[k])[None] for k in self._fields[len(_FIELDS):]})
+        self.extend(rows)
 
     def extend(self, rows: Mapping[str, np.ndarray]) -> None:
         """Append online transitions given as arrays with a leading row axis (one copy per field)."""
@@ -65,7 +84,7 @@ class ChunkReplay:
 
     def _append(self, data: Mapping[str, np.ndarray]) -> int:
         n = len(data["rewards"])
-        for k in _FIELDS:
+        for k in self._fields:
             if k not in data:
                 raise KeyError(f"replay data is missing '{k}'")
             if len(data[k]) != n:
@@ -74,11 +93,12 @@ class ChunkReplay:
             raise ValueError(
                 f"replay capacity {self.capacity} cannot hold {self.keep} protected rows plus {n} new ones"
             )
-        rows = {k: _tensor(data[k], self.device).reshape(n, *self._data[k].shape[1:]) for k in _FIELDS}
+        rows = {k: _tensor(data[k], self.device, self._data[k].dtype).reshape(n, *self._data[k].shape[1:])
+                for k in self._fields}
         # Free slots first: the ring only starts overwriting once every slot holds a row.
         free = min(n, self.capacity - self.size)
         if free:
-            for k in _FIELDS:
+            for k in self._fields:
                 self._data[k][self.size : self.size + free] = rows[k][:free]
             self.size += free
             self._cursor = self.size
@@ -87,7 +107,7 @@ class ChunkReplay:
             if self._cursor >= self.capacity:
                 self._cursor = self.keep
             m = min(n - done, self.capacity - self._cursor)
-            for k in _FIELDS:
+            for k in self._fields:
                 self._data[k][self._cursor : self._cursor + m] = rows[k][done : done + m]
             self._cursor += m
             done += m
@@ -152,6 +172,11 @@ class ChunkReplay:
         valid[:, 1:] = 1.0 - terminals[:, :-1]  # steps after the end are padding
         powers = discount ** torch.arange(horizon, device=self.device, dtype=torch.float32)
         cum_rewards = torch.cumsum(rewards * powers * valid, dim=1)  # (B, h) Σ_{j≤k} γ^j r_{t+j}
+        images = next_images = None
+        if self.image_shapes:
+            end = start + horizon - 1
+            images = [self._stacked("images", k, start, None) for k in self.image_shapes]
+            next_images = [self._stacked("next_images", k, end, self._stacked_rows(end)) for k in self.image_shapes]
         return ChunkBatch(
             observations=d["observations"][start],
             actions=d["actions"][idx],  # (B, h, A)
@@ -160,7 +185,34 @@ class ChunkReplay:
             terminals=terminals,
             valid=valid,
             next_observations=d["next_observations"][start + horizon - 1],
+            images=images,
+            next_images=next_images,
         )
+
+    def _stacked_rows(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """Rows of the last ``frame_stack`` observations up to ``row`` (B,), oldest first, each
+        clamped to the row's episode start (a row whose predecessor ended an episode repeats)."""
+        rows = [row]
+        cur = row
+        term = self._data["terminals"]
+        for _ in range(self.frame_stack - 1):
+            prev = (cur - 1).clamp(min=0)
+            ok = (cur > 0) & (term[prev] < 1.0)  # prev is in the same episode
+            cur = torch.where(ok, prev, cur)
+            rows.insert(0, cur)
+        return rows
+
+    def _stacked(self, group: str, key: str, row: torch.Tensor, obs_rows: list[torch.Tensor] | None) -> torch.Tensor:
+        """(B, H, W, C·k) uint8: frames stacked along channels, the newest last. For s'
+        (``obs_rows`` given) the stack is s's frames from the rows after the oldest, then s' itself."""
+        store = self._data[f"{group}/{key}"]
+        if self.frame_stack == 1:
+            return store[row]
+        if obs_rows is None:
+            rows = self._stacked_rows(row)
+            return torch.cat([store[r] for r in rows], dim=-1)
+        obs_store = self._data[f"images/{key}"]
+        return torch.cat([obs_store[r] for r in obs_rows[1:]] + [store[row]], dim=-1)
 
     # -- inspection --------------------------------------------------------------------------
     def numpy(self) -> dict[str, np.ndarray]:
@@ -190,10 +242,16 @@ class ChunkReplay:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         n = int(state["size"])
-        for k in _FIELDS:
+        for k in self._fields:
             self._data[k][:n] = state["data"][k].to(self.device)
         self.size, self.keep, self._cursor = n, int(state["keep"]), int(state["cursor"])
 
 
-def _tensor(x: np.ndarray | torch.Tensor | float, device: torch.device) -> torch.Tensor:
+def _tensor(x: np.ndarray | torch.Tensor | float, device: torch.device,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if dtype == torch.uint8:
+        arr = np.asarray(x)
+        if arr.dtype != np.uint8:  # images are bytes; a float image would be silently wrong
+            raise ValueError(f"image rows must be uint8, got {arr.dtype}")
+        return torch.as_tensor(arr, device=device)
     return torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)

@@ -26,6 +26,10 @@ The one-step actor (QC-FQL) is a single MLP pass: there is nothing to hoist, bot
 freeze and ``prev_len`` (B,) how many steps the previous chunk still covers. Its first
 ``min(prev_delay, prev_len)`` actions are ``prev_actions``' exactly. :class:`ContinuedGraph`
 is that method as a module, traced separately (the exporter joins the two with an ``If``).
+
+Image policies: both take the images after their other inputs, one uint8 (B, H, W, C) tensor per
+image key in the policy's key order; the encoder runs once per observation and the rest of the
+graph is the state-only graph on its features (the flat ``observation`` is then the state alone).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 from torch import nn
 
 from qc_robot.agent import rtc as rtc_rule
-from qc_robot.agent.acting import ActingPolicy
+from qc_robot.agent.acting import ActingPolicy, best_of_n, one_step
 from qc_robot.agent.networks import EnsembleLayerNorm, EnsembleLinear, aggregate_q
 
 
@@ -85,7 +89,7 @@ class ExportGraph(nn.Module):
         layers = list(flow.mlp.net)
         first = layers[0]
         assert isinstance(first, nn.Linear)
-        obs_dim = obs_dim_of(self.acting)
+        obs_dim = feature_dim_of(self.acting)  # what the networks take (state or features)
         d = self.acting.chunk_len * self.acting.action_dim
         w = first.weight  # (H1, O + D + T)
         self.register_buffer("flow_w_obs", w[:, :obs_dim].t().contiguous())  # (O, H1)
@@ -113,11 +117,13 @@ class ExportGraph(nn.Module):
             members.append(nn.ModuleList([first_k, w_a, _member_mlp(_fusable(c_layers[1:]), k)]))
         self.critic_members = nn.ModuleList(members)
 
-    def forward(self, observation: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, observation: torch.Tensor, noise: torch.Tensor, *images: torch.Tensor) -> torch.Tensor:
+        if self.acting.encoder is not None:
+            observation = self.acting.features(observation, images)  # (B, F)
         if self.lean:
             x = self._lean_best_of_n(observation, noise)  # (B, H, A)
         else:
-            x = self.acting(observation, noise)  # (B, H, A)
+            x = self.acting(observation, noise) if self.acting.encoder is None else self._on_features(observation, noise)
         a = x * self.scale + self.offset
         return torch.minimum(torch.maximum(a, self.low), self.high)
 
@@ -128,9 +134,12 @@ class ExportGraph(nn.Module):
         prev_actions: torch.Tensor,
         prev_delay: torch.Tensor,
         prev_len: torch.Tensor,
+        *images: torch.Tensor,
     ) -> torch.Tensor:
         """The RTC output (B, H, A) in robot units: frozen prefix + guided continuation."""
         acting = self.acting
+        if acting.encoder is not None:
+            observation = acting.features(observation, images)  # (B, F)
         safe = torch.where(self.scale > 0, self.scale, torch.ones_like(self.scale))
         prev_agent = (prev_actions - self.offset) / safe  # (B, H, A) in agent space
         hoisted = critic = None
@@ -143,6 +152,17 @@ class ExportGraph(nn.Module):
         # the prefix in robot units is the previous chunk's own numbers (no agent-space round trip)
         a = torch.where(frozen, prev_actions, x * self.scale + self.offset)
         return torch.minimum(torch.maximum(a, self.low), self.high)
+
+    def _on_features(self, feat: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The naive acting rule on already-encoded features: (B, H, A) in agent space."""
+        acting = self.acting
+        if acting.actor_type == "best_of_n":
+            assert acting.critic is not None
+            flat = best_of_n(acting.flow, acting.critic, feat, noise, acting.flow_steps, acting.q_agg)
+        else:
+            assert acting.one_step_actor is not None
+            flat = one_step(acting.one_step_actor, feat, noise)
+        return flat.reshape(feat.shape[0], acting.chunk_len, acting.action_dim)  # (B, H, A)
 
     def _member_q(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """The lean per-member critic: (obs (B, O), chunk (B, D)) → (E, B), for RTC ranking."""
@@ -196,12 +216,20 @@ class ContinuedGraph(nn.Module):
         self.inner = graph
 
     def forward(self, observation: torch.Tensor, noise: torch.Tensor, prev_actions: torch.Tensor,
-                prev_delay: torch.Tensor, prev_len: torch.Tensor) -> torch.Tensor:
-        return self.inner.continued(observation, noise, prev_actions, prev_delay, prev_len)
+                prev_delay: torch.Tensor, prev_len: torch.Tensor, *images: torch.Tensor) -> torch.Tensor:
+        return self.inner.continued(observation, noise, prev_actions, prev_delay, prev_len, *images)
 
 
 def obs_dim_of(acting: ActingPolicy) -> int:
-    """Observation size, read from the flow actor's normalizer."""
+    """Width of the flat ``observation`` input: the state (the encoder's, for image policies),
+    read from a normalizer."""
+    if acting.encoder is not None:
+        return int(acting.encoder.state_dim)
+    return feature_dim_of(acting)
+
+
+def feature_dim_of(acting: ActingPolicy) -> int:
+    """Width of what the networks take (the observation, or the encoder's features)."""
     return int(cast(torch.Tensor, acting.flow.normalizer.mean).shape[0])
 
 

@@ -16,6 +16,10 @@ Noise design: one file, noise optional.
     ``noise_input=False`` removes the ``noise`` input altogether (a file that can only sample);
     it is verified through the optional-noise model it is cut from.
 
+Images (issue 12): an image policy's graph also takes one uint8 (batch, H, W, C) input per image
+key, named by the key; the encoder inside the graph divides by 255, and ``observation`` holds only
+the flat (non-image) fields. The metadata (format_version 2) lists them in ``image_spec``.
+
 Real-time chunking (``rtc=True``, the default): three more optional inputs, ``prev_actions``
 (batch, H, A) float32 in robot units, aligned to the new chunk's steps, ``prev_delay`` (batch,)
 int64 (steps to freeze) and ``prev_len`` (batch,) int64 (steps the previous chunk still covers),
@@ -129,6 +133,10 @@ def _check_meta(acting: ActingPolicy, meta: PolicyMetadata) -> None:
     for key, value in expect.items():
         if getattr(meta, key) != value:
             raise ValueError(f"metadata {key}={getattr(meta, key)!r} but the policy has {value!r}")
+    images = {f.key: tuple(f.shape) for f in meta.image_fields}
+    wanted = {} if acting.encoder is None else dict(acting.encoder.image_shapes)
+    if list(images) != list(wanted) or images != wanted:
+        raise ValueError(f"metadata images {images} but the policy's encoder takes {wanted}")
 
 
 def _trace(graph: torch.nn.Module, meta: PolicyMetadata, opset: int, rtc: bool,
@@ -145,6 +153,13 @@ def _trace(graph: torch.nn.Module, meta: PolicyMetadata, opset: int, rtc: bool,
                  torch.full((2,), meta.chunk_len, dtype=torch.int64))
         inputs += list(RTC_INPUTS)
         shapes.update({name: {0: batch} for name in RTC_INPUTS})
+    for f in meta.image_fields:  # after the others: ExportGraph takes them as *images
+        args += (torch.zeros(2, *f.shape, dtype=torch.uint8),)
+        inputs.append(f.key)
+        shapes[f.key] = {0: batch}
+    if meta.image_fields:  # positional, with the *images varargs as one tuple (torch.export's structure)
+        n_img = len(meta.image_fields)
+        shapes = (*(shapes[n] for n in inputs[:-n_img]), tuple(shapes[n] for n in inputs[-n_img:]))  # type: ignore[assignment]
     # the dynamo exporter reports progress on stdout and warns about optional packages: quiet
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -295,9 +310,11 @@ def build_metadata(
     train_step: int = 0,
     config_hash: str = "",
     rtc: bool = True,
+    frame_stack: int = 1,
 ) -> PolicyMetadata:
     """Metadata for ``acting`` with the versions of this process filled in (``rtc``: the file
-    will take a previous chunk, the default for new exports)."""
+    will take a previous chunk, the default for new exports; ``frame_stack``: frames per image
+    input, for image policies)."""
     return PolicyMetadata(
         obs_fields=list(obs_fields),
         action_dim=acting.action_dim,
@@ -312,6 +329,7 @@ def build_metadata(
         train_step=int(train_step),
         config_hash=config_hash,
         rtc=rtc,
+        frame_stack=int(frame_stack),
         code_version=qc_robot.__version__,
         torch_version=torch.__version__,
     )
@@ -333,13 +351,16 @@ def run_export(cfg: Any) -> int:
         num_samples=ckpt.agent.cfg.num_samples,
         train_step=ckpt.step,
         config_hash=ckpt.config_hash,
+        frame_stack=ckpt.agent.cfg.vision.frame_stack,
     )
     path = export_policy(
         acting, meta, cfg.out, opset=cfg.opset, verify=cfg.verify, parity_tol=cfg.parity_tol
     )
     print(
         f"exported {meta.actor_type} policy (step {meta.train_step}, H={meta.chunk_len}, "
-        f"A={meta.action_dim}, obs_dim={meta.obs_dim}) to {path}"
+        f"A={meta.action_dim}, obs_dim={meta.obs_dim}"
+        + "".join(f", image {f.key} {'x'.join(map(str, f.shape))} uint8" for f in meta.image_fields)
+        + f") to {path}"
         + (f"; onnxruntime matches torch within {cfg.parity_tol:g}" if cfg.verify else "")
     )
     return 0

@@ -45,19 +45,24 @@ def verify_file(
     except Exception as e:  # onnxruntime raises its own exception types
         raise ExportParityError(f"onnxruntime cannot load the exported graph: {e}") from e
     gen = torch.Generator().manual_seed(seed)
-    mean = cast(torch.Tensor, acting.flow.normalizer.mean)
-    std = cast(torch.Tensor, acting.flow.normalizer.std)
+    norm = acting.flow.normalizer if acting.encoder is None else acting.encoder.normalizer
+    mean, std = cast(torch.Tensor, norm.mean), cast(torch.Tensor, norm.std)
     obs = mean + std * torch.randn(VERIFY_BATCH, meta.obs_dim, generator=gen)  # (B, O)
     obs_np = obs.numpy().astype(np.float32)
+    images = [torch.randint(0, 256, (VERIFY_BATCH, *f.shape), generator=gen, dtype=torch.uint8)
+              for f in meta.image_fields]  # (B, H, W, C) each
+    feed = {"observation": obs_np, **{f.key: i.numpy() for f, i in zip(meta.image_fields, images, strict=True)}}
+    with torch.no_grad():
+        feat = acting.features(obs, images)  # (B, F): what the networks see
     err = 0.0
     if ref is not None:
         noise = torch.randn(VERIFY_BATCH, *meta.noise_shape, generator=gen)
-        got = sess.run(["actions"], {"observation": obs_np, "noise": noise.numpy()})[0]
+        got = sess.run(["actions"], {**feed, "noise": noise.numpy()})[0]
         with torch.no_grad():
-            want = ref(obs, noise).numpy()
+            want = ref(obs, noise, *images).numpy()
         row_err = np.abs(got - want).reshape(VERIFY_BATCH, -1).max(axis=1)  # (B,)
         bad = [b for b in range(VERIFY_BATCH) if row_err[b] > tol]
-        bad = [b for b in bad if not _is_tie(ref, acting, obs[b], noise[b], got[b], tol)]
+        bad = [b for b in bad if not _is_tie(ref, acting, feat[b], noise[b], got[b], tol)]
         err = float(row_err.max())
         if bad:
             raise ExportParityError(
@@ -65,8 +70,8 @@ def verify_file(
                 f"rows {bad}; the exported graph does not compute the acting rule"
             )
         if meta.rtc:
-            err = max(err, _verify_rtc(sess, ref, acting, meta, tol, obs, gen))
-    _check_sampling(sess, obs_np, meta)
+            err = max(err, _verify_rtc(sess, ref, acting, meta, tol, obs, images, feat, gen))
+    _check_sampling(sess, feed, meta)
     return err
 
 
@@ -85,27 +90,28 @@ def rtc_probe(meta: PolicyMetadata, chunks: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _verify_rtc(sess: Any, ref: ExportGraph, acting: ActingPolicy, meta: PolicyMetadata, tol: float,
-                obs: torch.Tensor, gen: torch.Generator) -> float:
+                obs: torch.Tensor, images: list[torch.Tensor], feat: torch.Tensor, gen: torch.Generator) -> float:
     """The continued rule (``actions`` fed a previous chunk) against torch, and its frozen prefix
     bit-equal to ``prev_actions``."""
     obs_np = obs.numpy().astype(np.float32)
-    first = sess.run(["actions"], {"observation": obs_np,
+    base = {"observation": obs_np, **{f.key: i.numpy() for f, i in zip(meta.image_fields, images, strict=True)}}
+    first = sess.run(["actions"], {**base,
                                    "noise": torch.randn(VERIFY_BATCH, *meta.noise_shape, generator=gen).numpy()})[0]
     prev, delay, length = rtc_probe(meta, first)
     noise = torch.randn(VERIFY_BATCH, *meta.noise_shape, generator=gen)
-    feed = {"observation": obs_np, "noise": noise.numpy(), "prev_actions": prev, "prev_delay": delay,
-            "prev_len": length}
+    feed = {**base, "noise": noise.numpy(), "prev_actions": prev, "prev_delay": delay, "prev_len": length}
     got = sess.run(["actions"], feed)[0]
     args = (torch.from_numpy(prev), torch.from_numpy(delay), torch.from_numpy(length))
     with torch.no_grad():
-        want = ref.continued(obs, noise, *args).numpy()
+        want = ref.continued(obs, noise, *args, *images).numpy()
     for b in range(VERIFY_BATCH):
         k = int(min(delay[b], length[b]))
         if not np.array_equal(got[b, :k], prev[b, :k]):
             raise ExportParityError(f"RTC row {b}: the {k} frozen steps differ from prev_actions")
     row_err = np.abs(got - want).reshape(VERIFY_BATCH, -1).max(axis=1)  # (B,)
     bad = [b for b in range(VERIFY_BATCH) if row_err[b] > tol]
-    bad = [b for b in bad if not _is_rtc_tie(ref, acting, obs[b], noise[b], [a[b] for a in args], got[b], tol)]
+    bad = [b for b in bad if not _is_rtc_tie(ref, acting, obs[b], [i[b] for i in images], feat[b], noise[b],
+                                             [a[b] for a in args], got[b], tol)]
     if bad:
         raise ExportParityError(
             f"the RTC branch differs from torch by {float(row_err.max()):.3g} (> parity_tol {tol:g}) on fixed "
@@ -114,15 +120,17 @@ def _verify_rtc(sess: Any, ref: ExportGraph, acting: ActingPolicy, meta: PolicyM
     return float(row_err.max())
 
 
-def _is_rtc_tie(ref: ExportGraph, acting: ActingPolicy, obs: torch.Tensor, noise: torch.Tensor,
-                prev: list[torch.Tensor], got: np.ndarray, tol: float) -> bool:
-    """As :func:`_is_tie`, for the guided candidates of the RTC branch."""
+def _is_rtc_tie(ref: ExportGraph, acting: ActingPolicy, obs: torch.Tensor, images: list[torch.Tensor],
+                feat: torch.Tensor, noise: torch.Tensor, prev: list[torch.Tensor], got: np.ndarray,
+                tol: float) -> bool:
+    """As :func:`_is_tie`, for the guided candidates of the RTC branch (``feat``: the row's
+    features, what the critic ranks on)."""
     if acting.actor_type != "best_of_n" or acting.critic is None:
         return False
     n = noise.shape[0]
     with torch.no_grad():
-        obs_rep = obs.unsqueeze(0).expand(n, -1)  # (N, O)
-        one = [p.unsqueeze(0) for p in prev]  # batch of one
+        obs_rep = feat.unsqueeze(0).expand(n, -1)  # (N, F)
+        one = [p.unsqueeze(0) for p in prev] + [i.unsqueeze(0) for i in images]  # batch of one
         # best-of-1 on sample i returns that guided sample itself: (N, H, A) candidates
         cand = torch.cat([ref.continued(obs.unsqueeze(0), noise[i].reshape(1, 1, -1), *one) for i in range(n)])
         safe = torch.where(ref.scale > 0, ref.scale, torch.ones_like(ref.scale))
@@ -157,8 +165,9 @@ def _is_tie(
     return bool(np.any(match & close))
 
 
-def _check_sampling(sess: Any, obs: np.ndarray, meta: PolicyMetadata) -> None:
-    out = sess.run(["actions"], {"observation": obs})[0]
+def _check_sampling(sess: Any, feed: dict[str, np.ndarray], meta: PolicyMetadata) -> None:
+    obs = feed["observation"]
+    out = sess.run(["actions"], feed)[0]
     shape = (obs.shape[0], meta.chunk_len, meta.action_dim)
     if out.shape != shape or out.dtype != np.float32:
         raise ExportParityError(
@@ -172,8 +181,7 @@ def _check_sampling(sess: Any, obs: np.ndarray, meta: PolicyMetadata) -> None:
         )
     if meta.rtc:  # the RTC branch with in-graph noise
         prev, delay, length = rtc_probe(meta, out)
-        cont = sess.run(["actions"], {"observation": obs, "prev_actions": prev, "prev_delay": delay,
-                                      "prev_len": length})[0]
+        cont = sess.run(["actions"], {**feed, "prev_actions": prev, "prev_delay": delay, "prev_len": length})[0]
         if cont.shape != shape or not np.all(np.isfinite(cont)):
             raise ExportParityError(f"the RTC branch returned {cont.shape} or non-finite actions, expected {shape}")
         if np.any(cont < meta.action_low) or np.any(cont > meta.action_high):

@@ -56,7 +56,23 @@ def flatten_obs(obs: dict[str, np.ndarray], keys: list[str], k: int) -> np.ndarr
     missing = [key for key in keys if key not in obs]
     if missing:
         raise ValueError(f"transition lacks observation keys {missing}")
+    if not keys:  # an images-only policy
+        return np.zeros((k, 0), np.float32)
     return np.concatenate([np.asarray(obs[key], np.float32).reshape(k, -1) for key in keys], axis=1)  # (K, O)
+
+
+def image_rows(obs: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], k: int,
+               where: str) -> dict[str, np.ndarray]:
+    """``{f'{where}/{key}': (K, H, W, C) uint8}`` for each image key, checked (never cast)."""
+    out = {}
+    for key, shape in shapes.items():
+        if key not in obs:
+            raise ValueError(f"transition lacks image {key!r}")
+        v = np.asarray(obs[key])
+        if v.dtype != np.uint8 or v.shape != (k, *shape):
+            raise ValueError(f"image {key!r} must be uint8 {(k, *shape)}, got {v.dtype} {v.shape}")
+        out[f"{where}/{key}"] = v
+    return out
 
 
 @dataclass
@@ -87,9 +103,15 @@ class EpisodeAssembler:
     """Collects each session's steps; ``add`` returns the episodes that this record finished."""
 
     def __init__(self, obs_keys: list[str], obs_dim: int, reward_fn: RewardFn | None = None,
-                 orphan_records: int = 5_000) -> None:
-        self.obs_keys, self.obs_dim = obs_keys, obs_dim
+                 orphan_records: int = 5_000, image_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+        """``image_shapes``: image keys (of ``obs_keys``) → (H, W, C); their rows are kept as uint8
+        under ``images/<key>`` and ``next_images/<key>`` (the replay's names), not flattened."""
+        self.image_shapes = {k: tuple(v) for k, v in (image_shapes or {}).items()}
+        self.obs_keys = [k for k in obs_keys if k not in self.image_shapes]
+        self.obs_dim = obs_dim
         self.reward_fn, self.orphan_records = reward_fn, orphan_records
+        self.fields = FIELDS + tuple(f"{g}/{k}" for g in ("images", "next_images") for k in self.image_shapes)
+        """The row arrays of an episode: :data:`FIELDS`, then the image rows."""
         self._open: dict[str, _Open] = {}
 
     @property
@@ -125,7 +147,7 @@ class EpisodeAssembler:
 
     def open_rows(self) -> dict[str, dict[str, np.ndarray]]:
         """Every open episode's rows so far, by session."""
-        return {s: {k: np.concatenate([p[k] for p in ep.parts]) for k in FIELDS}
+        return {s: {k: np.concatenate([p[k] for p in ep.parts]) for k in self.fields}
                 for s, ep in self._open.items() if ep.parts}
 
     def _rows(self, tr: Transition) -> dict[str, np.ndarray]:
@@ -142,13 +164,17 @@ class EpisodeAssembler:
         if obs.shape[1] != self.obs_dim:
             raise ValueError(f"observations flatten to {obs.shape[1]} values, the agent reads {self.obs_dim}")
         interv = np.zeros(k, bool) if tr.intervention is None else np.asarray(tr.intervention, bool)
-        return {"obs": obs, "actions": np.asarray(tr.actions, np.float32), "rewards": rewards,
+        rows = {"obs": obs, "actions": np.asarray(tr.actions, np.float32), "rewards": rewards,
                 "terminated": terminated, "truncated": np.asarray(tr.truncated, bool), "next_obs": next_obs,
                 "intervention": interv}
+        if self.image_shapes:
+            rows.update(image_rows(tr.obs, self.image_shapes, k, "images"))
+            rows.update(image_rows(tr.next_obs, self.image_shapes, k, "next_images"))
+        return rows
 
     def _close(self, session: str, truncate: bool) -> Episode:
         ep = self._open.pop(session)
-        rows = {k: np.concatenate([p[k] for p in ep.parts]) for k in FIELDS}
+        rows = {k: np.concatenate([p[k] for p in ep.parts]) for k in self.fields}
         if truncate and not (rows["terminated"][-1] or rows["truncated"][-1]):
             rows["truncated"][-1] = True  # the episode ends here in the replay
         return Episode(session, ep.episode_id, rows, ep.success, sorted(ep.policy_versions))

@@ -38,7 +38,7 @@ from qc_robot.finetune.episodes import (
     intervention_segments,
     load_reward_fn,
 )
-from qc_robot.finetune.online import OnlineReplay, cat_batches
+from qc_robot.finetune.online import OnlineReplay, cat_batches, replay_rows
 from qc_robot.finetune.push import PolicyPusher
 from qc_robot.server.learner_link import CurveKeys
 from qc_robot.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -107,7 +107,11 @@ class Finetuner:
             log.warning("offline dataset %s not found: the replay starts with online data only", tcfg.data.path)
         ckpt_path = Path(cfg.run_dir) / CHECKPOINT
         resumed = ckpt_path.exists()
-        self.learner = lr = Learner(tcfg)
+        frames = tcfg.agent.vision.frame_stack
+        if self.offline.agent.image_shapes and frames > 1:
+            raise ValueError("finetune of a frame-stacked image policy is not supported yet: the server "
+                             "journals the stacked frames the policy took, the replay stacks stored frames")
+        self.learner = lr = Learner(tcfg, image_shapes=self.offline.agent.image_shapes, steps_env=False)
         state: dict[str, Any] = {}
         if resumed:
             state = load_checkpoint(ckpt_path, device="cpu").extra.get("finetune", {})
@@ -118,9 +122,9 @@ class Finetuner:
         a = tcfg.agent
         self.horizon, self.discount, self.batch_size = a.horizon, a.discount, a.batch_size
         self.interventions = ChunkReplay(lr.agent.obs_dim, lr.agent.act_dim, cfg.intervention_capacity,
-                                         lr.agent.device)
+                                         lr.agent.device, image_shapes=lr.replay.image_shapes)
         self.assembler = EpisodeAssembler([f.key for f in self.offline.obs_fields], lr.agent.obs_dim,
-                                          load_reward_fn(cfg.reward_fn))
+                                          load_reward_fn(cfg.reward_fn), image_shapes=lr.replay.image_shapes)
         self.applied_seq: int = state.get("applied_seq", 0)
         self.journal_id: str = state.get("journal_id", "")
         self.updates: int = state.get("updates", 0)
@@ -183,11 +187,11 @@ class Finetuner:
         rows, lr = ep.rows, self.learner
         self.online.commit(ep.session, rows)  # whole, with its final flags, into the main replay
         for start, stop in intervention_segments(rows["intervention"], self.horizon):
-            for i in range(start, stop):
-                end = i == stop - 1 and not (rows["terminated"][i] or rows["truncated"][i])
-                lr.add_step(rows["obs"][i], rows["actions"][i], float(rows["rewards"][i]),
-                            bool(rows["terminated"][i]), bool(rows["truncated"][i]) or end, rows["next_obs"][i],
-                            replay=self.interventions)
+            seg = {k: v[start:stop] for k, v in rows.items()}
+            seg["truncated"] = seg["truncated"].copy()
+            if not (seg["terminated"][-1] or seg["truncated"][-1]):
+                seg["truncated"][-1] = True  # the segment ends here in the intervention buffer
+            self.interventions.extend(replay_rows(seg))
         self.episodes += 1
         self.successes += int(ep.success)
         robot = self.robots.setdefault(ep.session, RobotStats())

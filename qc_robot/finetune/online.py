@@ -13,12 +13,10 @@ episode ends its rows move into the main replay and the staging buffer is droppe
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
-from qc_robot.data.batch import ChunkBatch
+from qc_robot.data.batch import ChunkBatch, cat_batches
 from qc_robot.data.replay import ChunkReplay
 
 
@@ -26,17 +24,12 @@ def replay_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Assembler rows (``episodes.FIELDS``) → replay fields: terminals = the episode ended (either
     way), masks = 1 - true termination."""
     term = rows["terminated"].astype(np.float32)
-    return {"observations": rows["obs"], "actions": rows["actions"], "rewards": rows["rewards"].astype(np.float32),
-            "terminals": np.maximum(term, rows["truncated"].astype(np.float32)), "masks": 1.0 - term,
-            "next_observations": rows["next_obs"]}
-
-
-def cat_batches(parts: list[ChunkBatch]) -> ChunkBatch:
-    """One batch from several (row axis)."""
-    if len(parts) == 1:
-        return parts[0]
-    return ChunkBatch(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
-                         for f in dataclasses.fields(ChunkBatch)})
+    out = {"observations": rows["obs"], "actions": rows["actions"], "rewards": rows["rewards"].astype(np.float32),
+           "terminals": np.maximum(term, rows["truncated"].astype(np.float32)), "masks": 1.0 - term,
+           "next_observations": rows["next_obs"]}
+    # image rows (uint8) ride along under the replay's own names
+    out.update({k: v for k, v in rows.items() if k.startswith(("images/", "next_images/"))})
+    return out
 
 
 class OnlineReplay:
@@ -108,4 +101,5 @@ class OnlineReplay:
         return cat_batches(parts)
 
     def _buffer(self, rows: int) -> ChunkReplay:
-        return ChunkReplay(self.main.obs_dim, self.main.act_dim, rows, self.main.device)
+        return ChunkReplay(self.main.obs_dim, self.main.act_dim, rows, self.main.device,
+                           image_shapes=self.main.image_shapes, frame_stack=self.main.frame_stack)

@@ -21,7 +21,7 @@ import torch
 
 import qc_robot
 from qc_robot.agent.agent import QCAgent
-from qc_robot.config import TrainConfig, to_dataclass
+from qc_robot.config import TrainConfig, VisionConfig, to_dataclass
 from qc_robot.policies.base import ObsField
 
 FORMAT = "qc-robot-checkpoint"
@@ -31,6 +31,8 @@ FORMAT_VERSION = 1
 def config_hash(cfg: TrainConfig) -> str:
     """Short hash of what defines the learned function (agent, task, data), not of run paths."""
     payload = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("agent", "env", "data")}
+    if payload["agent"].get("vision") == dataclasses.asdict(VisionConfig()):
+        del payload["agent"]["vision"]  # image settings left at their defaults: hashes as before they existed
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -65,7 +67,9 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "config": dataclasses.asdict(ckpt.config),
         "config_hash": ckpt.config_hash,
         "agent": ckpt.agent.state_dict(),
-        "agent_dims": {"obs_dim": ckpt.agent.obs_dim, "act_dim": ckpt.agent.act_dim},
+        "agent_dims": {"obs_dim": ckpt.agent.obs_dim, "act_dim": ckpt.agent.act_dim,
+                       **({"image_shapes": {k: list(v) for k, v in ckpt.agent.image_shapes.items()}}
+                          if ckpt.agent.image_shapes else {})},
         "step": ckpt.step,
         "env_steps": ckpt.env_steps,
         "obs_fields": [dataclasses.asdict(f) for f in ckpt.obs_fields],
@@ -96,7 +100,7 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> Checkpoint:
     if device is not None:
         cfg.agent.device = device
     dims = payload["agent_dims"]
-    agent = QCAgent(cfg.agent, dims["obs_dim"], dims["act_dim"])
+    agent = QCAgent(cfg.agent, dims["obs_dim"], dims["act_dim"], image_shapes=dims.get("image_shapes"))
     agent.load_state_dict(payload["agent"])
     return Checkpoint(
         agent=agent,

@@ -51,8 +51,8 @@ def _dataset(cfg: TrainConfig):  # noqa: ANN202 (FlatDataset)
     if keys is None:
         keys, skipped = vector_obs_keys(d.path, d.filter_key)
         if skipped:
-            print(f"qc-robot train: leaving out image observation keys {skipped} (the MLP agent "
-                  f"trains on {keys}); set data.obs_keys to choose")
+            print(f"qc-robot train: leaving out image observation keys {skipped} (the agent "
+                  f"trains on {keys}); name them in data.obs_keys to train on them with the conv encoder")
     return load_flat(d.path, obs_keys=keys, reward_shift=d.reward_shift, sparse_reward=sparse,
                      filter_key=d.filter_key)
 
@@ -78,7 +78,11 @@ def check_data_matches_task(obs_dim: int, act_dim: int, task_obs: int, task_act:
 class Learner:
     """Owns the agent, the replay, the sim env for online steps, and the run directory."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, image_shapes: dict[str, tuple[int, ...]] | None = None,
+                 steps_env: bool = True) -> None:
+        """``image_shapes`` (key → one frame's (H, W, C)) stands in for the dataset's image keys
+        when there is no dataset (fine-tuning from online data only); ``steps_env=False``: the
+        caller feeds the replay itself (``qc-robot finetune``) and never steps the sim here."""
         from qc_robot.sim.tasks import task_spec
 
         self.cfg = cfg
@@ -98,14 +102,26 @@ class Learner:
                                 or self.task.control_hz)
         obs_dim = data.observations.shape[1] if data is not None else self.task.obs_dim
         act_dim = data.actions.shape[1] if data is not None else self.task.act_dim
+        self.image_shapes: dict[str, tuple[int, ...]] = (
+            {k: tuple(v.shape[1:]) for k, v in data.images.items()} if data is not None
+            else {k: tuple(v) for k, v in (image_shapes or {}).items()})
+        """Image keys → (H, W, C) of one stored frame (the agent sees C·frame_stack channels)."""
         if t.online_steps > 0 or t.eval_episodes > 0:  # the env will be stepped
+            if self.image_shapes and (steps_env or t.eval_episodes > 0):
+                raise TrainSetupError(
+                    f"{cfg.data.path}: image keys {list(self.image_shapes)} and in-process sim steps: the "
+                    "learner's sim env gives no camera images; set training.online_steps=0 "
+                    "training.eval_episodes=0 (evaluate the exported policy through serve + drive)")
             check_data_matches_task(obs_dim, act_dim, self.task.obs_dim, self.task.act_dim,
                                     cfg.data.path, cfg.env.name)
-        self.agent = QCAgent(cfg.agent, obs_dim, act_dim)
+        k = cfg.agent.vision.frame_stack
+        self.agent = QCAgent(cfg.agent, obs_dim, act_dim,
+                             image_shapes={key: (*s[:-1], s[-1] * k) for key, s in self.image_shapes.items()})
         if data is not None and cfg.agent.obs_norm == "std":
             self.agent.set_normalizer(*_obs_stats(data.observations), eps=cfg.agent.obs_norm_eps)
         offline_rows = len(data.rewards) if data is not None else 0
-        self.replay = ChunkReplay(obs_dim, act_dim, offline_rows + t.online_steps + 1, self.agent.device)
+        self.replay = ChunkReplay(obs_dim, act_dim, offline_rows + t.online_steps + 1, self.agent.device,
+                                  image_shapes=self.image_shapes, frame_stack=k)
         if data is not None:
             self.replay.add_offline(data.as_replay_dict())
         self.sampler = torch.Generator(device=self.agent.device).manual_seed(t.seed)
@@ -123,13 +139,20 @@ class Learner:
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(
             agent=self.agent, config=self.cfg, step=self.step, env_steps=self.env_steps,
-            obs_fields=[ObsField("state", (self.agent.obs_dim,), "float32")],
+            obs_fields=self.obs_fields(),
             action_low=-np.ones(self.agent.act_dim, np.float32),
             action_high=np.ones(self.agent.act_dim, np.float32),
             control_hz=self.control_hz, config_hash=config_hash(self.cfg),
             extra={"sampler": self.sampler.get_state(), "online_rows": self.replay.online_state(),
                    "env_rng": self.env_rng.bit_generator.state},
         )
+
+    def obs_fields(self) -> list[ObsField]:
+        """What the exported policy takes: the flat float32 'state' (when the data has vector
+        keys) and each image key as uint8 (H, W, C·frame_stack), by its own name."""
+        fields = [ObsField("state", (self.agent.obs_dim,), "float32")] if self.agent.obs_dim or not \
+            self.image_shapes else []
+        return fields + [ObsField(k, tuple(s), "uint8") for k, s in self.agent.image_shapes.items()]
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir / CHECKPOINT, self.checkpoint())
