@@ -15,9 +15,16 @@ import numpy as np
 
 
 def excitation_actions(steps: int, action_dim: int, rng: np.random.Generator, amplitude: float = 0.6,
-                       smoothing: float = 0.6, gripper_dim: int | None = 4) -> np.ndarray:
-    """(steps, action_dim) smooth random commands in [-1, 1]. ``gripper_dim`` (OGBench: 4) gets a
-    slow open/close square wave instead, so the gripper is excited without chattering."""
+                       smoothing: float = 0.6, gripper_dim: int | None = 4, gripper: str = "open") -> np.ndarray:
+    """(steps, action_dim) smooth random commands in [-1, 1]. ``gripper_dim`` (OGBench: 4) is held
+    open (``gripper="open"``, the default) or gets a slow open/close square wave (``"square"``).
+
+    Open by default: sysid leaves the gripper alone, and a closed gripper presses its pads together,
+    whose stick-slip contact turns the wrist's replay error into a step function of the arm's
+    parameters (issue 16: every parameter off the truth replayed about as badly as any other, so no
+    search could find it)."""
+    if gripper not in ("open", "square"):
+        raise ValueError(f"gripper must be 'open' or 'square', got {gripper!r}")
     a = np.zeros((steps, action_dim))
     prev = np.zeros(action_dim)
     # the low-pass shrinks the std by sqrt((1-ρ)/(1+ρ)): scale the noise up so the output has `amplitude`
@@ -26,7 +33,8 @@ def excitation_actions(steps: int, action_dim: int, rng: np.random.Generator, am
         prev = smoothing * prev + (1 - smoothing) * rng.normal(0.0, gain, action_dim)
         a[t] = prev
     if gripper_dim is not None and gripper_dim < action_dim:
-        a[:, gripper_dim] = np.where((np.arange(steps) // 15) % 2 == 0, -0.5, 0.5)
+        # the gripper command is relative: a steady -0.5 keeps the target at fully open
+        a[:, gripper_dim] = -0.5 if gripper == "open" else np.where((np.arange(steps) // 15) % 2 == 0, -0.5, 0.5)
     return np.clip(a, -1.0, 1.0)
 
 

@@ -14,6 +14,16 @@ A log is replayed one control step per row. What a row's command means depends o
 Each prediction starts from the logged initial state (``states`` when the file has them, else the
 arm's joints from the first observation) and each command goes through the env's own IK from the
 *simulated* state, as the robot's controller does with its measured state.
+
+``segment=K`` restarts the prediction every ``K`` rows from the logged state at that row
+(*multiple shooting*): an open-loop replay of a whole episode lets a small parameter error grow
+through the arm's motion and its contacts with the table, so its error surface has many shallow
+basins; short segments keep each prediction near the log, and their error is smooth in the
+parameters (the global stage of ``qc_robot.calibration.sysid`` searches it). A restart mid-log
+cannot be exact: the env reads the effector pose for the next relative command from the
+kinematics of the last physics substep, which we emulate from the logged joint velocities, and a
+log without ``states`` restarts only the arm's joints (the gripper and cubes keep their simulated
+state).
 """
 
 from __future__ import annotations
@@ -60,33 +70,59 @@ class Replayer:
     def close(self) -> None:
         self.env.close()
 
-    def _set_initial_state(self, traj: Trajectory) -> None:
+    def _set_initial_state(self, traj: Trajectory, row: int = 0) -> None:
+        """The logged state at ``row`` (0: a fresh reset first; later rows: the restart of a segment)."""
         import mujoco
 
         u = self.unwrapped
         m, d = u.model, u.data
-        self.env.reset(seed=0)
+        if row == 0:
+            self.env.reset(seed=0)
         if traj.states is not None:
-            u.set_state(traj.states[0, : m.nq].copy(), traj.states[0, m.nq : m.nq + m.nv].copy())
-            return
-        # No simulator state on a real robot: the arm's joints from the observation; the rest stays
-        # where reset put it (cubes matter only through contacts, which the error leaves out).
-        dofs = self.physics.dofs
-        joints = [int(np.nonzero(m.jnt_dofadr == dof)[0][0]) for dof in dofs]
-        d.qpos[m.jnt_qposadr[joints]] = traj.obs[0, 0:6]
-        d.qvel[dofs] = traj.obs[0, 6:12]
+            d.qpos[:] = traj.states[row, : m.nq]
+            d.qvel[:] = traj.states[row, m.nq : m.nq + m.nv]
+        else:
+            # No simulator state on a real robot: the arm's joints from the observation; the rest stays
+            # where reset (or the simulation so far) put it (cubes matter only through contacts, which
+            # the error leaves out).
+            dofs = self.physics.dofs
+            d.qpos[self._arm_qpos] = traj.obs[row, 0:6]
+            d.qvel[dofs] = traj.obs[row, 6:12]
         mujoco.mj_forward(m, d)
+        if row > 0:
+            self._stale_kinematics()
 
-    def rollout(self, traj: Trajectory, params: dict[str, float], delay: int = 0) -> np.ndarray:
+    def _stale_kinematics(self) -> None:
+        """Leave the kinematics one physics substep behind the state, as they are after ``mj_step``
+        (it integrates after computing them): the env takes the effector pose of the next relative
+        command from them, so a restart with fresh kinematics would command another target."""
+        import mujoco
+
+        u = self.unwrapped
+        m, d = u.model, u.data
+        qpos, qvel = d.qpos.copy(), d.qvel.copy()
+        mujoco.mj_integratePos(m, d.qpos, qvel, -m.opt.timestep)
+        mujoco.mj_kinematics(m, d)
+        d.qpos[:] = qpos
+
+    @property
+    def _arm_qpos(self) -> np.ndarray:
+        m = self.unwrapped.model
+        joints = [int(np.nonzero(m.jnt_dofadr == dof)[0][0]) for dof in self.physics.dofs]
+        return np.asarray(m.jnt_qposadr[joints])
+
+    def rollout(self, traj: Trajectory, params: dict[str, float], delay: int = 0, segment: int = 0) -> np.ndarray:
         """Predicted next observations (N, O) of ``traj`` under ``params``, row ``t`` executing the
-        command of row ``t - delay`` (0 for executed-steps logs)."""
+        command of row ``t - delay`` (0 for executed-steps logs); ``segment > 0`` restarts from the
+        logged state every ``segment`` rows (see the module docstring)."""
         self.physics.apply(params)
-        self._set_initial_state(traj)
         n, a_dim = traj.actions.shape
         cmds = np.concatenate([np.tile(self.hold, (delay, 1)), traj.actions])[:n]  # (N, A): hold, then shifted
         pred = np.empty((n, traj.next_obs.shape[1]))
         step = self.unwrapped.step
         for t in range(n):
+            if t == 0 or (segment > 0 and t % segment == 0):
+                self._set_initial_state(traj, t)
             pred[t] = step(cmds[t])[0]
         self.evals += 1
         return pred

@@ -77,12 +77,13 @@ def obs_scale(trajs: Sequence[Trajectory]) -> np.ndarray:
 
 
 def residuals(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, float], timing: Timing | int,
-              scale: np.ndarray) -> np.ndarray:
-    """Stacked normalised prediction errors over every trajectory, row and dim."""
+              scale: np.ndarray, segment: int = 0) -> np.ndarray:
+    """Stacked normalised prediction errors over every trajectory, row and dim (``segment``: the
+    replay restarts from the log every that many rows, ``Replayer.rollout``)."""
     tm = timing if isinstance(timing, Timing) else Timing(int(timing))
     r = []
     for t in trajs:
-        pred = rep.rollout(t, params, tm.replay_delay)
+        pred = rep.rollout(t, params, tm.replay_delay, segment)
         r.append(((pred - t.next_obs)[:, OBS_DIMS][:, ERR_DIMS] / scale).ravel())
     return np.concatenate(r)
 
@@ -232,7 +233,8 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
              max_delay: int = 4, max_iters: int = 20, range_k: float = 3.0, range_min_frac: float = 0.1,
              replayer: Replayer | None = None, replay: str = "auto", global_evals: int = 64,
              profile: bool = True, seed: int = 0, global_rows: int = 25, starts: int = 1, start_iters: int = 6,
-             min_dist: float = 0.4) -> SysIdResult:
+             min_dist: float = 0.4, global_segment: int = 0,
+             local_segment: int = 0, seg_iters: int = 20) -> SysIdResult:
     """Fit ``kinds`` and the timing to ``trajs`` (see the module docstring)."""
     from scipy.optimize import least_squares
 
@@ -260,10 +262,11 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
     if global_evals > 0:
         # the global stage sees the first `global_rows` rows of each trajectory: the basin is set by
         # the gross response, and half the rows halve its cost
-        short = _head(trajs, global_rows)
+        short = _head(trajs, global_rows) if global_rows > 0 else list(trajs)
 
         def cost(x: np.ndarray) -> float:
-            return float(np.mean(np.square(residuals(rep, short, _from_x(x, kinds, base), timing, scale))))
+            return float(np.mean(np.square(residuals(rep, short, _from_x(x, kinds, base), timing, scale,
+                                                      global_segment))))
 
         xg, _, history = global_search(cost, kinds, _to_x(base, kinds), global_evals, seed)
         params = _from_x(xg, kinds, base)
@@ -283,6 +286,13 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
                 best_err, params = rms(sol0.fun), _from_x(sol0.x, kinds, base)
     sigma = dict.fromkeys(kinds, float("nan"))
     lo, hi = fit_bounds(kinds)
+    if local_segment > 0:
+        def fun_s(z: np.ndarray) -> np.ndarray:
+            return residuals(rep, trajs, _from_x(z, kinds, params), timing, scale, local_segment)
+
+        x0 = np.clip(_to_x(params, kinds), lo + 1e-6, hi - 1e-6)
+        sol = least_squares(fun_s, x0, bounds=(lo, hi), diff_step=0.02, max_nfev=seg_iters, xtol=1e-4, ftol=1e-6)
+        params = _from_x(sol.x, kinds, params)
     for _ in range(2):  # local fit at the timing, re-scan the timing at the fit
         def fun(z: np.ndarray, tm: Timing = timing, p0: dict = params) -> np.ndarray:
             return residuals(rep, trajs, _from_x(z, kinds, p0), tm, scale)
