@@ -187,13 +187,17 @@ def test_train_a_few_steps_from_an_image_hdf5_and_reload_the_checkpoint(tmp_path
     assert np.array_equal(a, b) and a.shape == (2, 5, 5)
 
 
-def test_frame_stacking_and_in_process_sim_steps(tmp_path: Path) -> None:
+def test_frame_stacking_and_what_the_in_process_sim_refuses(tmp_path: Path) -> None:
     data = write_image_dataset(tmp_path / "img.hdf5")
     lr = Learner(_cfg(data, tmp_path / "a", "training.offline_steps=1", "data.obs_keys=[state,image]",
                       "agent.vision.frame_stack=2"))
     assert lr.agent.image_shapes == {"image": (32, 32, 6)} and lr.replay.image_shapes == {"image": IMG}
     lr.run()
-    # the learner's sim env has no cameras: an image run that would step it is refused up front
-    with pytest.raises(TrainSetupError, match="no camera images"):
+    # what the learner's sim cannot do with images is refused up front, not after training:
+    # online steps (it records no frames yet) and evaluating stacked frames (it renders one)
+    with pytest.raises(TrainSetupError, match="records no camera images"):
         Learner(_cfg(data, tmp_path / "b", "training.offline_steps=1", "data.obs_keys=[state,image]",
-                     "training.eval_episodes=1"))
+                     "training.online_steps=5"))
+    with pytest.raises(TrainSetupError, match="without frame stacks"):
+        Learner(_cfg(data, tmp_path / "c", "training.offline_steps=1", "data.obs_keys=[state,image]",
+                     "agent.vision.frame_stack=2", "training.eval_episodes=1"))

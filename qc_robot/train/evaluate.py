@@ -31,15 +31,19 @@ class EvalResult:
 
 def evaluate(policy: ChunkFn, env_name: str, episodes: int, seed: int, sparse_reward: bool | None = None,
              max_episode_steps: int = 0, progress: bool = False,
-             on_step: Callable[[int, Any], None] | None = None) -> EvalResult:
+             on_step: Callable[[int, Any], None] | None = None, image_size: int = 0,
+             render_fast: bool = False) -> EvalResult:
     """Roll out ``episodes`` episodes with seeds seed, seed+1, ...; success = info['success'] at the end.
 
-    ``on_step(episode, env)`` is called after each reset and each step (a video recorder)."""
+    ``on_step(episode, env)`` is called after each reset and each step (a video recorder).
+    ``image_size`` > 0: an image policy, called as ``policy(obs, image)`` with the task camera's
+    uint8 (S, S, 3) frame, rendered only when the policy is queried (once per chunk)."""
     from tqdm import tqdm
 
     from qc_robot.sim.tasks import make_env
 
-    env = make_env(env_name, sparse_reward=sparse_reward, max_episode_steps=max_episode_steps)
+    env = make_env(env_name, sparse_reward=sparse_reward, max_episode_steps=max_episode_steps,
+                   image_size=image_size if image_size > 0 else -1, render_fast=render_fast)
     successes, returns, lengths, queries = [], [], [], 0
     for ep in tqdm(range(episodes), desc="eval", disable=not progress, leave=False):
         obs, _ = env.reset(seed=seed + ep)
@@ -50,7 +54,7 @@ def evaluate(policy: ChunkFn, env_name: str, episodes: int, seed: int, sparse_re
         info: dict = {}
         while not done:
             if not queue:
-                queue = list(policy(obs))
+                queue = list(policy(obs, env.image()) if image_size > 0 else policy(obs))  # type: ignore[call-arg]
                 queries += 1
             obs, reward, terminated, truncated, info = env.step(queue.pop(0))
             if on_step is not None:
@@ -71,7 +75,25 @@ def agent_policy(agent, seed: int = 0) -> ChunkFn:  # noqa: ANN001 (QCAgent; tor
     import torch
 
     gen = torch.Generator(device=agent.device).manual_seed(seed)
+    if agent.encoder is not None:  # (obs, frame) → chunk: the sim renders one camera
+
+        def with_image(obs: np.ndarray, img: np.ndarray) -> np.ndarray:
+            return agent.act(obs[None], generator=gen, images=[img[None]])[0]
+
+        return with_image  # type: ignore[return-value]
     return lambda obs: agent.act(obs[None], generator=gen)[0]
+
+
+def eval_image_size(agent) -> int:  # noqa: ANN001 (QCAgent)
+    """The side of the sim camera an image agent needs (0: a state agent). The sim renders one
+    square RGB camera; an agent with several cameras or stacked frames cannot be evaluated in it."""
+    shapes = list(agent.image_shapes.values())
+    if not shapes:
+        return 0
+    if len(shapes) > 1 or shapes[0][0] != shapes[0][1] or shapes[0][2] != 3:
+        raise ValueError(f"in-process evaluation renders one square RGB camera; the agent takes "
+                         f"{agent.image_shapes} (evaluate the exported policy with serve + drive)")
+    return int(shapes[0][0])
 
 
 def run_eval(cfg) -> int:  # noqa: ANN001 (EvalConfig)
@@ -85,7 +107,8 @@ def run_eval(cfg) -> int:  # noqa: ANN001 (EvalConfig)
     max_steps = cfg.env.max_episode_steps or trained.max_episode_steps
     recorder = _recorder(cfg)
     result = evaluate(agent_policy(ckpt.agent, cfg.seed), name, cfg.episodes, cfg.seed, sparse, max_steps,
-                      progress=cfg.progress, on_step=recorder)
+                      progress=cfg.progress, on_step=recorder, image_size=eval_image_size(ckpt.agent),
+                      render_fast=cfg.env.render_fast)
     print(f"{name}: success {result.success_rate:.3f} over {result.episodes} episodes "
           f"(return {result.mean_return:.1f}, length {result.mean_length:.0f}, "
           f"{result.policy_queries} policy queries) at update {ckpt.step}")

@@ -21,7 +21,7 @@ from qc_robot.data.batch import ChunkBatch
 from qc_robot.data.replay import ChunkReplay
 from qc_robot.policies.base import ObsField
 from qc_robot.train.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint
-from qc_robot.train.evaluate import EvalResult, agent_policy, evaluate
+from qc_robot.train.evaluate import EvalResult, agent_policy, eval_image_size, evaluate
 from qc_robot.train.logs import RunLogger
 
 CHECKPOINT = "checkpoint.pt"
@@ -107,11 +107,15 @@ class Learner:
             else {k: tuple(v) for k, v in (image_shapes or {}).items()})
         """Image keys → (H, W, C) of one stored frame (the agent sees C·frame_stack channels)."""
         if t.online_steps > 0 or t.eval_episodes > 0:  # the env will be stepped
-            if self.image_shapes and (steps_env or t.eval_episodes > 0):
+            if self.image_shapes and steps_env and t.online_steps > 0:
                 raise TrainSetupError(
-                    f"{cfg.data.path}: image keys {list(self.image_shapes)} and in-process sim steps: the "
-                    "learner's sim env gives no camera images; set training.online_steps=0 "
-                    "training.eval_episodes=0 (evaluate the exported policy through serve + drive)")
+                    f"{cfg.data.path}: image keys {list(self.image_shapes)} and online sim steps: the "
+                    "learner's online phase records no camera images yet; set training.online_steps=0 "
+                    "(evaluation renders the camera; online fine-tuning through serve works)")
+            if self.image_shapes and (len(self.image_shapes) > 1 or cfg.agent.vision.frame_stack > 1):
+                raise TrainSetupError(
+                    f"{cfg.data.path}: evaluation in sim renders one camera without frame stacks; set "
+                    "training.eval_episodes=0 and evaluate through serve + drive")
             check_data_matches_task(obs_dim, act_dim, self.task.obs_dim, self.task.act_dim,
                                     cfg.data.path, cfg.env.name)
         k = cfg.agent.vision.frame_stack
@@ -203,7 +207,8 @@ class Learner:
             self._eval_step = self.step
             self.last_eval = evaluate(agent_policy(self.agent, seed=10_000 + self.step), self.cfg.env.name,
                                       t.eval_episodes, seed=10_000, sparse_reward=self.cfg.env.sparse_reward,
-                                      max_episode_steps=self.cfg.env.max_episode_steps)
+                                      max_episode_steps=self.cfg.env.max_episode_steps,
+                                      image_size=eval_image_size(self.agent), render_fast=self.cfg.env.render_fast)
             self.logger.log_eval(self.step, self.env_steps, phase, self.last_eval.as_dict())
             self.save()
         if t.save_interval and self.step % t.save_interval == 0:
