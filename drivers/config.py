@@ -51,7 +51,7 @@ class DriveConfig:
     max_age_s: 0.2}``. A stale or failed camera holds the robot (docs/robots.md)."""
     jpeg_quality: int = 0
     """1-100: send observation images as JPEG at this quality (lossy; decoded by the server before
-    the policy sees them: docs/protocol.md section 12); 0: raw uint8 arrays."""
+    the policy sees them: docs/protocol.md section 2.2); 0: raw uint8 arrays."""
     calibration: str = ""
     """Calibration file (``calibration/<robot_id>.json``, '' = none): the executor's initial delay
     estimate, the sim's physics/delay/noise; its id goes into the Hello and every logged episode."""
