@@ -67,6 +67,9 @@ def main() -> None:
                  updates_per_s=args.updates / (time.time() - t0))
     if args.phase in ("eval", "all"):
         for arm in ("image", "state"):
+            if not (args.out / arm / CHECKPOINT).exists():
+                print(f"no {arm} checkpoint: run --phase {arm} first")
+                continue
             ckpt = load_checkpoint(args.out / arm / CHECKPOINT, device="cpu")
             t0 = time.time()
             r = evaluate(agent_policy(ckpt.agent, 1000), TASK, args.eval_episodes, 1000,
