@@ -145,11 +145,18 @@ def test_train_multirun_with_the_joblib_launcher(tmp_path, tiny_dataset, monkeyp
     assert len(list((tmp_path / "runs" / "sweep" / "train").glob("*/*/checkpoint.pt"))) == 2
 
 
-def test_serve_without_a_policy_is_one_line_when_none_is_shipped(capsys):
-    from qc_robot.assets import default_policy_path
+def test_serve_without_a_policy_serves_the_shipped_one():
+    from qc_robot.server.serve import load_policy
 
-    if default_policy_path().is_file():
-        pytest.skip("a default policy is shipped")
+    policy = load_policy("default")
+    assert [(f.key, f.shape) for f in policy.spec.obs_fields] == [("state", (28,))]  # cube-single-task1
+    assert policy.spec.action_dim == 5 and policy.spec.chunk_len == 5 and policy.spec.actor_type == "fql"
+
+
+def test_serve_without_a_policy_is_one_line_when_none_is_shipped(capsys, monkeypatch, tmp_path):
+    import qc_robot.assets
+
+    monkeypatch.setattr(qc_robot.assets, "default_policy_path", lambda: tmp_path / "cube-single-task1.onnx")
     assert main(["serve"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ships no default policy" in err[0] and "policy=hold:28:5:5" in err[0]
