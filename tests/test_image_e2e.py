@@ -23,13 +23,8 @@ TINY = ["agent.hidden_dims=[32,32]", "agent.flow_steps=3", "agent.batch_size=8",
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _offscreen_gl() -> None:
-    import mujoco
-
-    try:
-        mujoco.GLContext(8, 8).free()
-    except Exception as e:  # no EGL/OSMesa here: nothing to render with
-        pytest.skip(f"no offscreen GL context: {e}")
+def _gl(offscreen_gl: None) -> None:
+    """Every test here renders: skipped where no offscreen GL context exists."""
 
 
 @pytest.mark.slow  # ~8 s idle (14 s under load): OGBench env build + renders; the default suite has the parts
