@@ -78,6 +78,7 @@ class PolicyClient:
         """When the session was lost (None: connected, or never connected yet)."""
         self._ever_welcomed = False
         self.welcome: P.Welcome | None = None
+        self._policy_keys: set[str] | None = None  # the keys the welcome's policy reads (None: all)
         self.stats = ClientStats()
         self.last_error: P.Error | None = None
         self._ctx = context or zmq.Context.instance()
@@ -196,9 +197,8 @@ class PolicyClient:
             if not self.ready:
                 return None
         rid = next(self._ids)
-        if self.welcome is not None and self.welcome.obs_spec:  # only what the policy reads: a camera
-            wanted = {f.get("key") for f in self.welcome.obs_spec}  # it does not use costs nothing
-            obs = {k: v for k, v in obs.items() if k in wanted}
+        if self._policy_keys is not None:  # only what the policy reads: a camera it does not use costs nothing
+            obs = {k: v for k, v in obs.items() if k in self._policy_keys}
         if not self._send(P.Observation(rid, episode_id, step, time.time(), obs, reset, prev_start_step,
                                         delay_steps)):
             return None
@@ -304,6 +304,7 @@ class PolicyClient:
         if isinstance(msg, P.Welcome):
             if self.welcome is None:
                 self.welcome = msg
+                self._policy_keys = {str(f.get("key")) for f in msg.obs_spec} if msg.obs_spec else None
                 self._ever_welcomed = True
                 if self._lost_at is not None:
                     gap = time.monotonic() - self._lost_at
