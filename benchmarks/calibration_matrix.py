@@ -63,8 +63,8 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=0, help="also fit this many held-out robots (ids 100, 101, ...)")
     ap.add_argument("--episodes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--global-evals", type=int, default=64)
-    ap.add_argument("--max-iters", type=int, default=20)
+    ap.add_argument("--global-evals", type=int, default=480)
+    ap.add_argument("--max-iters", type=int, default=30)
     ap.add_argument("--global-rows", type=int, default=0)
     ap.add_argument("--starts", type=int, default=1)
     ap.add_argument("--global-segment", type=int, default=10, help="rows per replay segment, global stage (0: whole)")
@@ -77,7 +77,7 @@ def main() -> None:
     from qc_robot.calibration.files import Calibration, save_calibration
     from qc_robot.calibration.logs import load_trajectories
     from qc_robot.calibration.replay import Replayer
-    from qc_robot.calibration.sysid import Timing, identify, obs_scale, residuals, rms
+    from qc_robot.calibration.sysid import Timing, identify, obs_scale, replay_error, residuals, rms
     from qc_robot.drivers.sim import SimConfig, SimDriver
 
     robots = {i: ROBOTS[i] for i in args.robots}
@@ -106,10 +106,10 @@ def main() -> None:
                            seed=i, global_rows=args.global_rows, starts=args.starts,
                            global_segment=args.global_segment, local_segment=args.local_segment)
             fit_s, load1 = time.monotonic() - t_fit, os.getloadavg()[0]
-            scale = obs_scale(trajs)
-            at_truth = rms(residuals(rep, trajs, hidden, Timing(delay, shift=0), scale))
-            truth_as_rows = rms(residuals(rep, trajs, hidden, Timing(delay), scale))
-            row = {"robot": i, "hidden": hidden, "delay": delay, "fit": res.params, "ranges": res.ranges,
+            at_truth = replay_error(rep, trajs, hidden, res.timing or Timing(delay, shift=0), res.mode)
+            # the old lockstep replayer's view of the same log: whole episodes of the pose, loop rows
+            truth_as_rows = rms(residuals(rep, trajs, hidden, Timing(delay), obs_scale(trajs)))
+            row = {"robot": i, "mode": res.mode, "hidden": hidden, "delay": delay, "fit": res.params, "ranges": res.ranges,
                    "fit_delay": res.delay_steps, "latency_ms": res.latency_ms, "error_before": res.error_before,
                    "error_global": res.error_global, "error_after": res.error_after, "error_at_truth": at_truth,
                    "truth_as_loop_rows": truth_as_rows, "held_ticks": held,

@@ -67,18 +67,19 @@ class CalibrateConfig:
     """Physical parameter kinds to fit (qc_robot.calibration.randomization.PARAM_KINDS)."""
     max_delay: int = 4
     """sysid: largest control delay considered (steps; realtime logs: latencies up to this many periods)."""
-    max_iters: int = 20
+    max_iters: int = 30
     """sysid: evaluation budget of each local least-squares stage (each also costs one replay per
     parameter for the Jacobian)."""
-    global_evals: int = 64
+    global_evals: int = 480
     """sysid: CMA-ES evaluations of the global stage before the local one (0 = local only)."""
     starts: int = 1
     """sysid: local starts from distinct basins of the global stage (1 = its best only; 4 recovers
     more robots of the docs' matrix at about 1.4x the time)."""
     replay: str = "auto"
-    """sysid/check: how the log is replayed: auto (executed steps when the log is a realtime
-    driver's record of them, else lockstep) | executed (each row's command as the robot applied it)
-    | lockstep (each row's command shifted by a fitted whole-step delay)."""
+    """sysid/check: how the log is replayed: auto (ctrl when the log is a realtime driver's record
+    of its executed steps with their actuator targets, executed when without, else lockstep) | ctrl
+    (each row's applied actuator targets, one-step predictions) | executed (each row's command as the
+    robot applied it) | lockstep (each row's command shifted by a fitted whole-step delay)."""
     profile: bool = True
     """sysid: per-parameter error profiles (ranges, identifiability report)."""
     range_k: float = 3.0
@@ -181,7 +182,7 @@ def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
     if cal.physics is not None and cfg.dataset:
         from qc_robot.calibration.logs import load_trajectories
         from qc_robot.calibration.replay import Replayer, replay_mode
-        from qc_robot.calibration.sysid import Timing, obs_scale, residuals, rms, timing_candidates
+        from qc_robot.calibration.sysid import Timing, replay_error, timing_candidates
         from qc_robot.sim.tasks import task_spec
 
         trajs = load_trajectories(cfg.dataset, cfg.task, cfg.episodes, cfg.steps)
@@ -197,7 +198,7 @@ def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
             drifted.append("timing")
         rep = Replayer(cfg.task, cfg.seed)
         try:
-            err = rms(residuals(rep, trajs, cal.physics["params"], timing, obs_scale(trajs)))
+            err = replay_error(rep, trajs, cal.physics["params"], timing, mode)
         finally:
             rep.close()
         ref = float((cal.physics.get("fit") or {}).get("error_after", float("nan")))

@@ -3,7 +3,9 @@
 The signal is a first-order low-pass of Gaussian noise (``a_t = ρ a_{t-1} + (1-ρ) ε_t``, clipped),
 rich enough to excite the servo's stiffness and damping but smooth enough to stay inside the
 workspace and safe on hardware. Any driver works (through the safety layer on a real robot);
-drivers with a ``sim_state()`` (the sim) also log MuJoCo ``states`` for exact replays.
+drivers with a ``sim_state()`` (the sim) also log MuJoCo ``states`` for exact replays, and drivers
+that report the actuator targets each executed step applied (``ExecutedStep.extra['ctrl']``) log
+them as ``ctrl``.
 """
 
 from __future__ import annotations
@@ -111,4 +113,6 @@ def _executed_rows(driver: Any, steps: int, period: float, applied: list[np.ndar
            "t_tick": (np.asarray([r.t for r in rows]) - t0) * time_scale, "t_sent": t_cmd}
     if all("state" in r.extra for r in rows):
         out["states"] = np.asarray([r.extra["state"] for r in rows])
+    if all("ctrl" in r.extra for r in rows):  # the actuator targets each tick applied
+        out["ctrl"] = np.asarray([r.extra["ctrl"] for r in rows])
     return out

@@ -4,8 +4,8 @@ At the fitted parameters, each kind is moved alone (others held) outward in fit 
 the replay error exceeds ``(1 + tol)`` times the fitted one. Where it does on both sides, the
 parameter is identified and its range is the profile interval, widened to at least the
 Jacobian's ``±range_k`` standard errors and ``±range_min_frac`` (the floor that training's domain
-randomization needs anyway). Where the error stays flat to the end of the tested span on a side,
-the log does not pin the parameter down on that side: the range runs to the end of the span and
+randomization needs anyway). Where the error stays flat to the end of the tested span on a side
+(or to the kind's bound, from a fit that is not at it), the log does not pin the parameter down on that side: the range runs to the end of the span and
 the report says so, with the excitation that would make it identifiable.
 
 Profiles hold the other parameters fixed, so correlated parameters (kp against damping) look
@@ -50,8 +50,10 @@ def profile(err: Callable[[dict[str, float]], float], params: Mapping[str, float
         end, hit, last = from_fit(kind, z0 + sign * steps[-1]), False, params[kind]
         for s in steps:
             v = from_fit(kind, z0 + sign * s)
-            if abs(v - last) < 1e-12:  # at the kind's bound: the range ends there, nothing is unknown
-                end, hit = v, True
+            if abs(v - last) < 1e-12:  # at the kind's bound: the range ends there. A fit at the bound
+                # leaves nothing unknown on that side; a walk that reached it with the error still
+                # under the threshold has not pinned the parameter down there
+                end, hit = v, last == params[kind]
                 break
             last = v
             e = err({**params, kind: v})

@@ -15,6 +15,10 @@ on such a driver adds, per row:
 * ``t_tick`` (N,): when the tick applied its command, robot seconds since the episode's reset.
 * ``t_sent`` (N,): when that command was sent (-1 on held rows), same clock: the actuation
   latency is bounded by ``t_tick - t_sent`` and the previous tick's time.
+* ``ctrl`` (N, U), optional: the actuator targets the tick applied, in the order of the sim
+  model's actuators (the IK's joint targets and the gripper's command on the sim; on a real arm
+  its controller's commanded joint positions). With it the replay drives the servos with the
+  robot's own targets instead of recomputing them through the IK (``replay=ctrl``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Trajectory:
     held: np.ndarray | None = None  # (N,) realtime: 1 where the tick held (no new command)
     t_tick: np.ndarray | None = None  # (N,) realtime: when each row's tick applied its command (robot s)
     t_sent: np.ndarray | None = None  # (N,) realtime: when that command was sent (-1: held)
+    ctrl: np.ndarray | None = None  # (N, U) realtime: the actuator targets each tick applied
 
     @property
     def realtime(self) -> bool:
@@ -112,7 +117,7 @@ def check_log(path: str, task: str, obs_key: str = "state", episodes: int | None
         for name in names[: episodes if episodes is not None else len(names)]:
             g = f["data"][name]
             n = None
-            for key in ("actions", f"obs/{obs_key}", f"next_obs/{obs_key}", "states", *TIMING_KEYS):
+            for key in ("actions", f"obs/{obs_key}", f"next_obs/{obs_key}", "states", *TIMING_KEYS, "ctrl"):
                 if key not in g:
                     if key in ("actions", f"obs/{obs_key}", f"next_obs/{obs_key}"):
                         raise CalibrationError(f"{path}: data/{name}/{key} is missing")
@@ -162,7 +167,7 @@ def load_trajectories(path: str, task: str, episodes: int = 3, steps: int = 0, o
 
             t = Trajectory(np.asarray(g["actions"][sl], np.float64), np.asarray(g[f"obs/{obs_key}"][sl], np.float64),
                            np.asarray(g[f"next_obs/{obs_key}"][sl], np.float64), get("states"), name,
-                           get("held"), get("t_tick"), get("t_sent"))
+                           get("held"), get("t_tick"), get("t_sent"), get("ctrl"))
             if len(t.actions) == 0:
                 raise CalibrationError(f"{path}: data/{name} has no rows from {start}")
             out.append(t)

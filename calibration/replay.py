@@ -6,6 +6,11 @@ A log is replayed one control step per row. What a row's command means depends o
   the command the robot's controller applied at that tick (the hold command on a held tick), so
   the replay runs them as they are: the robot's latency, its held ticks and its late reads are
   already in the rows, and at the robot's true physics the replay reproduces the log.
+* **Applied targets** (executed steps with a ``ctrl`` field): each row sets the actuator targets
+  the robot's controller applied at that tick and steps the physics, bypassing the env's IK. The
+  IK is iterative and stops at an error threshold, so its joint targets jump when a parameter
+  change moves the state across a stopping point; replayed through it, the error of one row
+  jumps with a 1 % change of kp. The logged targets make the replay smooth in the parameters.
 * **Loop rows** (a lockstep driver, or a realtime one that keeps no record): row ``t``'s action is
   the command the control loop sent; the replay executes the command of row ``t - delay`` (the
   hold command before the first), which is what the lockstep sim driver does with a
@@ -35,20 +40,24 @@ import numpy as np
 from qc_robot.calibration.logs import Trajectory
 from qc_robot.calibration.randomization import PhysicsParams
 
-MODES = ("auto", "lockstep", "executed")
+MODES = ("auto", "lockstep", "executed", "ctrl")
 
 
 def replay_mode(trajs: list[Trajectory], mode: str = "auto") -> str:
-    """``executed`` for logs of executed steps, else ``lockstep``; ``auto`` picks by the log, an
-    explicit ``executed`` on a log without the timing fields is an error, ``lockstep`` is always
-    possible (it treats an executed-steps log as loop rows: what the old replayer did)."""
+    """``ctrl`` for logs of executed steps with their applied targets, ``executed`` for logs of
+    executed steps without, else ``lockstep``; ``auto`` picks by the log, an explicit mode the log
+    cannot support is an error, ``lockstep`` is always possible (it treats an executed-steps log
+    as loop rows: what the old replayer did)."""
     if mode not in MODES:
         raise ValueError(f"replay must be one of {MODES}, got {mode!r}")
     executed = bool(trajs) and all(t.realtime for t in trajs)
-    if mode == "executed" and not executed:
-        raise ValueError("replay=executed needs a realtime log of executed steps (held, t_tick, t_sent)")
+    if mode in ("executed", "ctrl") and not executed:
+        raise ValueError(f"replay={mode} needs a realtime log of executed steps (held, t_tick, t_sent)")
+    has_ctrl = executed and all(t.ctrl is not None for t in trajs)
+    if mode == "ctrl" and not has_ctrl:
+        raise ValueError("replay=ctrl needs the applied actuator targets (a 'ctrl' field in every episode)")
     if mode == "auto":
-        return "executed" if executed else "lockstep"
+        return "ctrl" if has_ctrl else "executed" if executed else "lockstep"
     return mode
 
 
@@ -111,18 +120,45 @@ class Replayer:
         joints = [int(np.nonzero(m.jnt_dofadr == dof)[0][0]) for dof in self.physics.dofs]
         return np.asarray(m.jnt_qposadr[joints])
 
-    def rollout(self, traj: Trajectory, params: dict[str, float], delay: int = 0, segment: int = 0) -> np.ndarray:
+    def rollout(self, traj: Trajectory, params: dict[str, float], delay: int = 0, segment: int = 0,
+                ctrl: bool = False) -> np.ndarray:
         """Predicted next observations (N, O) of ``traj`` under ``params``, row ``t`` executing the
         command of row ``t - delay`` (0 for executed-steps logs); ``segment > 0`` restarts from the
-        logged state every ``segment`` rows (see the module docstring)."""
+        logged state every ``segment`` rows; ``ctrl``: drive the logged actuator targets instead of
+        the commands (see the module docstring)."""
         self.physics.apply(params)
         n, a_dim = traj.actions.shape
-        cmds = np.concatenate([np.tile(self.hold, (delay, 1)), traj.actions])[:n]  # (N, A): hold, then shifted
         pred = np.empty((n, traj.next_obs.shape[1]))
-        step = self.unwrapped.step
+        if ctrl:
+            step = self._ctrl_step(traj)
+        else:
+            cmds = np.concatenate([np.tile(self.hold, (delay, 1)), traj.actions])[:n]  # (N, A): hold, then shifted
+            step = lambda t: self.unwrapped.step(cmds[t])[0]  # noqa: E731
         for t in range(n):
             if t == 0 or (segment > 0 and t % segment == 0):
                 self._set_initial_state(traj, t)
-            pred[t] = step(cmds[t])[0]
+            pred[t] = step(t)
         self.evals += 1
         return pred
+
+    def _ctrl_step(self, traj: Trajectory) -> Any:
+        """One control step of the env with row ``t``'s logged actuator targets: the env's own step
+        (substeps, post-step hooks, observation) less its IK."""
+        import mujoco
+
+        u = self.unwrapped
+        m, d = u.model, u.data
+        targets = traj.ctrl
+        if targets is None or targets.ndim != 2 or targets.shape[1] != m.nu:
+            shape = None if targets is None else targets.shape
+            raise ValueError(f"{traj.name or 'trajectory'}: ctrl must be (rows, {m.nu}) actuator targets, got {shape}")
+
+        def step(t: int) -> np.ndarray:
+            d.ctrl[:] = targets[t]
+            u.pre_step()
+            mujoco.mj_step(m, d, nstep=u._n_steps)
+            mujoco.mj_rnePostConstraint(m, d)
+            u.post_step()
+            return np.asarray(u.compute_observation())
+
+        return step

@@ -76,32 +76,72 @@ class Timing:
 SCALE_GROUPS = (slice(0, 6), slice(6, 9), slice(9, 11), slice(11, 12))
 """Dims of ``ERR_DIMS`` that share one unit and so one scale: joint positions (rad), effector
 position, the yaw's cos/sin pair, gripper opening."""
+CTRL_ERR_DIMS = np.r_[0:11, 12:18]
+"""Dims of ``OBS_DIMS`` a replay of the applied targets (``replay=ctrl``) is scored on: the pose-like
+dims and the velocities of the first five joints. One-step predictions of those are smooth in the
+parameters and carry what positions barely show (robot 0 of the matrix: armature x1.25 moved the
+positions' error by 0.003, the velocities' by 0.19). The last wrist joint turns only the gripper:
+its velocity jumps between neighbouring parameter values (0.30 → 0.74 rad/s on one row for kp
+x1.01) and stays out."""
+CTRL_SCALE_GROUPS = (slice(0, 6), slice(6, 11), slice(11, 14), slice(14, 16), slice(16, 17))
 
 
-def obs_scale(trajs: Sequence[Trajectory]) -> np.ndarray:
+@dataclass(frozen=True)
+class ErrorModel:
+    """What a replay error is taken over, for one replay mode (:func:`error_model`)."""
+
+    ctrl: bool
+    """Drive the logged actuator targets (``Replayer.rollout(ctrl=True)``)."""
+    dims: np.ndarray
+    """Dims of ``OBS_DIMS`` in the error."""
+    groups: tuple[slice, ...]
+    """Dims of ``dims`` that share one scale."""
+    segment: int
+    """Rows per replay segment of the fit's reported error (and of ``check``'s): 0 = whole episodes."""
+
+
+def error_model(mode: str) -> ErrorModel:
+    """``ctrl``: one-step predictions (each row restarted from the log) of the pose and the
+    velocities, driven by the logged targets; else the whole open-loop replay of the pose."""
+    if mode == "ctrl":
+        return ErrorModel(True, CTRL_ERR_DIMS, CTRL_SCALE_GROUPS, 1)
+    return ErrorModel(False, ERR_DIMS, SCALE_GROUPS, 0)
+
+
+def obs_scale(trajs: Sequence[Trajectory], em: ErrorModel | None = None) -> np.ndarray:
     """Per-dim weight of the error: the spread of the logged observations within their episodes,
-    one value per group of dims in one unit (``SCALE_GROUPS``), floored at a tenth of the median
+    one value per group of dims in one unit (``em.groups``), floored at a tenth of the median
     group's. Per-dim spreads weighed a dim that barely moves (the yaw's sine near ±90°, a wrist
     joint that hardly turns) up to 100 times the others, so its smallest differences decided the fit."""
-    x = [t.next_obs[:, OBS_DIMS][:, ERR_DIMS] for t in trajs]
+    em = em or error_model("executed")
+    x = [t.next_obs[:, OBS_DIMS][:, em.dims] for t in trajs]
     var = np.sum([len(e) * e.var(axis=0) for e in x], axis=0) / max(sum(len(e) for e in x), 1)
     s = np.empty(len(var))
-    for g in SCALE_GROUPS:
+    for g in em.groups:
         s[g] = np.sqrt(np.mean(var[g]))
-    groups = np.array([s[g][0] for g in SCALE_GROUPS])
+    groups = np.array([s[g][0] for g in em.groups])
     return np.maximum(s, max(1e-3, 0.1 * float(np.median(groups))))
 
 
 def residuals(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, float], timing: Timing | int,
-              scale: np.ndarray, segment: int = 0) -> np.ndarray:
+              scale: np.ndarray, segment: int = 0, em: ErrorModel | None = None) -> np.ndarray:
     """Stacked normalised prediction errors over every trajectory, row and dim (``segment``: the
-    replay restarts from the log every that many rows, ``Replayer.rollout``)."""
+    replay restarts from the log every that many rows, ``Replayer.rollout``; ``em``: the dims and
+    whether the logged targets drive the replay, default the pose under the logged commands)."""
     tm = timing if isinstance(timing, Timing) else Timing(int(timing))
+    em = em or error_model("executed")
     r = []
     for t in trajs:
-        pred = rep.rollout(t, params, tm.replay_delay, segment)
-        r.append(((pred - t.next_obs)[:, OBS_DIMS][:, ERR_DIMS] / scale).ravel())
+        pred = rep.rollout(t, params, tm.replay_delay, segment, ctrl=em.ctrl)
+        r.append(((pred - t.next_obs)[:, OBS_DIMS][:, em.dims] / scale).ravel())
     return np.concatenate(r)
+
+
+def replay_error(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, float], timing: Timing,
+                 mode: str) -> float:
+    """The normalised RMS replay error a fit in ``mode`` reports (``check`` compares with it)."""
+    em = error_model(mode)
+    return rms(residuals(rep, trajs, params, timing, obs_scale(trajs, em), em.segment, em))
 
 
 def rms(r: np.ndarray) -> float:
@@ -193,8 +233,8 @@ def _from_x(x: np.ndarray, kinds: Sequence[str], base: dict[str, float]) -> dict
 
 
 def _scan(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, float], cands: Sequence[Timing],
-          scale: np.ndarray) -> tuple[Timing, dict[str, float]]:
-    errs = [rms(residuals(rep, trajs, params, c, scale)) for c in cands]
+          scale: np.ndarray, em: ErrorModel) -> tuple[Timing, dict[str, float]]:
+    errs = [rms(residuals(rep, trajs, params, c, scale, em.segment, em)) for c in cands]
     return cands[int(np.argmin(errs))], {c.label(): e for c, e in zip(cands, errs, strict=True)}
 
 
@@ -211,8 +251,9 @@ def global_search(fun: Any, kinds: Sequence[str], x0: np.ndarray, evals: int, se
 
     lo, hi = fit_bounds(kinds)
     x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
+    # tolfun far below the cost's scale: a one-step error near the floor is ~1e-6 in mean square
     opts = {"bounds": [list(lo), list(hi)], "maxfevals": evals, "seed": seed + 1, "verbose": -9, "popsize": 8,
-            "tolfun": 1e-6, "tolx": 1e-4}
+            "tolfun": 1e-12, "tolx": 1e-5}
     es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)
     history: list[tuple[np.ndarray, float]] = [(x0, float(fun(x0)))]
     while not es.stop():
@@ -246,8 +287,8 @@ def _distinct(history: list[tuple[np.ndarray, float]], n: int, min_dist: float) 
 
 
 def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = DEFAULT_KINDS,
-             max_delay: int = 4, max_iters: int = 20, range_k: float = 3.0, range_min_frac: float = 0.1,
-             replayer: Replayer | None = None, replay: str = "auto", global_evals: int = 64,
+             max_delay: int = 4, max_iters: int = 30, range_k: float = 3.0, range_min_frac: float = 0.1,
+             replayer: Replayer | None = None, replay: str = "auto", global_evals: int = 480,
              profile: bool = True, seed: int = 0, global_rows: int = 0, starts: int = 1, start_iters: int = 6,
              min_dist: float = 0.4, global_segment: int = 10,
              local_segment: int = 10, seg_iters: int = 20) -> SysIdResult:
@@ -265,13 +306,16 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
     cands = timing_candidates(trajs, mode, max_delay, task_spec(env_name).control_hz)
     rep = replayer or Replayer(env_name)
     evals0 = rep.evals
-    scale = obs_scale(trajs)
+    em = error_model(mode)
+    scale = obs_scale(trajs, em)
     base = nominal_params()
     # "before": the stock model, each command taken in the row it was logged in, no delay
-    r0 = residuals(rep, trajs, base, Timing(0), scale)
+    r0 = residuals(rep, trajs, base, Timing(0), scale, em.segment, em)
     before = rms(r0)
-    timing, _ = _scan(rep, trajs, base, cands, scale)
+    timing, _ = _scan(rep, trajs, base, cands, scale, em)
     kinds = list(kinds)
+    if em.ctrl:  # one-step predictions are already smooth: every stage scores them
+        global_segment, local_segment = em.segment, 0
 
     params = dict(base)
     err_global = before
@@ -282,11 +326,11 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
 
         def cost(x: np.ndarray) -> float:
             return float(np.mean(np.square(residuals(rep, short, _from_x(x, kinds, base), timing, scale,
-                                                      global_segment))))
+                                                      global_segment, em))))
 
         xg, _, history = global_search(cost, kinds, _to_x(base, kinds), global_evals, seed)
         params = _from_x(xg, kinds, base)
-        err_global = rms(residuals(rep, trajs, params, timing, scale))
+        err_global = rms(residuals(rep, trajs, params, timing, scale, em.segment, em))
         # multi-start: short local runs from the best CMA-ES points of other basins (far apart in
         # fit coordinates); the global stage's best on a subset of rows is not always the basin
         # of the best fit on all of them
@@ -294,7 +338,7 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
         best_err = err_global
         for x0 in _distinct(history, starts - 1, min_dist):
             def fun0(z: np.ndarray) -> np.ndarray:
-                return residuals(rep, trajs, _from_x(z, kinds, base), timing, scale)
+                return residuals(rep, trajs, _from_x(z, kinds, base), timing, scale, em.segment, em)
 
             sol0 = least_squares(fun0, np.clip(x0, lo_b + 1e-6, hi_b - 1e-6), bounds=(lo_b, hi_b), diff_step=0.02,
                                  max_nfev=start_iters, xtol=1e-4, ftol=1e-6)
@@ -304,39 +348,46 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
     lo, hi = fit_bounds(kinds)
     if local_segment > 0:  # descend the smooth segmented surface first, then polish on the whole replay
         def fun_s(z: np.ndarray) -> np.ndarray:
-            return residuals(rep, trajs, _from_x(z, kinds, params), timing, scale, local_segment)
+            return residuals(rep, trajs, _from_x(z, kinds, params), timing, scale, local_segment, em)
 
         x0 = np.clip(_to_x(params, kinds), lo + 1e-6, hi - 1e-6)
         sol = least_squares(fun_s, x0, bounds=(lo, hi), diff_step=0.02, max_nfev=seg_iters, xtol=1e-4, ftol=1e-6)
         params = _from_x(sol.x, kinds, params)
     for _ in range(2):  # local fit at the timing, re-scan the timing at the fit
         def fun(z: np.ndarray, tm: Timing = timing, p0: dict = params) -> np.ndarray:
-            return residuals(rep, trajs, _from_x(z, kinds, p0), tm, scale)
+            return residuals(rep, trajs, _from_x(z, kinds, p0), tm, scale, em.segment, em)
 
         # bounded in fit coordinates: clipping instead makes the error flat outside (friction < 0)
         # and the Jacobian there zero, which stalls the solver at the bound
         x0 = np.clip(_to_x(params, kinds), lo + 1e-6, hi - 1e-6)
-        sol = least_squares(fun, x0, bounds=(lo, hi), diff_step=0.02, max_nfev=max_iters, xtol=1e-4, ftol=1e-6)
+        if em.ctrl:  # kp and damping scaled together form a long shallow valley: steps scaled by the
+            # Jacobian walk it; a 5 % difference step averages the small-scale ripple of armature
+            sol = least_squares(fun, x0, bounds=(lo, hi), diff_step=0.05, max_nfev=max_iters, xtol=1e-8,
+                                ftol=1e-12, x_scale="jac")
+        else:
+            sol = least_squares(fun, x0, bounds=(lo, hi), diff_step=0.02, max_nfev=max_iters, xtol=1e-4,
+                                ftol=1e-6)
         params = _from_x(sol.x, kinds, params)
         sigma.update(_standard_errors(sol.jac, sol.fun, kinds))
         if len(cands) == 1:
             scan = {timing.label(): rms(sol.fun)}
             break
-        new, scan = _scan(rep, trajs, params, cands, scale)
+        new, scan = _scan(rep, trajs, params, cands, scale, em)
         if new is timing:
             break
         timing = new
-    r1 = residuals(rep, trajs, params, timing, scale)
+    r1 = residuals(rep, trajs, params, timing, scale, em.segment, em)
     after = rms(r1)
-    ident = assess(lambda p: rms(residuals(rep, trajs, p, timing, scale)), params, sigma, kinds, after, range_k,
-                   range_min_frac, profile=profile)
+    ident = assess(lambda p: rms(residuals(rep, trajs, p, timing, scale, em.segment, em)), params, sigma, kinds,
+                   after, range_k, range_min_frac, profile=profile)
     result = SysIdResult(params=params, sigma=sigma, delay_steps=timing.delay_steps, error_before=before,
                          error_after=after, ranges=ident["ranges"], evals=rep.evals - evals0,
                          seconds=time.monotonic() - t0, delay_scan=scan, mode=mode, latency_ms=timing.latency_ms,
                          error_global=err_global, identifiability=ident["report"], timing=timing)
     result.joint_pos_rmse = (_dim_rmse(r0, scale, slice(0, 6)), _dim_rmse(r1, scale, slice(0, 6)))
-    eff = _dim_rmse(r0, scale, slice(6, 9)) / 10, _dim_rmse(r1, scale, slice(6, 9)) / 10  # ERR_DIMS 6:9
-    result.effector_rmse_m = eff  # the observation scales the effector position by 10
+    e0 = int(np.nonzero(em.dims == 12)[0][0])  # the effector position: OBS_DIMS 12:15
+    eff = slice(e0, e0 + 3)
+    result.effector_rmse_m = _dim_rmse(r0, scale, eff) / 10, _dim_rmse(r1, scale, eff) / 10  # obs scales it x10
     if replayer is None:
         rep.close()
     log.info("sysid (%s): error %.4f -> global %.4f -> %.4f (x%.1f), timing %s, params %s, %d evals in %.1f s",

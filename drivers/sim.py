@@ -304,11 +304,14 @@ class SimDriver(Driver):
         t, wall = time.monotonic(), time.time()
         step = self._info.step
         self._step(cmd)
+        # the actuator targets this tick's physics ran with (the IK's joint targets, the gripper's):
+        # what a real arm's controller reports as its commanded joint positions
+        ctrl = self._env.unwrapped.data.ctrl.copy()
         reading, frame = self._noisy(self._obs), self._frame
         info = self._info
         row = ExecutedStep(step, self._obs_dict(before, frame_before), cmd.astype(np.float32), held, info.reward,
                            info.success, info.terminated, info.truncated, self._obs_dict(reading, frame), t, wall,
-                           late_s, cmd_step, {"state": state})
+                           late_s, cmd_step, {"state": state, "ctrl": ctrl})
         with self._ticked:
             self._reading, self._frame_reading = reading, frame
             if len(self._log) == self._log.maxlen:
