@@ -51,9 +51,9 @@ def profile(err: Callable[[dict[str, float]], float], params: Mapping[str, float
         for s in steps:
             v = from_fit(kind, z0 + sign * s)
             if abs(v - last) < 1e-12:  # at the kind's bound: the range ends there. A fit at the bound
-                # leaves nothing unknown on that side; a walk that reached it with the error still
-                # under the threshold has not pinned the parameter down there
-                end, hit = v, last == params[kind]
+                # (within the first step) leaves nothing unknown on that side; a walk that reached it
+                # from farther with the error still under the threshold has not pinned it down there
+                end, hit = v, abs(to_fit(kind, v) - z0) <= steps[0] + 1e-9
                 break
             last = v
             e = err({**params, kind: v})

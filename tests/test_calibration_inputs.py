@@ -36,12 +36,13 @@ def _log(path: Path, task: str = TASK, env_args: dict[str, Any] | None = None, p
     with EpisodeWriter(path, args) as w:
         for _ in range(episodes):
             arrays = {"obs": rng.normal(size=(n, spec.obs_dim)), "next_obs": rng.normal(size=(n, spec.obs_dim)),
-                      "actions": rng.uniform(-1, 1, (n, spec.act_dim))}
+                      "actions": rng.uniform(-1, 1, (n, spec.act_dim)), "ctrl": rng.normal(size=(n, 7))}
             if poison:
                 group = poison.split("/")[0]
                 arrays[group][5, 3] = np.nan
+            extras = {"ctrl": arrays["ctrl"]} if poison == "ctrl" else None  # the applied actuator targets
             w.add_episode(obs={"state": arrays["obs"]}, actions=arrays["actions"], rewards=np.zeros(n),
-                          dones=np.zeros(n), next_obs={"state": arrays["next_obs"]})
+                          dones=np.zeros(n), next_obs={"state": arrays["next_obs"]}, extras=extras)
     return path
 
 
@@ -66,7 +67,7 @@ def _one_error_line(out: str, *needles: str) -> None:
         assert s in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("poison", ["next_obs/state", "obs/state", "actions"])
+@pytest.mark.parametrize("poison", ["next_obs/state", "obs/state", "actions", "ctrl"])
 def test_nan_in_a_log_is_refused_by_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                poison: str) -> None:
     cal = _calibration(tmp_path, fit={"error_after": 0.05})
