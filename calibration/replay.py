@@ -129,11 +129,12 @@ class Replayer:
         self.physics.apply(params)
         n, a_dim = traj.actions.shape
         pred = np.empty((n, traj.next_obs.shape[1]))
-        if ctrl:
-            step = self._ctrl_step(traj)
-        else:
-            cmds = np.concatenate([np.tile(self.hold, (delay, 1)), traj.actions])[:n]  # (N, A): hold, then shifted
-            step = lambda t: self.unwrapped.step(cmds[t])[0]  # noqa: E731
+        cmds = np.concatenate([np.tile(self.hold, (delay, 1)), traj.actions])[:n]  # (N, A): hold, then shifted
+
+        def command_step(t: int) -> np.ndarray:
+            return np.asarray(self.unwrapped.step(cmds[t])[0])
+
+        step = self._ctrl_step(traj) if ctrl else command_step
         for t in range(n):
             if t == 0 or (segment > 0 and t % segment == 0):
                 self._set_initial_state(traj, t)

@@ -24,6 +24,12 @@ Fit, in four stages:
    the timing is re-scanned at the fit, and the last stage repeated once if it changed.
 4. **Identifiability** (``qc_robot.calibration.identifiability``): each parameter's error profile gives
    its range, or the statement that this log does not identify it.
+
+Realtime logs with the actuator targets each tick applied (``replay=ctrl``, :func:`error_model`)
+are scored on one-step predictions instead: every row restarted from the log and driven by its
+logged targets, not by the env's IK, whose iterative solve makes the targets (and so the error)
+jump with the parameters. That error is smooth, so every stage uses it: CMA-ES on all rows,
+then ``least_squares`` with Jacobian-scaled steps, then the profiles.
 """
 
 from __future__ import annotations
