@@ -137,11 +137,11 @@ def _table(rows: list[dict]) -> None:
         lat = r["latency_ms"]
         print(f"| {r['robot']} | delay (steps) | {r['delay']} | {r['fit_delay']} | "
               f"{'exact' if r['fit_delay'] == r['delay'] else 'WRONG'} | {lat[0]:.0f}-{lat[1]:.0f} ms | | |")
-    print("\n| robot | held ticks | replay error: nominal, no delay | fitted | at the truth | truth as loop rows | "
-          "reduction | replays | fit s | load |")
+    print("\n| robot | held ticks | replay error: nominal | fitted | at the truth | truth as loop rows (pose, "
+          "whole episodes) | reduction | replays | fit s | load |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['robot']} | {r['held_ticks']} | {r['error_before']:.4f} | {r['error_after']:.4f} | "
+        print(f"| {r['robot']} | {r['held_ticks']} | {r['error_before']:.4f} | {r['error_after']:.2g} | "
               f"{r['error_at_truth']:.2g} | {r['truth_as_loop_rows']:.4f} | "
               f"x{r['error_before'] / max(r['error_after'], 1e-12):.0f} | {r['evals']} | {r['fit_seconds']:.0f} | "
               f"{r['load_avg_1min'][0]:.1f}-{r['load_avg_1min'][1]:.1f} |")
