@@ -130,7 +130,7 @@ def test_latency_step_within_one_control_step_up_to_500ms(latency_ms: float) -> 
 def test_sysid_recovers_the_robot_that_ended_in_a_wrong_basin(tmp_path: Path) -> None:
     """Robot 5 of docs/calibration.md's matrix (kp x2, damping x2.5, armature x3, 0.2 N·m friction,
     50 ms latency): the fit on the IK-replayed segmented error ended at kp -21 %, damping -21 %,
-    armature -65 %, every range excluding the truth. About two minutes on one core."""
+    armature -65 %, every range excluding the truth. Two to five minutes on one core, by load."""
     from qc_robot.calibration.logs import load_trajectories
     from qc_robot.calibration.sysid import identify
 
