@@ -10,7 +10,9 @@ the report says so, with the excitation that would make it identifiable.
 
 Profiles hold the other parameters fixed, so correlated parameters (kp against damping) look
 better determined than they are; the ±range_k·se term, which includes the correlations, is the
-guard against that.
+guard against that. Friction, given ``refit``, is profiled properly: the other parameters are
+re-fitted at each of its values. Coulomb friction makes the error a staircase in its value, and a
+slice through a fit that stopped a step away from the truth can exclude it.
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ def profile(err: Callable[[dict[str, float]], float], params: Mapping[str, float
 
 def assess(err: Callable[[dict[str, float]], float], params: Mapping[str, float], sigma: Mapping[str, float],
            kinds: Sequence[str], err_min: float, range_k: float = 3.0, range_min_frac: float = 0.1,
-           tol: float = 0.1, profile: bool = True, abs_tol: float = 2e-3) -> dict[str, Any]:
+           tol: float = 0.1, profile: bool = True, abs_tol: float = 2e-3,
+           refit: Callable[[dict[str, float], str], float] | None = None) -> dict[str, Any]:
     """``{"ranges": kind -> [lo, hi], "report": kind -> {...}}`` (see the module docstring).
 
-    ``err(params)`` is the normalised RMS replay error; ``err_min`` its value at the fit."""
+    ``err(params)`` is the normalised RMS replay error; ``err_min`` its value at the fit.
+    ``refit(params, kind)``, when given, is the error with ``kind`` held at ``params[kind]`` and
+    the other kinds re-fitted: the value kinds (friction) are profiled with it instead of ``err``."""
     threshold = max(err_min * (1 + tol), err_min + abs_tol)
     ranges: dict[str, list[float]] = {}
     report: dict[str, Any] = {"threshold": threshold, "tol": tol}
@@ -82,7 +87,9 @@ def assess(err: Callable[[dict[str, float]], float], params: Mapping[str, float]
         lo, hi = from_fit(k, z - half), from_fit(k, z + half)
         entry: dict[str, Any] = {"value": params[k], "se_range": [lo, hi]}
         if profile:
-            pr = _profile(err, params, k, threshold)
+            by = err if refit is None or PARAM_KINDS[k].mode != "value" else (lambda p, k=k: refit(p, k))
+            pr = _profile(by, params, k, threshold)
+            pr["refit"] = by is not err
             lo, hi = min(lo, pr["interval"][0]), max(hi, pr["interval"][1])
             entry.update(pr)
             entry["identifiable"] = bool(all(pr["closed"]))

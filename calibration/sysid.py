@@ -391,8 +391,21 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
         timing = new
     r1 = residuals(rep, trajs, params, timing, scale, em.segment, em)
     after = rms(r1)
+    def refit(p: dict[str, float], held: str) -> float:
+        """The error with ``held`` at ``p[held]`` and the other kinds re-fitted (a few steps)."""
+        free = [k for k in kinds if k != held]
+        lo_f, hi_f = fit_bounds(free)
+
+        def fun_f(z: np.ndarray) -> np.ndarray:
+            return residuals(rep, trajs, _from_x(z, free, p), timing, scale, em.segment, em)
+
+        z0 = np.clip(_to_x(p, free), lo_f + 1e-6, hi_f - 1e-6)
+        sol_f = least_squares(fun_f, z0, bounds=(lo_f, hi_f), diff_step=0.05, max_nfev=6, xtol=1e-8, ftol=1e-12,
+                              x_scale="jac")
+        return rms(sol_f.fun)
+
     ident = assess(lambda p: rms(residuals(rep, trajs, p, timing, scale, em.segment, em)), params, sigma, kinds,
-                   after, range_k, range_min_frac, profile=profile)
+                   after, range_k, range_min_frac, profile=profile, refit=refit if em.ctrl and len(kinds) > 1 else None)
     result = SysIdResult(params=params, sigma=sigma, delay_steps=timing.delay_steps, error_before=before,
                          error_after=after, ranges=ident["ranges"], evals=rep.evals - evals0,
                          seconds=time.monotonic() - t0, delay_scan=scan, mode=mode, latency_ms=timing.latency_ms,
