@@ -215,9 +215,9 @@ def test_latency_recovers_injected_actuation_delay() -> None:
     finally:
         srv.stop()
         driver.close()
-    # 40 s (was 20): each step test now holds until the arm is still (up to 2 s at 20 Hz) instead of a
-    # fixed 0.5 s, which read the band while the arm still moved and timed long delays late
-    assert time.monotonic() - t0 < 40
+    # a guard against a hold that never ends, not a speed check: ~25 s idle (each step test holds
+    # until the arm is still, up to 2 s), 48 s measured with two fits beside it on 2 cores
+    assert time.monotonic() - t0 < 120
     assert abs(lat["actuation_delay_steps"] - round(latency_ms * hz / 1e3)) <= 1
     assert abs(lat["actuation_ms"]["p50"] - latency_ms) < 1e3 / hz  # within one control step
     r = lat["rtt_ms"]
