@@ -5,8 +5,9 @@ the replay error exceeds ``(1 + tol)`` times the fitted one. Where it does on bo
 parameter is identified and its range is the profile interval, widened to at least the
 Jacobian's ``±range_k`` standard errors and ``±range_min_frac`` (the floor that training's domain
 randomization needs anyway). Where the error stays flat to the end of the tested span on a side
-(or to the kind's bound, from a fit that is not at it), the log does not pin the parameter down on that side: the range runs to the end of the span and
-the report says so, with the excitation that would make it identifiable.
+(or to the kind's bound, from a fit that is not at it), the log does not pin the parameter down
+on that side: the range runs to the end of the span and the report says so, with the excitation
+that would make it identifiable.
 
 Profiles hold the other parameters fixed, so correlated parameters (kp against damping) look
 better determined than they are; the ±range_k·se term, which includes the correlations, is the
