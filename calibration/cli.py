@@ -73,8 +73,9 @@ class CalibrateConfig:
     global_evals: int = 480
     """sysid: CMA-ES evaluations of the global stage before the local one (0 = local only)."""
     starts: int = 1
-    """sysid: local starts from distinct basins of the global stage (1 = its best only; 4 recovers
-    more robots of the docs' matrix at about 1.4x the time)."""
+    """sysid: local starts from distinct basins of the global stage (1 = its best only; more starts
+    were measured only with the earlier IK replay, where 4 recovered one more robot at about 1.4x
+    the time)."""
     replay: str = "auto"
     """sysid/check: how the log is replayed: auto (ctrl when the log is a realtime driver's record
     of its executed steps with their actuator targets, executed when without, else lockstep) | ctrl
