@@ -29,31 +29,32 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qc_robot.agent.agent import QCAgent
 from qc_robot.config import AgentConfig
+from qc_robot.data.batch import ChunkBatch
 
 GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
 
-def make_agent(compile_: bool = False) -> tuple[QCAgent, object]:
+def make_agent(compile_: bool = False) -> tuple[QCAgent, ChunkBatch]:
     cfg = AgentConfig(actor_type="fql", hidden_dims=[512] * 4, batch_size=256, horizon=5, compile=compile_)
     return QCAgent(cfg, OBS_DIM, ACT_DIM, seed=0), synthetic_batch(cfg)
 
 
-def flops(agent: QCAgent, batch: object) -> tuple[float, float]:
+def flops(agent: QCAgent, batch: ChunkBatch) -> tuple[float, float]:
     """(fp32 matmul FLOPs of the gradient passes, FLOPs of the bf16 distillation target) of one
     update. The counter does not see the fused sampler's oneDNN calls: the target is counted from
     the flow's weights (flow_steps Euler passes of 2·B·in·out per layer)."""
     with FlopCounterMode(display=False) as fc:
-        agent.update(batch)  # type: ignore[arg-type]
+        agent.update(batch)
     per_pass = sum(2 * agent.cfg.batch_size * m.weight.numel() for m in agent.flow.modules()
                    if isinstance(m, torch.nn.Linear))
     return float(fc.get_total_flops()), float(agent.cfg.flow_steps * per_pass)
 
 
-def breakdown(agent: QCAgent, batch: object, n: int = 10) -> tuple[dict[str, float], float]:
+def breakdown(agent: QCAgent, batch: ChunkBatch, n: int = 10) -> tuple[dict[str, float], float]:
     """ms per update by kind of op (self CPU time), and fp32-GEMM ms per update."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(n):
-            info = agent.update(batch)  # type: ignore[arg-type]
+            info = agent.update(batch)
         float(info["total_loss"])
     kinds: dict[str, float] = defaultdict(float)
     fp32_gemm = 0.0
@@ -76,12 +77,12 @@ def breakdown(agent: QCAgent, batch: object, n: int = 10) -> tuple[dict[str, flo
     return dict(kinds), fp32_gemm
 
 
-def time_updates(agent: QCAgent, batch: object, steps: int, autocast: bool) -> float:
+def time_updates(agent: QCAgent, batch: ChunkBatch, steps: int, autocast: bool) -> float:
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
     t0 = time.perf_counter()
     with ctx:
         for _ in range(steps):
-            info = agent.update(batch)  # type: ignore[arg-type]
+            info = agent.update(batch)
     float(info["total_loss"])
     return time.perf_counter() - t0
 
@@ -98,12 +99,12 @@ def main() -> None:
 
     agent, batch = make_agent()
     for _ in range(5):
-        agent.update(batch)  # type: ignore[arg-type]
+        agent.update(batch)
     grad, target = flops(agent, batch)
     kinds, gemm_ms = breakdown(agent, batch)
     compiled, _ = make_agent(compile_=True)
     for _ in range(3):  # compiles
-        compiled.update(batch)  # type: ignore[arg-type]
+        compiled.update(batch)
     settings = {"default (fp32 gradient passes)": (agent, False), "agent.compile=true": (compiled, False),
                 "bf16 autocast over the update": (agent, True)}
     for a, ac in settings.values():

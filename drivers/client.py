@@ -116,6 +116,7 @@ class PolicyClient:
             self._sock.close(100 if sent else 0)  # long enough for the bye to leave
             self._sock = None
         self.welcome = None
+        self._policy_keys = None
 
     def reconnect(self, linger_ms: int = 0) -> None:
         """Fresh socket and handshake in the background (``ready`` turns True on Welcome)."""

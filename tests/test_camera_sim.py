@@ -12,9 +12,7 @@ import pytest
 pytest.importorskip("ogbench")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _gl(offscreen_gl: None) -> None:
-    """Every test here renders: skipped where no offscreen GL context exists."""
+pytestmark = pytest.mark.usefixtures("offscreen_gl")  # every test here renders: skipped without GL
 
 
 def test_visual_task_registry_names_ogbench_visual_envs() -> None:

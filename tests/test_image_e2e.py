@@ -22,9 +22,7 @@ TINY = ["agent.hidden_dims=[32,32]", "agent.flow_steps=3", "agent.batch_size=8",
         "agent.vision.out_dim=16", "agent.device=cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _gl(offscreen_gl: None) -> None:
-    """Every test here renders: skipped where no offscreen GL context exists."""
+pytestmark = pytest.mark.usefixtures("offscreen_gl")  # every test here renders: skipped without GL
 
 
 @pytest.mark.slow  # ~8 s idle (14 s under load): OGBench env build + renders; the default suite has the parts
