@@ -99,6 +99,8 @@ class ExecutedStep:
     was computed from an observation no newer than that step's; ``step - cmd_step`` is the delay."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Driver-specific per-step data (the sim: ``state``, MuJoCo qpos|qvel before the step)."""
+    intervention: bool = False
+    """The operator had the controls at this step (set by the control loop, not the driver)."""
 
 
 class Driver(ABC):
@@ -112,6 +114,9 @@ class Driver(ABC):
     name: str = "driver"
     spec: DriverSpec
     realtime: bool = False
+    reports_reward: bool = False
+    """True: ``step_info`` gives the task's own reward and success (a simulator, the mock). A real
+    arm knows neither: with an operator in the loop its rewards come from the verdicts."""
     absolute_actions: bool = False
     """True: an action is a target pose and the hold is the current target (position control), so
     the safety layer's ``max_delta`` also bounds the first command after a reset, from the hold."""

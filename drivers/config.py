@@ -72,6 +72,26 @@ class DriveConfig:
     """Largest unacknowledged outbox; beyond it the oldest transitions are dropped (and counted)."""
     outbox_drain_s: float = 30.0
     """At the end of the run, how long to wait for the outbox to be acknowledged."""
+    operator: str = "none"
+    """The operator in the loop (docs/hardware_finetuning.md): 'keyboard', 'gamepad',
+    'spacemouse', 'lerobot' (a leader arm), 'scripted' (the sim's simulated operator) or 'none'.
+    Keys/buttons give verdicts (success, failure, discard), take over, pause and end the run;
+    after each reset the loop waits for their ready."""
+    operator_args: dict[str, Any] = field(default_factory=dict)
+    """The operator's settings (``qc_robot.teleop.operator.OperatorConfig``; unknown keys refused)."""
+    reset_wait_s: float = 0.0
+    """With an operator: the reset phase lasts this many seconds (0: until the operator presses
+    ready)."""
+    reward: str = "auto"
+    """Rewards of the transitions: 'driver' (the driver's own), 'verdict' (the sparse convention
+    from the operator's verdicts: -1 a step, 0 and termination on success), 'auto' (verdicts when
+    an operator is in the loop and the robot reports no reward: real arms, the blind sim)."""
+    max_steps: int = 0
+    """Steps per episode at most (0: twice the driver's own limit, or its default)."""
+    blind: bool = False
+    """sim: behave like a real arm, which knows no reward: no reward, success or termination at
+    the goal reach the loop, its transitions or the server's logs (``operator=scripted`` still
+    sees the true outcome, to give its verdicts)."""
     pace_every: int = 0
     """Lockstep drivers: after every N executed steps, act again only with a chunk from a newer
     policy (a learner pushing every N·utd updates then trains between blocks, like the in-process

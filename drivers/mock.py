@@ -44,6 +44,7 @@ class MockDriver(Driver):
 
     name = "mock"
     realtime = False
+    reports_reward = True
 
     def __init__(self, cfg: MockConfig | None = None) -> None:
         self.cfg = cfg = cfg or MockConfig()

@@ -93,6 +93,10 @@ class SafeDriver:
     def name(self) -> str:
         return self.driver.name
 
+    @property
+    def reports_reward(self) -> bool:
+        return self.driver.reports_reward
+
     def connect(self) -> None:
         self.driver.connect()
 

@@ -40,7 +40,7 @@ VERBS: dict[str, Verb] = {
                    "export a checkpoint to a self-describing model.onnx"),
     "serve": Verb("qc_robot.server.config:ServeConfig", "qc_robot.server.serve:run_serve",
                   "serve an ONNX policy's action chunks over ZeroMQ"),
-    "drive": Verb("qc_robot.drivers.config:DriveConfig", "qc_robot.drivers.runner:run_drive",
+    "drive": Verb("qc_robot.drivers.config:DriveConfig", "qc_robot.drivers.drive:run_drive",
                   "run a robot driver (sim or real) against a policy server"),
     "finetune": Verb("qc_robot.finetune.config:FinetuneConfig", "qc_robot.finetune.loop:run_finetune",
                      "fine-tune a checkpoint online from robots' transitions via the server's learner port"),

@@ -52,6 +52,14 @@ class DemoConfig:
     """finetune: updates between policy pushes."""
     finetune_dir: str = "runs/demo-finetune"
     """finetune: the learner's run directory (and the server's transition journal in it)."""
+    operator: str = "none"
+    """The operator in the loop, as ``drive operator=`` ('scripted': the simulated operator gives
+    verdicts and takes over when the policy stalls; best with realtime=false)."""
+    operator_args: dict[str, Any] = field(default_factory=dict)
+    """The operator's settings (``qc_robot.teleop.operator.OperatorConfig``)."""
+    blind: bool = False
+    """Hide reward and success from the loop as a real arm does (with an operator, rewards come
+    from its verdicts)."""
 
 
 @dataclass
@@ -120,10 +128,13 @@ def run_demo(cfg: DemoConfig) -> int:
     """CLI entry: serve, drive ``cfg.episodes`` episodes, print a summary; 0 on a clean run."""
     from qc_robot.drivers.client import PolicyClient
     from qc_robot.drivers.config import DriveConfig
+    from qc_robot.drivers.drive import build_driver
+    from qc_robot.drivers.episode_stage import EpisodeStage
     from qc_robot.drivers.executor import ChunkExecutor
-    from qc_robot.drivers.runner import Pacer, build_driver, run_episode
+    from qc_robot.drivers.runner import Pacer, run_episode
     from qc_robot.server.app import ControlServer
     from qc_robot.server.serve import load_policy
+    from qc_robot.teleop.operator import make_operator
 
     tty = cfg.status and sys.stdout.isatty()
     learner = _Finetune(cfg) if cfg.finetune else None
@@ -133,8 +144,15 @@ def run_demo(cfg: DemoConfig) -> int:
     if learner is not None:
         learner.start()
     drive = DriveConfig(driver="sim", env=cfg.env, server=server.address, episodes=cfg.episodes,
-                        seed=cfg.seed, mode=cfg.mode, realtime=cfg.realtime, time_scale=cfg.time_scale)
+                        seed=cfg.seed, mode=cfg.mode, realtime=cfg.realtime, time_scale=cfg.time_scale,
+                        blind=cfg.blind)
     driver = build_driver(drive)
+    try:
+        operator = make_operator(cfg.operator, dict(cfg.operator_args), driver)
+    except ValueError as e:
+        server.stop()
+        print(f"demo: {e}")
+        return 2
     spec = policy.spec
     served = f"{cfg.finetune} (exported)" if learner is not None else cfg.policy
     print(f"qc-robot demo: serving {served} ({spec.actor_type}, H={spec.chunk_len}) on {server.address}; "
@@ -145,6 +163,8 @@ def run_demo(cfg: DemoConfig) -> int:
     video = None
     try:
         driver.connect()
+        if operator is not None:
+            operator.open()
         welcome = client.connect(10.0)
         period = 1.0 / (driver.spec.control_hz * cfg.time_scale)
         executor = ChunkExecutor(client, welcome.chunk_len, cfg.mode, 0.5, 2.0,
@@ -170,18 +190,24 @@ def run_demo(cfg: DemoConfig) -> int:
                     sys.stdout.flush()
 
             r = run_episode(driver, executor, i, cfg.seed + i, pacer, client, send_transitions=learner is not None,
-                            on_rows=on_rows)
+                            on_rows=on_rows, operator=operator, stage=EpisodeStage() if operator else None,
+                            verdict_rewards=operator is not None and not driver.reports_reward)
+            if r.verdict == "end":
+                break
             results.append(r)
             live.done += 1
             live.successes += int(r.success)
             end = "\r\033[K" if tty else ""
             version = f", policy v{server.policy_version}" if learner is not None else ""
-            print(f"{end}episode {i + 1}/{cfg.episodes}: {'SUCCESS' if r.success else 'failure'} after "
-                  f"{r.robot_steps} steps ({r.duration_s:.1f} s{version})", flush=True)
+            taken = f", operator steps {r.interventions}" if r.interventions else ""
+            print(f"{end}episode {i + 1}/{cfg.episodes}: {'SUCCESS' if r.success else r.verdict} after "
+                  f"{r.robot_steps} steps ({r.duration_s:.1f} s{version}{taken})", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted")
     finally:
         client.close()
+        if operator is not None:
+            operator.close()
         if video is not None:
             path = video.close()
             if path is not None:
@@ -191,6 +217,8 @@ def run_demo(cfg: DemoConfig) -> int:
             learner.finish(server)
         server.stop()
     _summary(results, server, driver)
+    if operator is not None:
+        print("  " + operator.summary())
     if learner is not None:
         print(f"  fine-tune         {server.stats.transitions} transitions streamed, policy v0 → "
               f"v{server.policy_version}; learner log {learner.log_path}")

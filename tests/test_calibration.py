@@ -179,7 +179,7 @@ def test_calibration_id_reaches_hello_and_logged_episodes(tmp_path: Path) -> Non
 
     from qc_robot.config import EnvConfig
     from qc_robot.drivers.config import DriveConfig
-    from qc_robot.drivers.runner import run_drive
+    from qc_robot.drivers.drive import run_drive
     from qc_robot.policies.scripted import HoldPolicy, simple_spec
     from qc_robot.server.app import ControlServer
     from qc_robot.server.episode_log import EpisodeLogger

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from qc_robot.drivers.config import DriveConfig
-from qc_robot.drivers.runner import run_drive
+from qc_robot.drivers.drive import run_drive
 from qc_robot.policies.base import ChunkResult
 from qc_robot.policies.scripted import HoldPolicy, simple_spec
 from qc_robot.server.app import ControlServer

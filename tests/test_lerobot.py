@@ -254,7 +254,7 @@ def test_leader_arm_teleop_records_through_the_session(tmp_path: Path) -> None:
 def test_a_served_episode_runs_through_qc_robot_drive(tmp_path: Path, capsys) -> None:
     """The first served episode: ``qc-robot drive driver=lerobot`` against a control server."""
     from qc_robot.drivers.config import DriveConfig
-    from qc_robot.drivers.runner import run_drive
+    from qc_robot.drivers.drive import run_drive
     from qc_robot.policies.scripted import RandomPolicy, simple_spec
     from qc_robot.server.app import ControlServer
 

@@ -132,7 +132,7 @@ def test_connection_and_config_errors_are_clear() -> None:
 def test_a_served_episode_runs_through_qc_robot_drive(rig, capsys) -> None:
     """The first served episode: ``qc-robot drive driver=xarm`` against a control server."""
     from qc_robot.drivers.config import DriveConfig
-    from qc_robot.drivers.runner import run_drive
+    from qc_robot.drivers.drive import run_drive
     from qc_robot.policies.scripted import RandomPolicy, simple_spec
     from qc_robot.server.app import ControlServer
 
