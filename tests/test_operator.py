@@ -322,3 +322,22 @@ def _staged(path: Path) -> tuple[int, int]:
             n += len(tr.actions)
             k += int(np.asarray(tr.intervention).sum())
     return n, k
+
+
+@pytest.mark.slow
+def test_demo_fine_tunes_a_blind_sim_with_the_scripted_operator(tmp_path, tiny_dataset, capsys):
+    """The rehearsal of a real-arm session in one command (about a minute: a learner process)."""
+    from qc_robot.cli import main
+
+    run = tmp_path / "smoke"
+    assert main(["train", "experiment=smoke", "agent=qc_fql", f"data.path={tiny_dataset}", f"training.run_dir={run}",
+                 "training.online_steps=0", "training.eval_episodes=0", "env.sparse_reward=true"]) == 0
+    capsys.readouterr()
+    assert main(["demo", f"finetune={run / 'checkpoint.pt'}", "episodes=2", "realtime=false", "blind=true",
+                 "operator=scripted", "operator_args.patience=5", "env.max_episode_steps=30", "push_every=20",
+                 f"finetune_dir={tmp_path / 'ft'}", "status=false"]) == 0
+    out = capsys.readouterr().out
+    assert "operator scripted: takeovers" in out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("fine-tune"))
+    assert "policy v0 → v" in line and not line.split("→ v")[1].startswith("0")
+    assert "60 env steps" in (tmp_path / "ft" / "finetune.log").read_text()
