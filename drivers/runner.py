@@ -24,7 +24,7 @@ from qc_robot import protocol as P
 from qc_robot.drivers.base import ExecutedStep, StepInfo
 from qc_robot.drivers.client import PolicyClient
 from qc_robot.drivers.episode_stage import EpisodeStage, split_rows
-from qc_robot.drivers.executor import ChunkExecutor
+from qc_robot.drivers.executor import ChunkExecutor, ExecutorStats
 from qc_robot.drivers.safety import SafeDriver
 
 log = logging.getLogger("qc_robot.runner")
@@ -252,13 +252,32 @@ def _snapshot(driver: SafeDriver) -> tuple[dict[str, np.ndarray], StepInfo]:
             return obs, again
 
 
-def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, seed: int | None,
+class _NoPolicy:
+    """The executor of an episode with no policy (teleop: the operator drives every tick)."""
+
+    chunk_len = 1
+
+    def __init__(self) -> None:
+        self.stats = ExecutorStats()
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: dict[str, np.ndarray], step: int, episode_id: int) -> None:
+        return None
+
+    def idle(self, deadline: float, next_step: int) -> None:
+        pass
+
+
+def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: int, seed: int | None,
                 pacer: Pacer | None = None, client: PolicyClient | None = None,
                 send_transitions: bool = False, max_steps: int = 0,
                 on_rows: Callable[[list[ExecutedStep]], None] | None = None,
                 stall_timeout_s: float = 5.0, pace: PolicyPace | None = None,
                 operator: Operator | None = None, stage: EpisodeStage | None = None,
-                verdict_rewards: bool = False, reset_wait_s: float = 0.0) -> EpisodeResult:
+                verdict_rewards: bool = False, reset_wait_s: float = 0.0,
+                reset_phase: bool = True) -> EpisodeResult:
     """One episode; returns its result.
 
     Rows (for ``send_transitions`` and ``on_rows``) are exact: one per step the robot executed,
@@ -275,28 +294,33 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, se
     the chunk in flight is dropped, the row is flagged ``intervention``), pause, or end the episode
     with a verdict. Rows are staged (``stage``) and sent only when the episode has ended, with the
     verdict on the last one; ``verdict_rewards``: rewards are the sparse convention (-1 a step, 0
-    on the success step), for robots with no reward of their own.
+    on the success step), for robots with no reward of their own. ``reset_phase=False``: no wait
+    for ready (teleop waits before the reset). ``executor`` None: no policy (teleop: the
+    operator drives every tick); ``pacer`` then also paces a lockstep driver, at a person's pace.
     """
     t0 = time.monotonic()
+    lockstep_pacer = pacer if executor is None and not driver.realtime else None
+    ex: ChunkExecutor | _NoPolicy = executor if executor is not None else _NoPolicy()
     obs = driver.reset(seed)
-    executor.reset()
+    ex.reset()
     res = EpisodeResult(episode_id, False, 0, 0, 0, 0, 0.0)
     if operator is not None:
-        ready = _reset_phase(driver, operator, pacer, reset_wait_s)
-        res.reset_s = time.monotonic() - t0
-        if ready == "end":
-            res.verdict, res.duration_s = "end", time.monotonic() - t0
-            return res
-        if driver.realtime:
-            driver.executed_steps()  # the ticks the robot held through while waiting are no episode
-        obs = driver.get_observation()
+        if reset_phase:
+            ready = _reset_phase(driver, operator, pacer, reset_wait_s)
+            res.reset_s = time.monotonic() - t0
+            if ready == "end":
+                res.verdict, res.duration_s = "end", time.monotonic() - t0
+                return res
+            if driver.realtime:
+                driver.executed_steps()  # the ticks the robot held through while waiting are no episode
+            obs = driver.get_observation()
         operator.episode_started(obs)
-    held0, chunks0, rtt0 = driver.stats.held, executor.stats.chunks, len(executor.stats.rtt_ms)
+    held0, chunks0, rtt0 = driver.stats.held, ex.stats.chunks, len(ex.stats.rtt_ms)
     offline0 = client.offline_now if client is not None else 0.0
     limit = max_steps or (driver.spec.max_episode_steps * 2 if driver.spec.max_episode_steps else 100_000)
     sender = None
     if client and send_transitions:
-        sender = _TransitionSender(client, executor.chunk_len, stage if operator is not None else None,
+        sender = _TransitionSender(client, ex.chunk_len, stage if operator is not None else None,
                                    verdict_rewards and operator is not None)
     period = pacer.period if pacer is not None else 1.0 / driver.spec.control_hz
     info = driver.step_info()
@@ -314,28 +338,30 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, se
                 res.verdict = op.verdict or "end"
                 break  # before acting: the episode's last row is the previous tick's
             if driver.sensor_fault is not None:  # a stale/failed camera: hold, and drop the plans made
-                executor.reset()  # before it, so none of them runs once the sensors are current again
+                ex.reset()  # before it, so none of them runs once the sensors are current again
                 action = None
             elif op is not None and (op.takeover or op.paused):
                 if was is None or not (was.takeover or was.paused):
-                    executor.reset()  # the chunk in flight is dropped; on release a fresh one is asked
+                    ex.reset()  # the chunk in flight is dropped; on release a fresh one is asked
                 action = op.action if op.takeover else None  # a failed device: None, the safety layer holds
                 if op.takeover and driver.realtime:
                     takeover_cmds.add(info.step)
             else:
-                action = executor.act(obs, res.steps, episode_id)
+                action = ex.act(obs, res.steps, episode_id)
             held_before = driver.stats.held
             applied = driver.act(action)
             res.steps += 1
             if client is not None:
                 client.heartbeat()
+            if lockstep_pacer is not None:
+                lockstep_pacer.wait()
             if not driver.realtime:  # lockstep: send_action executed exactly this one step
                 nxt, new = _snapshot(driver)
                 rows = [ExecutedStep(res.steps - 1, obs, applied, driver.stats.held > held_before, new.reward,
                                      new.success, new.terminated, new.truncated, nxt, time.monotonic(), time.time(),
                                      intervention=bool(op is not None and op.takeover))]
             else:
-                nxt, new, rows, alive = _realtime_wait(driver, executor, pacer, period, info, obs, applied, res,
+                nxt, new, rows, alive = _realtime_wait(driver, ex, pacer, period, info, obs, applied, res,
                                                        stall_timeout_s)
                 for r in rows:
                     r.intervention = r.cmd_step in takeover_cmds or bool(r.held and op is not None and op.takeover)
@@ -372,9 +398,9 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, se
         sender.release(res.verdict)
     res.robot_steps = driver.step_info().step if not driver.realtime else (last.step + 1 if last else 0)
     res.held = driver.stats.held - held0
-    res.chunks = executor.stats.chunks - chunks0
+    res.chunks = ex.stats.chunks - chunks0
     res.duration_s = time.monotonic() - t0
-    res.rtt_ms = executor.stats.rtt_ms[rtt0:]
+    res.rtt_ms = ex.stats.rtt_ms[rtt0:]
     res.offline_s = client.offline_now - offline0 if client is not None else 0.0
     return res
 
@@ -396,7 +422,7 @@ def _reset_phase(driver: SafeDriver, operator: Operator, pacer: Pacer | None, wa
         time.sleep(period)  # the operator's pace, not a synchronisation: nothing else waits on it
 
 
-def _realtime_wait(driver: SafeDriver, executor: ChunkExecutor, pacer: Pacer | None, period: float,
+def _realtime_wait(driver: SafeDriver, executor: ChunkExecutor | _NoPolicy, pacer: Pacer | None, period: float,
                    info: StepInfo, obs: dict[str, np.ndarray], applied: np.ndarray, res: EpisodeResult,
                    stall_timeout_s: float) -> tuple[dict[str, np.ndarray], StepInfo, list[ExecutedStep], bool]:
     """After a command: wait for the robot's next step. Returns (newest obs, its info, the rows of
@@ -430,7 +456,7 @@ def _realtime_wait(driver: SafeDriver, executor: ChunkExecutor, pacer: Pacer | N
     return nxt, new, rows, alive
 
 
-def _idle(executor: ChunkExecutor, deadline: float, next_step: int) -> None:
+def _idle(executor: ChunkExecutor | _NoPolicy, deadline: float, next_step: int) -> None:
     executor.idle(deadline, next_step)
 
 

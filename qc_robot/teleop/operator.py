@@ -116,8 +116,9 @@ class OperatorStats:
 class Operator:
     """A teleop device seen as the operator channel of ``drive`` (see the module docstring)."""
 
-    def __init__(self, device: TeleopDevice) -> None:
-        self.device = device
+    def __init__(self, device: TeleopDevice, in_control: bool = False) -> None:
+        """``in_control``: the operator drives every tick (teleop), with no policy to take over from."""
+        self.device, self.in_control = device, in_control
         self.stats = OperatorStats()
         self._takeover = False
         self._paused = False
@@ -179,7 +180,7 @@ class Operator:
         if Event.PAUSE in cmd.events:
             self._paused = not self._paused
             self.stats.pauses += self._paused
-        takeover = bool(cmd.takeover)
+        takeover = self.in_control or bool(cmd.takeover)
         if takeover and not self._takeover:
             self.stats.takeovers += 1
         self._takeover = takeover
