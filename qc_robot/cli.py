@@ -135,9 +135,11 @@ def compose(verb: str, overrides: list[str], *, require: bool = True) -> Any:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    from qc_robot.cli_checks import check_group_overrides
     from qc_robot.config import to_dataclass
 
     schema = _load(VERBS[verb].schema)
+    check_group_overrides(CONFIG_DIR, overrides)
     # configs/<verb>.yaml lists "<verb>_schema" first in its defaults: the dataclass is the base
     # of the composed config, so every field can be overridden and unknown keys or bad types fail.
     ConfigStore.instance().store(name=f"{verb}_schema", node=schema)
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:  # a verb's schema lives with code that needs an extra
         from qc_robot.cli_errors import missing_extra_message
 
-        print(f"qc-robot {verb}: {missing_extra_message(e)}", file=sys.stderr)
+        print(f"qc-robot {verb}: {missing_extra_message(e, verb)}", file=sys.stderr)
         return EXIT_USAGE
     except MissingKeysError as e:
         print(f"qc-robot {verb}: {_missing_text(verb, e.keys)}", file=sys.stderr)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qc_robot.cli_errors import UserError
+from qc_robot.cli_text import fold_names, nearest, shown_options
 
 # verb → (config key holding a path that must exist, what it should be)
 FILE_KEYS: dict[str, tuple[str, str]] = {
@@ -100,15 +101,6 @@ def check_policy_ref(ref: str) -> None:
               "cube-single policy, or hold:OBS_DIM:ACT_DIM:H / random:OBS_DIM:ACT_DIM:H for bring-up")
 
 
-def fold_names(names: list[str]) -> str:
-    """cube-single-task1, ..., cube-single-task5 → 'cube-single-task1..5'."""
-    families: dict[str, list[int]] = {}
-    for n in names:
-        stem, _, num = n.rpartition("-task")
-        families.setdefault(stem, []).append(int(num))
-    return ", ".join(f"{stem}-task{min(v)}..{max(v)}" for stem, v in families.items())
-
-
 def check_task(name: str, key: str = "env.name") -> None:
     from qc_robot.sim.tasks import list_tasks, task_spec  # needs the sim extra (gymnasium)
 
@@ -117,3 +109,20 @@ def check_task(name: str, key: str = "env.name") -> None:
     except ValueError:
         raise UserError(f"unknown task {name!r} ({key}; or env=NAME): registered tasks are "
                         f"{fold_names(list_tasks())}") from None
+
+
+def check_group_overrides(config_dir: Path, overrides: list[str]) -> None:
+    """Refuse ``GROUP=NAME`` when configs/GROUP/ has no NAME.yaml, for every config group.
+
+    Hydra itself skips a missing option of an ``optional`` default (``experiment``), so a typo
+    would silently run the default config."""
+    for o in overrides:
+        key, eq, name = o.lstrip("+~").partition("=")
+        group = config_dir / key
+        if not eq or "." in key or not group.is_dir() or name in ("", "null") or "," in name:
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        if name not in options:
+            guess = nearest(name, options)
+            hint = f"did you mean {key}={guess}? " if guess else ""
+            raise UserError(f"no {key} named {name!r} ({key}={name}); {hint}options: {shown_options(options)}")

@@ -121,6 +121,7 @@ ROBOT_PC = ("torch", "mujoco", "ogbench", "gymnasium")  # `pip install qc-robot[
     (["datagen", "data.num_episodes=1"], ROBOT_PC, "sim"),
     (["eval", "checkpoint={ckpt}"], ROBOT_PC, "learn"),
     (["eval", "checkpoint={ckpt}", "env.name=cube-single-task1"], ("torch",), "learn"),
+    (["train", "experiment=smoke"], ROBOT_PC, "learn"),  # one extra covers train, not [sim] then [learn]
 ])
 def test_a_missing_extra_names_the_extra_to_install(tmp_path, argv, blocked, extra):
     ckpt = tmp_path / "checkpoint.pt"
@@ -189,3 +190,17 @@ def test_every_registered_task_can_be_named_with_env():
 def test_free_form_dict_keys_need_no_plus():
     cfg = compose("drive", ["driver=mock", "driver_args.obs_dim=28", "+driver_args.gain=0.2"])
     assert cfg.driver_args == {"obs_dim": 28, "gain": 0.2}
+
+
+@pytest.mark.parametrize("argv,wrong,right", [
+    (["train", "experiment=frist_run", "--cfg"], "experiment=frist_run", "experiment=first_run"),  # optional group
+    (["train", "agent=qcfql"], "agent=qcfql", "agent=qc_fql"),
+    (["train", "+data=defualt", "--cfg"], "data=defualt", "data=default"),
+    (["drive", "env=cube-single-tsak1"], "env=cube-single-tsak1", "env=cube-single-task1"),
+])
+def test_an_unknown_group_option_is_refused_naming_the_nearest(capsys, argv, wrong, right):
+    from qc_robot.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and wrong in err and f"did you mean {right}?" in err, err

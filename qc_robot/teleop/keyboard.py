@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qc_robot.teleop.devices import ACTION_DIM, Event, TeleopCommand, TeleopDevice
+from qc_robot.teleop.device_base import ACTION_DIM, Event, TeleopCommand, TeleopDevice
 
 # key -> (action index, sign)
 MOTION_KEYS: dict[str, tuple[int, float]] = {
