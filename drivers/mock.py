@@ -114,7 +114,9 @@ def policy_dims(ref: str, obs_key: str = "state") -> tuple[int, int, float]:
 
         from qc_robot.policies.onnx_metadata import PolicyMetadata
 
-        session = ort.InferenceSession(ref, providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # the optional noise/RTC inputs are overridable initializers by design
+        session = ort.InferenceSession(ref, opts, providers=["CPUExecutionProvider"])
         meta = PolicyMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
         fields, act_dim, hz = meta.obs_fields, meta.action_dim, meta.control_hz
     if len(fields) != 1 or fields[0].key != obs_key or len(fields[0].shape) != 1:

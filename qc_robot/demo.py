@@ -30,7 +30,8 @@ class DemoConfig:
     episodes: int = 5
     """Episodes to run."""
     seed: int = 100
-    """Episode i resets with seed + i."""
+    """Episode i resets with seed + i; the served policy's noise is seeded with it too, so a
+    lockstep run (realtime=false) repeats exactly."""
     realtime: bool = True
     """True: the sim robot runs on the wall clock like hardware; False: lockstep (as fast as the
     policy answers, and required for video)."""
@@ -138,7 +139,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
     tty = cfg.status and sys.stdout.isatty()
     learner = _Finetune(cfg) if cfg.finetune else None
-    policy = load_policy(learner.policy_path if learner is not None else cfg.policy)
+    policy = load_policy(learner.policy_path if learner is not None else cfg.policy, seed=cfg.seed)
     server = ControlServer(policy, "tcp://127.0.0.1:*",
                            learner_link=learner.link if learner is not None else None).start()
     if learner is not None:
