@@ -18,6 +18,10 @@ class DriveConfig:
     env: EnvConfig = field(default_factory=lambda: EnvConfig(name="cube-single-task1"))
     """The simulated task (sim driver only; the shipped default policy's task by default)."""
     server: str = "tcp://127.0.0.1:5555"
+    policy_expect: str = ""
+    """The policy the server must be serving: a model.onnx, 'default' (the shipped one) or a
+    bring-up ref (hold:28:5:5). A server serving anything else (another one left on the port) is
+    refused before the first episode ('' = any; the connected line names the policy either way)."""
     episodes: int = 10
     seed: int = 0
     """Episode i resets with seed + i."""

@@ -88,7 +88,12 @@ def run_drive(cfg: DriveConfig) -> int:
         print(f"drive: {e}")
         driver.close()
         return 2
-    print(f"connected to {cfg.server}: policy {welcome.policy_version} ({welcome.actor_type}), "
+    label = _checked_label(cfg, welcome.metadata)
+    if label is None:
+        client.close()
+        driver.close()
+        return 2
+    print(f"connected to {cfg.server}: policy {label}, "
           f"H={welcome.chunk_len}, session {welcome.session}; mode {cfg.mode}, driver {cfg.driver}"
           + (f", operator {operator.name}" if operator is not None else ""))
     first_episode = 0
@@ -161,7 +166,9 @@ def run_drive(cfg: DriveConfig) -> int:
     pct = 100.0 * n_ok / max(1, len(counted))
     print(f"success {n_ok}/{len(counted)} ({pct:.1f}%)  requests {executor.stats.requests}  timeouts "
           f"{executor.stats.timeouts}  stale actions dropped {executor.stats.dropped_stale}  "
-          f"safety: held {driver.stats.held}, rejected {driver.stats.rejected}, trips {driver.stats.trips}")
+          f"safety: rejected {driver.stats.rejected}, trips {driver.stats.trips}")
+    print(f"policy: {label}; held {sum(_held(driver, r) for r in results)} of {sum(r.rows for r in results)} "
+          "robot steps (no fresh policy action: waiting for a chunk, server lost or operator pause)")
     lost_eps = sum(r.offline_s > 0 for r in results)
     if lost_eps:
         print(f"server lost {client.stats.lost} time(s): {lost_eps}/{len(results)} episode(s) ran partly or wholly "
@@ -179,14 +186,37 @@ def run_drive(cfg: DriveConfig) -> int:
     return 0
 
 
+def _checked_label(cfg: DriveConfig, metadata: dict[str, Any]) -> str | None:
+    """The served policy in words; None (after one line saying why) when ``policy_expect`` names
+    another policy than the server's."""
+    from qc_robot.drivers.policy_id import mismatch, policy_label
+
+    if cfg.policy_expect:
+        try:
+            wrong = mismatch(cfg.policy_expect, metadata)
+        except (OSError, ValueError) as e:
+            print(f"drive: policy_expect: {e}")
+            return None
+        if wrong is not None:
+            print(f"drive: {wrong} (another server on {cfg.server}? stop it, or serve on another port)")
+            return None
+    return policy_label(metadata, cfg.policy_expect)
+
+
+def _held(driver: SafeDriver, r: EpisodeResult) -> int:
+    """Robot steps that ran the hold action: the robot's own ticks for a realtime driver, the
+    loop's (one per step) for a lockstep one."""
+    return r.robot_held if driver.realtime else r.held
+
+
 def _print_episode(cfg: DriveConfig, driver: SafeDriver, r: EpisodeResult, i: int) -> None:
     rtt = f"{np.median(r.rtt_ms):.1f} ms" if r.rtt_ms else "n/a"
-    lost = f"  SERVER LOST {r.offline_s:.1f} s (held)" if r.offline_s > 0 else ""
+    lost = f"  SERVER LOST {r.offline_s:.1f} s" if r.offline_s > 0 else ""
     taken = f"  operator steps {r.interventions}" if r.interventions else ""
+    held = _held(driver, r)
     print(f"episode {i + 1}/{cfg.episodes}: {r.verdict or ('success' if r.success else 'failure')}  steps {r.steps} "
-          f"(robot {r.robot_steps})  rows {r.rows}  robot held {r.robot_held}  overruns {r.overruns}  "
-          f"chunks {r.chunks}  held {r.held} ({r.held / driver.spec.control_hz:.1f} s)  rtt p50 {rtt}  "
-          f"{r.duration_s:.1f} s{taken}{lost}", flush=True)
+          f"(robot {r.robot_steps})  rows {r.rows}  held {held} ({held / driver.spec.control_hz:.1f} s)  "
+          f"overruns {r.overruns}  chunks {r.chunks}  rtt p50 {rtt}  {r.duration_s:.1f} s{taken}{lost}", flush=True)
 
 
 def _operator(cfg: DriveConfig, driver: SafeDriver) -> Any:

@@ -132,6 +132,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from qc_robot.drivers.drive import build_driver
     from qc_robot.drivers.episode_stage import EpisodeStage
     from qc_robot.drivers.executor import ChunkExecutor
+    from qc_robot.drivers.policy_id import policy_label
     from qc_robot.drivers.runner import Pacer, run_episode
     from qc_robot.server.app import ControlServer
     from qc_robot.server.serve import load_policy
@@ -162,11 +163,14 @@ def run_demo(cfg: DemoConfig) -> int:
     client = PolicyClient(server.address, driver.spec.hello("sim", {"mode": cfg.mode}))
     results = []
     video = None
+    label = served
     try:
         driver.connect()
         if operator is not None:
             operator.open()
         welcome = client.connect(10.0)
+        label = policy_label(welcome.metadata, served)
+        print(f"connected: policy {label}", flush=True)
         period = 1.0 / (driver.spec.control_hz * cfg.time_scale)
         executor = ChunkExecutor(client, welcome.chunk_len, cfg.mode, 0.5, 2.0,
                                  wait_when_empty=not driver.realtime,
@@ -217,7 +221,7 @@ def run_demo(cfg: DemoConfig) -> int:
         if learner is not None:  # the learner drains what was sent, pushes its last policy, exits
             learner.finish(server)
         server.stop()
-    _summary(results, server, driver)
+    _summary(results, server, driver, label)
     if operator is not None:
         print("  " + operator.summary())
     if learner is not None:
@@ -226,16 +230,17 @@ def run_demo(cfg: DemoConfig) -> int:
     return 0
 
 
-def _summary(results: list[Any], server: Any, driver: Any) -> None:
+def _summary(results: list[Any], server: Any, driver: Any, label: str) -> None:
     n = len(results)
     ok = sum(r.success for r in results)
     rtt = [x for r in results for x in r.rtt_ms]
     wins = [r.robot_steps for r in results if r.success]
-    lines = [f"summary: success {ok}/{n}" + (f" ({100 * ok / n:.0f}%)" if n else ""),
+    lines = [f"summary: success {ok}/{n}" + (f" ({100 * ok / n:.0f}%)" if n else "") + f" with {label}",
              f"  steps to success  {np.mean(wins):.0f} mean" if wins else "  steps to success  -",
              f"  chunks served     {server.stats.chunks} (errors: {server.stats.errors or 'none'})",
              f"  round trip        p50 {np.median(rtt):.1f} ms, p99 {np.percentile(rtt, 99):.1f} ms" if rtt
              else "  round trip        -",
-             f"  held ticks        {sum(r.held for r in results)} of {sum(r.steps for r in results)} "
+             f"  held              {sum(r.robot_held if driver.realtime else r.held for r in results)} of "
+             f"{sum(r.rows for r in results)} robot steps without a fresh policy action "
              f"(safety: rejected {driver.stats.rejected}, trips {driver.stats.trips})"]
     print("\n".join(lines))
