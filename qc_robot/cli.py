@@ -155,7 +155,7 @@ def _usage() -> str:
     lines += ["", "qc-robot VERB --help lists the verb's keys with their documentation and examples;",
               "--cfg prints the composed config; configs live in configs/<verb>.yaml;",
               "-m sweeps with Hydra's launchers (qc-robot train -m training.seed=0,1,2).",
-              "First run: qc-robot demo policy=hold:28:5:5  (a server and the sim driver, no model needed)"]
+              "First run: qc-robot demo  (the shipped policy served and driven in the sim; nothing to train)"]
     return "\n".join(lines)
 
 

@@ -40,6 +40,8 @@ def preflight(verb: str, cfg: Any) -> None:
     name = getattr(getattr(cfg, "env", None), "name", "")
     if name and (verb in SIM_VERBS or getattr(cfg, "driver", "") == "sim"):
         check_task(name)
+    if verb == "train":  # after the task: a robot PC is told the extra first, then the data
+        check_dataset(cfg)
     if verb == "replay" and cfg.driver == "sim" and cfg.task:
         check_task(cfg.task, key="task")
     if getattr(cfg, "video", ""):
@@ -126,3 +128,19 @@ def check_group_overrides(config_dir: Path, overrides: list[str]) -> None:
             guess = nearest(name, options)
             hint = f"did you mean {key}={guess}? " if guess else ""
             raise UserError(f"no {key} named {name!r} ({key}={name}); {hint}options: {shown_options(options)}")
+
+
+def check_dataset(cfg: Any) -> None:
+    """Offline training needs its dataset; the hint is the command that writes the kind it reads:
+    task demonstrations (``data/demos-*.hdf5``, experiment=first_run) from the scripted operator as
+    the README's main job records them, play data from ``datagen`` otherwise."""
+    path = Path(cfg.data.path)
+    if cfg.training.offline_steps <= 0 or path.exists():
+        return
+    env = cfg.env.name
+    if path.name.startswith("demos"):
+        make = (f"qc-robot teleop device=scripted env={env} oracle=plan oracle_noise=0.1 realtime=false "
+                f"time_scale=1000 episodes={cfg.data.num_episodes} out={path}")
+    else:
+        make = f"qc-robot datagen env={env} data.path={path}"
+    raise UserError(f"data.path: no dataset at {path}; write it first: {make}")

@@ -204,3 +204,24 @@ def test_an_unknown_group_option_is_refused_naming_the_nearest(capsys, argv, wro
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and wrong in err and f"did you mean {right}?" in err, err
+
+
+def test_train_without_demos_names_the_readme_command_that_records_them(capsys, tmp_path, monkeypatch):
+    from qc_robot.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    assert main(["train", "experiment=first_run"]) == 2
+    err = capsys.readouterr().err.strip()
+    readme = (REPO / "README.md").read_text()
+    assert len(err.splitlines()) == 1 and "qc-robot teleop device=scripted env=cube-single-task1 oracle=plan" in err
+    assert "datagen" not in err and "oracle=plan oracle_noise=0.1 realtime=false" in readme, err
+    assert main(["train", "experiment=smoke"]) == 2  # play data: datagen writes it
+    assert "qc-robot datagen env=" in capsys.readouterr().err
+
+
+def test_the_usage_footer_recommends_a_first_run_that_succeeds(capsys):
+    from qc_robot.cli import main
+
+    assert main(["--help"]) == 0
+    first = [x for x in capsys.readouterr().out.splitlines() if x.startswith("First run:")]
+    assert first and "hold:" not in first[0] and "qc-robot demo" in first[0], first
