@@ -91,7 +91,7 @@ def sparse_flag_convention(sparse: bool) -> str:
 def config_convention(cfg: TrainConfig) -> str:
     """The convention a training config asks for: ``env.sparse_reward``, else the task's default
     (sparse for scene and puzzle, dense for cube). Training on verdict data makes it sparse
-    whatever the config says (``qc_robot.train.learner`` refuses an explicit ``false``)."""
+    whatever the config says (``qc_robot.train.learner``)."""
     sparse = cfg.env.sparse_reward
     if sparse is None:
         from qc_robot.sim.tasks import task_spec

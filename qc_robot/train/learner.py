@@ -63,13 +63,11 @@ def _dataset(cfg: TrainConfig) -> FlatDataset:
 
 
 def _convention(cfg: TrainConfig, data: FlatDataset | None) -> str:
-    """Verdict data is sparse whatever the task's default; an explicit dense request is refused."""
+    """Verdict data (a robot's recording) is sparse whatever ``env.sparse_reward`` says: that key
+    picks the sim task's reward, which such a file never holds (the env configs set it for every
+    task, so it cannot tell a request from a default)."""
     if data is None or data.reward_source != FROM_VERDICT:
         return config_convention(cfg)
-    if cfg.env.sparse_reward is False:
-        raise TrainSetupError(
-            f"{cfg.data.path}: its rewards come from the operator's verdicts (sparse: -1 per step, 0 on "
-            "success) but env.sparse_reward=false asks for the task's dense reward; drop that setting")
     return SPARSE
 
 
