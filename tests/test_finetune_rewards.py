@@ -116,3 +116,16 @@ def test_transition_reward_field_on_the_wire_and_in_the_server_check():
     assert check_transition(spec, tr).reward == "sparse"
     with pytest.raises(ValueError, match="transition.reward"):
         check_transition(spec, transition(0, 0, "sparse; rm -rf\n", True))
+
+
+def test_finetune_refuses_a_dataset_of_another_convention_at_start(dense_ckpt, tmp_path):
+    """A robot's recording (verdicts: sparse) as the offline data of a dense checkpoint."""
+    from qc_robot.data.hdf5_io import EpisodeWriter
+
+    arm = tmp_path / "arm.hdf5"
+    o = np.random.default_rng(0).normal(size=(7, OBS)).astype(np.float32)
+    with EpisodeWriter(arm, {"driver": "so101", "source": "qc-robot teleop", "control_hz": 20.0}) as w:
+        w.add_episode({"state": o[:-1]}, np.zeros((6, ACT)), np.zeros(6), np.zeros(6), {"state": o[1:]},
+                      attrs={"label": "success"})
+    with pytest.raises(ValueError, match=f"{arm} holds sparse rewards but .* was trained on dense rewards"):
+        Finetuner(ft_cfg(dense_ckpt, tmp_path / "ft", "tcp://127.0.0.1:1", data_path=str(arm)))
