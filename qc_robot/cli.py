@@ -49,7 +49,7 @@ VERBS: dict[str, Verb] = {
     "replay": Verb("qc_robot.teleop.config:ReplayConfig", "qc_robot.teleop.replay:run_replay",
                    "play a recorded episode back through a driver: replay FILE episode=N"),
     "dataset": Verb("qc_robot.teleop.config:DatasetConfig", "qc_robot.data.tools:run_dataset",
-                    "dataset info|validate|merge|split|recover FILE...",
+                    "dataset info|validate|merge|split|recover|label FILE...",
                     (("info", "episodes, lengths, success rate and action ranges of FILE..."),
                      ("validate", "check FILE... against the robomimic layout train reads"),
                      ("merge", "concatenate FILE... into out=FILE"),

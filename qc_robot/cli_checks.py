@@ -35,7 +35,7 @@ def preflight(verb: str, cfg: Any) -> None:
         key, what = FILE_KEYS[verb]
         need_file(getattr(cfg, key), key, what)
     if verb == "dataset" and cfg.action != "recover":
-        for p in cfg.paths:
+        for p in cfg.paths[:1] if cfg.action == "label" else cfg.paths:  # label FILE DEMO VERDICT
             need_file(p, "paths", "an HDF5 episode file")
     name = getattr(getattr(cfg, "env", None), "name", "")
     if name and (verb in SIM_VERBS or getattr(cfg, "driver", "") == "sim"):

@@ -203,6 +203,8 @@ class Transition(Message):
     outbox_seq: int = 0
     """Its number in that outbox (1, 2, ...; 0 = not from an outbox). The server acknowledges it
     with ``ack{seq=outbox_seq}`` once journaled; a re-sent one is applied once."""
+    reward: str = ""
+    """The convention of ``rewards`` ('sparse', 'dense'; '' = unspecified): a learner refuses rows of another."""
 
 
 @dataclass

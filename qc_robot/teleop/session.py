@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from qc_robot.data.recorder import Recorder
+from qc_robot.data.rewards import FROM_RECORDED, FROM_VERDICT, REWARD_SOURCE_KEY
 from qc_robot.drivers.base import ExecutedStep
 from qc_robot.drivers.registry import driver_config, make_driver
 from qc_robot.drivers.runner import Pacer, run_episode
@@ -182,7 +183,11 @@ def env_args_for(cfg: TeleopConfig, driver: SafeDriver) -> dict[str, Any]:
     args: dict[str, Any] = {"driver": cfg.driver, "control_hz": float(spec.control_hz),
                             "obs_keys": [f.key for f in spec.obs_fields],
                             "obs_shapes": {f.key: list(f.shape) for f in spec.obs_fields},
-                            "act_dim": spec.action_dim, "source": "qc-robot teleop"}
+                            "act_dim": spec.action_dim, "source": "qc-robot teleop",
+                            # the sim reports its task's reward; a robot (or a blind sim) reports none:
+                            # its rewards are the operator's verdicts
+                            REWARD_SOURCE_KEY: FROM_RECORDED if cfg.driver == "sim"
+                            and not cfg.driver_args.get("blind") else FROM_VERDICT}
     if cfg.driver == "sim":
         from qc_robot.sim.tasks import task_spec
 
