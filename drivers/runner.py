@@ -22,8 +22,9 @@ from qc_robot.drivers.client import HandshakeError, PolicyClient
 from qc_robot.drivers.config import DriveConfig
 from qc_robot.drivers.executor import ChunkExecutor
 from qc_robot.drivers.outbox import Outbox
-from qc_robot.drivers.registry import driver_config, make_driver
+from qc_robot.drivers.registry import build_driver_config, make_driver
 from qc_robot.drivers.safety import SafeDriver
+from qc_robot.drivers.shutdown import sigterm_as_interrupt
 
 log = logging.getLogger("qc_robot.runner")
 
@@ -280,7 +281,7 @@ def _realtime_wait(driver: SafeDriver, executor: ChunkExecutor, pacer: Pacer | N
         if new.step != target:
             res.overruns += 1  # no step (the world did not advance) or several we did not see apart
             return nxt, new, [], True
-        return nxt, new, [ExecutedStep(info.step, obs, applied, False, new.reward, new.success, new.terminated,
+        return nxt, new, [ExecutedStep(info.step, obs, applied, driver.last_held, new.reward, new.success, new.terminated,
                                        new.truncated, nxt, time.monotonic(), time.time())], True
     expected = (info.time or time.monotonic()) + period  # when the robot's next tick is due
     executor.idle(min(expected, time.monotonic() + period), res.steps)  # take replies meanwhile
@@ -325,9 +326,8 @@ def build_driver(cfg: DriveConfig) -> SafeDriver:
                                   randomize=cfg.randomize_physics,
                                   image_size=cfg.env.image_size, image_key=cfg.env.image_key,
                                   camera=cfg.env.camera, render_fast=cfg.env.render_fast)
-    values.update(cfg.driver_args)
     scale = cfg.time_scale
-    driver = make_driver(cfg.driver, driver_config(cfg.driver, **values))
+    driver = make_driver(cfg.driver, build_driver_config(cfg.driver, values, cfg.driver_args))
     if cfg.cameras:
         from qc_robot.drivers.camera_driver import CameraDriver
 
@@ -336,7 +336,13 @@ def build_driver(cfg: DriveConfig) -> SafeDriver:
 
 
 def run_drive(cfg: DriveConfig) -> int:
-    """``qc-robot drive``: run ``cfg.episodes`` episodes against the server; prints success."""
+    """``qc-robot drive``: run ``cfg.episodes`` episodes against the server; prints success.
+    SIGTERM ends it like Ctrl-C: the arm is stopped, parked and released (``drivers/shutdown.py``)."""
+    with sigterm_as_interrupt():
+        return _run_drive(cfg)
+
+
+def _run_drive(cfg: DriveConfig) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         driver = build_driver(cfg)

@@ -10,7 +10,9 @@ code, so a wrong encoding on either side shows up as a failed test.
 Physics: a servo with torque enabled reaches its goal (clamped to its position limits) before the
 next read, the behaviour of a well-tuned position loop at 30 Hz; enabling torque holds the shaft
 where it is; a servo with torque off stays where the "hand" puts it (``move``), which is how a
-leader arm is read.
+leader arm is read. ``block`` puts an obstacle in a joint's way (the shaft stops there whatever
+the goal: a gripper closed on an object). Faults: ``corrupt`` (every reply fails its checksum)
+and ``dead`` (the adapter is gone: nothing is answered and nothing reaches a servo).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class Servo:
         self._put(MAX_LIMIT, RESOLUTION - 1)
         self.actual = position
         """Absolute shaft position (ticks, 0..4095)."""
+        self.obstacle: tuple[int, int] | None = None
+        """(lowest, highest) absolute position the shaft can reach (None: free)."""
         self._put(GOAL_POSITION, position)  # at power-up the goal is where the shaft is
         self.log: list[tuple[int, bytes]] = []
         """Every (address, data) written, in order (tests read what reached the motor)."""
@@ -102,6 +106,8 @@ class Servo:
         if self.mem[TORQUE_ENABLE]:
             lo, hi = self._get(MIN_LIMIT), self._get(MAX_LIMIT)
             self.actual = max(lo, min(hi, self.goal)) + self.offset
+            if self.obstacle is not None:
+                self.actual = max(self.obstacle[0], min(self.obstacle[1], self.actual))
 
 
 class FeetechBusSim:
@@ -116,6 +122,8 @@ class FeetechBusSim:
         self._busy = False
         self.corrupt = False
         """True: every reply has a wrong checksum (a noisy cable); the SDK reports a corrupt packet."""
+        self.dead = False
+        """True: the bus is gone (unplugged adapter, power loss): no packet is handled or answered."""
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)
         self.port = os.ttyname(self._slave)
@@ -157,6 +165,13 @@ class FeetechBusSim:
         """Put a (torque-off) servo's shaft at ``actual`` ticks, as an operator's hand would."""
         with self.lock:
             self.servos[servo_id].actual = actual
+
+    def block(self, servo_id: int, low: int, high: int) -> None:
+        """An obstacle: the shaft of ``servo_id`` stays within [low, high] absolute ticks."""
+        with self.lock:
+            servo = self.servos[servo_id]
+            servo.obstacle = (low, high)
+            servo.actual = max(low, min(high, servo.actual))
 
     def present(self, servo_id: int) -> int:
         self.settle()
@@ -205,6 +220,8 @@ class FeetechBusSim:
                 del buf[: 4 + n]
                 if packet[-1] != _checksum(body):
                     self.errors.append(f"bad checksum in {packet.hex()}")
+                    continue
+                if self.dead:
                     continue
                 with self.lock:
                     self.packets += 1

@@ -19,7 +19,7 @@ import pytest
 
 from qc_robot import protocol as P
 from qc_robot.drivers.base import Driver
-from qc_robot.drivers.registry import DRIVERS, driver_config, make_driver
+from qc_robot.drivers.registry import DRIVERS, build_driver_config, driver_config, make_driver
 from qc_robot.drivers.safety import SafeDriver, SafetyConfig
 
 
@@ -62,7 +62,7 @@ def driver(request: pytest.FixtureRequest, _stack: contextlib.ExitStack,
         if name in HARDWARE:
             d = HARDWARE[name](_stack, tmp_path_factory.mktemp(name))
         else:
-            d = make_driver(name, driver_config(name, realtime=False, seed=0, max_episode_steps=50))
+            d = make_driver(name, build_driver_config(name, {"realtime": False, "seed": 0}, {"max_episode_steps": 50}))
         d.connect()
         _stack.callback(d.close)
         _DRIVERS[name] = d

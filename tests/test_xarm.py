@@ -62,11 +62,11 @@ def test_delta_actions_move_the_tool_and_the_gripper(rig) -> None:
         mode, move = sim.moves[-1]
         grip = sim.gripper["pos"]
     assert mode == 7 and move[6] == d.cfg.speed_mm_s  # streamed to the planner, speed-capped
-    np.testing.assert_allclose(move[:3], [410.0, -5.0, 302.0], atol=1e-3)
+    np.testing.assert_allclose(move[:3], [405.0, -2.5, 301.0], atol=1e-3)  # step_mm 5
     assert move[3] == pytest.approx(np.pi, abs=1e-5) and move[4] == pytest.approx(0.0, abs=1e-6)  # tool down
     assert move[5] == pytest.approx(np.radians(5.0), abs=1e-5)
     assert grip == pytest.approx(850 * (1 - 0.25), abs=1)
-    np.testing.assert_allclose(d.get_observation()["state"], [0.41, -0.005, 0.302, np.radians(5.0), 0.25], atol=2e-3)
+    np.testing.assert_allclose(d.get_observation()["state"], [0.405, -0.0025, 0.301, np.radians(5.0), 0.25], atol=2e-3)
     n = len(sim.moves)
     d.send_action(np.zeros(5))  # the hold: nothing new goes to the controller
     assert len(sim.moves) == n
@@ -76,12 +76,13 @@ def test_the_workspace_box_bounds_every_target(rig) -> None:
     d, sim = rig
     safe = SafeDriver(d)
     safe.reset(0)
-    for _ in range(40):
+    for _ in range(70):
+        safe.get_observation()  # as the control loop does every tick: the anchor of the next target
         safe.act([1.0, 1.0, -1.0, 1.0, 1.0])
     with sim.lock:
         moves = [m for _, m in sim.moves]
         err = sim.error
-    assert err == 0 and len(moves) == 1 + 25  # home, then y needs the most steps (25); pinned: no resend
+    assert err == 0 and len(moves) == 1 + 50  # home, then y needs the most 5 mm steps (50); pinned: no resend
     xyz = np.asarray([m[:3] for m in moves])
     assert np.all(xyz >= np.asarray(LOW) - 1e-3) and np.all(xyz <= np.asarray(HIGH) + 1e-3)
     np.testing.assert_allclose(xyz[-1], [550.0, 250.0, 80.0], atol=1e-3)  # pinned at the corner
