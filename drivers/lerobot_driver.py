@@ -31,6 +31,7 @@ stops, moves to the ``park`` pose (if set), then releases the bus, with torque l
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import pkgutil
@@ -329,11 +330,16 @@ class LeRobotDriver(Driver):
         bus is logged: the error that ended the run must stay the one reported)."""
         if not self.robot.is_connected:
             return
+        bus = getattr(self.robot, "bus", None)
+        port = getattr(bus, "port_handler", None)
+        if port is not None:  # a transaction cut by Ctrl-C / SIGTERM leaves the port marked busy
+            port.is_using = False
+            with contextlib.suppress(Exception):
+                port.clearPort()
         try:
             self.park()
         except Exception as e:  # noqa: BLE001 - best effort: the bus may be what failed
             log.error("could not park the arm before release: %s", e)
-        bus = getattr(self.robot, "bus", None)
         if self._grip_limit0 is not None:
             try:
                 bus.write("Torque_Limit", "gripper", self._grip_limit0, normalize=False)
@@ -344,10 +350,8 @@ class LeRobotDriver(Driver):
             self.robot.disconnect()  # torque off here only with release_torque
         except Exception as e:  # noqa: BLE001
             log.error("disconnect failed (%s): closing the port", e)
-            try:
-                bus.port_handler.closePort()
-            except Exception:  # noqa: BLE001, S110 - nothing more can be done
-                pass
+            with contextlib.suppress(Exception):  # nothing more can be done
+                port.closePort()
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         """Move to ``home`` (if set) over ``reset_s``; the seed is ignored (real arms are not seeded)."""

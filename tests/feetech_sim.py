@@ -25,8 +25,8 @@ import tty
 
 # STS3215 memory map (EPROM then SRAM): address, bytes
 FIRMWARE_MAJOR, FIRMWARE_MINOR, MODEL = 0, 1, 3
-MIN_LIMIT, MAX_LIMIT, HOMING_OFFSET = 9, 11, 31
-TORQUE_ENABLE, GOAL_POSITION, LOCK, PRESENT_POSITION = 40, 42, 55, 56
+MIN_LIMIT, MAX_LIMIT, MAX_TORQUE_LIMIT, HOMING_OFFSET = 9, 11, 16, 31
+TORQUE_ENABLE, GOAL_POSITION, TORQUE_LIMIT, LOCK, PRESENT_POSITION = 40, 42, 48, 55, 56
 STS3215_MODEL = 777
 RESOLUTION = 4096
 
@@ -57,6 +57,8 @@ class Servo:
         self.mem[MODEL : MODEL + 2] = STS3215_MODEL.to_bytes(2, "little")
         self.mem[5] = servo_id
         self._put(MAX_LIMIT, RESOLUTION - 1)
+        self._put(MAX_TORQUE_LIMIT, 1000)  # factory defaults: full torque (EPROM, copied to RAM at power-up)
+        self._put(TORQUE_LIMIT, 1000)
         self.actual = position
         """Absolute shaft position (ticks, 0..4095)."""
         self.obstacle: tuple[int, int] | None = None
