@@ -176,24 +176,35 @@ class Driver(ABC):
 
     # -- one I/O-error budget and one step counter for every hardware driver ----------------------
     max_io_errors: int = 5
-    """Consecutive failed hardware accesses tolerated (each raises SensorError on a read: a hold)
-    before :class:`IOBudgetSpent` ends the episode."""
-    io_errors: int = 0
-    """Consecutive failed accesses now (a success resets it)."""
+    """Consecutive failed hardware accesses of one kind (reads, or commands) tolerated (a failed
+    read raises SensorError: a hold) before :class:`IOBudgetSpent` ends the episode."""
     io_errors_total: int = 0
     """Failed accesses since the driver was built."""
+    _io_run: dict[str, int] = {}  # noqa: RUF012 - replaced per instance on first use
 
-    def _io_ok(self) -> None:
-        self.io_errors = 0
+    @property
+    def io_errors(self) -> int:
+        """Consecutive failed accesses now, of the kind failing longest (a success of a kind resets
+        that kind only: commands that go through do not hide reads that keep failing)."""
+        return max(self._io_run.values(), default=0)
+
+    def _io_clear(self) -> None:
+        """A fresh start (reset): no failure counts against the new episode."""
+        self._io_run = {}
+
+    def _io_ok(self, what: str = "read") -> None:
+        if self._io_run.get(what):
+            self._io_run = {**self._io_run, what: 0}
 
     def _io_failed(self, what: str, e: BaseException) -> SensorError:
-        """Count a failed access; returns the error to raise: a SensorError (hold this tick) or,
-        past the budget, IOBudgetSpent (end the episode)."""
-        self.io_errors += 1
+        """Count a failed ``what`` (read, write, command); returns the error to raise: a
+        SensorError (hold this tick) or, past the budget, IOBudgetSpent (end the episode)."""
+        n = self._io_run.get(what, 0) + 1
+        self._io_run = {**self._io_run, what: n}
         self.io_errors_total += 1
-        log.warning("%s: %s failed (%d in a row): %s", self.name, what, self.io_errors, e)
-        if self.io_errors > self.max_io_errors:
-            return IOBudgetSpent(f"{self.name}: {self.io_errors} consecutive failed {what}s "
+        log.warning("%s: %s failed (%d in a row): %s", self.name, what, n, e)
+        if n > self.max_io_errors:
+            return IOBudgetSpent(f"{self.name}: {n} consecutive failed {what}s "
                                  f"(max_io_errors={self.max_io_errors}); last: {e}")
         return SensorError(f"{self.name}: {what} failed: {e}")
 

@@ -357,7 +357,7 @@ class LeRobotDriver(Driver):
         """Move to ``home`` (if set) over ``reset_s``; the seed is ignored (real arms are not seeded)."""
         self.connect()
         self._target = self._measured = self._read_joints()
-        self._io_ok()
+        self._io_clear()
         if self.cfg.home:
             self._move_to(self.cfg.home, self.cfg.reset_s)
         self._reset_steps()
@@ -435,7 +435,7 @@ class LeRobotDriver(Driver):
             target = np.clip(target, self._tgt_lo, self._tgt_hi)
         try:
             self._send(target)
-            self._io_ok()
+            self._io_ok("write")
         except Exception as e:  # a skipped command; past the budget the episode ends
             err = self._io_failed("write", e)
             if isinstance(err, IOBudgetSpent):

@@ -41,6 +41,7 @@ from qc_robot.policies.base import ObsField
 log = logging.getLogger("qc_robot.xarm")
 
 GRIPPER_OPEN, GRIPPER_CLOSED = 850.0, 0.0  # xArm Gripper position units
+NO_REPLY = 3  # the SDK's code for a request the box did not answer in time
 
 
 @dataclass
@@ -105,7 +106,7 @@ class XArmDriver(Driver):
         if not self._yaw_lo <= cfg.home_yaw_deg <= self._yaw_hi:
             raise ValueError(f"home_yaw_deg {cfg.home_yaw_deg} outside yaw_range_deg {cfg.yaw_range_deg}")
         if cfg.step_mm * cfg.control_hz > cfg.speed_mm_s + 1e-9:
-            raise ValueError(f"step_mm {cfg.step_mm} × control_hz {cfg.control_hz:g} = {cfg.step_mm * cfg.control_hz:g} mm/s "
+            raise ValueError(f"step_mm {cfg.step_mm:g} × control_hz {cfg.control_hz:g} = {cfg.step_mm * cfg.control_hz:g} mm/s "
                              f"exceeds speed_mm_s {cfg.speed_mm_s:g}: the target would run ahead of the arm; "
                              f"use step_mm ≤ {cfg.speed_mm_s / cfg.control_hz:g}")
         self.spec = DriverSpec([ObsField(cfg.obs_key, (5,), "float32")], 5, -np.ones(5), np.ones(5),
@@ -182,14 +183,24 @@ class XArmDriver(Driver):
         hide the error that ended the run)."""
         if self.arm is None or not self.arm.connected:
             return
-        steps: list[tuple[str, Any]] = [("stop", self.park), *self._restore, ("disconnect", self.arm.disconnect)]
-        for what, undo in steps:
+        steps: list[tuple[str, Any]] = [("stop", self.park), *self._restore]
+        for i, (what, undo) in enumerate(steps):
             try:
-                ret = undo()
-                if what != "disconnect" and ret is not None and _code(ret) != 0:
-                    log.error("xArm close: %s failed with code %d", what, _code(ret))
+                code = _code(undo() or 0)
             except Exception as e:  # noqa: BLE001 - best effort, every step
                 log.error("xArm close: %s failed: %s", what, e)
+                code = NO_REPLY if "code 3" in str(e) else 0
+            else:
+                if code:
+                    log.error("xArm close: %s failed with code %d", what, code)
+            if code == NO_REPLY or not self.arm.connected:  # each further call would wait as long
+                log.error("xArm close: the control box does not answer; not done: %s",
+                          ", ".join(w for w, _ in steps[i + 1:]) or "-")
+                break
+        try:
+            self.arm.disconnect()
+        except Exception as e:  # noqa: BLE001
+            log.error("xArm close: disconnect failed: %s", e)
         self._restore = []
 
     def _start(self) -> None:
@@ -221,7 +232,7 @@ class XArmDriver(Driver):
                                    f"(at {list(pose[:3])} mm, yaw {pose[5]}°){self._error_text()}")
             time.sleep(1.0 / c.control_hz)
         self._reset_steps()
-        self._io_ok()
+        self._io_clear()
         return self.get_observation()
 
     # -- observation ----------------------------------------------------------------------------------
@@ -280,7 +291,7 @@ class XArmDriver(Driver):
                 self._send_target()
             self._grip = grip
             self._send_gripper()
-            self._io_ok()
+            self._io_ok("command")
         except Exception as e:  # a skipped command; past the budget the episode ends
             err = self._io_failed("command", e)
             if isinstance(err, IOBudgetSpent):

@@ -12,7 +12,7 @@ CAP_NET_BIND_SERVICE); ``XArmSim.available()`` says whether this machine allows 
 
 Modelled: version/SN, motion enable, mode, state (0 start, 3 pause, 4 stop; reported 1 moving /
 2 ready / 4 stopped), error and warning codes, Cartesian moves (reached at once, or not at all
-while ``frozen``: a blocked arm), the controller's own safety boundary (a target outside it stops
+while ``frozen``: a blocked arm; ``yaw_stuck``: the wrist does not turn), the controller's own safety boundary (a target outside it stops
 the arm with error 35, as the real box does), and the xArm Gripper behind the tool RS-485
 (Modbus RTU: enable, mode, speed, target, position). The boundary follows the SDK's note that
 reduced-mode settings take effect when reduced mode is set on: a box sent with
@@ -57,6 +57,8 @@ class XArmSim:
         self.reduced_tcp_speed = 1000.0
         self.frozen = False
         """True: moves are accepted but the arm does not move (blocked)."""
+        self.yaw_stuck = False
+        """True: moves change the position but not the tool's yaw (a wrist that does not turn)."""
         self.fail_pose_reads = 0
         self.gripper = {"enabled": 0, "mode": 0, "speed": 0, "target": 0, "pos": 850}
         self.moves: list[tuple[int, list[float]]] = []
@@ -225,7 +227,7 @@ class XArmSim:
                 return b""
             self.moves.append((self.mode, vals))
             if not self.frozen:
-                self.pose = vals[:6]
+                self.pose = vals[:5] + [self.pose[5] if self.yaw_stuck else vals[5]]
             return b""
         if reg == GET_TCP_POSE:
             return struct.pack("<6f", *self.pose)
