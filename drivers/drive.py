@@ -18,9 +18,10 @@ from qc_robot.drivers.config import DriveConfig
 from qc_robot.drivers.episode_stage import EpisodeStage, split_rows
 from qc_robot.drivers.executor import ChunkExecutor
 from qc_robot.drivers.outbox import Outbox
-from qc_robot.drivers.registry import driver_config, make_driver
+from qc_robot.drivers.registry import build_driver_config, make_driver
 from qc_robot.drivers.runner import EpisodeResult, Pacer, PolicyPace, run_episode
 from qc_robot.drivers.safety import SafeDriver
+from qc_robot.drivers.shutdown import sigterm_as_interrupt
 
 log = logging.getLogger("qc_robot.drive")
 
@@ -45,9 +46,8 @@ def build_driver(cfg: DriveConfig) -> SafeDriver:
                                   randomize=cfg.randomize_physics,
                                   image_size=cfg.env.image_size, image_key=cfg.env.image_key,
                                   camera=cfg.env.camera, render_fast=cfg.env.render_fast, blind=cfg.blind)
-    values.update(cfg.driver_args)
     scale = cfg.time_scale
-    driver = make_driver(cfg.driver, driver_config(cfg.driver, **values))
+    driver = make_driver(cfg.driver, build_driver_config(cfg.driver, values, cfg.driver_args))
     if cfg.cameras:
         from qc_robot.drivers.camera_driver import CameraDriver
 
@@ -56,7 +56,13 @@ def build_driver(cfg: DriveConfig) -> SafeDriver:
 
 
 def run_drive(cfg: DriveConfig) -> int:
-    """``qc-robot drive``: run ``cfg.episodes`` episodes against the server; prints success."""
+    """``qc-robot drive``: run ``cfg.episodes`` episodes against the server; prints success.
+    SIGTERM ends it like Ctrl-C: the arm is stopped, parked and released (``drivers/shutdown.py``)."""
+    with sigterm_as_interrupt():
+        return _run_drive(cfg)
+
+
+def _run_drive(cfg: DriveConfig) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         driver = build_driver(cfg)
@@ -213,10 +219,11 @@ def _print_episode(cfg: DriveConfig, driver: SafeDriver, r: EpisodeResult, i: in
     rtt = f"{np.median(r.rtt_ms):.1f} ms" if r.rtt_ms else "n/a"
     lost = f"  SERVER LOST {r.offline_s:.1f} s" if r.offline_s > 0 else ""
     taken = f"  operator steps {r.interventions}" if r.interventions else ""
+    ended = f"  ENDED BY SAFETY: {driver.end_reason}" if driver.end_reason else ""
     held = _held(driver, r)
     print(f"episode {i + 1}/{cfg.episodes}: {r.verdict or ('success' if r.success else 'failure')}  steps {r.steps} "
           f"(robot {r.robot_steps})  rows {r.rows}  held {held} ({held / driver.spec.control_hz:.1f} s)  "
-          f"overruns {r.overruns}  chunks {r.chunks}  rtt p50 {rtt}  {r.duration_s:.1f} s{taken}{lost}", flush=True)
+          f"overruns {r.overruns}  chunks {r.chunks}  rtt p50 {rtt}  {r.duration_s:.1f} s{taken}{lost}{ended}", flush=True)
 
 
 def _operator(cfg: DriveConfig, driver: SafeDriver) -> Any:

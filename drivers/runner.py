@@ -435,7 +435,7 @@ def _realtime_wait(driver: SafeDriver, executor: ChunkExecutor | _NoPolicy, pace
         if new.step != target:
             res.overruns += 1  # no step (the world did not advance) or several we did not see apart
             return nxt, new, [], True
-        return nxt, new, [ExecutedStep(info.step, obs, applied, False, new.reward, new.success, new.terminated,
+        return nxt, new, [ExecutedStep(info.step, obs, applied, driver.last_held, new.reward, new.success, new.terminated,
                                        new.truncated, nxt, time.monotonic(), time.time())], True
     expected = (info.time or time.monotonic()) + period  # when the robot's next tick is due
     executor.idle(min(expected, time.monotonic() + period), res.steps)  # take replies meanwhile

@@ -99,7 +99,7 @@ def scrub_file(path: str | os.PathLike[str], set_props: dict[str, str] | None = 
         if old._has_noise:  # a file that draws its own noise is checked by its weights alone
             noise = rng.standard_normal((4, *old.meta.noise_shape)).astype(np.float32)
             outs = [pol.predict_batch(obs, noise, images) for pol in (old, new)]
-            if not np.array_equal(*outs):
+            if not np.array_equal(outs[0], outs[1]):
                 raise ValueError(f"{p}: scrubbing changed the outputs")
         os.replace(tmp, p)
     finally:

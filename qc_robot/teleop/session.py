@@ -22,7 +22,7 @@ import numpy as np
 from qc_robot.data.recorder import Recorder
 from qc_robot.data.rewards import FROM_RECORDED, FROM_VERDICT, REWARD_SOURCE_KEY
 from qc_robot.drivers.base import ExecutedStep
-from qc_robot.drivers.registry import driver_config, make_driver
+from qc_robot.drivers.registry import build_driver_config, make_driver
 from qc_robot.drivers.runner import Pacer, run_episode
 from qc_robot.drivers.safety import SafeDriver
 from qc_robot.teleop.config import TeleopConfig
@@ -205,8 +205,7 @@ def build_driver(cfg: TeleopConfig) -> SafeDriver:
                                   time_scale=cfg.time_scale, seed=cfg.seed,
                                   image_size=cfg.env.image_size, image_key=cfg.env.image_key,
                                   camera=cfg.env.camera, render_fast=cfg.env.render_fast)
-    values.update(cfg.driver_args)
-    inner = make_driver(cfg.driver, driver_config(cfg.driver, **values))
+    inner = make_driver(cfg.driver, build_driver_config(cfg.driver, values, cfg.driver_args))
     if cfg.cameras:
         from qc_robot.drivers.camera_driver import CameraDriver
 
