@@ -34,6 +34,19 @@ class IOBudgetSpent(SensorError):
     ``reset`` reaches the robot again."""
 
 
+ARM_EPISODE_S = 30.0
+"""A real arm's default episode length: long enough for a tabletop pick-and-place, short enough
+that an arm left alone stops, parks and resets (at 20 Hz, 600 steps)."""
+
+
+def arm_episode_steps(max_episode_steps: int, control_hz: float) -> int:
+    """A real arm's episode limit in steps: ``max_episode_steps`` if positive, 0 (the default)
+    :data:`ARM_EPISODE_S` of control ticks, negative none at all."""
+    if max_episode_steps > 0:
+        return max_episode_steps
+    return 0 if max_episode_steps < 0 else int(round(ARM_EPISODE_S * control_hz))
+
+
 @dataclass
 class DriverSpec:
     """What a driver observes and accepts."""

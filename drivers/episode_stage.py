@@ -42,7 +42,7 @@ def _merge(parts: list[P.Transition]) -> P.Transition:
         terminals=cat([p.terminals for p in parts]), truncated=cat([p.truncated for p in parts]),
         next_obs={k: cat([p.next_obs[k] for p in parts]) for k in first.next_obs},
         success=parts[-1].success, policy_version=parts[-1].policy_version,
-        intervention=opt("intervention"), timestamps=opt("timestamps"), held=opt("held"))
+        intervention=opt("intervention"), timestamps=opt("timestamps"), held=opt("held"), reward=first.reward)
 
 
 def split_rows(tr: P.Transition, per: int) -> list[P.Transition]:
@@ -61,7 +61,7 @@ def split_rows(tr: P.Transition, per: int) -> list[P.Transition]:
             next_obs={k_: v[s] for k_, v in tr.next_obs.items()},
             success=tr.success if i + per >= k else bool(tr.success and tr.terminals[s].any()),
             policy_version=tr.policy_version, intervention=cut(tr.intervention), timestamps=cut(tr.timestamps),
-            held=cut(tr.held)))
+            held=cut(tr.held), reward=tr.reward))
     return out
 
 

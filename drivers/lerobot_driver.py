@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from qc_robot.drivers.base import Driver, DriverSpec, IOBudgetSpent, SensorError
+from qc_robot.drivers.base import Driver, DriverSpec, IOBudgetSpent, SensorError, arm_episode_steps
 from qc_robot.policies.base import ObsField
 
 log = logging.getLogger("qc_robot.lerobot")
@@ -60,7 +60,8 @@ class LeRobotConfig:
     control_hz: float = 20.0
     """The rate policies are trained at here (the sim tasks' 20 Hz; LeRobot records at 30)."""
     max_episode_steps: int = 0
-    """0: episodes end only by the operator or the task."""
+    """Steps before an episode is truncated; 0: 30 s of control ticks (600 at 20 Hz,
+    ``base.ARM_EPISODE_S``), negative: no limit (episodes end only by the operator)."""
     action_mode: str = "delta"
     """'delta' (a step of at most ``max_step`` per joint, zeros hold) or 'absolute' (joint targets)."""
     max_step: float = 0.05
@@ -271,7 +272,8 @@ class LeRobotDriver(Driver):
         act_lo, act_hi = (self._tgt_lo, self._tgt_hi) if self.absolute_actions else (-np.ones(a), np.ones(a))
         fields = [ObsField(cfg.obs_key, (len(self._state_keys),), "float32")]
         fields += [ObsField(k, tuple(int(s) for s in feats[k]), "uint8") for k in self._camera_keys]
-        self.spec = DriverSpec(fields, a, act_lo, act_hi, cfg.control_hz, cfg.max_episode_steps)
+        self.spec = DriverSpec(fields, a, act_lo, act_hi, cfg.control_hz,
+                                 arm_episode_steps(cfg.max_episode_steps, cfg.control_hz))
         for key in ("home", "park"):
             if getattr(cfg, key) and len(getattr(cfg, key)) != a:
                 raise ValueError(f"{key} needs {a} values ({act_keys}), got {len(getattr(cfg, key))}")
@@ -444,7 +446,7 @@ class LeRobotDriver(Driver):
         now = self.hold_target()
         applied = now if self.absolute_actions else (now - prev) / self.cfg.max_step
         self._last_applied = np.clip(applied, self.spec.action_low, self.spec.action_high).astype(np.float32)
-        self._count_step(self.cfg.max_episode_steps)
+        self._count_step(self.spec.max_episode_steps)
 
     def send_action(self, action: Any) -> np.ndarray:
         """As the base class, but returns what reached the motors (after LeRobot's own clipping and,
@@ -470,6 +472,14 @@ class LeRobotDriver(Driver):
         if self.absolute_actions:
             return np.clip(goal, self.spec.action_low, self.spec.action_high)
         return np.clip((goal - self.hold_target()) / self.cfg.max_step, -1.0, 1.0).astype(np.float32)
+
+    def joint_distance(self, joints: Mapping[str, Any]) -> float:
+        """The largest per-joint gap between ``joints`` (a leader arm's reading) and the pose last
+        measured here, in target units: how far a leader is moved away from the follower (its
+        takeover threshold, ``drive operator=lerobot``). 0 before the first read."""
+        if self._measured is None:
+            return 0.0
+        return float(np.max(np.abs(self.actions.to_vector(joints) - self._measured)))
 
     def stop(self) -> None:
         """Hold where the arm was last measured (or torque off with ``stop_torque_off``), without

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 import numpy as np
 
 from qc_robot import protocol as P
+from qc_robot.data.rewards import SPARSE
 from qc_robot.drivers.base import ExecutedStep, StepInfo
 from qc_robot.drivers.client import PolicyClient
 from qc_robot.drivers.episode_stage import EpisodeStage, split_rows
@@ -198,7 +199,8 @@ class _TransitionSender:
             next_obs={k: np.stack([r.next_obs[k] for r in rows]) for k in keys}, success=self.success,
             timestamps=np.asarray([r.wall_time for r in rows], np.float64),
             held=np.asarray([r.held for r in rows], bool),
-            intervention=np.asarray([r.intervention for r in rows], bool))
+            intervention=np.asarray([r.intervention for r in rows], bool),
+            reward=SPARSE if self.verdict_rewards else "")
 
     def _send(self, episode_id: int, rows: list[ExecutedStep]) -> None:
         self.client.send_transition(self._message(episode_id, rows))

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from qc_robot.drivers.base import Driver, DriverSpec, IOBudgetSpent
+from qc_robot.drivers.base import Driver, DriverSpec, IOBudgetSpent, arm_episode_steps
 from qc_robot.policies.base import ObsField
 
 log = logging.getLogger("qc_robot.xarm")
@@ -51,6 +51,8 @@ class XArmConfig:
     control_hz: float = 20.0
     """The rate policies are trained at here (the sim tasks' 20 Hz)."""
     max_episode_steps: int = 0
+    """Steps before an episode is truncated; 0: 30 s of control ticks (600 at 20 Hz,
+    ``base.ARM_EPISODE_S``), negative: no limit (episodes end only by the operator)."""
     step_mm: float = 5.0
     """Tool translation per step for a unit command (``step_mm × control_hz ≤ speed_mm_s``)."""
     step_yaw_deg: float = 5.0
@@ -110,7 +112,7 @@ class XArmDriver(Driver):
                              f"exceeds speed_mm_s {cfg.speed_mm_s:g}: the target would run ahead of the arm; "
                              f"use step_mm ≤ {cfg.speed_mm_s / cfg.control_hz:g}")
         self.spec = DriverSpec([ObsField(cfg.obs_key, (5,), "float32")], 5, -np.ones(5), np.ones(5),
-                               cfg.control_hz, cfg.max_episode_steps)
+                               cfg.control_hz, arm_episode_steps(cfg.max_episode_steps, cfg.control_hz))
         self.arm = arm
         self._target = np.r_[home, cfg.home_yaw_deg]  # x, y, z (mm), yaw (deg)
         self._grip = 0.0  # closing fraction commanded
@@ -296,7 +298,7 @@ class XArmDriver(Driver):
             err = self._io_failed("command", e)
             if isinstance(err, IOBudgetSpent):
                 raise err from e
-        self._count_step(c.max_episode_steps)
+        self._count_step(self.spec.max_episode_steps)
 
     def stop(self) -> None:
         """Stop motion now (state 4); ``reset`` makes the arm ready again."""

@@ -280,3 +280,31 @@ def test_a_served_episode_runs_through_qc_robot_drive(tmp_path: Path, capsys) ->
     assert len(goals) >= 30 and all(lo <= g <= hi for g in goals)
     # delta mode: a target moves at most max_step (0.05 of the [-1, 1] range) per step
     assert np.abs(np.diff(goals)).max() <= 0.025 * (hi - lo) + 1 and np.abs(np.diff(goals)).max() > 0
+
+
+def test_moving_the_leader_away_from_the_follower_is_a_takeover(tmp_path: Path) -> None:
+    """drive operator=lerobot: the operator takes over while the leader is moved beyond
+    ``takeover_threshold`` from the follower's measured pose, and hands back when it is not."""
+    from qc_robot.drivers.registry import build_driver_config
+    from qc_robot.teleop.devices import LeRobotLeaderDevice
+
+    with contextlib.ExitStack() as stack:
+        fsim, fargs = calibrated_so101("follower", tmp_path / "f")
+        lsim, largs = calibrated_so101("leader", tmp_path / "l")
+        stack.callback(fsim.close)
+        stack.callback(lsim.close)
+        follower = make_driver("lerobot", build_driver_config("lerobot", {}, {"robot_args": fargs, "reset_s": 0.0}))
+        follower.connect()
+        stack.callback(follower.close)
+        follower.reset(0)
+        leader = LeRobotLeaderDevice.for_driver(follower, teleop_args=largs, takeover_threshold=0.1)
+        leader.open()
+        stack.callback(leader.close)
+        for servo in IDS:  # the leader in the follower's pose: following, not taking over
+            lsim.move(servo, fsim.present(servo))
+        assert leader.read().takeover is False
+        lsim.move(3, fsim.present(3) + 330)  # 0.3 of joint 3's normalized range (2200 ticks / 2)
+        cmd = leader.read()
+        assert cmd.takeover is True and cmd.action is not None and cmd.action[2] > 0
+        lsim.move(3, fsim.present(3) + 60)  # back within 0.1 (0.055): handed back
+        assert leader.read().takeover is False

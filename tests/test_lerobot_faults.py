@@ -155,7 +155,7 @@ def test_release_torque_switches_torque_off_only_after_the_park(rig) -> None:
 _CHILD = """
 import json, sys
 from qc_robot.drivers.config import DriveConfig
-from qc_robot.drivers.runner import run_drive
+from qc_robot.drivers.drive import run_drive
 kw = json.loads(sys.argv[1])
 print("rc", run_drive(DriveConfig(**kw)), flush=True)
 """
@@ -230,7 +230,7 @@ def test_relative_target_cap_is_set_and_a_faster_step_is_refused(rig) -> None:
 
 def test_a_misspelt_driver_arg_is_refused_naming_the_nearest_key(rig, capsys) -> None:
     from qc_robot.drivers.config import DriveConfig
-    from qc_robot.drivers.runner import run_drive
+    from qc_robot.drivers.drive import run_drive
 
     _, args = rig
     with pytest.raises(ValueError, match=r"no option driver_args.max_episod_steps: did you mean 'max_episode_steps'\?"):
@@ -239,3 +239,19 @@ def test_a_misspelt_driver_arg_is_refused_naming_the_nearest_key(rig, capsys) ->
                                driver_args={"robot_args": args, "stop_torqe_off": True}))
     out = capsys.readouterr().out
     assert rc == 2 and "did you mean 'stop_torque_off'?" in out and len(out.strip().splitlines()) == 1
+
+
+def test_an_arm_left_alone_ends_its_episode_at_the_stated_default_limit(rig) -> None:
+    """drive passes max_episode_steps=0 when the env sets none: the arm's own default applies
+    (30 s of ticks, issue 22), not an 83-minute episode; negative disables it."""
+    from qc_robot.drivers.base import ARM_EPISODE_S
+
+    sim, args = rig
+    common = {"max_episode_steps": 0, "env": "cube-single", "realtime": False}  # what drive passes
+    slow = make_driver("lerobot", build_driver_config("lerobot", common, {"robot_args": args, "control_hz": 1.0}))
+    assert slow.spec.max_episode_steps == round(ARM_EPISODE_S * 1.0)
+    with SafeDriver(slow, SafetyConfig(watchdog_s=1e9)) as safe:
+        res, rows = run_scripted(safe, lambda step: np.zeros(6, np.float32), max_steps=10_000)
+    assert res.steps == round(ARM_EPISODE_S) and rows[-1].truncated and not rows[-1].terminated
+    unlimited = build_driver_config("lerobot", common, {"robot_args": args, "max_episode_steps": -1})
+    assert make_driver("lerobot", unlimited).spec.max_episode_steps == 0

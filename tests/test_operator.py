@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
-from test_finetune_loop import ft_cfg, offline  # noqa: F401 - the tiny offline checkpoint fixture
+from test_finetune_loop import ft_cfg
 
 from qc_robot.cli import compose
 from qc_robot.drivers.client import PolicyClient
@@ -28,6 +29,7 @@ from qc_robot.drivers.executor import ChunkExecutor
 from qc_robot.drivers.runner import run_episode
 from qc_robot.finetune.client import _record
 from qc_robot.server.app import ControlServer
+from qc_robot.server.episode_log import EpisodeLogger
 from qc_robot.server.journal import Journal
 from qc_robot.server.learner_link import LearnerLink
 from qc_robot.server.serve import load_policy
@@ -40,10 +42,12 @@ TASK = "cube-single-task1"
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[ControlServer, Journal]]:
-    """The shipped policy served with a transition journal (the learner port is bound, unused)."""
+    """The shipped policy served with a transition journal (the learner port is bound, unused)
+    and an episode log."""
     journal = Journal(str(tmp_path / "journal"))
     link = LearnerLink(f"ipc://{tmp_path / 'learner.ipc'}", journal)
-    srv = ControlServer(load_policy("default"), "tcp://127.0.0.1:*", learner_link=link).start()
+    srv = ControlServer(load_policy("default"), "tcp://127.0.0.1:*", learner_link=link,
+                        episode_logger=EpisodeLogger(str(tmp_path / "episodes"), {"source": "test"})).start()
     yield srv, journal
     srv.stop()
 
@@ -88,7 +92,19 @@ def drive_cfg(address: str, tmp_path: Path, *extra: str) -> Any:
                              *extra])
 
 
-def test_takeover_steps_are_flagged_exactly_and_reach_the_learners_intervention_buffer(server, tmp_path, offline):  # noqa: F811
+@pytest.fixture(scope="module")
+def sparse_ckpt(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-update offline checkpoint trained on sparse rewards (the convention of verdict rewards)."""
+    from qc_robot.train.learner import train
+
+    run = tmp_path_factory.mktemp("sparse")
+    train(compose("train", ["experiment=smoke", f"data.path={tiny_dataset}", f"training.run_dir={run}",
+                            "env.sparse_reward=true", "training.offline_steps=2", "training.online_steps=0",
+                            "training.eval_episodes=0"]))
+    return run / "checkpoint.pt"
+
+
+def test_takeover_steps_are_flagged_exactly_and_reach_the_learners_intervention_buffer(server, tmp_path, sparse_ckpt):
     srv, journal = server
     cfg = drive_cfg(srv.address, tmp_path, "max_steps=60")
     driver = build_driver(cfg)
@@ -115,11 +131,20 @@ def test_takeover_steps_are_flagged_exactly_and_reach_the_learners_intervention_
             if t and a is not None:
                 np.testing.assert_allclose(eps[i]["actions"][j], np.clip(a, -1, 1), atol=1e-6)
     assert sum(int(e["intervention"].sum()) for e in eps.values()) > 0, "the scripted operator never took over"
+    # the server's episode log keeps the flags and the rows' reward convention
+    srv.stop()
+    with h5py.File(srv.logger.path, "r") as f:
+        logged = sorted((f[f"data/{d}"] for d in f["data"]), key=lambda g: int(g.attrs["episode_id"]))
+        assert [int(g.attrs["episode_id"]) for g in logged] == [0, 1]
+        for i, g in enumerate(logged):
+            np.testing.assert_array_equal(g["intervention"][:].astype(bool), eps[i]["intervention"])
+            np.testing.assert_array_equal(g["rewards"][:], eps[i]["rewards"])
+            assert g.attrs["reward"] == "sparse"
     # the learner: takeover rows go to its intervention buffer
     from qc_robot.finetune.client import Record
     from qc_robot.finetune.loop import Finetuner
 
-    ft = Finetuner(ft_cfg(offline[0], tmp_path / "ft"))
+    ft = Finetuner(ft_cfg(sparse_ckpt, tmp_path / "ft"))  # verdict rewards are sparse: so is its checkpoint
     recs = [Record(k + 1, "s", "sim", "v0", 0.0, tr) for k, tr in enumerate(journaled(journal))]
     ft.apply(recs)
     assert ft.interventions.size >= sum(int(e["intervention"].sum()) for e in eps.values())
