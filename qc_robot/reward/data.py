@@ -92,7 +92,13 @@ def load_labelled(paths: Sequence[str], obs_keys: list[str] | None, positive_fra
         if images:
             print(f"note: image keys {images} left out (name them in obs_keys to train on camera images)")
     task, hz = "", 0.0
-    state, imgs, labels, episode, success, names, skipped = [], [], [], [], [], [], []
+    state: list[np.ndarray] = []
+    imgs: list[dict[str, np.ndarray]] = []
+    labels: list[np.ndarray] = []
+    episode: list[np.ndarray] = []
+    success: list[bool] = []
+    names: list[str] = []
+    skipped: list[str] = []
     fields: list[ObsField] | None = None
     for path in paths:
         ds = load_flat(path, obs_keys=keys)

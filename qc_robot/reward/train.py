@@ -148,8 +148,9 @@ def build_metadata(cfg: RewardConfig, result: TrainedDetector) -> DetectorMetada
         code_version=qc_robot.__version__, torch_version=torch.__version__)
 
 
-def run_reward(cfg: RewardConfig) -> int:
-    """CLI ``qc-robot reward``: train, measure on held-out episodes, export, write the metrics JSON."""
+def train_and_export(cfg: RewardConfig) -> tuple[TrainedDetector, Path]:
+    """Train, measure on held-out episodes, export (verified) and write the metrics JSON;
+    returns the trained detector and the file written."""
     from qc_robot.cli_errors import UserError
     from qc_robot.reward.export import export_detector
 
@@ -165,8 +166,13 @@ def run_reward(cfg: RewardConfig) -> int:
     path, err = export_detector(result.net, meta, cfg.out, result.frames.state[held], images,
                                 opset=cfg.opset, parity_tol=cfg.parity_tol, seed=cfg.seed)
     result.metrics["export"] = {"path": str(path), "parity_max_abs": err, "parity_tol": cfg.parity_tol}
-    mpath = metrics_path(path)
-    mpath.write_text(json.dumps(result.metrics, indent=2) + "\n")
+    metrics_path(path).write_text(json.dumps(result.metrics, indent=2) + "\n")
+    return result, path
+
+
+def run_reward(cfg: RewardConfig) -> int:
+    """CLI ``qc-robot reward``: train, measure on held-out episodes, export, write the metrics JSON."""
+    result, path = train_and_export(cfg)
     m, s = result.metrics, result.metrics["split"]
     print(f"success detector for {m['task'] or 'the task'} on {m['obs_keys']}: {s['train_episodes']} training, "
           f"{s['valid_episodes']} held-out episodes ({s['valid_successes']} successes); threshold "
@@ -174,5 +180,6 @@ def run_reward(cfg: RewardConfig) -> int:
     print("held-out " + summary_line("frames", m["valid"]["frame"]))
     print("held-out " + summary_line("episodes", m["valid"]["episode"])
           + f", early fires {m['valid']['episode']['early_fires']}")
-    print(f"exported to {path} (onnxruntime matches torch within {err:.2g}); metrics in {mpath}")
+    print(f"exported to {path} (onnxruntime matches torch within {m['export']['parity_max_abs']:.2g}); "
+          f"metrics in {metrics_path(path)}")
     return 0
