@@ -100,15 +100,29 @@ def fit(cfg: RewardConfig, frames: LabelledFrames, train: np.ndarray) -> tuple[D
     return net.eval(), losses
 
 
+SWEEP = (0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
+"""Thresholds at which the held-out per-episode rates are also reported (to pick one for a
+target false-positive rate without retraining: ``drive`` can override the file's)."""
+
+
 def evaluate(net: DetectorNet, frames: LabelledFrames, episodes: np.ndarray, threshold: float,
-             debounce: int) -> dict[str, Any]:
-    """Per-frame and per-episode metrics of ``net`` on ``episodes``."""
+             debounce: int, sweep: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Per-frame and per-episode metrics of ``net`` on ``episodes`` (and per-episode recall and
+    false-positive rate at each threshold of ``sweep``)."""
     rows = frames.rows(episodes)
     prob = np.full(len(frames), np.nan, np.float32)
     prob[rows] = predict(net, frames, rows)
-    return {"frame": frame_metrics(prob[rows], frames.labels[rows], threshold),
-            "episode": episode_metrics(prob, frames.episode, frames.labels, frames.success, episodes,
-                                       threshold, debounce)}
+    out: dict[str, Any] = {
+        "frame": frame_metrics(prob[rows], frames.labels[rows], threshold),
+        "episode": episode_metrics(prob, frames.episode, frames.labels, frames.success, episodes,
+                                   threshold, debounce)}
+    if sweep:
+        out["episode_sweep"] = [
+            {"threshold": t, **{k: v for k, v in episode_metrics(prob, frames.episode, frames.labels, frames.success,
+                                                                episodes, t, debounce).items()
+                                if k in ("precision", "recall", "fpr", "fp", "tp")}}
+            for t in sweep]
+    return out
 
 
 def train_detector(cfg: RewardConfig) -> TrainedDetector:
@@ -119,7 +133,7 @@ def train_detector(cfg: RewardConfig) -> TrainedDetector:
     names = read_filter(cfg.paths, cfg.valid_filter) if cfg.valid_filter else None
     train, valid = split_episodes(frames, cfg.valid_fraction, cfg.seed, names)
     net, losses = fit(cfg, frames, train)
-    held = evaluate(net, frames, valid, cfg.threshold, cfg.debounce)
+    held = evaluate(net, frames, valid, cfg.threshold, cfg.debounce, SWEEP)
     seen = evaluate(net, frames, train, cfg.threshold, cfg.debounce)
     metrics: dict[str, Any] = {
         "task": frames.task,
@@ -180,6 +194,12 @@ def run_reward(cfg: RewardConfig) -> int:
     print("held-out " + summary_line("frames", m["valid"]["frame"]))
     print("held-out " + summary_line("episodes", m["valid"]["episode"])
           + f", early fires {m['valid']['episode']['early_fires']}")
+    print("held-out episodes by threshold (debounce fixed): " + ", ".join(
+        f"{r['threshold']:g}: recall {_fmt(r['recall'])} fpr {_fmt(r['fpr'])}" for r in m["valid"]["episode_sweep"]))
     print(f"exported to {path} (onnxruntime matches torch within {m['export']['parity_max_abs']:.2g}); "
           f"metrics in {metrics_path(path)}")
     return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
