@@ -55,6 +55,8 @@ VERBS: dict[str, Verb] = {
                      ("merge", "concatenate FILE... into out=FILE"),
                      ("split", "write train/valid filters (mask/train, mask/valid) into FILE"),
                      ("recover", "commit the episodes a crashed teleop run left in FILE's journal"))),
+    "reward": Verb("qc_robot.reward.config:RewardConfig", "qc_robot.reward.train:run_reward",
+                   "train a success detector on labelled episodes, report held-out rates, export to ONNX"),
     "demo": Verb("qc_robot.demo:DemoConfig", "qc_robot.demo:run_demo",
                  "the whole loop in one command: serve the shipped policy, drive the sim, summary"),
     "calibrate": Verb("qc_robot.calibration.cli:CalibrateConfig", "qc_robot.calibration.cli:run_calibrate",
