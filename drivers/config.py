@@ -88,8 +88,24 @@ class DriveConfig:
     ready)."""
     reward: str = "auto"
     """Rewards of the transitions: 'driver' (the driver's own), 'verdict' (the sparse convention
-    from the operator's verdicts: -1 a step, 0 and termination on success), 'auto' (verdicts when
-    an operator is in the loop and the robot reports no reward: real arms, the blind sim)."""
+    from the operator's verdicts: -1 a step, 0 and termination on success), 'detector' (the same
+    convention from ``reward_model``'s decision, the operator's verdicts overruling it), 'auto'
+    ('detector' with a ``reward_model``, else verdicts when an operator is in the loop and the
+    robot reports no reward: real arms, the blind sim)."""
+    reward_model: str = ""
+    """A success detector exported by ``qc-robot reward`` ('' = none). It scores each executed
+    step on the robot side; once it fires (``debounce`` consecutive frames at or above
+    ``threshold``) the episode ends as a success with the sparse reward. Refused at start when
+    its observation keys or shapes differ from the robot's."""
+    reward_threshold: float = -1.0
+    """The detector's probability threshold (< 0: the one exported with it)."""
+    reward_debounce: int = 0
+    """Consecutive frames above the threshold for the detector to fire (0: the exported one)."""
+    review_s: float = 2.0
+    """With an operator and a ``reward_model``: after the detector fires the robot holds this many
+    seconds for the operator to overrule it ('failure' or 'discard'); 'success' or the end of the
+    window confirms it. Overrules either way (also a 'success' the detector missed) are logged
+    and counted."""
     max_steps: int = 0
     """Steps per episode at most (0: twice the driver's own limit, or its default)."""
     blind: bool = False

@@ -69,12 +69,13 @@ def _run_drive(cfg: DriveConfig) -> int:
         cal = load_calibration(cfg.calibration, task=cfg.env.name if cfg.driver == "sim" else None) \
             if cfg.calibration else None
         operator = _operator(cfg, driver)
+        detector = _detector(cfg, driver)
     except (ValueError, RuntimeError) as e:  # CalibrationError is a ValueError; a missing device extra
         print(f"drive: {e}")
         return 2
     driver.connect()
-    verdict_rewards = operator is not None and (cfg.reward == "verdict" or (cfg.reward == "auto"
-                                                                            and not driver.reports_reward))
+    verdict_rewards = detector is not None or (operator is not None and (
+        cfg.reward == "verdict" or (cfg.reward == "auto" and not driver.reports_reward)))
     meta = {"mode": cfg.mode, "calibration_id": cal.id if cal is not None else ""}
     try:
         curve = _client_curve(cfg)
@@ -101,7 +102,9 @@ def _run_drive(cfg: DriveConfig) -> int:
         return 2
     print(f"connected to {cfg.server}: policy {label}, "
           f"H={welcome.chunk_len}, session {welcome.session}; mode {cfg.mode}, driver {cfg.driver}"
-          + (f", operator {operator.name}" if operator is not None else ""))
+          + (f", operator {operator.name}" if operator is not None else "")
+          + (f", reward model {cfg.reward_model} (threshold {detector.threshold:g}, debounce {detector.debounce})"
+             if detector is not None else ""))
     first_episode = 0
     if stage is not None and (cut := stage.recover()) is not None:  # a killed drive's last episode
         for part in split_rows(cut, 64):
@@ -143,7 +146,8 @@ def _run_drive(cfg: DriveConfig) -> int:
                             view.episode(i) if view is not None else None)
             r = run_episode(driver, executor, first_episode + i, cfg.seed + i, pacer, client, cfg.send_transitions,
                             on_rows=on_rows, pace=pace, max_steps=cfg.max_steps, operator=operator, stage=stage,
-                            verdict_rewards=verdict_rewards, reset_wait_s=cfg.reset_wait_s)
+                            verdict_rewards=verdict_rewards, reset_wait_s=cfg.reset_wait_s, detector=detector,
+                            review_s=cfg.review_s)
             if r.verdict == "end" and r.steps == 0:
                 print("the operator ended the run")
                 break
@@ -188,7 +192,14 @@ def _run_drive(cfg: DriveConfig) -> int:
         rate = f"{100.0 * sum(r.interventions for r in results) / steps:.1f}%" if steps else "n/a"
         print(f"{operator.summary()}; intervention rate {rate} of steps; discarded "
               f"{sum(r.verdict == 'discard' for r in results)} episode(s); reset phases "
-              f"{sum(r.reset_s for r in results):.1f} s" + ("; rewards from verdicts" if verdict_rewards else ""))
+              f"{sum(r.reset_s for r in results):.1f} s" + ("; rewards from verdicts" if verdict_rewards
+                                                             and detector is None else ""))
+    if detector is not None:
+        s = detector.summary()
+        print(f"reward model: fired in {sum(r.detector_fired for r in results)}/{len(results)} episodes; overruled "
+              f"{s['overrules']} of {s['verdicts']} operator verdicts ({s['overrules_false_positive']} false "
+              f"positives, {s['overrules_false_negative']} missed successes); {s['nan_frames']} non-finite frames "
+              "gave no reward")
     return 0
 
 
@@ -230,9 +241,32 @@ def _operator(cfg: DriveConfig, driver: SafeDriver) -> Any:
     """The operator channel (None for operator=none); a mistake is a ValueError of one line."""
     from qc_robot.teleop.operator import make_operator
 
-    if cfg.reward not in ("auto", "driver", "verdict"):
-        raise ValueError(f"reward must be 'auto', 'driver' or 'verdict', got {cfg.reward!r}")
+    if cfg.reward not in ("auto", "driver", "verdict", "detector"):
+        raise ValueError(f"reward must be 'auto', 'driver', 'verdict' or 'detector', got {cfg.reward!r}")
     return make_operator(cfg.operator, dict(cfg.operator_args), driver)
+
+
+def _detector(cfg: DriveConfig, driver: SafeDriver) -> Any:
+    """The success detector of ``reward_model`` (None: none); a mistake is a ValueError of one line."""
+    if not cfg.reward_model:
+        if cfg.reward == "detector":
+            raise ValueError("reward=detector needs reward_model=PATH (a detector exported by qc-robot reward)")
+        return None
+    if cfg.reward not in ("auto", "detector"):
+        raise ValueError(f"reward_model gives the rewards: it cannot be combined with reward={cfg.reward}")
+    if cfg.driver == "sim" and not cfg.blind:
+        raise ValueError("reward_model on the sim needs blind=true (else the sim's own success ends the episodes "
+                         "and the detector is not what decides)")
+    from pathlib import Path
+
+    from qc_robot.policies.success_detector import SuccessDetector
+
+    if not Path(cfg.reward_model).is_file():
+        raise ValueError(f"reward_model: no file {cfg.reward_model} (export one with qc-robot reward)")
+    det = SuccessDetector.load(cfg.reward_model, threshold=cfg.reward_threshold if cfg.reward_threshold >= 0 else None,
+                               debounce=cfg.reward_debounce or None)
+    det.check_spec(driver.spec.obs_fields)
+    return det
 
 
 def _client_curve(cfg: DriveConfig) -> Any:

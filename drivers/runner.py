@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from qc_robot.policies.success_detector import SuccessDetector
     from qc_robot.teleop.operator import Operator, OperatorTick
 
 import numpy as np
@@ -142,6 +143,10 @@ class EpisodeResult:
     """Rows the operator had the controls for (flagged ``intervention``)."""
     reset_s: float = 0.0
     """Seconds of the reset phase before the episode (waiting for the operator's ready)."""
+    detector_fired: bool = False
+    """The success detector (``reward_model``) ended the episode."""
+    overruled: str = ""
+    """'false_positive' or 'false_negative': the operator's verdict contradicted the detector."""
 
 
 class _TransitionSender:
@@ -188,8 +193,8 @@ class _TransitionSender:
         self.success = self.success or any(r.success for r in rows)  # succeeded by the last row sent
         keys = rows[0].obs.keys()
         rewards = np.asarray([r.reward for r in rows], np.float32)
-        if self.verdict_rewards:  # the sparse convention; the verdict sets the last step's (release)
-            rewards[:] = -1.0
+        if self.verdict_rewards:  # the sparse convention: 0 on a success that ends the episode
+            rewards = np.asarray([0.0 if r.success and r.terminated else -1.0 for r in rows], np.float32)
         return P.Transition(
             episode_id=episode_id, start_step=self.start_step,
             obs={k: np.stack([r.obs[k] for r in rows]) for k in keys},
@@ -240,6 +245,8 @@ def finish(tr: P.Transition, verdict: str, verdict_rewards: bool) -> None:
             tr.rewards[-1] = 0.0
     else:
         tr.success = False
+        if verdict_rewards:  # a detector's success overruled: under verdicts only a success terminates
+            tr.terminals[-1], tr.rewards[-1] = False, -1.0
         if not tr.terminals[-1]:
             tr.truncated[-1] = True
 
@@ -279,7 +286,8 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
                 stall_timeout_s: float = 5.0, pace: PolicyPace | None = None,
                 operator: Operator | None = None, stage: EpisodeStage | None = None,
                 verdict_rewards: bool = False, reset_wait_s: float = 0.0,
-                reset_phase: bool = True) -> EpisodeResult:
+                reset_phase: bool = True, detector: SuccessDetector | None = None,
+                review_s: float = 0.0) -> EpisodeResult:
     """One episode; returns its result.
 
     Rows (for ``send_transitions`` and ``on_rows``) are exact: one per step the robot executed,
@@ -299,6 +307,11 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
     on the success step), for robots with no reward of their own. ``reset_phase=False``: no wait
     for ready (teleop waits before the reset). ``executor`` None: no policy (teleop: the
     operator drives every tick); ``pacer`` then also paces a lockstep driver, at a person's pace.
+
+    With a ``detector`` (``reward_model``) each executed step's next observation is scored; when
+    it fires the episode ends at that step as a success (later steps of the same tick are not
+    rows). An operator then has ``review_s`` seconds to overrule it, and may end an episode with a
+    'success' the detector missed; both kinds of overrule are counted (``overruled``).
     """
     t0 = time.monotonic()
     lockstep_pacer = pacer if executor is None and not driver.realtime else None
@@ -317,13 +330,15 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
                 driver.executed_steps()  # the ticks the robot held through while waiting are no episode
             obs = driver.get_observation()
         operator.episode_started(obs)
+    if detector is not None:
+        detector.reset()
     held0, chunks0, rtt0 = driver.stats.held, ex.stats.chunks, len(ex.stats.rtt_ms)
     offline0 = client.offline_now if client is not None else 0.0
     limit = max_steps or (driver.spec.max_episode_steps * 2 if driver.spec.max_episode_steps else 100_000)
     sender = None
     if client and send_transitions:
         sender = _TransitionSender(client, ex.chunk_len, stage if operator is not None else None,
-                                   verdict_rewards and operator is not None)
+                                   verdict_rewards and (operator is not None or detector is not None))
     period = pacer.period if pacer is not None else 1.0 / driver.spec.control_hz
     info = driver.step_info()
     last: ExecutedStep | None = None
@@ -368,9 +383,12 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
                 for r in rows:
                     r.intervention = r.cmd_step in takeover_cmds or bool(r.held and op is not None and op.takeover)
             obs, info = nxt, new
+            if detector is not None and rows:
+                rows = _detect(detector, rows)
+                res.detector_fired = rows[-1].success
             last = rows[-1] if rows else last
             ended = (last is not None and (last.terminated or last.truncated)) or new.terminated or new.truncated \
-                or not alive or res.steps >= limit
+                or not alive or res.steps >= limit or res.detector_fired
             if ended and last is not None and not (last.terminated or last.truncated):
                 last.truncated = True  # the loop ends the episode here (its step limit, a stalled robot)
             for r in rows:
@@ -388,9 +406,15 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
                 sender.flush(episode_id, force=ended or (pace is not None and pace.due))
             if ended:
                 break
+        if res.detector_fired and operator is not None and review_s > 0:
+            operator.detector_fired()
+            res.verdict = _review(driver, operator, period, review_s) or ""
     finally:
         if operator is not None:
             operator.episode_ended()
+    if detector is not None and res.verdict in ("success", "failure"):  # the operator's word on it
+        o = detector.record_verdict(res.verdict == "success")
+        res.overruled = o.kind if o is not None else ""
     if not res.verdict:
         res.verdict = "success" if res.success else "failure"
     elif operator is not None:
@@ -405,6 +429,33 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
     res.rtt_ms = ex.stats.rtt_ms[rtt0:]
     res.offline_s = client.offline_now - offline0 if client is not None else 0.0
     return res
+
+
+def _detect(detector: SuccessDetector, rows: list[ExecutedStep]) -> list[ExecutedStep]:
+    """Score each row's next observation; the rows up to the one the detector fires on, that one
+    marked the episode's successful last step. The robot's own success flags are not used."""
+    for i, r in enumerate(rows):
+        r.success = False
+        if detector.update(r.next_obs).fired:
+            r.success = r.terminated = True
+            r.truncated = False
+            return rows[: i + 1]
+    return rows
+
+
+def _review(driver: SafeDriver, operator: Operator, period: float, review_s: float) -> str | None:
+    """After the detector fired: up to ``review_s`` seconds for the operator's verdict (None: no
+    word: the fire stands; 'end' is no word here, press it again at the reset). The robot holds
+    meanwhile."""
+    deadline = time.monotonic() + review_s
+    while time.monotonic() < deadline:
+        said = operator.review_tick()
+        if said is not None:
+            return None if said == "end" else said
+        if driver.realtime:
+            driver.act(None)
+        time.sleep(period)  # the operator's pace, not a synchronisation: nothing else waits on it
+    return None
 
 
 def _reset_phase(driver: SafeDriver, operator: Operator, pacer: Pacer | None, wait_s: float) -> str:

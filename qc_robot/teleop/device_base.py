@@ -63,6 +63,10 @@ class TeleopDevice(ABC):
     def episode_ended(self) -> None:  # noqa: B027 - optional hook
         """Called when the episode ends (any reason)."""
 
+    def detector_fired(self) -> None:  # noqa: B027 - optional hook
+        """``drive reward_model=``: the success detector ended the episode; the next reads are the
+        review window, where a verdict confirms or overrules it (before ``episode_ended``)."""
+
     def __enter__(self) -> TeleopDevice:
         self.open()
         return self

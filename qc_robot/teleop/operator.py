@@ -61,6 +61,10 @@ class OperatorConfig:
     """scripted: probability that a stalled policy is taken over (the takeover-rate knob; 0 never)."""
     ready_after: int = 0
     """scripted: ticks of the reset phase before it presses ready."""
+    verdicts: bool = True
+    """scripted: press 'success' as soon as the sim's hidden success holds. false: leave the
+    episodes' outcome to ``drive reward_model=`` (it still takes over, and reviews each of the
+    detector's fires against the truth, overruling a false one)."""
     seed: int = 0
     """scripted: seed of its takeover draws and the oracle's noise."""
 
@@ -160,6 +164,21 @@ class Operator:
             self.stats.ignored_during_reset += len(cmd.events)
             log.info("operator keys during the reset ignored: %s", [e.value for e in cmd.events])
         return None
+
+    def review_tick(self) -> str | None:
+        """One tick of the review of a success detector's fire: 'success', 'failure', 'discard'
+        (counted as verdicts), 'end', or None (no word yet). Takeover and pause mean nothing here."""
+        cmd = self._read()
+        if cmd is None:
+            return None
+        verdict = next((e.value for e in cmd.events if e in (Event.SUCCESS, Event.FAILURE, Event.DISCARD)), None)
+        if verdict is not None:
+            self.stats.verdicts[verdict] += 1
+            return verdict
+        return "end" if Event.QUIT in cmd.events else None
+
+    def detector_fired(self) -> None:
+        self.device.detector_fired()
 
     def episode_started(self, obs: Mapping[str, np.ndarray]) -> None:
         self._takeover, self._paused, self._in_episode = False, False, True

@@ -5,7 +5,9 @@ no hardware and no human:
 
 * **verdicts**: it presses "success" as soon as the simulator's hidden success holds (the sim
   driver with ``blind=true`` withholds reward and success from the loop, as a real arm does, and
-  exposes them only through ``SimDriver.hidden_info``, which this operator alone reads);
+  exposes them only through ``SimDriver.hidden_info``, which this operator alone reads); with
+  ``verdicts=false`` the success detector (``drive reward_model=``) decides instead, and this
+  operator only reviews its fires against the truth (overruling the false ones);
 * **takeovers**: when the policy makes no progress for ``patience`` steps (the target cube and
   the gripper no closer to where they must go, by ``progress_eps``) it takes over with OGBench's
   cube oracle for ``takeover_steps`` steps, at most ``max_takeovers`` times an episode, each with
@@ -43,6 +45,7 @@ class ScriptedSupervisor(TeleopDevice):
         self._since = 0
         self._left = 0
         self._takeovers = 0
+        self._reviewing = False
 
     @classmethod
     def for_driver(cls, driver: Any, cfg: OperatorConfig) -> ScriptedSupervisor:
@@ -68,7 +71,10 @@ class ScriptedSupervisor(TeleopDevice):
 
     def episode_ended(self) -> None:
         self.oracle.episode_ended()
-        self._in_episode, self._reset_ticks = False, 0
+        self._in_episode, self._reset_ticks, self._reviewing = False, 0, False
+
+    def detector_fired(self) -> None:
+        self._reviewing = True
 
     def _potential(self) -> float:
         """Metres still to go: the gripper to the first unsolved cube, and every cube to its goal."""
@@ -86,7 +92,9 @@ class ScriptedSupervisor(TeleopDevice):
         if not self._in_episode:  # the reset phase: press ready after a while
             self._reset_ticks += 1
             return TeleopCommand(None, [Event.START] if self._reset_ticks > self.cfg.ready_after else [])
-        if self.sim.hidden_info().success:
+        if self._reviewing:  # the detector ended the episode: confirm it, or overrule a false fire
+            return TeleopCommand(None, [Event.SUCCESS if self.sim.hidden_info().success else Event.FAILURE])
+        if self.cfg.verdicts and self.sim.hidden_info().success:
             return TeleopCommand(None, [Event.SUCCESS], takeover=False)
         pot = self._potential()
         if pot < self._best - self.cfg.progress_eps:
