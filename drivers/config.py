@@ -97,6 +97,12 @@ class DriveConfig:
     step on the robot side; once it fires (``debounce`` consecutive frames at or above
     ``threshold``) the episode ends as a success with the sparse reward. Refused at start when
     its observation keys or shapes differ from the robot's."""
+    learner_wait: int = 200
+    """Hold the robot at its reset while the server's learner owes more than this many updates to
+    its UTD target (a learner slower than the robot: docs/finetune.md); 0: never wait. Costs
+    nothing without a learner or with one that keeps up; the time waited is reported."""
+    learner_wait_max_s: float = 600.0
+    """Longest wait at one reset (0: no cap); then the episode starts anyway (counted)."""
     reward_threshold: float = -1.0
     """The detector's probability threshold (< 0: the one exported with it)."""
     reward_debounce: int = 0

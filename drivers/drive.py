@@ -17,6 +17,7 @@ from qc_robot.drivers.client import HandshakeError, PolicyClient
 from qc_robot.drivers.config import DriveConfig
 from qc_robot.drivers.episode_stage import EpisodeStage, split_rows
 from qc_robot.drivers.executor import ChunkExecutor
+from qc_robot.drivers.learner_pace import LearnerPace
 from qc_robot.drivers.outbox import Outbox
 from qc_robot.drivers.registry import build_driver_config, make_driver
 from qc_robot.drivers.runner import EpisodeResult, Pacer, PolicyPace, run_episode
@@ -124,6 +125,8 @@ def _run_drive(cfg: DriveConfig) -> int:
                              tick_wait_s=cfg.tick_wait / (driver.spec.control_hz * cfg.time_scale) if driver.realtime else 0.0,
                              initial_delay_steps=cal.inference_delay_steps if cal is not None else 0)
     pacer = Pacer(driver.spec.control_hz * cfg.time_scale) if driver.realtime else None
+    learner_pace = LearnerPace(client, driver, cfg.learner_wait, cfg.learner_wait_max_s,
+                               1.0 / (driver.spec.control_hz * cfg.time_scale))
     results: list[EpisodeResult] = []
     video = None
     if cfg.video:  # lockstep sim only (checked by the CLI): rendering is slower than a control period
@@ -147,7 +150,7 @@ def _run_drive(cfg: DriveConfig) -> int:
             r = run_episode(driver, executor, first_episode + i, cfg.seed + i, pacer, client, cfg.send_transitions,
                             on_rows=on_rows, pace=pace, max_steps=cfg.max_steps, operator=operator, stage=stage,
                             verdict_rewards=verdict_rewards, reset_wait_s=cfg.reset_wait_s, detector=detector,
-                            review_s=cfg.review_s)
+                            review_s=cfg.review_s, learner_wait=learner_pace)
             if r.verdict == "end" and r.steps == 0:
                 print("the operator ended the run")
                 break
@@ -184,6 +187,11 @@ def _run_drive(cfg: DriveConfig) -> int:
         print(f"server lost {client.stats.lost} time(s): {lost_eps}/{len(results)} episode(s) ran partly or wholly "
               f"without it, {sum(r.offline_s for r in results):.1f} s held in all (their outcome is the hold's, "
               "not the policy's)")
+    if learner_pace.waits:
+        total = sum(r.duration_s for r in results)
+        print(f"waited for the learner at {learner_pace.waits} reset(s): {learner_pace.wait_s:.1f} s, "
+              f"{100.0 * learner_pace.wait_s / max(total, 1e-9):.0f}% of the run's robot time"
+              + (f"; {learner_pace.gave_up} wait(s) cut at {cfg.learner_wait_max_s:g} s" if learner_pace.gave_up else ""))
     if pace is not None:
         print(f"paced to the learner: {pace.blocks} blocks of {pace.every} steps, waited {pace.wait_s:.1f} s, "
               f"{pace.timeouts} timeouts")

@@ -143,6 +143,8 @@ class EpisodeResult:
     """Rows the operator had the controls for (flagged ``intervention``)."""
     reset_s: float = 0.0
     """Seconds of the reset phase before the episode (waiting for the operator's ready)."""
+    learner_wait_s: float = 0.0
+    """Seconds the robot waited at its reset for the learner to catch up (``learner_wait``)."""
     detector_fired: bool = False
     """The success detector (``reward_model``) ended the episode."""
     overruled: str = ""
@@ -287,7 +289,7 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
                 operator: Operator | None = None, stage: EpisodeStage | None = None,
                 verdict_rewards: bool = False, reset_wait_s: float = 0.0,
                 reset_phase: bool = True, detector: SuccessDetector | None = None,
-                review_s: float = 0.0) -> EpisodeResult:
+                review_s: float = 0.0, learner_wait: Callable[[], float] | None = None) -> EpisodeResult:
     """One episode; returns its result.
 
     Rows (for ``send_transitions`` and ``on_rows``) are exact: one per step the robot executed,
@@ -312,6 +314,9 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
     it fires the episode ends at that step as a success (later steps of the same tick are not
     rows). An operator then has ``review_s`` seconds to overrule it, and may end an episode with a
     'success' the detector missed; both kinds of overrule are counted (``overruled``).
+
+    ``learner_wait``: called after the reset; it holds the robot while the learner is too far
+    behind and returns the seconds it waited (those ticks are no part of the episode).
     """
     t0 = time.monotonic()
     lockstep_pacer = pacer if executor is None and not driver.realtime else None
@@ -319,6 +324,11 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
     obs = driver.reset(seed)
     ex.reset()
     res = EpisodeResult(episode_id, False, 0, 0, 0, 0, 0.0)
+    if learner_wait is not None and (waited := learner_wait()) > 0:
+        res.learner_wait_s = waited
+        if driver.realtime:
+            driver.executed_steps()  # the held ticks are no episode
+        obs = driver.get_observation()
     if operator is not None:
         if reset_phase:
             ready = _reset_phase(driver, operator, pacer, reset_wait_s)

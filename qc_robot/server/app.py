@@ -384,7 +384,8 @@ class ControlServer:
         if session is not None:
             session.last_seen = now
         if isinstance(msg, P.Heartbeat):
-            self._reply(router, ident, P.Heartbeat(msg.seq, time.time()))
+            behind = self.link.learner_behind() if self.link is not None else -1
+            self._reply(router, ident, P.Heartbeat(msg.seq, time.time(), behind))
         elif isinstance(msg, P.Describe):
             self._reply(router, ident, P.Description(self.metadata, msg.request_id))
         elif isinstance(msg, P.Hello):
