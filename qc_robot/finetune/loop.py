@@ -19,10 +19,12 @@ import copy
 import csv
 import dataclasses
 import logging
+import os
 import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,9 @@ class Finetuner:
         self.rejected = 0
         self.online = OnlineReplay(self.replay, self.horizon, self.discount)
         self.robots: dict[str, RobotStats] = {k: RobotStats(**v) for k, v in state.get("robots", {}).items()}
+        if tr.is_resume:  # what was logged after the checkpoint is logged again as it is re-applied
+            self.logger.forget_after(self.step)
+            _keep_rows(Path(cfg.run_dir) / "episodes.csv", lambda r: int(r["episode"]) <= self.episodes)
         if "assembler" in state:
             self.assembler.load_state_dict(state["assembler"])
             for key, rows in self.assembler.open_rows().items():  # open episodes are sampled again
@@ -289,9 +294,10 @@ class Finetuner:
         behind = self.owed()
         self.rates.append((steps_s, upd_s, behind))
         if behind > max(2 * self.cfg.push_every, 100):
-            log.warning("the learner is %d updates behind its UTD target: robots send %.1f env steps/s, it makes "
-                        "%.1f updates/s (UTD %d needs %.1f); the backlog waits in the journal", behind, steps_s,
-                        upd_s, self.cfg.utd, self.cfg.utd * steps_s)
+            log.warning("the learner owes %d updates to its UTD target: robots send %.1f env steps/s, it makes "
+                        "%.1f updates/s (UTD %d needs %.1f); it keeps taking their steps and pays the updates as it "
+                        "can, and robots wait at their resets while it owes more than their learner_wait", behind,
+                        steps_s, upd_s, self.cfg.utd, self.cfg.utd * steps_s)
 
     def _log_metrics(self, info: dict[str, torch.Tensor]) -> None:
         """One metrics row (one host sync): the update's losses, updates/s and env steps."""
@@ -397,6 +403,20 @@ class Finetuner:
                 self.logger.close()
         return FinetuneResult(Path(c.run_dir), self.updates, self.env_steps, self.applied_seq,
                               self.policy_version, self.episodes, self.successes)
+
+
+def _keep_rows(path: Path, keep: Callable[[dict[str, str]], bool]) -> None:
+    """Rewrite the CSV at ``path`` with only the rows ``keep`` accepts (atomic; no file: nothing)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        header, *rows = list(csv.reader(f))
+    kept = [r for r in rows if keep(dict(zip(header, r, strict=False)))]
+    if len(kept) < len(rows):
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows([header, *kept])
+        os.replace(tmp, path)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -177,6 +177,7 @@ class Learner:
     def _restore(self, ckpt: Checkpoint) -> None:
         self.agent.load_state_dict(ckpt.agent.state_dict())
         self.step, self.env_steps = ckpt.step, ckpt.env_steps
+        self.logger.forget_after(self.step)
         self.sampler.set_state(ckpt.extra["sampler"])
         self.env_rng.bit_generator.state = ckpt.extra["env_rng"]
         online = ckpt.extra["online_rows"]
