@@ -185,3 +185,95 @@ def test_episodes_csv_agrees_with_the_checkpoint_after_a_crash(offline, tmp_path
     with (tmp_path / "ft" / "episodes.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["episode"]) for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_one_version_is_one_policy_across_restarts_and_a_restarted_server_serves_the_newest(tmp_path):
+    """The soak's sequence: the learner pushes v9 and dies before a checkpoint records it, the
+    server restarts. The restarted server serves v9 (not its startup policy), tells learners it has
+    accepted v9, and refuses any other file under that number, also when told to start from its
+    startup policy."""
+    from test_finetune_link import ACT as L_ACT
+    from test_finetune_link import OBS as L_OBS
+    from test_finetune_link import ConstPolicy, const_loader, driver
+
+    from qc_robot.finetune.client import LearnerClient
+    from qc_robot.server.serve import _resumed_policy
+
+    def start(resume: bool) -> ControlServer:
+        link = LearnerLink("tcp://127.0.0.1:*", Journal(tmp_path / "journal"), heartbeat_s=0.2, timeout_s=2.0,
+                           policy_loader=const_loader)
+        startup = ConstPolicy(0.1, "0")
+        return ControlServer(_resumed_policy(link, startup) if resume else startup, "tcp://127.0.0.1:*",
+                             learner_link=link).start()
+
+    def learner(s: ControlServer) -> LearnerClient:
+        assert s.link is not None
+        c = LearnerClient(s.link.address, 1, heartbeat_s=0.2).start()
+        assert c.subscribed.wait(60)
+        return c
+
+    def served(s: ControlServer) -> P.Chunk:
+        c = driver(s.address)
+        try:
+            c.request({"state": np.zeros(L_OBS, np.float32)}, 0, 0)
+            reply = c.poll(60.0)
+            assert isinstance(reply, P.Chunk)
+            return reply
+        finally:
+            c.close()
+
+    s = start(resume=True)
+    lrn = learner(s)
+    try:
+        ack = lrn.push_policy(9, b"0.2", timeout_s=60)
+        assert ack is not None and ack.accepted
+    finally:
+        lrn.close()
+        s.stop()
+
+    s = start(resume=True)  # restarted: the newest accepted policy, not the startup one
+    lrn = learner(s)
+    try:
+        chunk = served(s)
+        assert chunk.policy_version == "9" and np.allclose(chunk.actions, 0.2) and chunk.actions.shape[1] == L_ACT
+        assert lrn.server_version == 9  # a learner resumed from before v9 numbers its next push 10
+        ack = lrn.push_policy(9, b"0.3", timeout_s=60)
+        assert ack is not None and not ack.accepted
+    finally:
+        lrn.close()
+        s.stop()
+
+    s = start(resume=False)  # told to start from its startup policy: v9 still owns its number
+    lrn = learner(s)
+    try:
+        assert served(s).policy_version == "0" and lrn.server_version == 9
+        ack = lrn.push_policy(9, b"0.4", timeout_s=60)
+        assert ack is not None and not ack.accepted and "accepted before" in ack.reason
+        ack = lrn.push_policy(10, b"0.4", timeout_s=60)
+        assert ack is not None and ack.accepted
+    finally:
+        lrn.close()
+        s.stop()
+    assert (tmp_path / "journal" / "policies" / "model-v9.onnx").read_text() == "0.2"  # never overwritten
+
+
+def test_a_refused_push_leaves_no_policy_a_restart_could_serve(tmp_path):
+    from test_finetune_link import ConstPolicy, const_loader
+
+    from qc_robot.finetune.client import LearnerClient
+    from qc_robot.server.serve import _resumed_policy
+
+    link = LearnerLink("tcp://127.0.0.1:*", Journal(tmp_path / "journal"), heartbeat_s=0.2, timeout_s=2.0,
+                       policy_loader=const_loader)
+    s = ControlServer(ConstPolicy(0.1, "0"), "tcp://127.0.0.1:*", learner_link=link).start()
+    lrn = LearnerClient(link.address, 1, heartbeat_s=0.2).start()
+    try:
+        assert lrn.subscribed.wait(60)
+        ack = lrn.push_policy(3, b"not a number", timeout_s=60)  # the loader fails on it
+        assert ack is not None and not ack.accepted
+    finally:
+        lrn.close()
+        s.stop()
+    assert link.accepted_policies() == {}
+    startup = ConstPolicy(0.1, "0")
+    assert _resumed_policy(link, startup) is startup
