@@ -6,7 +6,9 @@ Stages (each kept in --out-dir and reused when its output exists):
 1. ``demos.hdf5``: --demos scripted teleop demonstrations (OGBench's plan oracle with action noise
    --noise), each labelled by the sim's outcome, as an operator's verdict would label it.
 2. ``labelled_lo.hdf5``, ``labelled_hi.hdf5``: --labelled more scripted episodes at noise --noise
-   and 4x --noise (a mix of successes and failures) for the success detector; ``reward.onnx`` trained on both files
+   and 4x --noise (a mix of successes and failures) for the success detector, and ``judged/``:
+   --judged episodes of the offline policy (stage 3) on the blind sim judged by the scripted
+   operator, as an operator judges the first fine-tuning episodes; ``reward.onnx`` trained on both files
    (``qc-robot reward``), its held-out per-episode false-positive rate printed.
 3. ``offline/checkpoint.pt``: ``qc-robot train`` on the demos alone (sparse rewards: -1 a step,
    0 and the end at success, as verdicts give them),
@@ -106,6 +108,26 @@ def evaluate(ckpt: Path, episodes: int, seed: int, log: Path) -> tuple[int, int]
     return round(float(m.group(1)) * n), n
 
 
+def judged_episodes(args: argparse.Namespace, out: Path, onnx: Path) -> list[Path]:
+    """--judged episodes of the offline policy on the blind sim, each judged by the scripted
+    operator (the sim's hidden outcome; it takes over when the policy stalls), logged by the server:
+    the first fine-tuning episodes an operator judges by hand before a detector takes over. They
+    are the detector's only view of the states the policy visits."""
+    d = out / "judged"
+    if not list(d.glob("*.hdf5")) and args.judged > 0:
+        port = args.port - 2
+        server = background(["qc-robot", "serve", "--policy", str(onnx), f"bind=tcp://127.0.0.1:{port}",
+                             f"log_dir={d}", "threads=1", "providers=cpu"], out / "serve_judged.log")
+        time.sleep(3)
+        try:
+            run(["qc-robot", "drive", "driver=sim", f"env={args.task}", f"server=tcp://127.0.0.1:{port}",
+                 f"episodes={args.judged}", "seed=50000", "realtime=false", "blind=true", "operator=scripted",
+                 f"operator_args.noise={args.noise:g}", "env.sparse_reward=true"], 3600, out / "drive_judged.log")
+        finally:
+            stop(server)
+    return sorted(d.glob("*.hdf5"))
+
+
 def ckpt_counts(path: Path, offline_step: int) -> tuple[int, int, int]:
     """(online updates, env steps, finished episodes) of a finetune checkpoint."""
     import torch
@@ -143,6 +165,8 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path, onnx: Path, ckpt: Pat
         drive_cmd += ["operator=scripted", "operator_args.verdicts=false", f"operator_args.noise={args.noise:g}"]
     if arm == "a_fp":
         drive_cmd += [f"reward_threshold={args.fp_threshold:g}"]
+    elif arm in ("a", "b") and args.detector_threshold > 0:
+        drive_cmd += [f"reward_threshold={args.detector_threshold:g}"]
     server = background(serve_cmd, d / "serve.log")
     time.sleep(3)
     ft = background(ft_cmd, d / "finetune.log")
@@ -238,6 +262,10 @@ def main() -> int:
     ap.add_argument("--eval-seed", type=int, default=5000)
     ap.add_argument("--arms", default="a,b,c")
     ap.add_argument("--fp-threshold", type=float, default=0.2)
+    ap.add_argument("--judged", type=int, default=40, help="judged episodes of the offline policy for the detector")
+    ap.add_argument("--fp-target", type=float, default=0.0,
+                    help="arms a, b: the lowest detector threshold whose held-out per-episode false-positive rate "
+                         "is at most this (-1: the threshold stored in the detector)")
     ap.add_argument("--utd", type=int, default=1)
     ap.add_argument("--push-every", type=int, default=50)
     ap.add_argument("--save-every", type=int, default=100)
@@ -247,6 +275,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=5591)
     ap.add_argument("--png", default="docs/img/finetune_robot_time.png")
     args = ap.parse_args()
+    args.detector_threshold = -1.0
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -258,12 +287,6 @@ def main() -> int:
     teleop(demos, args.task, args.demos, args.noise, 0, out / "teleop_demos.log")
     teleop(lo_noise, args.task, args.labelled // 2, args.noise, 10_000, out / "teleop_lo.log")
     teleop(hi_noise, args.task, args.labelled - args.labelled // 2, 4 * args.noise, 20_000, out / "teleop_hi.log")
-    reward = out / "reward.onnx"
-    if not reward.exists():
-        run(["qc-robot", "reward", str(demos), str(lo_noise), str(hi_noise), f"out={reward}"], 3600,
-            out / "reward.log")
-    det = json.loads(reward.with_suffix(".metrics.json").read_text())
-
     ckpt = out / "offline" / "checkpoint.pt"
     if not ckpt.exists():
         run(["qc-robot", "train", f"agent={args.agent}", "experiment=cpu_small", f"env={args.task}",
@@ -274,6 +297,17 @@ def main() -> int:
     if not onnx.exists():
         run(["qc-robot", "export", f"checkpoint={ckpt}", f"out={onnx}"], 600, out / "export.log")
     offline_step = ckpt_counts(ckpt, 0)[0]
+
+    judged = judged_episodes(args, out, onnx)
+    reward = out / "reward.onnx"
+    if not reward.exists():
+        run(["qc-robot", "reward", str(demos), str(lo_noise), str(hi_noise), *map(str, judged), f"out={reward}"],
+            3600, out / "reward.log")
+    det = json.loads(reward.with_suffix(".metrics.json").read_text())
+    if args.fp_target >= 0:  # the lowest threshold whose held-out per-episode FPR meets the target
+        ok = [r["threshold"] for r in det["valid"]["episode_sweep"] if r["fpr"] is not None
+              and r["fpr"] <= args.fp_target]
+        args.detector_threshold = min(ok) if ok else max(r["threshold"] for r in det["valid"]["episode_sweep"])
 
     results = [run_arm(a, args, out, onnx, ckpt, offline_step, args.port + 2 * i) for i, a in enumerate(arms)]
     offline = evaluate(ckpt, args.eval_episodes, args.eval_seed, out / "eval_offline.log")
@@ -292,7 +326,8 @@ def main() -> int:
           f"seeds {args.eval_seed}..{args.eval_seed + args.eval_episodes - 1}.")
     print(f"Success detector: {det['split']['valid_episodes']} held-out episodes "
           f"({det['split']['valid_successes']} successes): per-episode recall {ep.get('recall')}, "
-          f"false-positive rate {ep.get('fpr')} at threshold {det.get('threshold', 'stored')}; sweep "
+          f"false-positive rate {ep.get('fpr')} at threshold {det.get('threshold', 'stored')}; arms a, b run it at "
+          f"{args.detector_threshold if args.detector_threshold > 0 else det.get('threshold')}; sweep "
           + ", ".join(f"{r['threshold']:g}: fpr {r['fpr']}" for r in det["valid"]["episode_sweep"]))
     print()
     lo, hi = wilson(*offline)

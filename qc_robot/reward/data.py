@@ -103,13 +103,15 @@ def load_labelled(paths: Sequence[str], obs_keys: list[str] | None, positive_fra
     for path in paths:
         ds = load_flat(path, obs_keys=keys)
         these = [ObsField(k, tuple(ds.obs_shapes[k]), "uint8" if k in ds.images else "float32") for k in keys]
+        file_task = str(ds.env_args.get("task", "") or "")  # '' (a file naming none): the others' task
         if fields is None:
             fields = these
-            task, hz = str(ds.env_args.get("task", "")), float(ds.env_args.get("control_hz", 0.0) or 0.0)
+            hz = float(ds.env_args.get("control_hz", 0.0) or 0.0)
         elif these != fields:
             raise DatasetError(f"{path}: observations {these} differ from {paths[0]}'s {fields}")
-        elif str(ds.env_args.get("task", "")) != task:
-            raise DatasetError(f"{path}: task {ds.env_args.get('task')!r} differs from {paths[0]}'s {task!r}")
+        elif task and file_task and file_task != task:
+            raise DatasetError(f"{path}: task {file_task!r} differs from the other files' {task!r}")
+        task = task or file_task
         with h5py.File(path, "r") as f:
             verdicts = [episode_label(f["data"][n].attrs) for n in ds.demo_names]
         starts = np.concatenate([[0], ds.episode_ends[:-1]])

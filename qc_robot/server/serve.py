@@ -18,6 +18,7 @@ from qc_robot.server.app import ControlServer
 from qc_robot.server.config import ServeConfig
 from qc_robot.server.episode_log import EpisodeLogger
 from qc_robot.server.learner_link import CurveKeys, LearnerLink, same_spec
+from qc_robot.server.metadata import policy_metadata
 
 log = logging.getLogger("qc_robot.server")
 EXIT_THREAD_DIED = 70
@@ -149,4 +150,5 @@ def _env_args(policy: Policy) -> dict[str, Any]:
     spec = policy.spec
     return {"source": "qc-robot serve", "policy_version": str(spec.version), "actor_type": spec.actor_type,
             "obs_keys": [f.key for f in spec.obs_fields], "action_dim": spec.action_dim,
-            "chunk_len": spec.chunk_len, "control_hz": float(spec.control_hz)}
+            "chunk_len": spec.chunk_len, "control_hz": float(spec.control_hz),
+            "task": policy_metadata(policy).get("task", "")}  # the policy's task: what the logged episodes are of
