@@ -145,6 +145,10 @@ class EpisodeLogger:
         ep = self._open[(session, episode_id)] = _Open(fd, path)
         return ep
 
+    def open_episodes(self) -> int:
+        """Episodes being journaled (at most one per session)."""
+        return len(self._open)
+
     def end_session(self, session: str) -> None:
         for key in [k for k in self._open if k[0] == session]:
             self._close(key)
@@ -269,14 +273,17 @@ def _episode_arrays(ep: JournaledEpisode, recovered: bool) -> dict[str, Any]:
              "episode_id": int(h.get("episode_id", -1)), "start_step": parts[0].start_step,
              "success": any(p.success for p in parts), "calibration_id": h.get("calibration_id", ""),
              "complete": bool(dones[-1] or parts[-1].truncated[-1]), "missing_steps": missing,
-             "recovered": recovered,
+             "recovered": recovered, "reward": ",".join(dict.fromkeys(p.reward for p in parts if p.reward)),
              "policy_version": ",".join(dict.fromkeys(p.policy_version for p in parts if p.policy_version))}
     extras = {name: cat([getattr(p, name) for p in parts]) for name in ("timestamps", "held")
               if all(getattr(p, name) is not None for p in parts)}  # beside actions, when every part has them
+    # every row says whether an operator acted (a part that does not say: the policy did)
+    extras["intervention"] = cat([np.zeros(len(p.actions), bool) if p.intervention is None else p.intervention
+                                  for p in parts])
     return dict(obs={k: cat([p.obs[k] for p in parts]) for k in parts[0].obs},
                 actions=cat([p.actions for p in parts]), rewards=cat([p.rewards for p in parts]), dones=dones,
                 next_obs={k: cat([p.next_obs[k] for p in parts]) for k in parts[0].next_obs}, attrs=attrs,
-                extras=extras or None)
+                extras=extras)
 
 
 def read_episode_journal(path: str) -> JournaledEpisode | None:

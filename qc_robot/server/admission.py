@@ -1,0 +1,91 @@
+"""What a peer may make the server spend or keep: image-decode budgets and outbox bookkeeping.
+
+* :class:`DecodeBudget`: decoded bytes and decoding time per second, per peer and for all peers
+  together (token buckets). Bytes are charged from the declared size before decoding; time is
+  charged after it, so a peer in debt is refused until its bucket refills.
+* :class:`OutboxLedger`: the newest acknowledged ``outbox_seq`` per (peer, outbox id), so a
+  re-sent transition is applied once. Scoped to the peer (one driver can never acknowledge or
+  suppress another's transitions), ids bounded in length, a few ids per peer, forgotten when the
+  peer leaves.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from qc_robot.server.ratelog import TokenBuckets
+
+
+@dataclass
+class DecodeLimits:
+    """Image decoding a peer (and all peers together) may cause, per second (burst: one second's)."""
+
+    peer_bytes_s: float = 64 << 20
+    """Decoded image bytes per second per peer (a 50 Hz driver with two 224x224 cameras needs 15 MB/s)."""
+    peer_s: float = 0.25
+    """Seconds of decoding per second per peer."""
+    total_bytes_s: float = 256 << 20
+    total_s: float = 0.5
+
+
+class DecodeBudget:
+    """Thread-safe: the socket loop admits, the worker that decoded charges the time."""
+
+    def __init__(self, limits: DecodeLimits, max_keys: int = 4096) -> None:
+        self.limits = limits
+        self._bytes = TokenBuckets(limits.peer_bytes_s, limits.peer_bytes_s, limits.total_bytes_s,
+                                   limits.total_bytes_s, max_keys)
+        self._time = TokenBuckets(limits.peer_s, limits.peer_s, limits.total_s, limits.total_s, max_keys)
+        self._lock = threading.Lock()
+
+    def admit(self, peer: bytes, nbytes: int) -> str:
+        """'' when ``peer`` may decode ``nbytes`` now (they are charged), else why not."""
+        with self._lock:
+            if not self._time.has_tokens(peer, 0.0):
+                return "decoding time budget spent"
+            if not self._bytes.take(peer, float(nbytes)):
+                return "decoded-bytes budget spent"
+        return ""
+
+    def spent(self, peer: bytes, seconds: float) -> None:
+        with self._lock:
+            self._time.charge(peer, seconds)
+
+    def forget(self, peer: bytes) -> None:
+        with self._lock:
+            self._bytes.forget(peer)
+            self._time.forget(peer)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return max(len(self._bytes), len(self._time))
+
+
+class OutboxLedger:
+    """Per peer, the newest ``outbox_seq`` acknowledged for each of its (at most ``per_peer``) outbox ids."""
+
+    def __init__(self, per_peer: int = 4) -> None:
+        self.per_peer = per_peer
+        self._seen: dict[bytes, OrderedDict[str, int]] = {}
+
+    def done(self, peer: bytes, outbox: str, seq: int) -> bool:
+        """Whether ``peer``'s outbox already had ``seq`` acknowledged (a re-send)."""
+        ids = self._seen.get(peer)
+        return ids is not None and seq <= ids.get(outbox, 0)
+
+    def acknowledged(self, peer: bytes, outbox: str, seq: int) -> None:
+        ids = self._seen.setdefault(peer, OrderedDict())
+        ids[outbox] = max(ids.get(outbox, 0), seq)
+        ids.move_to_end(outbox)
+        while len(ids) > self.per_peer:  # a driver has one outbox: more ids are a peer playing games
+            ids.popitem(last=False)
+
+    def forget(self, peer: bytes) -> None:
+        self._seen.pop(peer, None)
+
+    def counts(self) -> tuple[int, int]:
+        """(outbox ids kept, characters in them)."""
+        ids = [k for d in self._seen.values() for k in d]
+        return len(ids), sum(map(len, ids))
