@@ -47,22 +47,35 @@ def evaluate(ckpt: Path, episodes: int, seed: int, log: Path) -> tuple[int, int,
     return round(float(m.group(1)) * n), n, int(m.group(3))
 
 
+def hydra_value(v) -> str:  # noqa: ANN001 (a config leaf)
+    """A config leaf in Hydra's override grammar: strings quoted (paths may hold ',' or spaces)."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(v)
+
+
+def leaf_overrides(obj, prefix: str) -> list[str]:  # noqa: ANN001 (a config dataclass)
+    """``prefix.key=value`` for every leaf of ``obj``, nested dataclasses (agent.vision) by their
+    own leaves: a nested config as one value (``agent.vision=VisionConfig(...)``) is no override."""
+    out = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out += leaf_overrides(v, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}={hydra_value(v)}")
+    return out
+
+
 def config_overrides(cfg) -> list[str]:  # noqa: ANN001 (TrainConfig)
     """Every leaf of the checkpoint's agent/env/data config as a Hydra override."""
-    out = []
-    for group in ("agent", "env", "data"):
-        for f in dataclasses.fields(getattr(cfg, group)):
-            v = getattr(getattr(cfg, group), f.name)
-            if isinstance(v, bool):
-                s = str(v).lower()
-            elif v is None:
-                s = "null"
-            elif isinstance(v, (list, tuple)):
-                s = "[" + ",".join(str(x) for x in v) + "]"
-            else:
-                s = str(v)
-            out.append(f"{group}.{f.name}={s}")
-    return out
+    return [o for group in ("agent", "env", "data") for o in leaf_overrides(getattr(cfg, group), f"{group}.")]
 
 
 def main() -> int:

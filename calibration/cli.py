@@ -96,14 +96,13 @@ class CalibrateConfig:
 
 
 def _driver(cfg: CalibrateConfig) -> Any:
-    from qc_robot.drivers.registry import driver_config, make_driver
+    from qc_robot.drivers.registry import build_driver_config, make_driver
 
     values: dict[str, Any] = dict(env=cfg.task, realtime=cfg.realtime, time_scale=cfg.time_scale,
                                   latency_ms=cfg.latency_ms, obs_noise=cfg.obs_noise, seed=cfg.seed)
     if cfg.driver == "sim" and cfg.step in ("latency", "all", "check"):
         values["max_episode_steps"] = 100_000  # step tests outlast a task episode; a frozen world never responds
-    values.update(cfg.driver_args)
-    return make_driver(cfg.driver, driver_config(cfg.driver, **values))
+    return make_driver(cfg.driver, build_driver_config(cfg.driver, values, cfg.driver_args))
 
 
 def _latency(cfg: CalibrateConfig) -> dict[str, Any]:

@@ -8,6 +8,8 @@ not the only one. numpy only: a robot PC needs neither torch nor mujoco to impor
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +19,32 @@ import numpy as np
 from qc_robot.policies.base import ObsField
 from qc_robot.protocol import Hello, obs_spec_to_wire
 
+log = logging.getLogger("qc_robot.driver")
+
 
 class SensorError(RuntimeError):
-    """A sensor cannot give a current reading (a stale or failed camera). Raised by
-    ``get_observation``; the safety layer holds the robot until readings are current again."""
+    """A sensor cannot give a current reading (a stale or failed camera, a failed bus read).
+    Raised by ``get_observation``; the safety layer holds the robot until readings are current
+    again, and flags the held ticks."""
+
+
+class IOBudgetSpent(SensorError):
+    """More consecutive hardware accesses failed than the driver's ``max_io_errors`` allows: the
+    safety layer ends the episode (truncated) and parks the arm; the run goes on if the next
+    ``reset`` reaches the robot again."""
+
+
+ARM_EPISODE_S = 30.0
+"""A real arm's default episode length: long enough for a tabletop pick-and-place, short enough
+that an arm left alone stops, parks and resets (at 20 Hz, 600 steps)."""
+
+
+def arm_episode_steps(max_episode_steps: int, control_hz: float) -> int:
+    """A real arm's episode limit in steps: ``max_episode_steps`` if positive, 0 (the default)
+    :data:`ARM_EPISODE_S` of control ticks, negative none at all."""
+    if max_episode_steps > 0:
+        return max_episode_steps
+    return 0 if max_episode_steps < 0 else int(round(ARM_EPISODE_S * control_hz))
 
 
 @dataclass
@@ -99,6 +123,8 @@ class ExecutedStep:
     was computed from an observation no newer than that step's; ``step - cmd_step`` is the delay."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Driver-specific per-step data (the sim: ``state``, MuJoCo qpos|qvel before the step)."""
+    intervention: bool = False
+    """The operator had the controls at this step (set by the control loop, not the driver)."""
 
 
 class Driver(ABC):
@@ -112,6 +138,9 @@ class Driver(ABC):
     name: str = "driver"
     spec: DriverSpec
     realtime: bool = False
+    reports_reward: bool = False
+    """True: ``step_info`` gives the task's own reward and success (a simulator, the mock). A real
+    arm knows neither: with an operator in the loop its rewards come from the verdicts."""
     absolute_actions: bool = False
     """True: an action is a target pose and the hold is the current target (position control), so
     the safety layer's ``max_delta`` also bounds the first command after a reset, from the hold."""
@@ -154,12 +183,68 @@ class Driver(ABC):
         return np.clip(np.zeros(self.spec.action_dim, np.float32), self.spec.action_low, self.spec.action_high)
 
     def stop(self) -> None:
-        """Bring the robot to a safe stop (hardware: brakes/torque off). Default: one hold command."""
+        """Bring the robot to a safe stop where it is (never by reading the hardware first: a
+        stop must work on a failing bus). Default: one hold command."""
         self._apply(self.hold_action())
 
+    def park(self) -> None:
+        """Bring the robot to rest before it is released (an episode ended by a fault, ``close``).
+        Default: ``stop``; arms with a rest pose move there."""
+        self.stop()
+
+    # -- one I/O-error budget and one step counter for every hardware driver ----------------------
+    max_io_errors: int = 5
+    """Consecutive failed hardware accesses of one kind (reads, or commands) tolerated (a failed
+    read raises SensorError: a hold) before :class:`IOBudgetSpent` ends the episode."""
+    io_errors_total: int = 0
+    """Failed accesses since the driver was built."""
+    _io_run: dict[str, int] = {}  # noqa: RUF012 - replaced per instance on first use
+
+    @property
+    def io_errors(self) -> int:
+        """Consecutive failed accesses now, of the kind failing longest (a success of a kind resets
+        that kind only: commands that go through do not hide reads that keep failing)."""
+        return max(self._io_run.values(), default=0)
+
+    def _io_clear(self) -> None:
+        """A fresh start (reset): no failure counts against the new episode."""
+        self._io_run = {}
+
+    def _io_ok(self, what: str = "read") -> None:
+        if self._io_run.get(what):
+            self._io_run = {**self._io_run, what: 0}
+
+    def _io_failed(self, what: str, e: BaseException) -> SensorError:
+        """Count a failed ``what`` (read, write, command); returns the error to raise: a
+        SensorError (hold this tick) or, past the budget, IOBudgetSpent (end the episode)."""
+        n = self._io_run.get(what, 0) + 1
+        self._io_run = {**self._io_run, what: n}
+        self.io_errors_total += 1
+        log.warning("%s: %s failed (%d in a row): %s", self.name, what, n, e)
+        if n > self.max_io_errors:
+            return IOBudgetSpent(f"{self.name}: {n} consecutive failed {what}s "
+                                 f"(max_io_errors={self.max_io_errors}); last: {e}")
+        return SensorError(f"{self.name}: {what} failed: {e}")
+
+    def _count_step(self, limit: int, **outcome: Any) -> StepInfo:
+        """Publish the outcome of one executed step: the step counter advances by one and the
+        episode is truncated at ``limit`` steps (0: no limit) unless it terminated."""
+        step = self._step_info().step + 1
+        terminated = bool(outcome.pop("terminated", False))
+        truncated = bool(outcome.pop("truncated", False)) or bool(limit and step >= limit and not terminated)
+        self._info = StepInfo(step=step, terminated=terminated, truncated=truncated, time=time.monotonic(), **outcome)
+        return self._info
+
+    def _reset_steps(self) -> None:
+        self._info = StepInfo()
+
+    def _step_info(self) -> StepInfo:
+        return getattr(self, "_info", None) or StepInfo()
+
     def step_info(self) -> StepInfo:
-        """Reward/success/done of the latest step; drivers without a task return defaults."""
-        return StepInfo()
+        """Reward/success/done of the latest step (what ``_count_step`` published; defaults
+        before the first step)."""
+        return self._step_info()
 
     def executed_steps(self) -> list[ExecutedStep] | None:
         """The steps executed since the last call, oldest first (realtime drivers that log their

@@ -62,6 +62,10 @@ class CameraDriver(Driver):
         self.frame_times: dict[str, float] = {}
         """``time.monotonic()`` capture time of each camera's frame in the last observation."""
 
+    @property
+    def reports_reward(self) -> bool:  # type: ignore[override]
+        return self.driver.reports_reward
+
     def __getattr__(self, name: str) -> Any:  # driver-specific extras (calibration_id, env, ...)
         if name == "driver":
             raise AttributeError(name)

@@ -94,6 +94,9 @@ class PolicyClient:
         self._last_send = 0.0
         self._hb_seq = 0
         self._pong: dict[int, float] = {}
+        self.learner_behind = -1
+        """The server's word on its learner, from its last heartbeat echo: updates owed to the UTD
+        target (-1: no learner, or an older server)."""
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -326,6 +329,7 @@ class PolicyClient:
             return None
         if isinstance(msg, P.Heartbeat):
             self._pong[msg.seq] = time.monotonic()
+            self.learner_behind = msg.learner_behind
             return None
         if isinstance(msg, P.Ack):  # the server journaled our outbox up to msg.seq
             if self.outbox is not None:

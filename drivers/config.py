@@ -18,6 +18,10 @@ class DriveConfig:
     env: EnvConfig = field(default_factory=lambda: EnvConfig(name="cube-single-task1"))
     """The simulated task (sim driver only; the shipped default policy's task by default)."""
     server: str = "tcp://127.0.0.1:5555"
+    policy_expect: str = ""
+    """The policy the server must be serving: a model.onnx, 'default' (the shipped one) or a
+    bring-up ref (hold:28:5:5). A server serving anything else (another one left on the port) is
+    refused before the first episode ('' = any; the connected line names the policy either way)."""
     episodes: int = 10
     seed: int = 0
     """Episode i resets with seed + i."""
@@ -72,6 +76,48 @@ class DriveConfig:
     """Largest unacknowledged outbox; beyond it the oldest transitions are dropped (and counted)."""
     outbox_drain_s: float = 30.0
     """At the end of the run, how long to wait for the outbox to be acknowledged."""
+    operator: str = "none"
+    """The operator in the loop (docs/hardware_finetuning.md): 'keyboard', 'gamepad',
+    'spacemouse', 'lerobot' (a leader arm), 'scripted' (the sim's simulated operator) or 'none'.
+    Keys/buttons give verdicts (success, failure, discard), take over, pause and end the run;
+    after each reset the loop waits for their ready."""
+    operator_args: dict[str, Any] = field(default_factory=dict)
+    """The operator's settings (``qc_robot.teleop.operator.OperatorConfig``; unknown keys refused)."""
+    reset_wait_s: float = 0.0
+    """With an operator: the reset phase lasts this many seconds (0: until the operator presses
+    ready)."""
+    reward: str = "auto"
+    """Rewards of the transitions: 'driver' (the driver's own), 'verdict' (the sparse convention
+    from the operator's verdicts: -1 a step, 0 and termination on success), 'detector' (the same
+    convention from ``reward_model``'s decision, the operator's verdicts overruling it), 'auto'
+    ('detector' with a ``reward_model``, else verdicts when an operator is in the loop and the
+    robot reports no reward: real arms, the blind sim)."""
+    reward_model: str = ""
+    """A success detector exported by ``qc-robot reward`` ('' = none). It scores each executed
+    step on the robot side; once it fires (``debounce`` consecutive frames at or above
+    ``threshold``) the episode ends as a success with the sparse reward. Refused at start when
+    its observation keys or shapes differ from the robot's."""
+    learner_wait: int = 200
+    """Hold the robot at its reset while the server's learner owes more than this many updates to
+    its UTD target (a learner slower than the robot: docs/finetune.md); 0: never wait. Costs
+    nothing without a learner or with one that keeps up; the time waited is reported."""
+    learner_wait_max_s: float = 600.0
+    """Longest wait at one reset (0: no cap); then the episode starts anyway (counted)."""
+    reward_threshold: float = -1.0
+    """The detector's probability threshold (< 0: the one exported with it)."""
+    reward_debounce: int = 0
+    """Consecutive frames above the threshold for the detector to fire (0: the exported one)."""
+    review_s: float = 2.0
+    """With an operator and a ``reward_model``: after the detector fires the robot holds this many
+    seconds for the operator to overrule it ('failure' or 'discard'); 'success' or the end of the
+    window confirms it. Overrules either way (also a 'success' the detector missed) are logged
+    and counted."""
+    max_steps: int = 0
+    """Steps per episode at most (0: twice the driver's own limit, or its default)."""
+    blind: bool = False
+    """sim: behave like a real arm, which knows no reward: no reward, success or termination at
+    the goal reach the loop, its transitions or the server's logs (``operator=scripted`` still
+    sees the true outcome, to give its verdicts)."""
     pace_every: int = 0
     """Lockstep drivers: after every N executed steps, act again only with a chunk from a newer
     policy (a learner pushing every N·utd updates then trains between blocks, like the in-process

@@ -16,12 +16,22 @@ The robot is chosen like on LeRobot's command line: a config type (``so101_follo
 Joint ranges come from the LeRobot calibration file (``range_min``/``range_max`` of each motor and
 its normalisation mode), so a target outside the range the arm was calibrated to never reaches a
 motor; ``joint_low``/``joint_high`` override them. Holding keeps the last target sent (not the
-measured position, which sags under gravity and would creep). LeRobot is imported when the
-driver is built (optional extra ``qc-robot[lerobot]``); nothing here imports torch itself.
+measured position, which sags under gravity and would creep), but a delta target never runs
+more than one step ahead of the measured pose: a blocked joint or a gripper closed on an object
+does not wind its target up to the joint limit. LeRobot's own ``max_relative_target`` (a cap of
+each goal relative to the present position, None by default in LeRobot) is set by default, and
+so is a torque limit of the gripper. LeRobot is imported when the driver is built (optional
+extra ``qc-robot[lerobot]``); nothing here imports torch itself.
+
+Faults: a failed bus read raises SensorError (the safety layer holds; the row is flagged held);
+``max_io_errors`` consecutive failures end the episode. ``stop`` never reads the bus; ``close``
+stops, moves to the ``park`` pose (if set), then releases the bus, with torque left on unless
+``release_torque`` (the SO-101 falls without torque), and never raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import pkgutil
@@ -32,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from qc_robot.drivers.base import Driver, DriverSpec, StepInfo
+from qc_robot.drivers.base import Driver, DriverSpec, IOBudgetSpent, SensorError, arm_episode_steps
 from qc_robot.policies.base import ObsField
 
 log = logging.getLogger("qc_robot.lerobot")
@@ -50,7 +60,8 @@ class LeRobotConfig:
     control_hz: float = 20.0
     """The rate policies are trained at here (the sim tasks' 20 Hz; LeRobot records at 30)."""
     max_episode_steps: int = 0
-    """0: episodes end only by the operator or the task."""
+    """Steps before an episode is truncated; 0: 30 s of control ticks (600 at 20 Hz,
+    ``base.ARM_EPISODE_S``), negative: no limit (episodes end only by the operator)."""
     action_mode: str = "delta"
     """'delta' (a step of at most ``max_step`` per joint, zeros hold) or 'absolute' (joint targets)."""
     max_step: float = 0.05
@@ -67,10 +78,26 @@ class LeRobotConfig:
     """Duration of the move to ``home`` (interpolated at the control rate)."""
     stop_torque_off: bool = False
     """``stop()`` switches torque off (the arm falls!) instead of holding where it is."""
+    park: list[float] = field(default_factory=list)
+    """Joint targets (like ``home``) ``close`` and a faulted episode end move to before release: a
+    rest pose; [] = stop where the arm is."""
+    release_torque: bool = False
+    """``close`` switches torque off after the park move (only safe where the park pose rests the
+    arm on something); False keeps the motors holding while powered. Replaces LeRobot's
+    ``disable_torque_on_disconnect``, which would drop the arm before any park."""
+    max_relative_target: float = 0.2
+    """LeRobot's cap of each goal relative to the present position, in target units (with
+    ``normalize``: fraction of the [-1, 1] range), set on robots whose config has one unless
+    ``robot_args.max_relative_target`` is given (LeRobot units); 0: off."""
+    gripper_torque_limit: int = 500
+    """``Torque_Limit`` (0-1000 of the stall torque, a RAM register) of a Feetech motor named
+    ``gripper``, written at connect and restored at close, so a gripper closed on an object does
+    not stall at full torque; 0: leave it."""
     read_retries: int = 1
     """Immediate retries of a failed bus read (a dropped status packet) before it counts as an error."""
     max_io_errors: int = 5
-    """Consecutive failed bus reads/writes tolerated (stale observation / skipped command) before raising."""
+    """Consecutive failed bus reads/writes (each read a hold, each write a skipped command) before
+    the episode ends (the arm parked)."""
     obs_key: str = "state"
 
 
@@ -207,6 +234,9 @@ class LeRobotDriver(Driver):
     def __init__(self, cfg: LeRobotConfig | None = None, robot: Any = None) -> None:
         """``robot``: an already built LeRobot ``Robot`` (tests, notebooks); else built from ``cfg``."""
         self.cfg = cfg = cfg or LeRobotConfig()
+        if "disable_torque_on_disconnect" in cfg.robot_args:
+            raise ValueError("set driver_args.release_torque instead of robot_args.disable_torque_on_disconnect "
+                             "(torque off only after the park move)")
         self.robot = robot if robot is not None else make_lerobot_robot(cfg.robot_type, cfg.robot_args)
         feats = dict(self.robot.observation_features)
         self._state_keys = [k for k, v in feats.items() if not isinstance(v, tuple)]
@@ -232,19 +262,47 @@ class LeRobotDriver(Driver):
         # joint targets live in "target units": [-1, 1] when normalised, LeRobot units otherwise
         self._tgt_lo, self._tgt_hi = ((-np.ones(a), np.ones(a)) if cfg.normalize else (low, high))
         self._tgt_lo, self._tgt_hi = self._tgt_lo.astype(np.float32), self._tgt_hi.astype(np.float32)
+        # LeRobot units per target unit, per joint
+        self._per_unit = (high - low) / 2.0 if cfg.normalize else np.ones(a)
+        self._cap = self._relative_target_cap()
+        if not self.absolute_actions and self._cap is not None and np.any(cfg.max_step > self._cap + 1e-9):
+            raise ValueError(f"max_step {cfg.max_step} per step exceeds the relative-target cap "
+                             f"{float(self._cap.min()):.4g} (LeRobot would cut every step): lower max_step or raise "
+                             "max_relative_target")
         act_lo, act_hi = (self._tgt_lo, self._tgt_hi) if self.absolute_actions else (-np.ones(a), np.ones(a))
         fields = [ObsField(cfg.obs_key, (len(self._state_keys),), "float32")]
         fields += [ObsField(k, tuple(int(s) for s in feats[k]), "uint8") for k in self._camera_keys]
-        self.spec = DriverSpec(fields, a, act_lo, act_hi, cfg.control_hz, cfg.max_episode_steps)
-        if cfg.home and len(cfg.home) != a:
-            raise ValueError(f"home needs {a} values ({act_keys}), got {len(cfg.home)}")
+        self.spec = DriverSpec(fields, a, act_lo, act_hi, cfg.control_hz,
+                                 arm_episode_steps(cfg.max_episode_steps, cfg.control_hz))
+        for key in ("home", "park"):
+            if getattr(cfg, key) and len(getattr(cfg, key)) != a:
+                raise ValueError(f"{key} needs {a} values ({act_keys}), got {len(getattr(cfg, key))}")
+        if hasattr(getattr(self.robot, "config", None), "disable_torque_on_disconnect"):
+            self.robot.config.disable_torque_on_disconnect = cfg.release_torque  # applied after the park
+        self.max_io_errors = cfg.max_io_errors
         self._target: np.ndarray | None = None  # last joint targets the motors were given
+        self._measured: np.ndarray | None = None  # joint positions of the last good read (target units)
         self._last_applied = np.zeros(a, np.float32)
         self._obs: dict[str, np.ndarray] | None = None
-        self._info = StepInfo()
-        self._io_errors = 0
-        self.io_errors_total = 0
-        """Bus reads/writes that failed (each tolerated alone; ``max_io_errors`` in a row raise)."""
+        self._grip_limit0: int | None = None  # the gripper's torque limit before connect
+
+    def _relative_target_cap(self) -> np.ndarray | None:
+        """Per joint, LeRobot's ``max_relative_target`` in target units (None: off). Sets it on the
+        robot's config: ours by default, the user's made a float (LeRobot 0.3.3 types it ``int``
+        but only accepts a float or a dict)."""
+        config: Any = getattr(self.robot, "config", None)
+        if not hasattr(config, "max_relative_target"):
+            return None
+        motors = [k.removesuffix(".pos") for k in self.actions.keys]
+        user = config.max_relative_target
+        if user is not None:
+            caps = np.asarray([float(user[m]) for m in motors] if isinstance(user, Mapping) else [float(user)] * len(motors))
+        elif self.cfg.max_relative_target > 0:
+            caps = self.cfg.max_relative_target * self._per_unit
+        else:
+            return None
+        config.max_relative_target = {m: float(c) for m, c in zip(motors, caps, strict=True)}
+        return caps / self._per_unit
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -256,27 +314,73 @@ class LeRobotDriver(Driver):
             raise RuntimeError(f"{self.robot} is not calibrated (its motors do not match "
                                f"{self.robot.calibration_fpath}); run `lerobot-calibrate "
                                f"--robot.type={self.cfg.robot_type} --robot.port=... --robot.id={self.robot.id}`")
-        self._target = self._read_joints()
+        self._limit_gripper()
+        self._target = self._measured = self._read_joints()
+
+    def _limit_gripper(self) -> None:
+        bus = getattr(self.robot, "bus", None)
+        if not self.cfg.gripper_torque_limit or bus is None or "gripper" not in getattr(bus, "motors", {}):
+            return
+        try:
+            self._grip_limit0 = int(bus.read("Torque_Limit", "gripper", normalize=False))
+            bus.write("Torque_Limit", "gripper", int(self.cfg.gripper_torque_limit), normalize=False)
+        except (KeyError, AttributeError):  # not a Feetech bus: no such register
+            self._grip_limit0 = None
 
     def close(self) -> None:
-        if self.robot.is_connected:
-            self.robot.disconnect()
+        """Stop, park, restore the gripper's torque limit, release the bus; never raises (a dead
+        bus is logged: the error that ended the run must stay the one reported)."""
+        if not self.robot.is_connected:
+            return
+        bus: Any = getattr(self.robot, "bus", None)
+        port: Any = getattr(bus, "port_handler", None)
+        if port is not None:  # a transaction cut by Ctrl-C / SIGTERM leaves the port marked busy
+            port.is_using = False
+            with contextlib.suppress(Exception):
+                port.clearPort()
+        try:
+            self.park()
+        except Exception as e:  # noqa: BLE001 - best effort: the bus may be what failed
+            log.error("could not park the arm before release: %s", e)
+        if self._grip_limit0 is not None:
+            try:
+                bus.write("Torque_Limit", "gripper", self._grip_limit0, normalize=False)
+            except Exception as e:  # noqa: BLE001
+                log.error("could not restore the gripper's torque limit: %s", e)
+            self._grip_limit0 = None
+        try:
+            self.robot.disconnect()  # torque off here only with release_torque
+        except Exception as e:  # noqa: BLE001
+            log.error("disconnect failed (%s): closing the port", e)
+            with contextlib.suppress(Exception):  # nothing more can be done
+                port.closePort()
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         """Move to ``home`` (if set) over ``reset_s``; the seed is ignored (real arms are not seeded)."""
         self.connect()
-        self._target = self._read_joints()
+        self._target = self._measured = self._read_joints()
+        self._io_clear()
         if self.cfg.home:
-            home = np.clip(np.asarray(self.cfg.home, np.float32), self._tgt_lo, self._tgt_hi)
-            n = max(1, int(round(self.cfg.reset_s * self.cfg.control_hz)))
-            start = self._target.copy()
-            for i in range(1, n + 1):
-                self._send(start + (home - start) * (i / n))
-                if i < n:
-                    time.sleep(1.0 / self.cfg.control_hz)
-        self._info = StepInfo()
+            self._move_to(self.cfg.home, self.cfg.reset_s)
+        self._reset_steps()
         self._obs = None
-        return self.get_observation()
+        try:
+            return self.get_observation()
+        except SensorError as e:  # no first observation: the episode cannot start
+            raise ConnectionError(f"{self.robot}: no observation after reset: {e}") from e
+
+    def _move_to(self, pose: list[float], duration_s: float) -> None:
+        """Interpolate the targets to ``pose`` over ``duration_s`` (longer when a step would exceed
+        half the relative-target cap), at the control rate."""
+        goal = np.clip(np.asarray(pose, np.float32), self._tgt_lo, self._tgt_hi)
+        start = self.hold_target()
+        n = max(1, int(round(duration_s * self.cfg.control_hz)))
+        if self._cap is not None:
+            n = max(n, int(np.ceil(np.max(np.abs(goal - start) / (0.5 * self._cap)))))
+        for i in range(1, n + 1):
+            self._send(start + (goal - start) * (i / n))
+            if i < n:
+                time.sleep(1.0 / self.cfg.control_hz)
 
     # -- observation ----------------------------------------------------------------------------------
     def _observe(self) -> dict[str, Any]:
@@ -294,13 +398,12 @@ class LeRobotDriver(Driver):
         return self.actions.to_vector(self._observe())
 
     def get_observation(self) -> dict[str, np.ndarray]:
+        """The current reading; a failed read raises SensorError (never the last one again)."""
         try:
             raw = self._observe()
-        except Exception as e:  # a bus glitch is one tick's problem, not the control loop's end
-            if self._obs is None or not self._io_error("read", e):
-                raise
-            return {k: v.copy() for k, v in self._obs.items()}
-        self._io_errors = 0
+        except Exception as e:  # the safety layer holds; past the budget the episode ends
+            raise self._io_failed("read", e) from e
+        self._io_ok()
         state = np.asarray([float(raw[k]) for k in self._state_keys], np.float64)
         if self.cfg.normalize:
             scaled = 2.0 * (state - self._state_lo) / (self._state_hi - self._state_lo) - 1.0
@@ -308,15 +411,9 @@ class LeRobotDriver(Driver):
         obs = {self.cfg.obs_key: state.astype(np.float32)}
         for k in self._camera_keys:
             obs[k] = np.ascontiguousarray(raw[k], dtype=np.uint8)
+        self._measured = self.actions.to_vector(raw)
         self._obs = obs
         return {k: v.copy() for k, v in obs.items()}
-
-    def _io_error(self, what: str, e: Exception) -> bool:
-        """Count a failed bus access; True while it is still tolerated."""
-        self._io_errors += 1
-        self.io_errors_total += 1
-        log.warning("%s failed (%d in a row): %s", what, self._io_errors, e)
-        return self._io_errors <= self.cfg.max_io_errors
 
     # -- commands -------------------------------------------------------------------------------------
     @property
@@ -330,20 +427,26 @@ class LeRobotDriver(Driver):
 
     def _apply(self, action: np.ndarray) -> None:
         prev = self.hold_target()
-        target = action if self.absolute_actions else np.clip(prev + action * self.cfg.max_step, self._tgt_lo, self._tgt_hi)
+        if self.absolute_actions:
+            target = action
+        else:  # from the last target, but never more than one step from the measured pose (5 % slack
+            step = self.cfg.max_step  # for the servos' tick quantisation: a free joint gets whole steps)
+            target = prev + action * step
+            if self._measured is not None:
+                target = np.clip(target, self._measured - 1.05 * step, self._measured + 1.05 * step)
+            target = np.clip(target, self._tgt_lo, self._tgt_hi)
         try:
             self._send(target)
-            self._io_errors = 0
-        except Exception as e:
-            if not self._io_error("write", e):
-                raise
+            self._io_ok("write")
+        except Exception as e:  # a skipped command; past the budget the episode ends
+            err = self._io_failed("write", e)
+            if isinstance(err, IOBudgetSpent):
+                raise err from e
         # what was applied, in action units: the target reached, or the step actually taken
         now = self.hold_target()
         applied = now if self.absolute_actions else (now - prev) / self.cfg.max_step
         self._last_applied = np.clip(applied, self.spec.action_low, self.spec.action_high).astype(np.float32)
-        step = self._info.step + 1
-        limit = self.cfg.max_episode_steps
-        self._info = StepInfo(step=step, truncated=bool(limit and step >= limit))
+        self._count_step(self.spec.max_episode_steps)
 
     def send_action(self, action: Any) -> np.ndarray:
         """As the base class, but returns what reached the motors (after LeRobot's own clipping and,
@@ -370,12 +473,32 @@ class LeRobotDriver(Driver):
             return np.clip(goal, self.spec.action_low, self.spec.action_high)
         return np.clip((goal - self.hold_target()) / self.cfg.max_step, -1.0, 1.0).astype(np.float32)
 
-    def stop(self) -> None:
-        """Hold where the arm is now (or torque off with ``stop_torque_off``)."""
-        if self.cfg.stop_torque_off and getattr(self.robot, "bus", None) is not None:
-            self.robot.bus.disable_torque()
-            return
-        self._send(self._read_joints())
+    def joint_distance(self, joints: Mapping[str, Any]) -> float:
+        """The largest per-joint gap between ``joints`` (a leader arm's reading) and the pose last
+        measured here, in target units: how far a leader is moved away from the follower (its
+        takeover threshold, ``drive operator=lerobot``). 0 before the first read."""
+        if self._measured is None:
+            return 0.0
+        return float(np.max(np.abs(self.actions.to_vector(joints) - self._measured)))
 
-    def step_info(self) -> StepInfo:
-        return self._info
+    def stop(self) -> None:
+        """Hold where the arm was last measured (or torque off with ``stop_torque_off``), without
+        reading the bus: one write, so a stop on a failing bus fails alone (and raises)."""
+        bus = getattr(self.robot, "bus", None)
+        if self.cfg.stop_torque_off and bus is not None:
+            bus.disable_torque()
+            return
+        pose = self._measured if self._measured is not None else self.hold_target()
+        pose = np.clip(pose, self._tgt_lo, self._tgt_hi)
+        if bus is not None:  # the bus directly: the robot's send_action reads first (max_relative_target)
+            goal = self.actions.to_dict(pose)
+            bus.sync_write("Goal_Position", {k.removesuffix(".pos"): v for k, v in goal.items()})
+            self._target = pose.astype(np.float32)
+        else:
+            self._send(pose)
+
+    def park(self) -> None:
+        """Stop, then move to the ``park`` pose (if set)."""
+        self.stop()
+        if self.cfg.park and not self.cfg.stop_torque_off:
+            self._move_to(self.cfg.park, self.cfg.reset_s)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qc_robot.drivers.base import Driver, DriverSpec, StepInfo
+from qc_robot.drivers.base import Driver, DriverSpec
 from qc_robot.policies.base import ObsField
 
 DEFAULT_EPISODE_STEPS = 100
@@ -44,6 +44,7 @@ class MockDriver(Driver):
 
     name = "mock"
     realtime = False
+    reports_reward = True
 
     def __init__(self, cfg: MockConfig | None = None) -> None:
         self.cfg = cfg = cfg or MockConfig()
@@ -56,7 +57,7 @@ class MockDriver(Driver):
         self._rng = np.random.default_rng(cfg.seed)
         self._pos = np.zeros(a)
         self._goal = np.zeros(a)
-        self._info = StepInfo()
+        self._reset_steps()
         self._connected = False
 
     def connect(self) -> None:
@@ -70,7 +71,7 @@ class MockDriver(Driver):
             self._rng = np.random.default_rng(seed)
         self._pos = self._rng.uniform(-0.5, 0.5, self.spec.action_dim)
         self._goal = self._rng.uniform(-0.5, 0.5, self.spec.action_dim)
-        self._info = StepInfo()
+        self._reset_steps()
         return self.get_observation()
 
     def get_observation(self) -> dict[str, np.ndarray]:
@@ -82,14 +83,8 @@ class MockDriver(Driver):
     def _apply(self, action: np.ndarray) -> None:
         self._pos = self._pos + self.cfg.gain * action
         dist = float(np.linalg.norm(self._pos - self._goal))
-        step = self._info.step + 1
         success = dist < self.cfg.success_radius
-        limit = self.spec.max_episode_steps
-        self._info = StepInfo(reward=-dist, success=success, terminated=success,
-                              truncated=bool(limit and step >= limit and not success), step=step)
-
-    def step_info(self) -> StepInfo:
-        return self._info
+        self._count_step(self.spec.max_episode_steps, reward=-dist, success=success, terminated=success)
 
 
 def policy_dims(ref: str, obs_key: str = "state") -> tuple[int, int, float]:
@@ -113,7 +108,9 @@ def policy_dims(ref: str, obs_key: str = "state") -> tuple[int, int, float]:
 
         from qc_robot.policies.onnx_metadata import PolicyMetadata
 
-        session = ort.InferenceSession(ref, providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # the optional noise/RTC inputs are overridable initializers by design
+        session = ort.InferenceSession(ref, opts, providers=["CPUExecutionProvider"])
         meta = PolicyMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
         fields, act_dim, hz = meta.obs_fields, meta.action_dim, meta.control_hz
     if len(fields) != 1 or fields[0].key != obs_key or len(fields[0].shape) != 1:

@@ -1,7 +1,9 @@
-"""The control loop: at the control rate, observation → executor → safety → driver.
+"""The control loop: at the control rate, observation → (operator | executor) → safety → driver.
 
-``run_drive`` is ``qc-robot drive``: it builds the driver (always behind the safety layer), connects
-to the server, runs episodes and prints per-episode and total success.
+``run_episode`` runs one episode and is shared by ``qc-robot drive`` (``qc_robot.drivers.drive``),
+``qc-robot demo`` and the tests. With an operator in the loop (``qc_robot.teleop.operator``) it
+also runs the reset phase, lets the operator's commands replace the policy's while they take
+over, ends the episode on their verdict and holds the episode's transitions back until then.
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qc_robot.policies.success_detector import SuccessDetector
+    from qc_robot.teleop.operator import Operator, OperatorTick
 
 import numpy as np
 
 from qc_robot import protocol as P
-from qc_robot.calibration.files import load_calibration
+from qc_robot.data.rewards import SPARSE
 from qc_robot.drivers.base import ExecutedStep, StepInfo
-from qc_robot.drivers.client import HandshakeError, PolicyClient
-from qc_robot.drivers.config import DriveConfig
-from qc_robot.drivers.executor import ChunkExecutor
-from qc_robot.drivers.outbox import Outbox
-from qc_robot.drivers.registry import driver_config, make_driver
+from qc_robot.drivers.client import PolicyClient
+from qc_robot.drivers.episode_stage import EpisodeStage, split_rows
+from qc_robot.drivers.executor import ChunkExecutor, ExecutorStats
 from qc_robot.drivers.safety import SafeDriver
 
 log = logging.getLogger("qc_robot.runner")
@@ -132,13 +136,30 @@ class EpisodeResult:
     not advance when it should have (load, a stalled robot). Never a transition row."""
     offline_s: float = 0.0
     """Seconds of this episode without a server session (the robot held meanwhile)."""
+    verdict: str = ""
+    """How it ended: 'success' or 'failure' (the operator's verdict, else the task's outcome or
+    the time limit), 'discard' (nothing sent), 'end' (the operator ended the run: truncated)."""
+    interventions: int = 0
+    """Rows the operator had the controls for (flagged ``intervention``)."""
+    reset_s: float = 0.0
+    """Seconds of the reset phase before the episode (waiting for the operator's ready)."""
+    learner_wait_s: float = 0.0
+    """Seconds the robot waited at its reset for the learner to catch up (``learner_wait``)."""
+    detector_fired: bool = False
+    """The success detector (``reward_model``) ended the episode."""
+    overruled: str = ""
+    """'false_positive' or 'false_negative': the operator's verdict contradicted the detector."""
 
 
 class _TransitionSender:
-    """Streams executed steps as Transition messages, one per ``every`` rows (a chunk) and at the end."""
+    """Streams executed steps as Transition messages, one per ``every`` rows (a chunk) and at the
+    end; with a ``stage`` (an operator in the loop) each tick's rows are staged instead and the
+    episode leaves whole once its verdict is known (:meth:`release`)."""
 
-    def __init__(self, client: PolicyClient, every: int) -> None:
+    def __init__(self, client: PolicyClient, every: int, stage: EpisodeStage | None = None,
+                 verdict_rewards: bool = False) -> None:
         self.client, self.every = client, max(1, every)
+        self.stage, self.verdict_rewards = stage, verdict_rewards
         self.rows: list[ExecutedStep] = []
         self.start_step = 0
         self.success = False
@@ -147,7 +168,13 @@ class _TransitionSender:
         self.rows.append(row)
 
     def flush(self, episode_id: int, force: bool = False) -> None:
-        """Send the complete chunks of rows (all of them if ``force``)."""
+        """Send the complete chunks of rows (all of them if ``force``); staging: stage every row."""
+        if self.stage is not None:
+            if self.rows:
+                self.stage.add(self._message(episode_id, self.rows))
+                self.start_step += len(self.rows)
+                self.rows = []
+            return
         n = len(self.rows) if force else len(self.rows) // self.every * self.every
         if n <= 0:
             return
@@ -164,20 +191,66 @@ class _TransitionSender:
         row_bytes += row.action.nbytes + 64
         return max(1, int(0.75 * limit) // row_bytes)
 
-    def _send(self, episode_id: int, rows: list[ExecutedStep]) -> None:
+    def _message(self, episode_id: int, rows: list[ExecutedStep]) -> P.Transition:
         self.success = self.success or any(r.success for r in rows)  # succeeded by the last row sent
         keys = rows[0].obs.keys()
-        self.client.send_transition(P.Transition(
+        rewards = np.asarray([r.reward for r in rows], np.float32)
+        if self.verdict_rewards:  # the sparse convention: 0 on a success that ends the episode
+            rewards = np.asarray([0.0 if r.success and r.terminated else -1.0 for r in rows], np.float32)
+        return P.Transition(
             episode_id=episode_id, start_step=self.start_step,
             obs={k: np.stack([r.obs[k] for r in rows]) for k in keys},
-            actions=np.stack([r.action for r in rows]).astype(np.float32),
-            rewards=np.asarray([r.reward for r in rows], np.float32),
+            actions=np.stack([r.action for r in rows]).astype(np.float32), rewards=rewards,
             terminals=np.asarray([r.terminated for r in rows], bool),
             truncated=np.asarray([r.truncated for r in rows], bool),
             next_obs={k: np.stack([r.next_obs[k] for r in rows]) for k in keys}, success=self.success,
             timestamps=np.asarray([r.wall_time for r in rows], np.float64),
-            held=np.asarray([r.held for r in rows], bool)))
+            held=np.asarray([r.held for r in rows], bool),
+            intervention=np.asarray([r.intervention for r in rows], bool),
+            reward=SPARSE if self.verdict_rewards else "")
+
+    def _send(self, episode_id: int, rows: list[ExecutedStep]) -> None:
+        self.client.send_transition(self._message(episode_id, rows))
         self.start_step += len(rows)
+
+    def release(self, verdict: str) -> int:
+        """Staging: the episode ends with ``verdict``; send it whole (or drop it on 'discard').
+        Returns the steps sent."""
+        assert self.stage is not None
+        if verdict == "discard":
+            self.stage.discard()
+            return 0
+        tr = self.stage.take()
+        if tr is None:
+            return 0
+        finish(tr, verdict, self.verdict_rewards)
+        per = self._rows_per_message_of(tr)
+        for part in split_rows(tr, per):
+            self.client.send_transition(part)
+        return len(tr.actions)
+
+    def _rows_per_message_of(self, tr: P.Transition) -> int:
+        w = self.client.welcome
+        limit = int(w.metadata.get("max_message_bytes", P.MAX_MESSAGE_BYTES)) if w is not None else P.MAX_MESSAGE_BYTES
+        k = len(tr.actions)
+        row_bytes = (sum(v.nbytes for v in tr.obs.values()) + sum(v.nbytes for v in tr.next_obs.values())
+                     + tr.actions.nbytes) // max(1, k) + 64
+        return max(1, int(0.75 * limit) // row_bytes)
+
+
+def finish(tr: P.Transition, verdict: str, verdict_rewards: bool) -> None:
+    """Set a finished episode's last step from its verdict: a success terminates there (reward 0
+    under the sparse convention, -1 before it), anything else is truncated there."""
+    if verdict == "success":
+        tr.terminals[-1], tr.truncated[-1], tr.success = True, False, True
+        if verdict_rewards:
+            tr.rewards[-1] = 0.0
+    else:
+        tr.success = False
+        if verdict_rewards:  # a detector's success overruled: under verdicts only a success terminates
+            tr.terminals[-1], tr.rewards[-1] = False, -1.0
+        if not tr.terminals[-1]:
+            tr.truncated[-1] = True
 
 
 def _snapshot(driver: SafeDriver) -> tuple[dict[str, np.ndarray], StepInfo]:
@@ -190,11 +263,33 @@ def _snapshot(driver: SafeDriver) -> tuple[dict[str, np.ndarray], StepInfo]:
             return obs, again
 
 
-def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, seed: int | None,
+class _NoPolicy:
+    """The executor of an episode with no policy (teleop: the operator drives every tick)."""
+
+    chunk_len = 1
+
+    def __init__(self) -> None:
+        self.stats = ExecutorStats()
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: dict[str, np.ndarray], step: int, episode_id: int) -> None:
+        return None
+
+    def idle(self, deadline: float, next_step: int) -> None:
+        pass
+
+
+def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: int, seed: int | None,
                 pacer: Pacer | None = None, client: PolicyClient | None = None,
                 send_transitions: bool = False, max_steps: int = 0,
                 on_rows: Callable[[list[ExecutedStep]], None] | None = None,
-                stall_timeout_s: float = 5.0, pace: PolicyPace | None = None) -> EpisodeResult:
+                stall_timeout_s: float = 5.0, pace: PolicyPace | None = None,
+                operator: Operator | None = None, stage: EpisodeStage | None = None,
+                verdict_rewards: bool = False, reset_wait_s: float = 0.0,
+                reset_phase: bool = True, detector: SuccessDetector | None = None,
+                review_s: float = 0.0, learner_wait: Callable[[], float] | None = None) -> EpisodeResult:
     """One episode; returns its result.
 
     Rows (for ``send_transitions`` and ``on_rows``) are exact: one per step the robot executed,
@@ -205,69 +300,192 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor, episode_id: int, se
     waits for the robot's next step (taking chunk replies meanwhile), so every command is read
     from the newest state and reaches the robot before the tick that applies it. ``pacer`` only
     paces a realtime driver that keeps no log of its own (its period is used otherwise).
+
+    With an ``operator``: after the reset the loop waits for the operator's ready (or
+    ``reset_wait_s``); each tick the operator may take over (their command replaces the policy's,
+    the chunk in flight is dropped, the row is flagged ``intervention``), pause, or end the episode
+    with a verdict. Rows are staged (``stage``) and sent only when the episode has ended, with the
+    verdict on the last one; ``verdict_rewards``: rewards are the sparse convention (-1 a step, 0
+    on the success step), for robots with no reward of their own. ``reset_phase=False``: no wait
+    for ready (teleop waits before the reset). ``executor`` None: no policy (teleop: the
+    operator drives every tick); ``pacer`` then also paces a lockstep driver, at a person's pace.
+
+    With a ``detector`` (``reward_model``) each executed step's next observation is scored; when
+    it fires the episode ends at that step as a success (later steps of the same tick are not
+    rows). An operator then has ``review_s`` seconds to overrule it, and may end an episode with a
+    'success' the detector missed; both kinds of overrule are counted (``overruled``).
+
+    ``learner_wait``: called after the reset; it holds the robot while the learner is too far
+    behind and returns the seconds it waited (those ticks are no part of the episode).
     """
     t0 = time.monotonic()
+    lockstep_pacer = pacer if executor is None and not driver.realtime else None
+    ex: ChunkExecutor | _NoPolicy = executor if executor is not None else _NoPolicy()
     obs = driver.reset(seed)
-    executor.reset()
-    held0, chunks0, rtt0 = driver.stats.held, executor.stats.chunks, len(executor.stats.rtt_ms)
+    ex.reset()
+    res = EpisodeResult(episode_id, False, 0, 0, 0, 0, 0.0)
+    if learner_wait is not None and (waited := learner_wait()) > 0:
+        res.learner_wait_s = waited
+        if driver.realtime:
+            driver.executed_steps()  # the held ticks are no episode
+        obs = driver.get_observation()
+    if operator is not None:
+        if reset_phase:
+            ready = _reset_phase(driver, operator, pacer, reset_wait_s)
+            res.reset_s = time.monotonic() - t0
+            if ready == "end":
+                res.verdict, res.duration_s = "end", time.monotonic() - t0
+                return res
+            if driver.realtime:
+                driver.executed_steps()  # the ticks the robot held through while waiting are no episode
+            obs = driver.get_observation()
+        operator.episode_started(obs)
+    if detector is not None:
+        detector.reset()
+    held0, chunks0, rtt0 = driver.stats.held, ex.stats.chunks, len(ex.stats.rtt_ms)
     offline0 = client.offline_now if client is not None else 0.0
     limit = max_steps or (driver.spec.max_episode_steps * 2 if driver.spec.max_episode_steps else 100_000)
-    sender = _TransitionSender(client, executor.chunk_len) if (client and send_transitions) else None
+    sender = None
+    if client and send_transitions:
+        sender = _TransitionSender(client, ex.chunk_len, stage if operator is not None else None,
+                                   verdict_rewards and (operator is not None or detector is not None))
     period = pacer.period if pacer is not None else 1.0 / driver.spec.control_hz
-    res = EpisodeResult(episode_id, False, 0, 0, 0, 0, 0.0)
     info = driver.step_info()
     last: ExecutedStep | None = None
     alive = True
+    op: OperatorTick | None = None
+    takeover_cmds: set[int] = set()  # realtime: robot steps at which an operator command was sent
     if pacer is not None:
         pacer.start()
-    while True:
-        if driver.sensor_fault is not None:  # a stale/failed camera: hold, and drop the plans made
-            executor.reset()  # before it, so none of them runs once the sensors are current again
-            action = None
-        else:
-            action = executor.act(obs, res.steps, episode_id)
-        held_before = driver.stats.held
-        applied = driver.act(action)
-        res.steps += 1
-        if client is not None:
-            client.heartbeat()
-        if not driver.realtime:  # lockstep: send_action executed exactly this one step
-            nxt, new = _snapshot(driver)
-            rows = [ExecutedStep(res.steps - 1, obs, applied, driver.stats.held > held_before, new.reward, new.success,
-                                 new.terminated, new.truncated, nxt, time.monotonic(), time.time())]
-        else:
-            nxt, new, rows, alive = _realtime_wait(driver, executor, pacer, period, info, obs, applied, res,
-                                                   stall_timeout_s)
-        obs, info = nxt, new
-        last = rows[-1] if rows else last
-        ended = (last is not None and (last.terminated or last.truncated)) or new.terminated or new.truncated \
-            or not alive or res.steps >= limit
-        if ended and last is not None and not (last.terminated or last.truncated):
-            last.truncated = True  # the loop ends the episode here (its step limit, a stalled robot)
-        for r in rows:
-            res.success = res.success or r.success
-            res.robot_held += r.held and driver.realtime
-            if sender is not None:
-                sender.add(r)
-        res.rows += len(rows)
-        if on_rows is not None and rows:
-            on_rows(rows)
-        if pace is not None:
-            pace.executed(len(rows))
-        if sender is not None:  # a complete pacing block goes out whole: the learner needs all of it
-            sender.flush(episode_id, force=ended or (pace is not None and pace.due))
-        if ended:
-            break
+    try:
+        while True:
+            was = op
+            op = operator.tick() if operator is not None else None
+            if op is not None and (op.verdict is not None or op.end):
+                res.verdict = op.verdict or "end"
+                break  # before acting: the episode's last row is the previous tick's
+            if driver.sensor_fault is not None:  # a stale/failed camera: hold, and drop the plans made
+                ex.reset()  # before it, so none of them runs once the sensors are current again
+                action = None
+            elif op is not None and (op.takeover or op.paused):
+                if was is None or not (was.takeover or was.paused):
+                    ex.reset()  # the chunk in flight is dropped; on release a fresh one is asked
+                action = op.action if op.takeover else None  # a failed device: None, the safety layer holds
+                if op.takeover and driver.realtime:
+                    takeover_cmds.add(info.step)
+            else:
+                action = ex.act(obs, res.steps, episode_id)
+            held_before = driver.stats.held
+            applied = driver.act(action)
+            res.steps += 1
+            if client is not None:
+                client.heartbeat()
+            if lockstep_pacer is not None:
+                lockstep_pacer.wait()
+            if not driver.realtime:  # lockstep: send_action executed exactly this one step
+                nxt, new = _snapshot(driver)
+                rows = [ExecutedStep(res.steps - 1, obs, applied, driver.stats.held > held_before, new.reward,
+                                     new.success, new.terminated, new.truncated, nxt, time.monotonic(), time.time(),
+                                     intervention=bool(op is not None and op.takeover))]
+            else:
+                nxt, new, rows, alive = _realtime_wait(driver, ex, pacer, period, info, obs, applied, res,
+                                                       stall_timeout_s)
+                for r in rows:
+                    r.intervention = r.cmd_step in takeover_cmds or bool(r.held and op is not None and op.takeover)
+            obs, info = nxt, new
+            if detector is not None and rows:
+                rows = _detect(detector, rows)
+                res.detector_fired = rows[-1].success
+            last = rows[-1] if rows else last
+            ended = (last is not None and (last.terminated or last.truncated)) or new.terminated or new.truncated \
+                or not alive or res.steps >= limit or res.detector_fired
+            if ended and last is not None and not (last.terminated or last.truncated):
+                last.truncated = True  # the loop ends the episode here (its step limit, a stalled robot)
+            for r in rows:
+                res.success = res.success or r.success
+                res.robot_held += r.held and driver.realtime
+                res.interventions += r.intervention
+                if sender is not None:
+                    sender.add(r)
+            res.rows += len(rows)
+            if on_rows is not None and rows:
+                on_rows(rows)
+            if pace is not None:
+                pace.executed(len(rows))
+            if sender is not None:  # a complete pacing block goes out whole: the learner needs all of it
+                sender.flush(episode_id, force=ended or (pace is not None and pace.due))
+            if ended:
+                break
+        if res.detector_fired and operator is not None and review_s > 0:
+            operator.detector_fired()
+            res.verdict = _review(driver, operator, period, review_s) or ""
+    finally:
+        if operator is not None:
+            operator.episode_ended()
+    if detector is not None and res.verdict in ("success", "failure"):  # the operator's word on it
+        o = detector.record_verdict(res.verdict == "success")
+        res.overruled = o.kind if o is not None else ""
+    if not res.verdict:
+        res.verdict = "success" if res.success else "failure"
+    elif operator is not None:
+        res.success = res.verdict == "success"
+    if sender is not None and sender.stage is not None:
+        sender.flush(episode_id, force=True)
+        sender.release(res.verdict)
     res.robot_steps = driver.step_info().step if not driver.realtime else (last.step + 1 if last else 0)
     res.held = driver.stats.held - held0
-    res.chunks = executor.stats.chunks - chunks0
+    res.chunks = ex.stats.chunks - chunks0
     res.duration_s = time.monotonic() - t0
-    res.rtt_ms = executor.stats.rtt_ms[rtt0:]
+    res.rtt_ms = ex.stats.rtt_ms[rtt0:]
     res.offline_s = client.offline_now - offline0 if client is not None else 0.0
     return res
 
 
-def _realtime_wait(driver: SafeDriver, executor: ChunkExecutor, pacer: Pacer | None, period: float,
+def _detect(detector: SuccessDetector, rows: list[ExecutedStep]) -> list[ExecutedStep]:
+    """Score each row's next observation; the rows up to the one the detector fires on, that one
+    marked the episode's successful last step. The robot's own success flags are not used."""
+    for i, r in enumerate(rows):
+        r.success = False
+        if detector.update(r.next_obs).fired:
+            r.success = r.terminated = True
+            r.truncated = False
+            return rows[: i + 1]
+    return rows
+
+
+def _review(driver: SafeDriver, operator: Operator, period: float, review_s: float) -> str | None:
+    """After the detector fired: up to ``review_s`` seconds for the operator's verdict (None: no
+    word: the fire stands; 'end' is no word here, press it again at the reset). The robot holds
+    meanwhile."""
+    deadline = time.monotonic() + review_s
+    while time.monotonic() < deadline:
+        said = operator.review_tick()
+        if said is not None:
+            return None if said == "end" else said
+        if driver.realtime:
+            driver.act(None)
+        time.sleep(period)  # the operator's pace, not a synchronisation: nothing else waits on it
+    return None
+
+
+def _reset_phase(driver: SafeDriver, operator: Operator, pacer: Pacer | None, wait_s: float) -> str:
+    """After the reset (the driver's home move): wait for the operator's ready, or ``wait_s``
+    seconds when > 0. The robot holds meanwhile (a realtime one is sent its hold each tick).
+    Returns 'ready' or 'end'; other keys are ignored and counted by the operator."""
+    period = pacer.period if pacer is not None else 1.0 / driver.spec.control_hz
+    deadline = time.monotonic() + wait_s if wait_s > 0 else None
+    while True:
+        said = operator.reset_phase_tick()
+        if said == "end" or (said == "ready" and deadline is None):
+            return said
+        if deadline is not None and time.monotonic() >= deadline:
+            return "ready"
+        if driver.realtime:
+            driver.act(None)
+        time.sleep(period)  # the operator's pace, not a synchronisation: nothing else waits on it
+
+
+def _realtime_wait(driver: SafeDriver, executor: ChunkExecutor | _NoPolicy, pacer: Pacer | None, period: float,
                    info: StepInfo, obs: dict[str, np.ndarray], applied: np.ndarray, res: EpisodeResult,
                    stall_timeout_s: float) -> tuple[dict[str, np.ndarray], StepInfo, list[ExecutedStep], bool]:
     """After a command: wait for the robot's next step. Returns (newest obs, its info, the rows of
@@ -280,7 +498,7 @@ def _realtime_wait(driver: SafeDriver, executor: ChunkExecutor, pacer: Pacer | N
         if new.step != target:
             res.overruns += 1  # no step (the world did not advance) or several we did not see apart
             return nxt, new, [], True
-        return nxt, new, [ExecutedStep(info.step, obs, applied, False, new.reward, new.success, new.terminated,
+        return nxt, new, [ExecutedStep(info.step, obs, applied, driver.last_held, new.reward, new.success, new.terminated,
                                        new.truncated, nxt, time.monotonic(), time.time())], True
     expected = (info.time or time.monotonic()) + period  # when the robot's next tick is due
     executor.idle(min(expected, time.monotonic() + period), res.steps)  # take replies meanwhile
@@ -301,138 +519,7 @@ def _realtime_wait(driver: SafeDriver, executor: ChunkExecutor, pacer: Pacer | N
     return nxt, new, rows, alive
 
 
-def _idle(executor: ChunkExecutor, deadline: float, next_step: int) -> None:
+def _idle(executor: ChunkExecutor | _NoPolicy, deadline: float, next_step: int) -> None:
     executor.idle(deadline, next_step)
 
 
-def _drain(client: PolicyClient, outbox: Outbox, timeout_s: float) -> None:
-    """Deliver what the outbox holds before leaving (what is left stays on disk for the next run)."""
-    deadline = time.monotonic() + timeout_s
-    while outbox.pending and time.monotonic() < deadline:
-        client.heartbeat()
-        client.poll(0.02)
-    if outbox.pending:
-        print(f"outbox: {outbox.pending} transitions not yet acknowledged: kept in {outbox.dir} for the next run")
-    outbox.close()
-
-
-def build_driver(cfg: DriveConfig) -> SafeDriver:
-    """The configured driver behind the safety layer (watchdog on the robot's scaled clock)."""
-    values: dict[str, Any] = dict(env=cfg.env.name, sparse_reward=cfg.env.sparse_reward,
-                                  max_episode_steps=cfg.env.max_episode_steps, realtime=cfg.realtime,
-                                  time_scale=cfg.time_scale, latency_ms=cfg.latency_ms,
-                                  obs_noise=cfg.obs_noise, seed=cfg.seed, calibration=cfg.calibration,
-                                  randomize=cfg.randomize_physics,
-                                  image_size=cfg.env.image_size, image_key=cfg.env.image_key,
-                                  camera=cfg.env.camera, render_fast=cfg.env.render_fast)
-    values.update(cfg.driver_args)
-    scale = cfg.time_scale
-    driver = make_driver(cfg.driver, driver_config(cfg.driver, **values))
-    if cfg.cameras:
-        from qc_robot.drivers.camera_driver import CameraDriver
-
-        driver = CameraDriver(driver, cfg.cameras)
-    return SafeDriver(driver, cfg.safety, clock=lambda: time.monotonic() * scale)
-
-
-def run_drive(cfg: DriveConfig) -> int:
-    """``qc-robot drive``: run ``cfg.episodes`` episodes against the server; prints success."""
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        driver = build_driver(cfg)
-        cal = load_calibration(cfg.calibration, task=cfg.env.name if cfg.driver == "sim" else None) \
-            if cfg.calibration else None
-    except ValueError as e:  # CalibrationError is a ValueError
-        print(f"drive: {e}")
-        return 2
-    driver.connect()
-    meta = {"mode": cfg.mode, "calibration_id": cal.id if cal is not None else ""}
-    try:
-        curve = _client_curve(cfg)
-    except (OSError, ValueError) as e:
-        print(f"drive: CURVE keys: {e}")
-        driver.close()
-        return 2
-    outbox = Outbox(cfg.outbox_dir, max_bytes=cfg.outbox_max_mb << 20) if cfg.outbox_dir else None
-    if outbox is not None:
-        meta["outbox"] = outbox.id
-    client = PolicyClient(cfg.server, driver.spec.hello(cfg.driver, meta), curve=curve, outbox=outbox,
-                          jpeg_quality=cfg.jpeg_quality)
-    try:
-        welcome = client.connect(cfg.connect_timeout_s)
-    except HandshakeError as e:
-        print(f"drive: {e}")
-        driver.close()
-        return 2
-    print(f"connected to {cfg.server}: policy {welcome.policy_version} ({welcome.actor_type}), "
-          f"H={welcome.chunk_len}, session {welcome.session}; mode {cfg.mode}, driver {cfg.driver}")
-    pace = PolicyPace(cfg.pace_every, cfg.pace_timeout_s) if cfg.pace_every and not driver.realtime else None
-    if cfg.pace_every and driver.realtime:
-        print("drive: pace_every applies to lockstep drivers only (a realtime robot cannot wait): ignored")
-    executor = ChunkExecutor(client, welcome.chunk_len, cfg.mode, cfg.request_threshold, cfg.request_timeout_s,
-                             wait_when_empty=not driver.realtime, gate=pace.accept if pace is not None else None,
-                             tick_wait_s=cfg.tick_wait / (driver.spec.control_hz * cfg.time_scale) if driver.realtime else 0.0,
-                             initial_delay_steps=cal.inference_delay_steps if cal is not None else 0)
-    pacer = Pacer(driver.spec.control_hz * cfg.time_scale) if driver.realtime else None
-    results: list[EpisodeResult] = []
-    video = None
-    if cfg.video:  # lockstep sim only (checked by the CLI): rendering is slower than a control period
-        from qc_robot.video import DriverVideo
-
-        video = DriverVideo(cfg.video, driver.driver, cfg.video_episodes)
-    view = None
-    if cfg.viz:  # a live view of the loop in Rerun (the viz extra)
-        from qc_robot.liveview import RerunView
-
-        view = RerunView(cfg.viz, executor)
-    try:
-        for i in range(cfg.episodes):
-            from qc_robot.liveview import chain
-
-            on_rows = chain(video.episode(i) if video is not None else None,
-                            view.episode(i) if view is not None else None)
-            r = run_episode(driver, executor, i, cfg.seed + i, pacer, client, cfg.send_transitions,
-                            on_rows=on_rows, pace=pace)
-            results.append(r)
-            rtt = f"{np.median(r.rtt_ms):.1f} ms" if r.rtt_ms else "n/a"
-            lost = f"  SERVER LOST {r.offline_s:.1f} s (held)" if r.offline_s > 0 else ""
-            print(f"episode {i + 1}/{cfg.episodes}: {'success' if r.success else 'failure'}  steps {r.steps} "
-                  f"(robot {r.robot_steps})  rows {r.rows}  robot held {r.robot_held}  overruns {r.overruns}  "
-                  f"chunks {r.chunks}  held {r.held} ({r.held / driver.spec.control_hz:.1f} s)  rtt p50 {rtt}  "
-                  f"{r.duration_s:.1f} s{lost}", flush=True)
-    except KeyboardInterrupt:
-        print("interrupted")
-    finally:
-        if outbox is not None:
-            _drain(client, outbox, cfg.outbox_drain_s)
-        client.close()
-        if video is not None:
-            print(f"video of the first {cfg.video_episodes} episode(s): {video.close()}")
-        if view is not None:
-            view.close()
-        driver.close()
-    n_ok = sum(r.success for r in results)
-    pct = 100.0 * n_ok / max(1, len(results))
-    print(f"success {n_ok}/{len(results)} ({pct:.1f}%)  requests {executor.stats.requests}  timeouts "
-          f"{executor.stats.timeouts}  stale actions dropped {executor.stats.dropped_stale}  "
-          f"safety: held {driver.stats.held}, rejected {driver.stats.rejected}, trips {driver.stats.trips}")
-    lost_eps = sum(r.offline_s > 0 for r in results)
-    if lost_eps:
-        print(f"server lost {client.stats.lost} time(s): {lost_eps}/{len(results)} episode(s) ran partly or wholly "
-              f"without it, {sum(r.offline_s for r in results):.1f} s held in all (their outcome is the hold's, "
-              "not the policy's)")
-    if pace is not None:
-        print(f"paced to the learner: {pace.blocks} blocks of {pace.every} steps, waited {pace.wait_s:.1f} s, "
-              f"{pace.timeouts} timeouts")
-    return 0
-
-
-def _client_curve(cfg: DriveConfig) -> Any:
-    """CURVE keys for the driver port (None: keyless, as on loopback)."""
-    if not cfg.curve_secret_key:
-        return None
-    if not cfg.curve_server_key:
-        raise ValueError("curve_secret_key needs curve_server_key (the server's public key file)")
-    from qc_robot.server.learner_link import CurveKeys  # zmq.auth only; torch-free
-
-    return CurveKeys.from_files(cfg.curve_secret_key, cfg.curve_server_key)

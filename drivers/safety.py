@@ -15,11 +15,19 @@ fresh one. The layer then:
   replaced by the hold until a current reading arrives;
 * trips the watchdog once actions have been flowing and none arrived for ``watchdog_s``:
   ``on_timeout='hold'`` keeps holding and resumes with the next fresh action, ``'stop'`` calls
-  the driver's ``stop()`` and ignores actions until ``rearm()`` (an operator decision).
+  the driver's ``stop()`` and ignores actions until ``rearm()`` (an operator decision);
+* ends the episode (``step_info().truncated``, and ``end_reason`` says why) on a latched stop and
+  when the driver's budget of consecutive failed hardware accesses is spent
+  (:class:`~qc_robot.drivers.base.IOBudgetSpent`; the arm is parked); ``reset`` clears both.
+
+``last_held`` says whether the latest tick applied the hold instead of a fresh action (the
+``held`` flag of that tick's row). ``close`` never raises: the error that ended a run must not be
+hidden by a second one from a dead bus; a failure to close is logged instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -28,7 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from qc_robot.drivers.base import Driver, DriverSpec, ExecutedStep, SensorError, StepInfo
+from qc_robot.drivers.base import (
+    Driver,
+    DriverSpec,
+    ExecutedStep,
+    IOBudgetSpent,
+    SensorError,
+    StepInfo,
+)
 
 log = logging.getLogger("qc_robot.safety")
 
@@ -78,6 +93,8 @@ class SafeDriver:
         self.sensor_fault: str | None = None
         """Why the last observation is not current (None: it is); actions are held meanwhile."""
         self._last_obs: dict[str, np.ndarray] | None = None
+        self.last_held = False
+        """The latest tick applied the hold (no fresh action, a sensor fault, a latched stop)."""
         self.rearm()
 
     # -- the driver API, delegated -------------------------------------------------------------
@@ -93,15 +110,23 @@ class SafeDriver:
     def name(self) -> str:
         return self.driver.name
 
+    @property
+    def reports_reward(self) -> bool:
+        return self.driver.reports_reward
+
     def connect(self) -> None:
         self.driver.connect()
 
     def close(self) -> None:
-        self.driver.close()
+        """The driver's close (which parks and releases the arm); never raises (logged instead)."""
+        try:
+            self.driver.close()
+        except Exception:  # noqa: BLE001 - must not replace the error that ended the run
+            log.exception("closing %s failed", self.driver.name)
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         self.rearm()
-        self.sensor_fault, self._last_obs = None, None
+        self.sensor_fault, self._last_obs, self.last_held = None, None, False
         obs = self.driver.reset(seed)
         self._last_obs = obs
         return obs
@@ -112,6 +137,8 @@ class SafeDriver:
         try:
             obs = self.driver.get_observation()
         except SensorError as e:
+            if isinstance(e, IOBudgetSpent):
+                self._end(str(e), park=True)
             self.stats.sensor_faults += 1
             if self.sensor_fault is None:
                 log.warning("sensor fault: %s: holding the robot", e)
@@ -125,7 +152,11 @@ class SafeDriver:
         return obs
 
     def step_info(self) -> StepInfo:
-        return self.driver.step_info()
+        """The driver's; ``truncated`` while the episode is ended here (latched stop, I/O budget)."""
+        info = self.driver.step_info()
+        if self.end_reason is not None and not (info.terminated or info.truncated):
+            info = dataclasses.replace(info, truncated=True)
+        return info
 
     def executed_steps(self) -> list[ExecutedStep] | None:
         return self.driver.executed_steps()
@@ -161,7 +192,20 @@ class SafeDriver:
         self._last_fresh: float | None = None
         self._last_cmd: np.ndarray | None = None
         self._tripped = False
-        self._stopped = False
+        self.end_reason: str | None = None
+        """Why this episode was ended here (None: it was not): a latched watchdog stop or a spent
+        I/O budget. The control loop sees ``step_info().truncated``."""
+
+    def _end(self, reason: str, park: bool) -> None:
+        """End the episode here: nothing more reaches the robot until ``reset``."""
+        if self.end_reason is not None:
+            return
+        self.end_reason = reason
+        log.error("episode ended: %s", reason)
+        try:
+            self.driver.park() if park else self.driver.stop()
+        except Exception as e:  # noqa: BLE001 - the bus may be what failed: the episode ends anyway
+            log.error("%s of %s failed: %s", "park" if park else "stop", self.driver.name, e)
 
     def act(self, action: Any | None) -> np.ndarray:
         """One control tick: apply ``action`` (or a hold) through the limits; returns what was applied."""
@@ -170,12 +214,13 @@ class SafeDriver:
         if self.sensor_fault is not None:
             self.stats.sensor_holds += 1
             a = None  # an action chosen without current sensors never reaches the robot
-        if self._stopped:
-            return self.driver.hold_action()  # latched: nothing reaches the robot until rearm()
+        self.last_held = a is None or self.end_reason is not None
+        if self.end_reason is not None:
+            return self.driver.hold_action()  # latched / ended: nothing reaches the robot until reset
         if a is None:
             if self._last_fresh is not None and not self._tripped and now - self._last_fresh > self.cfg.watchdog_s:
                 self._trip(now)
-                if self._stopped:
+                if self.end_reason is not None:
                     return self.driver.hold_action()
             self.stats.held += 1
             return self._command(self.driver.hold_action())
@@ -197,6 +242,14 @@ class SafeDriver:
         return a
 
     def _command(self, a: np.ndarray) -> np.ndarray:
+        try:
+            return self._limited(a)
+        except IOBudgetSpent as e:  # commands kept failing: end the episode, park the arm
+            self.last_held = True
+            self._end(str(e), park=True)
+            return self.driver.hold_action()
+
+    def _limited(self, a: np.ndarray) -> np.ndarray:
         if not self.cfg.enabled:
             applied = self.driver.send_action(a)
             self._last_cmd = applied
@@ -222,7 +275,6 @@ class SafeDriver:
         waited = now - self._last_fresh if self._last_fresh is not None else 0.0
         if self.cfg.on_timeout == "stop":
             log.error("watchdog: no fresh action for %.3f s: stopping the robot (rearm to resume)", waited)
-            self._stopped = True
-            self.driver.stop()
+            self._end(f"watchdog stop: no fresh action for {waited:.3f} s", park=False)
         else:
             log.warning("watchdog: no fresh action for %.3f s: holding", waited)

@@ -79,6 +79,11 @@ class SimConfig:
     """MuJoCo camera the image is rendered from."""
     render_fast: bool = False
     """Cheaper rendering (512² shadow map, no MSAA) instead of OGBench's exact settings."""
+    blind: bool = False
+    """Behave like a real arm, which knows no reward: the loop, its transitions and logs get
+    reward 0, no success and no termination at the goal (the episode runs until an operator's
+    verdict or the time limit). The true outcome stays readable through ``hidden_info`` for the
+    scripted operator alone."""
 
 
 class SimDriver(Driver):
@@ -135,7 +140,7 @@ class SimDriver(Driver):
         self._obs = np.zeros(self.task.obs_dim)
         self._frame = np.zeros((max(self.image_size, 0),) * 2 + (3,), np.uint8)  # latest render
         self._frame_reading = self._frame  # realtime: the frame published with this tick's reading
-        self._info = StepInfo()
+        self._info = self._hidden = StepInfo()
         self._noise_rng = np.random.default_rng(cfg.seed + 1)
         self._thread: threading.Thread | None = None
         self._running = threading.Event()
@@ -160,6 +165,10 @@ class SimDriver(Driver):
                 self._env.reset(seed=self.cfg.seed)  # OGBench compiles the MjModel on the first reset
                 self._physics = PhysicsParams(self._env)
                 self._physics.apply(self.calibration.physics["params"])
+
+    @property
+    def reports_reward(self) -> bool:  # type: ignore[override]
+        return not self.cfg.blind
 
     @property
     def physics_params(self) -> dict[str, float]:
@@ -201,7 +210,7 @@ class SimDriver(Driver):
             if self.image_size > 0:
                 self._frame = self._frame_reading = self._env.image()
             self._obs = np.asarray(obs, np.float64)
-            self._info = StepInfo(time=time.monotonic())
+            self._info = self._hidden = StepInfo(time=time.monotonic())
             self._inbox.clear()
             self._pipe.clear()
             self._log.clear()
@@ -234,6 +243,12 @@ class SimDriver(Driver):
     def step_info(self) -> StepInfo:
         with self._lock:
             return self._info
+
+    def hidden_info(self) -> StepInfo:
+        """The true outcome of the latest step, also when ``blind`` (the scripted operator's oracle
+        of success; nothing on the robot's side of the loop reads it)."""
+        with self._lock:
+            return self._hidden
 
     def executed_steps(self) -> list[ExecutedStep] | None:
         """Realtime: the ticks executed since the last call. Lockstep: None (the loop's rows are exact)."""
@@ -289,12 +304,15 @@ class SimDriver(Driver):
             return
         obs, reward, terminated, truncated, info = self._env.step(cmd)
         frame = self._env.image() if self.image_size > 0 else self._frame
-        new_info = StepInfo(float(reward), bool(info.get("success", False)), bool(terminated),
-                            bool(truncated), self._info.step + 1, time.monotonic())
+        hidden = StepInfo(float(reward), bool(info.get("success", False)), bool(terminated),
+                          bool(truncated), self._info.step + 1, time.monotonic())
+        # blind: the time limit is no secret, the outcome is (the world goes on past the goal)
+        new_info = StepInfo(0.0, False, False, hidden.truncated, hidden.step, hidden.time) if self.cfg.blind \
+            else hidden
         with self._lock:
             self._obs = np.asarray(obs, np.float64)
             self._frame = frame
-            self._info = new_info
+            self._info, self._hidden = new_info, hidden
 
     def _tick(self, cmd: np.ndarray, held: bool, cmd_step: int, late_s: float) -> None:
         """One realtime step, logged: the reading before, the command, the reading after."""

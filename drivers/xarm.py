@@ -6,11 +6,19 @@ gripper target by up to ``gripper_step`` (+1 closes, -1 opens), with the tool po
 (``roll_deg``/``pitch_deg`` fixed). The hold command is all zeros: the target stays put.
 
 Safety, in three layers: qc-robot's safety layer (limits, max_delta, watchdog) as for every
-driver; here, every target is clamped into the workspace box and yaw range before it is sent; and
-the same box is programmed into the controller's own safety boundary (``controller_fence``), so
-even a command that bypassed this driver stops the arm with controller error 35. Targets are
-streamed in mode 7 (the controller's online Cartesian planner, capped at ``speed_mm_s``).
-Controller errors are never cleared automatically: that is the operator's decision.
+driver; here, every target is clamped into the workspace box and yaw range, and to one step
+around the measured pose (a blocked arm's target does not run ahead), before it is sent; and the
+same box is programmed into the controller's own safety boundary (``controller_fence``: the box,
+the reduced TCP speed ``speed_mm_s``, fence mode, then reduced mode on, without which the SDK says
+the boundary does not take effect), so even a command that bypassed this driver stops the arm
+with controller error 35. Every setting changed at connect is restored at close. Targets are
+streamed in mode 7 (the controller's online Cartesian planner, capped at ``speed_mm_s``); a
+step that asks for more (``step_mm × control_hz > speed_mm_s``) is refused when the driver is
+built. Controller errors are never cleared automatically: that is the operator's decision.
+
+Faults: a failed read raises SensorError (the safety layer holds, the row is flagged held);
+``max_io_errors`` consecutive failures end the episode. ``close`` stops, restores and disconnects,
+and never raises.
 
 Observation ``state`` (5,): tool x, y, z (m), yaw (rad) and the gripper's closing fraction (0 open,
 1 closed), measured each tick. The SDK is imported when the driver connects (extra
@@ -27,12 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from qc_robot.drivers.base import Driver, DriverSpec, StepInfo
+from qc_robot.drivers.base import Driver, DriverSpec, IOBudgetSpent, arm_episode_steps
 from qc_robot.policies.base import ObsField
 
 log = logging.getLogger("qc_robot.xarm")
 
 GRIPPER_OPEN, GRIPPER_CLOSED = 850.0, 0.0  # xArm Gripper position units
+NO_REPLY = 3  # the SDK's code for a request the box did not answer in time
 
 
 @dataclass
@@ -42,8 +51,10 @@ class XArmConfig:
     control_hz: float = 20.0
     """The rate policies are trained at here (the sim tasks' 20 Hz)."""
     max_episode_steps: int = 0
-    step_mm: float = 10.0
-    """Tool translation per step for a unit command."""
+    """Steps before an episode is truncated; 0: 30 s of control ticks (600 at 20 Hz,
+    ``base.ARM_EPISODE_S``), negative: no limit (episodes end only by the operator)."""
+    step_mm: float = 5.0
+    """Tool translation per step for a unit command (``step_mm × control_hz ≤ speed_mm_s``)."""
     step_yaw_deg: float = 5.0
     gripper_step: float = 0.25
     """Change of the gripper's closing fraction per step for a unit command."""
@@ -66,7 +77,7 @@ class XArmConfig:
     """An xArm Gripper on the tool flange (RS-485); False: the gripper action is ignored."""
     gripper_speed: float = 3000.0
     max_io_errors: int = 3
-    """Consecutive failed SDK calls tolerated (stale observation / skipped command) before raising."""
+    """Consecutive failed SDK calls (each read a hold, each command skipped) before the episode ends."""
     sdk_args: dict[str, Any] = field(default_factory=dict)
     """Further ``XArmAPI`` keyword arguments."""
     obs_key: str = "state"
@@ -96,16 +107,19 @@ class XArmDriver(Driver):
             raise ValueError(f"workspace box {list(self._lo)}..{list(self._hi)} must be non-empty and hold home {list(home)}")
         if not self._yaw_lo <= cfg.home_yaw_deg <= self._yaw_hi:
             raise ValueError(f"home_yaw_deg {cfg.home_yaw_deg} outside yaw_range_deg {cfg.yaw_range_deg}")
+        if cfg.step_mm * cfg.control_hz > cfg.speed_mm_s + 1e-9:
+            raise ValueError(f"step_mm {cfg.step_mm:g} × control_hz {cfg.control_hz:g} = {cfg.step_mm * cfg.control_hz:g} mm/s "
+                             f"exceeds speed_mm_s {cfg.speed_mm_s:g}: the target would run ahead of the arm; "
+                             f"use step_mm ≤ {cfg.speed_mm_s / cfg.control_hz:g}")
         self.spec = DriverSpec([ObsField(cfg.obs_key, (5,), "float32")], 5, -np.ones(5), np.ones(5),
-                               cfg.control_hz, cfg.max_episode_steps)
+                               cfg.control_hz, arm_episode_steps(cfg.max_episode_steps, cfg.control_hz))
         self.arm = arm
         self._target = np.r_[home, cfg.home_yaw_deg]  # x, y, z (mm), yaw (deg)
         self._grip = 0.0  # closing fraction commanded
         self._grip_sent: float | None = None
-        self._obs: np.ndarray | None = None
-        self._info = StepInfo()
-        self._io_errors = 0
-        self.io_errors_total = 0
+        self._meas: np.ndarray | None = None  # measured x, y, z (mm), yaw (deg) of the last good read
+        self.max_io_errors = cfg.max_io_errors
+        self._restore: list[tuple[str, Any]] = []  # (what, how) to undo at close, in order
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def _check(self, what: str, ret: Any) -> None:
@@ -139,19 +153,57 @@ class XArmDriver(Driver):
         arm, c = self.arm, self.cfg
         self._check("clean_warn", arm.clean_warn())
         self._check("motion_enable", arm.motion_enable(enable=True))
+        mode0 = int(arm.mode)
+        self._restore = [("mode", lambda: arm.set_mode(mode0))]
         if c.controller_fence:
-            self._check("set_reduced_tcp_boundary", arm.set_reduced_tcp_boundary(
-                [self._hi[0], self._lo[0], self._hi[1], self._lo[1], self._hi[2], self._lo[2]]))
-            self._check("set_fence_mode", arm.set_fense_mode(True))
+            self._program_boundary()
         if c.gripper:
             self._check("set_gripper_mode", arm.set_gripper_mode(0))
             self._check("set_gripper_enable", arm.set_gripper_enable(True))
             self._check("set_gripper_speed", arm.set_gripper_speed(c.gripper_speed))
 
+    def _program_boundary(self) -> None:
+        """The workspace box as the controller's boundary, enforced: box, speed and fence, then
+        reduced mode on (the SDK: boundary settings take effect when reduced mode is set on)."""
+        arm, c = self.arm, self.cfg
+        code, states = arm.get_reduced_states(is_radian=False)
+        self._check("get_reduced_states", code)
+        on0, box0, speed0, fence0 = bool(states[0]), list(states[1]), float(states[2]), bool(states[-2])
+        box = [self._hi[0], self._lo[0], self._hi[1], self._lo[1], self._hi[2], self._lo[2]]
+        self._check("set_reduced_tcp_boundary", arm.set_reduced_tcp_boundary(box))
+        self._check("set_reduced_max_tcp_speed", arm.set_reduced_max_tcp_speed(c.speed_mm_s))
+        self._check("set_fence_mode", arm.set_fence_mode(True))
+        self._check("set_reduced_mode", arm.set_reduced_mode(True))
+        self._restore += [("boundary", lambda: arm.set_reduced_tcp_boundary(box0)),
+                          ("reduced speed", lambda: arm.set_reduced_max_tcp_speed(speed0)),
+                          ("fence mode", lambda: arm.set_fence_mode(fence0)),
+                          ("reduced mode", lambda: arm.set_reduced_mode(on0))]
+
     def close(self) -> None:
-        if self.arm is not None and self.arm.connected:
-            self.arm.set_state(4)  # stop any motion in progress; the arm holds with brakes on power loss
+        """Stop motion (state 4; the arm holds on its brakes on power loss), restore every setting
+        changed at connect, disconnect. Never raises: failures are logged (a dead link must not
+        hide the error that ended the run)."""
+        if self.arm is None or not self.arm.connected:
+            return
+        steps: list[tuple[str, Any]] = [("stop", self.park), *self._restore]
+        for i, (what, undo) in enumerate(steps):
+            try:
+                code = _code(undo() or 0)
+            except Exception as e:  # noqa: BLE001 - best effort, every step
+                log.error("xArm close: %s failed: %s", what, e)
+                code = NO_REPLY if "code 3" in str(e) else 0
+            else:
+                if code:
+                    log.error("xArm close: %s failed with code %d", what, code)
+            if code == NO_REPLY or not self.arm.connected:  # each further call would wait as long
+                log.error("xArm close: the control box does not answer; not done: %s",
+                          ", ".join(w for w, _ in steps[i + 1:]) or "-")
+                break
+        try:
             self.arm.disconnect()
+        except Exception as e:  # noqa: BLE001
+            log.error("xArm close: disconnect failed: %s", e)
+        self._restore = []
 
     def _start(self) -> None:
         """Mode 7 (online Cartesian planning), state 0 (ready); refuses while the box has an error."""
@@ -174,14 +226,15 @@ class XArmDriver(Driver):
         deadline = time.monotonic() + c.reset_timeout_s
         while True:
             code, pose = self.arm.get_position(is_radian=False)
-            if code == 0 and np.all(np.abs(np.asarray(pose[:3]) - self._target[:3]) < 1.0):
+            yaw_err = (float(pose[5]) - self._target[3] + 180.0) % 360.0 - 180.0
+            if code == 0 and np.all(np.abs(np.asarray(pose[:3]) - self._target[:3]) < 1.0) and abs(yaw_err) < 1.0:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"xArm did not reach home within {c.reset_timeout_s} s "
-                                   f"(at {pose[:3]}){self._error_text()}")
+                                   f"(at {list(pose[:3])} mm, yaw {pose[5]}°){self._error_text()}")
             time.sleep(1.0 / c.control_hz)
-        self._info = StepInfo()
-        self._obs = None
+        self._reset_steps()
+        self._io_clear()
         return self.get_observation()
 
     # -- observation ----------------------------------------------------------------------------------
@@ -194,20 +247,13 @@ class XArmDriver(Driver):
                 gcode, gpos = self.arm.get_gripper_position()
                 self._check("get_gripper_position", gcode)
                 grip = (GRIPPER_OPEN - float(gpos)) / (GRIPPER_OPEN - GRIPPER_CLOSED)
-        except Exception as e:  # one failed read is that tick's problem
-            if self._obs is None or not self._io_error("read", e):
-                raise
-            return {self.cfg.obs_key: self._obs.copy()}
-        self._io_errors = 0
+        except Exception as e:  # the safety layer holds; past the budget the episode ends
+            raise self._io_failed("read", e) from e
+        self._io_ok()
         x, y, z, yaw = pose[0], pose[1], pose[2], pose[5]
-        self._obs = np.array([x / 1e3, y / 1e3, z / 1e3, math.radians(yaw), grip], np.float32)
-        return {self.cfg.obs_key: self._obs.copy()}
-
-    def _io_error(self, what: str, e: Exception) -> bool:
-        self._io_errors += 1
-        self.io_errors_total += 1
-        log.warning("xArm %s failed (%d in a row): %s", what, self._io_errors, e)
-        return self._io_errors <= self.cfg.max_io_errors
+        self._meas = np.array([x, y, z, yaw], np.float64)
+        obs = np.array([x / 1e3, y / 1e3, z / 1e3, math.radians(yaw), grip], np.float32)
+        return {self.cfg.obs_key: obs}
 
     # -- commands -------------------------------------------------------------------------------------
     @property
@@ -234,9 +280,12 @@ class XArmDriver(Driver):
     def _apply(self, action: np.ndarray) -> None:
         c = self.cfg
         a = action.astype(np.float64)
-        target = self._target.copy()
-        target[:3] = np.clip(target[:3] + a[:3] * c.step_mm, self._lo, self._hi)  # the workspace box
-        target[3] = float(np.clip(target[3] + a[3] * c.step_yaw_deg, self._yaw_lo, self._yaw_hi))
+        step = np.array([c.step_mm] * 3 + [c.step_yaw_deg])
+        target = self._target + a[:4] * step
+        if self._meas is not None:  # never more than one step from where the arm was measured
+            target = np.clip(target, self._meas - step, self._meas + step)
+        target[:3] = np.clip(target[:3], self._lo, self._hi)  # the workspace box
+        target[3] = float(np.clip(target[3], self._yaw_lo, self._yaw_hi))
         grip = float(np.clip(self._grip + a[4] * c.gripper_step, 0.0, 1.0))
         try:
             if not np.array_equal(target, self._target):
@@ -244,17 +293,13 @@ class XArmDriver(Driver):
                 self._send_target()
             self._grip = grip
             self._send_gripper()
-            self._io_errors = 0
-        except Exception as e:
-            if not self._io_error("command", e):
-                raise
-        step = self._info.step + 1
-        limit = c.max_episode_steps
-        self._info = StepInfo(step=step, truncated=bool(limit and step >= limit))
+            self._io_ok("command")
+        except Exception as e:  # a skipped command; past the budget the episode ends
+            err = self._io_failed("command", e)
+            if isinstance(err, IOBudgetSpent):
+                raise err from e
+        self._count_step(self.spec.max_episode_steps)
 
     def stop(self) -> None:
         """Stop motion now (state 4); ``reset`` makes the arm ready again."""
-        self.arm.set_state(4)
-
-    def step_info(self) -> StepInfo:
-        return self._info
+        self._check("set_state(4)", self.arm.set_state(4))

@@ -87,8 +87,10 @@ class ReplayPolicy:
         return ChunkResult(chunk, time.perf_counter() - t)
 
 
-def scripted_from_ref(ref: str) -> HoldPolicy | RandomPolicy | None:
-    """``hold:OBS:ACT:H[:HZ]`` or ``random:OBS:ACT:H[:HZ]`` → a policy; None for other refs."""
+def scripted_from_ref(ref: str, seed: int | None = None) -> HoldPolicy | RandomPolicy | None:
+    """``hold:OBS:ACT:H[:HZ]`` or ``random:OBS:ACT:H[:HZ]`` → a policy; None for other refs.
+
+    ``seed``: of the random policy's actions (None: 0, as before)."""
     kind, _, rest = ref.partition(":")
     if kind not in ("hold", "random") or not rest:
         return None
@@ -99,4 +101,4 @@ def scripted_from_ref(ref: str) -> HoldPolicy | RandomPolicy | None:
     except ValueError:
         raise ValueError(f"bad scripted policy {ref!r}: expected {kind}:OBS_DIM:ACT_DIM:H[:HZ]") from None
     spec = simple_spec(obs_dim, act_dim, h, hz)
-    return HoldPolicy(spec) if kind == "hold" else RandomPolicy(spec)
+    return HoldPolicy(spec) if kind == "hold" else RandomPolicy(spec, seed=0 if seed is None else seed)

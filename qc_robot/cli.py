@@ -40,7 +40,7 @@ VERBS: dict[str, Verb] = {
                    "export a checkpoint to a self-describing model.onnx"),
     "serve": Verb("qc_robot.server.config:ServeConfig", "qc_robot.server.serve:run_serve",
                   "serve an ONNX policy's action chunks over ZeroMQ"),
-    "drive": Verb("qc_robot.drivers.config:DriveConfig", "qc_robot.drivers.runner:run_drive",
+    "drive": Verb("qc_robot.drivers.config:DriveConfig", "qc_robot.drivers.drive:run_drive",
                   "run a robot driver (sim or real) against a policy server"),
     "finetune": Verb("qc_robot.finetune.config:FinetuneConfig", "qc_robot.finetune.loop:run_finetune",
                      "fine-tune a checkpoint online from robots' transitions via the server's learner port"),
@@ -49,12 +49,14 @@ VERBS: dict[str, Verb] = {
     "replay": Verb("qc_robot.teleop.config:ReplayConfig", "qc_robot.teleop.replay:run_replay",
                    "play a recorded episode back through a driver: replay FILE episode=N"),
     "dataset": Verb("qc_robot.teleop.config:DatasetConfig", "qc_robot.data.tools:run_dataset",
-                    "dataset info|validate|merge|split|recover FILE...",
+                    "dataset info|validate|merge|split|recover|label FILE...",
                     (("info", "episodes, lengths, success rate and action ranges of FILE..."),
                      ("validate", "check FILE... against the robomimic layout train reads"),
                      ("merge", "concatenate FILE... into out=FILE"),
                      ("split", "write train/valid filters (mask/train, mask/valid) into FILE"),
                      ("recover", "commit the episodes a crashed teleop run left in FILE's journal"))),
+    "reward": Verb("qc_robot.reward.config:RewardConfig", "qc_robot.reward.train:run_reward",
+                   "train a success detector on labelled episodes, report held-out rates, export to ONNX"),
     "demo": Verb("qc_robot.demo:DemoConfig", "qc_robot.demo:run_demo",
                  "the whole loop in one command: serve the shipped policy, drive the sim, summary"),
     "calibrate": Verb("qc_robot.calibration.cli:CalibrateConfig", "qc_robot.calibration.cli:run_calibrate",
@@ -135,9 +137,11 @@ def compose(verb: str, overrides: list[str], *, require: bool = True) -> Any:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    from qc_robot.cli_checks import check_group_overrides
     from qc_robot.config import to_dataclass
 
     schema = _load(VERBS[verb].schema)
+    check_group_overrides(CONFIG_DIR, overrides)
     # configs/<verb>.yaml lists "<verb>_schema" first in its defaults: the dataclass is the base
     # of the composed config, so every field can be overridden and unknown keys or bad types fail.
     ConfigStore.instance().store(name=f"{verb}_schema", node=schema)
@@ -153,7 +157,7 @@ def _usage() -> str:
     lines += ["", "qc-robot VERB --help lists the verb's keys with their documentation and examples;",
               "--cfg prints the composed config; configs live in configs/<verb>.yaml;",
               "-m sweeps with Hydra's launchers (qc-robot train -m training.seed=0,1,2).",
-              "First run: qc-robot demo policy=hold:28:5:5  (a server and the sim driver, no model needed)"]
+              "First run: qc-robot demo  (the shipped policy served and driven in the sim; nothing to train)"]
     return "\n".join(lines)
 
 
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:  # a verb's schema lives with code that needs an extra
         from qc_robot.cli_errors import missing_extra_message
 
-        print(f"qc-robot {verb}: {missing_extra_message(e)}", file=sys.stderr)
+        print(f"qc-robot {verb}: {missing_extra_message(e, verb)}", file=sys.stderr)
         return EXIT_USAGE
     except MissingKeysError as e:
         print(f"qc-robot {verb}: {_missing_text(verb, e.keys)}", file=sys.stderr)

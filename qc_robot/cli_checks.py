@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qc_robot.cli_errors import UserError
+from qc_robot.cli_text import fold_names, nearest, shown_options
 
 # verb → (config key holding a path that must exist, what it should be)
 FILE_KEYS: dict[str, tuple[str, str]] = {
@@ -34,11 +35,13 @@ def preflight(verb: str, cfg: Any) -> None:
         key, what = FILE_KEYS[verb]
         need_file(getattr(cfg, key), key, what)
     if verb == "dataset" and cfg.action != "recover":
-        for p in cfg.paths:
+        for p in cfg.paths[:1] if cfg.action == "label" else cfg.paths:  # label FILE DEMO VERDICT
             need_file(p, "paths", "an HDF5 episode file")
     name = getattr(getattr(cfg, "env", None), "name", "")
     if name and (verb in SIM_VERBS or getattr(cfg, "driver", "") == "sim"):
         check_task(name)
+    if verb == "train":  # after the task: a robot PC is told the extra first, then the data
+        check_dataset(cfg)
     if verb == "replay" and cfg.driver == "sim" and cfg.task:
         check_task(cfg.task, key="task")
     if getattr(cfg, "video", ""):
@@ -100,15 +103,6 @@ def check_policy_ref(ref: str) -> None:
               "cube-single policy, or hold:OBS_DIM:ACT_DIM:H / random:OBS_DIM:ACT_DIM:H for bring-up")
 
 
-def fold_names(names: list[str]) -> str:
-    """cube-single-task1, ..., cube-single-task5 → 'cube-single-task1..5'."""
-    families: dict[str, list[int]] = {}
-    for n in names:
-        stem, _, num = n.rpartition("-task")
-        families.setdefault(stem, []).append(int(num))
-    return ", ".join(f"{stem}-task{min(v)}..{max(v)}" for stem, v in families.items())
-
-
 def check_task(name: str, key: str = "env.name") -> None:
     from qc_robot.sim.tasks import list_tasks, task_spec  # needs the sim extra (gymnasium)
 
@@ -117,3 +111,36 @@ def check_task(name: str, key: str = "env.name") -> None:
     except ValueError:
         raise UserError(f"unknown task {name!r} ({key}; or env=NAME): registered tasks are "
                         f"{fold_names(list_tasks())}") from None
+
+
+def check_group_overrides(config_dir: Path, overrides: list[str]) -> None:
+    """Refuse ``GROUP=NAME`` when configs/GROUP/ has no NAME.yaml, for every config group.
+
+    Hydra itself skips a missing option of an ``optional`` default (``experiment``), so a typo
+    would silently run the default config."""
+    for o in overrides:
+        key, eq, name = o.lstrip("+~").partition("=")
+        group = config_dir / key
+        if not eq or "." in key or not group.is_dir() or name in ("", "null") or "," in name:
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        if name not in options:
+            guess = nearest(name, options)
+            hint = f"did you mean {key}={guess}? " if guess else ""
+            raise UserError(f"no {key} named {name!r} ({key}={name}); {hint}options: {shown_options(options)}")
+
+
+def check_dataset(cfg: Any) -> None:
+    """Offline training needs its dataset; the hint is the command that writes the kind it reads:
+    task demonstrations (``data/demos-*.hdf5``, experiment=first_run) from the scripted operator as
+    the README's main job records them, play data from ``datagen`` otherwise."""
+    path = Path(cfg.data.path)
+    if cfg.training.offline_steps <= 0 or path.exists():
+        return
+    env = cfg.env.name
+    if path.name.startswith("demos"):
+        make = (f"qc-robot teleop device=scripted env={env} oracle=plan oracle_noise=0.1 realtime=false "
+                f"time_scale=1000 episodes={cfg.data.num_episodes} out={path}")
+    else:
+        make = f"qc-robot datagen env={env} data.path={path}"
+    raise UserError(f"data.path: no dataset at {path}; write it first: {make}")

@@ -32,21 +32,28 @@ class UserError(Exception):
     """A mistake the user can fix, already phrased as the one line to show."""
 
 
-def missing_extra_message(exc: ModuleNotFoundError) -> str:
+LEARN_VERBS = ("train", "eval", "export", "finetune")
+"""Verbs that need torch as well as the sim: one hint for the extra that covers both ([learn]
+includes [sim]), not [sim] first and then [learn]."""
+
+
+def missing_extra_message(exc: ModuleNotFoundError, verb: str = "") -> str:
     """'needs torch, which this install lacks: pip install "qc-robot[learn]"'."""
     top = (exc.name or str(exc)).split(".")[0]
     extra = EXTRA_OF_MODULE.get(top)
+    if extra == "sim" and verb in LEARN_VERBS:
+        extra = "learn"
     if extra is None:
         return f"needs the Python module {top!r}, which is not installed ({exc})"
     return f"needs {top}, which this install lacks: pip install \"qc-robot[{extra}]\""
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, verb: str = "") -> str:
     """One line for ``exc``, without the exception's own multi-line decorations."""
     if isinstance(exc, UserError):
         return str(exc)
     if isinstance(exc, ModuleNotFoundError):
-        return missing_extra_message(exc)
+        return missing_extra_message(exc, verb)
     if isinstance(exc, FileNotFoundError):
         name = exc.filename or ""
         return f"file not found: {name}" if name and str(name) not in str(exc) else str(exc)
@@ -67,12 +74,10 @@ def config_error_text(exc: BaseException) -> str:
     options = getattr(exc, "options", None)
     missing = getattr(exc, "missing_cfg_file", None)
     if missing and options is not None and "/" in str(missing):
-        from qc_robot.cli_checks import fold_names
+        from qc_robot.cli_text import shown_options
 
         group, _, name = str(missing).rpartition("/")
-        tasks = [o for o in options if "-task" in o and o.rpartition("-task")[2].isdigit()]
-        shown = fold_names(tasks) if len(tasks) == len(options) else ", ".join(options)
-        return f"no {group} named {name!r} ({group}={name}); options: {shown}"
+        return f"no {group} named {name!r} ({group}={name}); options: {shown_options(list(options))}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     cause = exc.__cause__
     if cause is not None:
@@ -97,7 +102,7 @@ def explain(verb: str, fn: Callable[[], Any], subject: str = "") -> int:
     except Exception as e:  # noqa: BLE001 (the one place a whole verb's failure is reported)
         if os.environ.get("QC_ROBOT_TRACEBACK"):
             traceback.print_exc()
-        text = describe(e)
+        text = describe(e, verb)
         if subject and not isinstance(e, (UserError, ModuleNotFoundError)) and subject.split("=", 1)[-1] not in text:
             text = f"{subject}: {text}"
         print(f"qc-robot {verb}: {text}", file=sys.stderr)

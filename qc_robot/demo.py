@@ -30,7 +30,8 @@ class DemoConfig:
     episodes: int = 5
     """Episodes to run."""
     seed: int = 100
-    """Episode i resets with seed + i."""
+    """Episode i resets with seed + i; the served policy's noise is seeded with it too, so a
+    lockstep run (realtime=false) repeats exactly."""
     realtime: bool = True
     """True: the sim robot runs on the wall clock like hardware; False: lockstep (as fast as the
     policy answers, and required for video)."""
@@ -52,6 +53,14 @@ class DemoConfig:
     """finetune: updates between policy pushes."""
     finetune_dir: str = "runs/demo-finetune"
     """finetune: the learner's run directory (and the server's transition journal in it)."""
+    operator: str = "none"
+    """The operator in the loop, as ``drive operator=`` ('scripted': the simulated operator gives
+    verdicts and takes over when the policy stalls; best with realtime=false)."""
+    operator_args: dict[str, Any] = field(default_factory=dict)
+    """The operator's settings (``qc_robot.teleop.operator.OperatorConfig``)."""
+    blind: bool = False
+    """Hide reward and success from the loop as a real arm does (with an operator, rewards come
+    from its verdicts)."""
 
 
 @dataclass
@@ -120,21 +129,32 @@ def run_demo(cfg: DemoConfig) -> int:
     """CLI entry: serve, drive ``cfg.episodes`` episodes, print a summary; 0 on a clean run."""
     from qc_robot.drivers.client import PolicyClient
     from qc_robot.drivers.config import DriveConfig
+    from qc_robot.drivers.drive import build_driver
+    from qc_robot.drivers.episode_stage import EpisodeStage
     from qc_robot.drivers.executor import ChunkExecutor
-    from qc_robot.drivers.runner import Pacer, build_driver, run_episode
+    from qc_robot.drivers.policy_id import policy_label
+    from qc_robot.drivers.runner import Pacer, run_episode
     from qc_robot.server.app import ControlServer
     from qc_robot.server.serve import load_policy
+    from qc_robot.teleop.operator import make_operator
 
     tty = cfg.status and sys.stdout.isatty()
     learner = _Finetune(cfg) if cfg.finetune else None
-    policy = load_policy(learner.policy_path if learner is not None else cfg.policy)
+    policy = load_policy(learner.policy_path if learner is not None else cfg.policy, seed=cfg.seed)
     server = ControlServer(policy, "tcp://127.0.0.1:*",
                            learner_link=learner.link if learner is not None else None).start()
     if learner is not None:
         learner.start()
     drive = DriveConfig(driver="sim", env=cfg.env, server=server.address, episodes=cfg.episodes,
-                        seed=cfg.seed, mode=cfg.mode, realtime=cfg.realtime, time_scale=cfg.time_scale)
+                        seed=cfg.seed, mode=cfg.mode, realtime=cfg.realtime, time_scale=cfg.time_scale,
+                        blind=cfg.blind)
     driver = build_driver(drive)
+    try:
+        operator = make_operator(cfg.operator, dict(cfg.operator_args), driver)
+    except ValueError as e:
+        server.stop()
+        print(f"demo: {e}")
+        return 2
     spec = policy.spec
     served = f"{cfg.finetune} (exported)" if learner is not None else cfg.policy
     print(f"qc-robot demo: serving {served} ({spec.actor_type}, H={spec.chunk_len}) on {server.address}; "
@@ -143,9 +163,14 @@ def run_demo(cfg: DemoConfig) -> int:
     client = PolicyClient(server.address, driver.spec.hello("sim", {"mode": cfg.mode}))
     results = []
     video = None
+    label = served
     try:
         driver.connect()
+        if operator is not None:
+            operator.open()
         welcome = client.connect(10.0)
+        label = policy_label(welcome.metadata, served)
+        print(f"connected: policy {label}", flush=True)
         period = 1.0 / (driver.spec.control_hz * cfg.time_scale)
         executor = ChunkExecutor(client, welcome.chunk_len, cfg.mode, 0.5, 2.0,
                                  wait_when_empty=not driver.realtime,
@@ -170,18 +195,24 @@ def run_demo(cfg: DemoConfig) -> int:
                     sys.stdout.flush()
 
             r = run_episode(driver, executor, i, cfg.seed + i, pacer, client, send_transitions=learner is not None,
-                            on_rows=on_rows)
+                            on_rows=on_rows, operator=operator, stage=EpisodeStage() if operator else None,
+                            verdict_rewards=operator is not None and not driver.reports_reward)
+            if r.verdict == "end":
+                break
             results.append(r)
             live.done += 1
             live.successes += int(r.success)
             end = "\r\033[K" if tty else ""
             version = f", policy v{server.policy_version}" if learner is not None else ""
-            print(f"{end}episode {i + 1}/{cfg.episodes}: {'SUCCESS' if r.success else 'failure'} after "
-                  f"{r.robot_steps} steps ({r.duration_s:.1f} s{version})", flush=True)
+            taken = f", operator steps {r.interventions}" if r.interventions else ""
+            print(f"{end}episode {i + 1}/{cfg.episodes}: {'SUCCESS' if r.success else r.verdict} after "
+                  f"{r.robot_steps} steps ({r.duration_s:.1f} s{version}{taken})", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted")
     finally:
         client.close()
+        if operator is not None:
+            operator.close()
         if video is not None:
             path = video.close()
             if path is not None:
@@ -190,23 +221,26 @@ def run_demo(cfg: DemoConfig) -> int:
         if learner is not None:  # the learner drains what was sent, pushes its last policy, exits
             learner.finish(server)
         server.stop()
-    _summary(results, server, driver)
+    _summary(results, server, driver, label)
+    if operator is not None:
+        print("  " + operator.summary())
     if learner is not None:
         print(f"  fine-tune         {server.stats.transitions} transitions streamed, policy v0 → "
               f"v{server.policy_version}; learner log {learner.log_path}")
     return 0
 
 
-def _summary(results: list[Any], server: Any, driver: Any) -> None:
+def _summary(results: list[Any], server: Any, driver: Any, label: str) -> None:
     n = len(results)
     ok = sum(r.success for r in results)
     rtt = [x for r in results for x in r.rtt_ms]
     wins = [r.robot_steps for r in results if r.success]
-    lines = [f"summary: success {ok}/{n}" + (f" ({100 * ok / n:.0f}%)" if n else ""),
+    lines = [f"summary: success {ok}/{n}" + (f" ({100 * ok / n:.0f}%)" if n else "") + f" with {label}",
              f"  steps to success  {np.mean(wins):.0f} mean" if wins else "  steps to success  -",
              f"  chunks served     {server.stats.chunks} (errors: {server.stats.errors or 'none'})",
              f"  round trip        p50 {np.median(rtt):.1f} ms, p99 {np.percentile(rtt, 99):.1f} ms" if rtt
              else "  round trip        -",
-             f"  held ticks        {sum(r.held for r in results)} of {sum(r.steps for r in results)} "
+             f"  held              {sum(r.robot_held if driver.realtime else r.held for r in results)} of "
+             f"{sum(r.rows for r in results)} robot steps without a fresh policy action "
              f"(safety: rejected {driver.stats.rejected}, trips {driver.stats.trips})"]
     print("\n".join(lines))

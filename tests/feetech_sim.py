@@ -10,7 +10,9 @@ code, so a wrong encoding on either side shows up as a failed test.
 Physics: a servo with torque enabled reaches its goal (clamped to its position limits) before the
 next read, the behaviour of a well-tuned position loop at 30 Hz; enabling torque holds the shaft
 where it is; a servo with torque off stays where the "hand" puts it (``move``), which is how a
-leader arm is read.
+leader arm is read. ``block`` puts an obstacle in a joint's way (the shaft stops there whatever
+the goal: a gripper closed on an object). Faults: ``corrupt`` (every reply fails its checksum)
+and ``dead`` (the adapter is gone: nothing is answered and nothing reaches a servo).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import tty
 
 # STS3215 memory map (EPROM then SRAM): address, bytes
 FIRMWARE_MAJOR, FIRMWARE_MINOR, MODEL = 0, 1, 3
-MIN_LIMIT, MAX_LIMIT, HOMING_OFFSET = 9, 11, 31
-TORQUE_ENABLE, GOAL_POSITION, LOCK, PRESENT_POSITION = 40, 42, 55, 56
+MIN_LIMIT, MAX_LIMIT, MAX_TORQUE_LIMIT, HOMING_OFFSET = 9, 11, 16, 31
+TORQUE_ENABLE, GOAL_POSITION, TORQUE_LIMIT, LOCK, PRESENT_POSITION = 40, 42, 48, 55, 56
 STS3215_MODEL = 777
 RESOLUTION = 4096
 
@@ -55,8 +57,12 @@ class Servo:
         self.mem[MODEL : MODEL + 2] = STS3215_MODEL.to_bytes(2, "little")
         self.mem[5] = servo_id
         self._put(MAX_LIMIT, RESOLUTION - 1)
+        self._put(MAX_TORQUE_LIMIT, 1000)  # factory defaults: full torque (EPROM, copied to RAM at power-up)
+        self._put(TORQUE_LIMIT, 1000)
         self.actual = position
         """Absolute shaft position (ticks, 0..4095)."""
+        self.obstacle: tuple[int, int] | None = None
+        """(lowest, highest) absolute position the shaft can reach (None: free)."""
         self._put(GOAL_POSITION, position)  # at power-up the goal is where the shaft is
         self.log: list[tuple[int, bytes]] = []
         """Every (address, data) written, in order (tests read what reached the motor)."""
@@ -102,6 +108,8 @@ class Servo:
         if self.mem[TORQUE_ENABLE]:
             lo, hi = self._get(MIN_LIMIT), self._get(MAX_LIMIT)
             self.actual = max(lo, min(hi, self.goal)) + self.offset
+            if self.obstacle is not None:
+                self.actual = max(self.obstacle[0], min(self.obstacle[1], self.actual))
 
 
 class FeetechBusSim:
@@ -116,6 +124,8 @@ class FeetechBusSim:
         self._busy = False
         self.corrupt = False
         """True: every reply has a wrong checksum (a noisy cable); the SDK reports a corrupt packet."""
+        self.dead = False
+        """True: the bus is gone (unplugged adapter, power loss): no packet is handled or answered."""
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)
         self.port = os.ttyname(self._slave)
@@ -157,6 +167,13 @@ class FeetechBusSim:
         """Put a (torque-off) servo's shaft at ``actual`` ticks, as an operator's hand would."""
         with self.lock:
             self.servos[servo_id].actual = actual
+
+    def block(self, servo_id: int, low: int, high: int) -> None:
+        """An obstacle: the shaft of ``servo_id`` stays within [low, high] absolute ticks."""
+        with self.lock:
+            servo = self.servos[servo_id]
+            servo.obstacle = (low, high)
+            servo.actual = max(low, min(high, servo.actual))
 
     def present(self, servo_id: int) -> int:
         self.settle()
@@ -205,6 +222,8 @@ class FeetechBusSim:
                 del buf[: 4 + n]
                 if packet[-1] != _checksum(body):
                     self.errors.append(f"bad checksum in {packet.hex()}")
+                    continue
+                if self.dead:
                     continue
                 with self.lock:
                     self.packets += 1

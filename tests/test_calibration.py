@@ -9,8 +9,6 @@ within 15 %, the delay exact, the replay error cut at least 5x, within a budget 
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +177,7 @@ def test_calibration_id_reaches_hello_and_logged_episodes(tmp_path: Path) -> Non
 
     from qc_robot.config import EnvConfig
     from qc_robot.drivers.config import DriveConfig
-    from qc_robot.drivers.runner import run_drive
+    from qc_robot.drivers.drive import run_drive
     from qc_robot.policies.scripted import HoldPolicy, simple_spec
     from qc_robot.server.app import ControlServer
     from qc_robot.server.episode_log import EpisodeLogger
@@ -201,28 +199,27 @@ def test_calibration_id_reaches_hello_and_logged_episodes(tmp_path: Path) -> Non
 
 
 def test_latency_recovers_injected_actuation_delay() -> None:
+    """The step test on the lockstep sim, whose 100 ms latency is exactly 2 steps: the detection
+    is checked without the machine's scheduling in it (a loaded machine shifts wall-clock reads).
+    The wall-clock accuracy, 0-500 ms on the realtime sim, is benchmarks/calibration_latency.py's."""
     from qc_robot.calibration.latency import measure_latency
     from qc_robot.drivers.sim import SimConfig, SimDriver
     from qc_robot.policies.scripted import HoldPolicy, simple_spec
     from qc_robot.server.app import ControlServer
 
     latency_ms, hz = 100.0, 20.0
-    driver = SimDriver(SimConfig(env=TASK, latency_ms=latency_ms))
+    driver = SimDriver(SimConfig(env=TASK, latency_ms=latency_ms, realtime=False, max_episode_steps=100_000))
     srv = ControlServer(HoldPolicy(simple_spec(28, 5, 5)), "tcp://127.0.0.1:*").start()
-    t0 = time.monotonic()
     try:
         lat = measure_latency(driver, srv.address, requests=30, trials=6)
     finally:
         srv.stop()
         driver.close()
-    # a guard against a hold that never ends, not a speed check: ~25 s idle (each step test holds
-    # until the arm is still, up to 2 s), 48 s measured with two fits beside it on 2 cores
-    assert time.monotonic() - t0 < 120
-    assert abs(lat["actuation_delay_steps"] - round(latency_ms * hz / 1e3)) <= 1
-    assert abs(lat["actuation_ms"]["p50"] - latency_ms) < 1e3 / hz  # within one control step
+    assert lat["actuation_delay_steps"] == round(latency_ms * hz / 1e3)
+    assert lat["actuation_ms"]["n"] == 6 and lat["actuation_ms"]["p50"] == latency_ms
     r = lat["rtt_ms"]
-    assert r["n"] == 30 and 0 < r["p50"] <= r["p90"] <= r["p99"] < 1e3
-    assert lat["inference_delay_steps"] == max(1, math.ceil(r["p90"] * hz / 1e3))
+    assert r["n"] == 30 and 0 < r["p50"] <= r["p90"] <= r["p99"]
+    assert not lat["realtime"] and lat["inference_delay_steps"] == 0  # lockstep: the world waits for replies
 
 
 # -- system identification against a hidden-parameter robot --------------------------------------

@@ -106,24 +106,26 @@ def test_check_flags_drift_on_a_realtime_calibration(tmp_path: Path, capsys: pyt
 
 @pytest.mark.parametrize("latency_ms", [500.0])
 def test_latency_step_within_one_control_step_up_to_500ms(latency_ms: float) -> None:
-    """The long end of the range (test_calibration covers 100 ms, benchmarks/calibration_latency.py
-    0-500 ms): a long delay keeps the previous step acting into the next hold, so the band must
-    wait for stillness, and a held step would walk the arm into the workspace bounds."""
+    """The long end of the range (test_calibration covers 100 ms): a long delay keeps the previous
+    step acting into the next hold, so the band must wait for stillness, and a held step would
+    walk the arm into the workspace bounds. On the lockstep sim (500 ms = 10 steps exactly), so the
+    machine's load is not in the reading; the realtime accuracy over 0-500 ms is measured by
+    benchmarks/calibration_latency.py."""
     from qc_robot.calibration.latency import measure_latency
     from qc_robot.drivers.sim import SimConfig, SimDriver
     from qc_robot.policies.scripted import HoldPolicy, simple_spec
     from qc_robot.server.app import ControlServer
 
-    time_scale, hz = 2.0, 20.0
-    driver = SimDriver(SimConfig(env=TASK, latency_ms=latency_ms, time_scale=time_scale, max_episode_steps=100_000))
+    hz = 20.0
+    driver = SimDriver(SimConfig(env=TASK, latency_ms=latency_ms, realtime=False, max_episode_steps=100_000))
     srv = ControlServer(HoldPolicy(simple_spec(28, 5, 5)), "tcp://127.0.0.1:*").start()
     try:
-        lat = measure_latency(driver, srv.address, requests=5, trials=5, time_scale=time_scale)
+        lat = measure_latency(driver, srv.address, requests=5, trials=5)
     finally:
         srv.stop()
         driver.close()
-    assert abs(lat["actuation_ms"]["p50"] - latency_ms) < 1e3 / hz, lat["actuation_ms"]
-    assert abs(lat["actuation_delay_steps"] - round(latency_ms * hz / 1e3)) <= 1
+    assert lat["actuation_ms"]["n"] == 5 and lat["actuation_ms"]["p50"] == latency_ms, lat["actuation_ms"]
+    assert lat["actuation_delay_steps"] == round(latency_ms * hz / 1e3)
 
 
 @pytest.mark.slow

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skip_reasons import LEROBOT_MISSING
 
-pytest.importorskip("lerobot.robots.so101_follower", reason="LeRobot not installed (pip install 'qc-robot[lerobot]')")
+pytest.importorskip("lerobot.robots.so101_follower", reason=LEROBOT_MISSING)
 pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
 cv2 = pytest.importorskip("cv2")
 

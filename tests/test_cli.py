@@ -121,6 +121,7 @@ ROBOT_PC = ("torch", "mujoco", "ogbench", "gymnasium")  # `pip install qc-robot[
     (["datagen", "data.num_episodes=1"], ROBOT_PC, "sim"),
     (["eval", "checkpoint={ckpt}"], ROBOT_PC, "learn"),
     (["eval", "checkpoint={ckpt}", "env.name=cube-single-task1"], ("torch",), "learn"),
+    (["train", "experiment=smoke"], ROBOT_PC, "learn"),  # one extra covers train, not [sim] then [learn]
 ])
 def test_a_missing_extra_names_the_extra_to_install(tmp_path, argv, blocked, extra):
     ckpt = tmp_path / "checkpoint.pt"
@@ -189,3 +190,38 @@ def test_every_registered_task_can_be_named_with_env():
 def test_free_form_dict_keys_need_no_plus():
     cfg = compose("drive", ["driver=mock", "driver_args.obs_dim=28", "+driver_args.gain=0.2"])
     assert cfg.driver_args == {"obs_dim": 28, "gain": 0.2}
+
+
+@pytest.mark.parametrize("argv,wrong,right", [
+    (["train", "experiment=frist_run", "--cfg"], "experiment=frist_run", "experiment=first_run"),  # optional group
+    (["train", "agent=qcfql"], "agent=qcfql", "agent=qc_fql"),
+    (["train", "+data=defualt", "--cfg"], "data=defualt", "data=default"),
+    (["drive", "env=cube-single-tsak1"], "env=cube-single-tsak1", "env=cube-single-task1"),
+])
+def test_an_unknown_group_option_is_refused_naming_the_nearest(capsys, argv, wrong, right):
+    from qc_robot.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and wrong in err and f"did you mean {right}?" in err, err
+
+
+def test_train_without_demos_names_the_readme_command_that_records_them(capsys, tmp_path, monkeypatch):
+    from qc_robot.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    assert main(["train", "experiment=first_run"]) == 2
+    err = capsys.readouterr().err.strip()
+    readme = (REPO / "README.md").read_text()
+    assert len(err.splitlines()) == 1 and "qc-robot teleop device=scripted env=cube-single-task1 oracle=plan" in err
+    assert "datagen" not in err and "oracle=plan oracle_noise=0.1 realtime=false" in readme, err
+    assert main(["train", "experiment=smoke"]) == 2  # play data: datagen writes it
+    assert "qc-robot datagen env=" in capsys.readouterr().err
+
+
+def test_the_usage_footer_recommends_a_first_run_that_succeeds(capsys):
+    from qc_robot.cli import main
+
+    assert main(["--help"]) == 0
+    first = [x for x in capsys.readouterr().out.splitlines() if x.startswith("First run:")]
+    assert first and "hold:" not in first[0] and "qc-robot demo" in first[0], first

@@ -19,7 +19,7 @@ import pytest
 
 from qc_robot import protocol as P
 from qc_robot.drivers.base import Driver
-from qc_robot.drivers.registry import DRIVERS, driver_config, make_driver
+from qc_robot.drivers.registry import DRIVERS, build_driver_config, driver_config, make_driver
 from qc_robot.drivers.safety import SafeDriver, SafetyConfig
 
 
@@ -62,7 +62,7 @@ def driver(request: pytest.FixtureRequest, _stack: contextlib.ExitStack,
         if name in HARDWARE:
             d = HARDWARE[name](_stack, tmp_path_factory.mktemp(name))
         else:
-            d = make_driver(name, driver_config(name, realtime=False, seed=0, max_episode_steps=50))
+            d = make_driver(name, build_driver_config(name, {"realtime": False, "seed": 0}, {"max_episode_steps": 50}))
         d.connect()
         _stack.callback(d.close)
         _DRIVERS[name] = d
@@ -205,3 +205,44 @@ def test_watchdog(driver: Driver, on_timeout: str) -> None:
         assert not safe.tripped
         safe.act(b)
         assert safe.stats.fresh == 2
+
+
+def test_held_rows_are_the_ticks_that_held(driver: Driver) -> None:
+    """Every row of the real control loop says whether its tick applied the hold: exactly the
+    ticks without a fresh action (what the server's episode log and "robot held" count)."""
+    from episode_rig import run_scripted
+
+    safe = SafeDriver(driver, SafetyConfig(watchdog_s=1e9))
+    rng = np.random.default_rng(2)
+    actions = [_uniform(driver, rng) * 0.3 for _ in range(12)]  # small: the hardware stays inside its box
+
+    def script(step: int) -> np.ndarray | None:
+        return None if step % 3 == 2 else actions[step]
+
+    res, rows = run_scripted(safe, script, max_steps=12)
+    assert res.steps == 12 and len(rows) == 12
+    assert [r.held for r in rows] == [i % 3 == 2 for i in range(12)]
+    held = [r for r in rows if r.held]
+    for r in held:
+        np.testing.assert_allclose(r.action, driver.hold_action(), atol=2e-3)
+
+
+def test_a_latched_stop_ends_the_episode_truncated(driver: Driver) -> None:
+    """Watchdog ``on_timeout=stop``: the episode ends at the trip (not at the step limit), its last
+    row truncated, ``end_reason`` says why, and the next reset clears it."""
+    from episode_rig import TickClock, run_scripted
+
+    clock = TickClock(0.2)
+    safe = SafeDriver(driver, SafetyConfig(watchdog_s=0.5, on_timeout="stop"), clock=clock)
+    hold = driver.hold_action()
+
+    def script(step: int) -> np.ndarray | None:
+        return hold if step < 3 else None  # silent from the 4th tick: trips at tick 6 (0.6 s > 0.5 s)
+
+    res, rows = run_scripted(safe, script, max_steps=30, clock=clock)
+    assert res.steps == 6, "the loop must end the episode at the latched stop"
+    assert rows and rows[-1].truncated and not any(r.truncated for r in rows[:-1])
+    assert safe.end_reason is not None and safe.end_reason.startswith("watchdog stop")
+    assert safe.step_info().truncated
+    safe.reset(0)
+    assert safe.end_reason is None and not safe.step_info().truncated and not safe.tripped

@@ -3,13 +3,14 @@ show the time it ran without a server. Real server, real client, mock robot."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import numpy as np
 
 from qc_robot.drivers.config import DriveConfig
-from qc_robot.drivers.runner import run_drive
+from qc_robot.drivers.drive import run_drive
 from qc_robot.policies.base import ChunkResult
 from qc_robot.policies.scripted import HoldPolicy, simple_spec
 from qc_robot.server.app import ControlServer
@@ -27,15 +28,42 @@ def _server(address: str) -> ControlServer:
     return ControlServer(SlowHold(simple_spec(10, 5, 5)), address).start()
 
 
+class _Seen(logging.Handler):
+    """Sets ``event`` when a record containing ``text`` is logged (the client's loss warning)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.WARNING)
+        self.text, self.event = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def _until(pred, guard_s: float = 120.0) -> bool:
+    """Bounded poll: True once ``pred()`` holds; the guard only stops a hang (a loaded machine is slow)."""
+    end = time.monotonic() + guard_s
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_drive_reports_the_time_without_a_server(capsys, caplog) -> None:
+    """The outage follows the drive's progress, not the wall clock: the server goes away once a
+    whole episode was served (40 chunks of 5 steps) and the next one has begun, and comes back once
+    the client has said it lost it, so served, lost and served-again episodes exist at any load."""
     first = _server("tcp://127.0.0.1:*")
     address = first.address
     servers = [first]
+    seen = _Seen("lost the server")
+    logging.getLogger("qc_robot.client").addHandler(seen)
 
     def outage() -> None:
-        time.sleep(0.4)
-        first.stop()
-        time.sleep(1.0)
+        if _until(lambda: first.stats.chunks >= 45):
+            first.stop()
+            seen.event.wait(120)
         servers.append(_server(address))
 
     t = threading.Thread(target=outage)
@@ -46,7 +74,8 @@ def test_drive_reports_the_time_without_a_server(capsys, caplog) -> None:
         with caplog.at_level("WARNING", logger="qc_robot.client"):
             assert run_drive(cfg) == 0
     finally:
-        t.join(10)
+        t.join(300)
+        logging.getLogger("qc_robot.client").removeHandler(seen)
         for s in servers:
             s.stop()
     out = capsys.readouterr().out

@@ -11,9 +11,10 @@ import pytest
 from qc_robot import protocol as P
 from qc_robot.config import EnvConfig
 from qc_robot.drivers.config import DriveConfig
+from qc_robot.drivers.drive import run_drive
 from qc_robot.drivers.executor import ChunkExecutor
 from qc_robot.drivers.mock import MockConfig, MockDriver
-from qc_robot.drivers.runner import run_drive, run_episode
+from qc_robot.drivers.runner import run_episode
 from qc_robot.drivers.safety import SafeDriver, SafetyConfig
 
 # -- conformance over every registered driver: tests/test_driver_conformance.py ---------------------

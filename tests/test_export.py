@@ -147,3 +147,49 @@ def test_run_export_from_checkpoint(tmp_path: Path) -> None:
     assert policy.meta.num_samples == 4 and policy.meta.config_hash == ckpt.config_hash
     res = policy.predict({"joint_pos": np.zeros(4), "target": np.zeros(2)})
     assert res.actions.shape == (3, 3)
+
+
+def test_exports_carry_no_build_machine_paths(exported) -> None:
+    """The dynamo exporter's per-node stack traces ('File "/home/.../networks.py"') are dropped."""
+    from qc_robot.export.scrub import build_paths
+
+    _, _, _, sess = exported
+    model = onnx.load(sess._model_path)
+    assert build_paths(model) == []
+    assert qc_robot_root() not in model.SerializeToString().decode("latin-1")
+
+
+def test_the_shipped_policy_carries_no_build_machine_paths() -> None:
+    from qc_robot.assets import default_policy_path
+    from qc_robot.export.scrub import build_paths
+
+    assert build_paths(onnx.load(default_policy_path())) == []
+
+
+def test_scrub_keeps_weights_and_outputs(tmp_path: Path) -> None:
+    """A file with stack traces (as the exporter writes them) loses them and nothing else."""
+    from qc_robot.export.scrub import build_paths, scrub_file
+    from qc_robot.policies.onnx_policy import OnnxPolicy
+
+    _, meta, path = export(VARIANTS["fql_1step"], tmp_path / "m.onnx")
+    model = onnx.load(path)
+    node = model.graph.node[-1]
+    trace = node.metadata_props.add()
+    trace.key, trace.value = "pkg.torch.onnx.stack_trace", 'File "/home/builder/qc_robot/agent/networks.py", line 33'
+    onnx.save(model, path)
+    weights = [t.SerializeToString() for t in model.graph.initializer]
+    obs = np.random.default_rng(0).standard_normal((3, meta.obs_dim)).astype(np.float32)
+    noise = np.random.default_rng(1).standard_normal((3, *meta.noise_shape)).astype(np.float32)
+    before = OnnxPolicy(path, warmup=0).predict_batch(obs, noise)
+    assert build_paths(onnx.load(path))
+    assert scrub_file(path) >= 1
+    after_model = onnx.load(path)
+    assert build_paths(after_model) == []
+    assert [t.SerializeToString() for t in after_model.graph.initializer] == weights
+    np.testing.assert_array_equal(OnnxPolicy(path, warmup=0).predict_batch(obs, noise), before)
+
+
+def qc_robot_root() -> str:
+    import qc_robot
+
+    return str(Path(qc_robot.__file__).resolve().parent.parent)

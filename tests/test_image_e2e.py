@@ -62,7 +62,7 @@ def test_record_train_export_serve_drive_with_camera_images(tmp_path: Path, caps
     from qc_robot.cli import compose
     from qc_robot.data.hdf5_io import load_flat
     from qc_robot.drivers.config import DriveConfig
-    from qc_robot.drivers.runner import run_drive
+    from qc_robot.drivers.drive import run_drive
     from qc_robot.export.onnx_export import run_export
     from qc_robot.policies.onnx_policy import OnnxPolicy
     from qc_robot.server.app import ControlServer

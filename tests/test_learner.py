@@ -88,4 +88,5 @@ def test_cli_rejects_unknown_keys_and_missing_data(tmp_path, capsys):
     assert main(["train", "agent.not_a_field=3"]) == 2
     assert "not_a_field" in capsys.readouterr().err
     assert main(["train", f"data.path={tmp_path / 'none.hdf5'}", "training.offline_steps=5"]) == 2
-    assert "qc-robot datagen" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "qc-robot datagen" in shown.out + shown.err

@@ -21,6 +21,7 @@ pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
 from feetech_sim import FeetechBusSim  # noqa: E402
 from lerobot_rig import IDS, OFFSETS, RANGES, calibrated_so101  # noqa: E402
 
+from qc_robot.drivers.base import IOBudgetSpent, SensorError  # noqa: E402
 from qc_robot.drivers.lerobot_driver import LeRobotConfig, LeRobotDriver, make_lerobot_robot  # noqa: E402
 from qc_robot.drivers.registry import driver_config, make_driver  # noqa: E402
 from qc_robot.drivers.safety import SafeDriver, SafetyConfig  # noqa: E402
@@ -32,7 +33,7 @@ JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_ro
 def follower(tmp_path: Path) -> Iterator[tuple[LeRobotDriver, FeetechBusSim]]:
     sim, args = calibrated_so101("follower", tmp_path / "cal")
     d = make_driver("lerobot", driver_config("lerobot", robot_type="so101_follower", robot_args=args,
-                                             action_mode="absolute"))
+                                             action_mode="absolute", max_relative_target=0.0))  # jumps allowed
     try:
         d.connect()
         yield d, sim
@@ -107,6 +108,7 @@ def test_delta_mode_steps_each_target_by_at_most_max_step(tmp_path: Path) -> Non
         d.send_action(np.zeros(6))  # the hold: the goals stay
         assert [sim.goal(s) for s in IDS] == goals
         for _ in range(25):  # run joint 1 into its upper end: the step actually taken shrinks to 0
+            d.get_observation()  # as the control loop does every tick: the anchor of the next target
             applied = d.send_action([1.0, 0, 0, 0, 0, 0])
         assert sim.goal(1) == RANGES[1][1] and applied[0] == pytest.approx(0.0, abs=1e-6)
     finally:
@@ -145,7 +147,8 @@ def test_watchdog_hold_keeps_the_last_goal(follower) -> None:
 def test_reset_moves_home_smoothly(tmp_path: Path) -> None:
     sim, args = calibrated_so101("follower", tmp_path)
     home = [0.0, 0.2, -0.2, 0.0, 0.0, 0.5]
-    d = LeRobotDriver(LeRobotConfig(robot_args=args, home=home, reset_s=0.2, control_hz=50.0, action_mode="absolute"))
+    d = LeRobotDriver(LeRobotConfig(robot_args=args, home=home, reset_s=0.2, control_hz=50.0, action_mode="absolute",
+                                    max_relative_target=0.5))  # steps of 0.13 < half the cap: reset_s sets the pace
     try:
         d.connect()
         d.send_action(np.full(6, -0.8))
@@ -182,19 +185,21 @@ def test_unknown_robot_type_and_bad_arguments_are_clear_errors() -> None:
         make_lerobot_robot("so101_follower", {"port": "/dev/null", "no_such_field": 1})
 
 
-def test_a_bus_glitch_is_one_ticks_problem(follower) -> None:
+def test_a_failed_read_is_a_sensor_error_never_the_last_observation(follower) -> None:
     d, sim = follower
     d.reset(0)
     d.send_action(np.full(6, 0.2))
     good = d.get_observation()
     sim.corrupt = True
-    for _ in range(d.cfg.max_io_errors):  # tolerated: the last observation, no exception
-        np.testing.assert_array_equal(d.get_observation()["state"], good["state"])
-    with pytest.raises(ConnectionError):
+    for _ in range(d.cfg.max_io_errors):  # each failed read says so: never a silent repeat
+        with pytest.raises(SensorError) as e:
+            d.get_observation()
+        assert not isinstance(e.value, IOBudgetSpent)
+    with pytest.raises(IOBudgetSpent, match="max_io_errors=5"):  # the budget: the episode must end
         d.get_observation()
     sim.corrupt = False
     np.testing.assert_allclose(d.get_observation()["state"], good["state"], atol=2e-3)
-    assert d.io_errors_total == d.cfg.max_io_errors + 1  # each after its immediate retry failed too
+    assert d.io_errors_total == d.cfg.max_io_errors + 1 and d.io_errors == 0  # each after its retry failed too
 
 
 def test_leader_arm_teleop_records_through_the_session(tmp_path: Path) -> None:
@@ -254,7 +259,7 @@ def test_leader_arm_teleop_records_through_the_session(tmp_path: Path) -> None:
 def test_a_served_episode_runs_through_qc_robot_drive(tmp_path: Path, capsys) -> None:
     """The first served episode: ``qc-robot drive driver=lerobot`` against a control server."""
     from qc_robot.drivers.config import DriveConfig
-    from qc_robot.drivers.runner import run_drive
+    from qc_robot.drivers.drive import run_drive
     from qc_robot.policies.scripted import RandomPolicy, simple_spec
     from qc_robot.server.app import ControlServer
 
@@ -275,3 +280,31 @@ def test_a_served_episode_runs_through_qc_robot_drive(tmp_path: Path, capsys) ->
     assert len(goals) >= 30 and all(lo <= g <= hi for g in goals)
     # delta mode: a target moves at most max_step (0.05 of the [-1, 1] range) per step
     assert np.abs(np.diff(goals)).max() <= 0.025 * (hi - lo) + 1 and np.abs(np.diff(goals)).max() > 0
+
+
+def test_moving_the_leader_away_from_the_follower_is_a_takeover(tmp_path: Path) -> None:
+    """drive operator=lerobot: the operator takes over while the leader is moved beyond
+    ``takeover_threshold`` from the follower's measured pose, and hands back when it is not."""
+    from qc_robot.drivers.registry import build_driver_config
+    from qc_robot.teleop.devices import LeRobotLeaderDevice
+
+    with contextlib.ExitStack() as stack:
+        fsim, fargs = calibrated_so101("follower", tmp_path / "f")
+        lsim, largs = calibrated_so101("leader", tmp_path / "l")
+        stack.callback(fsim.close)
+        stack.callback(lsim.close)
+        follower = make_driver("lerobot", build_driver_config("lerobot", {}, {"robot_args": fargs, "reset_s": 0.0}))
+        follower.connect()
+        stack.callback(follower.close)
+        follower.reset(0)
+        leader = LeRobotLeaderDevice.for_driver(follower, teleop_args=largs, takeover_threshold=0.1)
+        leader.open()
+        stack.callback(leader.close)
+        for servo in IDS:  # the leader in the follower's pose: following, not taking over
+            lsim.move(servo, fsim.present(servo))
+        assert leader.read().takeover is False
+        lsim.move(3, fsim.present(3) + 330)  # 0.3 of joint 3's normalized range (2200 ticks / 2)
+        cmd = leader.read()
+        assert cmd.takeover is True and cmd.action is not None and cmd.action[2] > 0
+        lsim.move(3, fsim.present(3) + 60)  # back within 0.1 (0.055): handed back
+        assert leader.read().takeover is False

@@ -60,7 +60,7 @@ def _record(out: Path, cal: Path, episodes: int) -> None:
 def test_a_policy_trained_on_a_lerobot_recording_serves_the_follower(tmp_path: Path, capsys) -> None:
     from qc_robot.cli import compose
     from qc_robot.drivers.config import DriveConfig
-    from qc_robot.drivers.runner import run_drive
+    from qc_robot.drivers.drive import run_drive
     from qc_robot.drivers.safety import SafetyConfig
     from qc_robot.export.onnx_export import run_export
     from qc_robot.policies.onnx_policy import OnnxPolicy

@@ -189,6 +189,14 @@ def test_obs_keys_not_wanted_are_never_decoded() -> None:
 
 
 def test_the_old_flat_module_names_still_import() -> None:
-    from qc_robot.protocol import ARRAY_EXT, Hello, ProtocolError, Transition, decode, encode, pack_array  # noqa: F401
+    from qc_robot.protocol import (  # noqa: F401
+        ARRAY_EXT,
+        Hello,
+        ProtocolError,
+        Transition,
+        decode,
+        encode,
+        pack_array,
+    )
 
     assert P.Transition is Transition and P.decode is decode

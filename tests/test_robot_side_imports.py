@@ -15,7 +15,8 @@ def test_serve_and_drive_import_with_torch_and_mujoco_blocked():
                 if name.split(".")[0] in {BLOCKED!r}:
                     raise ImportError("blocked on the robot PC: " + name)
         sys.meta_path.insert(0, Block())
-        import qc_robot.protocol, qc_robot.server.app, qc_robot.drivers.runner, qc_robot.drivers.registry, qc_robot.policies.onnx_policy
+        import qc_robot.protocol, qc_robot.server.app, qc_robot.drivers.runner, qc_robot.drivers.drive, qc_robot.drivers.registry, qc_robot.policies.onnx_policy, qc_robot.teleop.operator, qc_robot.drivers.episode_stage
+        import qc_robot.policies.success_detector
         from qc_robot.cli import compose
         serve, drive = compose("serve", ["policy=model.onnx"]), compose("drive", ["driver=mock"])
         from qc_robot.drivers.registry import make_safe_driver

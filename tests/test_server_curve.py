@@ -81,7 +81,7 @@ def test_serve_config_turns_curve_on(keys: dict[str, str]) -> None:
 
 def test_qc_robot_drive_with_keys_is_served_and_without_is_not(keys: dict[str, str], capsys) -> None:
     from qc_robot.drivers.config import DriveConfig
-    from qc_robot.drivers.runner import run_drive
+    from qc_robot.drivers.drive import run_drive
     from qc_robot.policies.scripted import simple_spec
 
     curve = CurveKeys.from_files(keys["server_sec"], authorized_dir=keys["authorized"])

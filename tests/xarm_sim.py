@@ -11,10 +11,17 @@ parallel test runs never meet and the SDK needs no patching. Binding port 502 ne
 CAP_NET_BIND_SERVICE); ``XArmSim.available()`` says whether this machine allows it.
 
 Modelled: version/SN, motion enable, mode, state (0 start, 3 pause, 4 stop; reported 1 moving /
-2 ready / 4 stopped), error and warning codes, Cartesian moves (reached at once), the controller's
-own safety boundary (a target outside it stops the arm with error 35, as the real box does),
-and the xArm Gripper behind the tool RS-485 (Modbus RTU: enable, mode, speed, target, position).
-Anything else is answered with "ok, no data" and listed in ``unknown``.
+2 ready / 4 stopped), error and warning codes, Cartesian moves (reached at once, or not at all
+while ``frozen``: a blocked arm; ``yaw_stuck``: the wrist does not turn), the controller's own safety boundary (a target outside it stops
+the arm with error 35, as the real box does), and the xArm Gripper behind the tool RS-485
+(Modbus RTU: enable, mode, speed, target, position). The boundary follows the SDK's note that
+reduced-mode settings take effect when reduced mode is set on: a box sent with
+``set_reduced_tcp_boundary`` is only enforced from the next ``set_reduced_mode(True)``, with the
+fence on. The reduced-mode states are read back as the SDK's ``get_reduced_states`` expects
+(firmware ≥ 1.2.11 layout). That this is what the real box does is the SDK's documentation, not
+a measurement. Faults: ``fail_pose_reads`` answers that many pose reads with a wrong function
+code (the SDK reports an error code). Anything else is answered with "ok, no data" and listed in
+``unknown``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ CONTROL_PORT, REPORT_PORT = 502, 30001
 GET_VERSION, GET_ROBOT_SN, MOTION_EN, SET_STATE, GET_STATE, GET_CMDNUM = 1, 2, 11, 12, 13, 14
 GET_ERROR, CLEAN_ERR, CLEAN_WAR, SET_MODE, MOVE_LINE, GET_TCP_POSE, GET_JOINT_POS = 15, 16, 17, 19, 21, 41, 42
 SET_REDUCED_MODE, SET_LIMIT_XYZ, SET_FENSE_ON, RS485_RTU, TGPIO_W16B, TGPIO_R16B = 50, 52, 59, 124, 127, 128
+SET_REDUCED_TRSV, GET_REDUCED_STATE = 47, 53
 TGPIO_BAUD_REGISTER, TGPIO_BAUD_2M = 0x0A0B, 11  # the tool RS-485 baud index: 2 Mbaud (gripper default)
 BOUNDARY_ERROR = 35
 GRIPPER_TARGET, GRIPPER_POS, GRIPPER_ERR = 0x0700, 0x0702, 0x000F
@@ -43,7 +51,15 @@ class XArmSim:
         self.mode, self.state, self.enabled = 0, 4, False
         self.error, self.warn = 0, 0
         self.fence_on, self.reduced_on = False, False
-        self.boundary = [9999.0, -9999.0, 9999.0, -9999.0, 9999.0, -9999.0]  # x max/min, y, z
+        self.boundary = [9999.0, -9999.0, 9999.0, -9999.0, 9999.0, -9999.0]  # x max/min, y, z: as set
+        self.active_boundary = list(self.boundary)
+        """The boundary in force: ``boundary`` as it was at the last ``set_reduced_mode(True)``."""
+        self.reduced_tcp_speed = 1000.0
+        self.frozen = False
+        """True: moves are accepted but the arm does not move (blocked)."""
+        self.yaw_stuck = False
+        """True: moves change the position but not the tool's yaw (a wrist that does not turn)."""
+        self.fail_pose_reads = 0
         self.gripper = {"enabled": 0, "mode": 0, "speed": 0, "target": 0, "pos": 850}
         self.moves: list[tuple[int, list[float]]] = []
         """(mode, [x, y, z, roll, pitch, yaw, speed, acc, mvtime, radius]) of every accepted move."""
@@ -158,6 +174,9 @@ class XArmSim:
                 with self.lock:
                     out = self._handle(reg, params)
                     flag = 0x40 if self.error else (0x20 if self.warn else 0)
+                    if reg == GET_TCP_POSE and self.fail_pose_reads > 0:
+                        self.fail_pose_reads -= 1
+                        reg ^= 0xFF  # a reply the SDK rejects (wrong function code)
                 body = bytes([reg, flag]) + out
                 try:
                     conn.sendall(struct.pack(">HHH", tid, prot, len(body)) + body)
@@ -166,7 +185,7 @@ class XArmSim:
 
     # -- the controller ---------------------------------------------------------------------------
     def _inside(self, x: float, y: float, z: float) -> bool:
-        xmax, xmin, ymax, ymin, zmax, zmin = self.boundary
+        xmax, xmin, ymax, ymin, zmax, zmin = self.active_boundary
         return xmin <= x <= xmax and ymin <= y <= ymax and zmin <= z <= zmax
 
     def _handle(self, reg: int, p: bytes) -> bytes:
@@ -203,11 +222,12 @@ class XArmSim:
             vals = list(struct.unpack("<10f", p[:40]))
             if self.error or self.state not in (1, 2) or not self.enabled:
                 return b""  # ignored: the SDK sees the error flag or the arm simply does not move
-            if (self.fence_on or self.reduced_on) and not self._inside(*vals[:3]):
+            if self.fence_on and self.reduced_on and not self._inside(*vals[:3]):
                 self.error, self.state = BOUNDARY_ERROR, 4
                 return b""
             self.moves.append((self.mode, vals))
-            self.pose = vals[:6]
+            if not self.frozen:
+                self.pose = vals[:5] + [self.pose[5] if self.yaw_stuck else vals[5]]
             return b""
         if reg == GET_TCP_POSE:
             return struct.pack("<6f", *self.pose)
@@ -221,7 +241,16 @@ class XArmSim:
             return b""
         if reg == SET_REDUCED_MODE:
             self.reduced_on = bool(p[0])
+            if self.reduced_on:
+                self.active_boundary = list(self.boundary)
             return b""
+        if reg == SET_REDUCED_TRSV:
+            self.reduced_tcp_speed = struct.unpack("<f", p[:4])[0]
+            return b""
+        if reg == GET_REDUCED_STATE:  # on, boundary (s16 BE), tcp/joint speed, 14 joint limits, fence, rebound
+            return (bytes([int(self.reduced_on)]) + struct.pack(">6h", *(int(v) for v in self.boundary))
+                    + struct.pack("<2f", self.reduced_tcp_speed, 3.14) + struct.pack("<14f", *([0.0] * 14))
+                    + bytes([int(self.fence_on), 0]))
         if reg == RS485_RTU:
             return self._gripper(p)
         if reg == TGPIO_R16B:

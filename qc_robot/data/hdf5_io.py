@@ -31,7 +31,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from qc_robot.data.rewards import sparsify
+from qc_robot.data.rewards import (
+    FROM_RECORDED,
+    FROM_VERDICT,
+    reward_source,
+    sparsify,
+    verdict_rewards,
+)
 
 FORMAT = "qc-robot-hdf5"
 FORMAT_VERSION = 1
@@ -207,6 +213,9 @@ class FlatDataset:
     """Image keys (uint8 (H, W, C) steps), kept as (T, H, W, C) uint8, not flattened into
     ``observations``; in ``obs_keys`` order."""
     next_images: dict[str, np.ndarray] = field(default_factory=dict)
+    reward_source: str = FROM_RECORDED
+    """Where ``rewards`` came from: 'recorded' (the env's) or 'verdict' (each demo's label, in the
+    sparse convention: ``qc_robot.data.rewards``)."""
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -314,6 +323,7 @@ def load_flat(
     reward_shift: float = 0.0,
     sparse_reward: bool = False,
     filter_key: str | None = None,
+    need_rewards: bool = True,
 ) -> FlatDataset:
     """Load every complete demo of ``path`` as flat float32 arrays.
 
@@ -322,10 +332,15 @@ def load_flat(
     flattened: they come back as uint8 arrays in ``images``/``next_images``. ``sparse_reward`` maps rewards to 0 where they
     are 0 and -1 elsewhere (the paper's sparse setting) before ``reward_shift`` is added.
     ``filter_key`` restricts to the demos listed in ``mask/<filter_key>``.
+
+    A file whose rewards come from verdicts (a robot's recording: ``rewards.reward_source``) gets
+    each demo's rewards and terminations from its ``label``, in the sparse convention whatever
+    ``sparse_reward`` says. A demo there without a verdict ('unlabelled') raises DatasetError
+    when ``need_rewards`` (RL), else its rewards are NaN (readers that ignore rewards: BC, stats).
     """
     path = os.fspath(path)
     try:
-        return _load_flat(path, obs_keys, reward_shift, sparse_reward, filter_key)
+        return _load_flat(path, obs_keys, reward_shift, sparse_reward, filter_key, need_rewards)
     except (KeyError, OSError, RuntimeError) as e:
         # h5py's own errors: a damaged file (e.g. a link past the end after a killed write)
         raise DatasetError(f"{path}: damaged HDF5 structure ({e})") from None
@@ -344,10 +359,15 @@ def _selected_demos(path: str, f: Any, data: Any, filter_key: str | None) -> lis
 
 
 def _load_flat(
-    path: str, obs_keys: list[str] | None, reward_shift: float, sparse_reward: bool, filter_key: str | None
+    path: str, obs_keys: list[str] | None, reward_shift: float, sparse_reward: bool, filter_key: str | None,
+    need_rewards: bool = True,
 ) -> FlatDataset:
     with _open(path) as f:
         data, env_args = _check_header(path, f)
+        try:
+            source = reward_source(env_args)
+        except ValueError as e:
+            raise DatasetError(f"{path}: {e}") from None
         names = _selected_demos(path, f, data, filter_key)
         complete = [n for n in names if "num_samples" in data[n].attrs]
         if len(complete) < len(names):
@@ -363,6 +383,9 @@ def _load_flat(
         if not keys:
             raise DatasetError(f"{path}: {first.name}/obs has no keys")
         demos = [_read_demo(path, data[n], keys) for n in complete]
+        if source == FROM_VERDICT:
+            for n, d in zip(complete, demos, strict=True):
+                _apply_verdict(path, n, _str(data[n].attrs.get("label", "")), d, need_rewards)
         if filter_key is None and "total" in data.attrs:
             total = sum(len(d["actions"]) for d in demos)
             if int(data.attrs["total"]) != total:
@@ -414,7 +437,7 @@ def _load_flat(
     terminals = np.zeros(int(ends[-1]), dtype=np.float32)
     terminals[ends - 1] = 1.0
     rewards = np.concatenate([d["rewards"] for d in demos])
-    if sparse_reward:
+    if sparse_reward and source == FROM_RECORDED:  # verdict rewards are sparse already
         rewards = sparsify(rewards)
     return FlatDataset(
         observations=flat("obs"),
@@ -430,7 +453,23 @@ def _load_flat(
         demo_names=complete,
         images=stack("obs"),
         next_images=stack("next_obs"),
+        reward_source=source,
     )
+
+
+def _apply_verdict(path: str, name: str, label: str, d: dict[str, np.ndarray], need_rewards: bool) -> None:
+    """Replace one demo's recorded rewards and dones (a robot's reward 0: never a success signal)
+    by those of its verdict."""
+    n = len(d["actions"])
+    out = verdict_rewards(label, n)
+    if out is None:
+        if need_rewards:
+            raise DatasetError(
+                f"{path}: data/{name} has no verdict (label {label or '<none>'!r}), so its rewards are unknown "
+                f"and RL cannot use this file; give it one with `qc-robot dataset label {path} {name} "
+                f"success|failure`, or train on the labelled demos only (data.filter_key)")
+        out = np.full(n, np.nan, np.float32), np.zeros(n, np.float32)
+    d["rewards"], d["dones"] = out
 
 
 def vector_obs_keys(
@@ -461,8 +500,9 @@ def vector_obs_keys(
     return vec, img
 
 
-def validate(path: str | os.PathLike[str]) -> list[str]:
-    """Problems found in ``path`` (an empty list means the file loads cleanly)."""
+def validate(path: str | os.PathLike[str], need_rewards: bool = True) -> list[str]:
+    """Problems found in ``path`` (an empty list means the file loads cleanly; ``need_rewards``:
+    for RL, so a robot's demo without a verdict is one)."""
     path = os.fspath(path)
     problems: list[str] = []
     try:
@@ -479,7 +519,7 @@ def validate(path: str | os.PathLike[str]) -> list[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            load_flat(path)
+            load_flat(path, need_rewards=need_rewards)
     except DatasetError as e:
         problems.append(str(e))
     return problems

@@ -29,6 +29,7 @@ import msgpack
 import numpy as np
 
 from qc_robot.data.frames import pack_frame, read_frame
+from qc_robot.data.rewards import FROM_VERDICT, reward_source, verdict_rewards
 from qc_robot.protocol import ARRAY_EXT, pack_array, unpack_array
 
 MAGIC = b"QCJRNL01"
@@ -89,10 +90,13 @@ class RecordedEpisode:
         stacked = {k: np.stack([o[k] for o in self.obs]) for k in keys}  # (N+1, ...)
         attrs = dict(self.attrs)
         attrs.update(uuid=self.uuid, label=self.label or "unlabelled", success=self.label == "success")
+        rewards, dones = np.asarray(self.rewards, np.float32), np.asarray(self.dones, np.float32)
+        verdict = verdict_rewards(self.label, n) if reward_source(self.env_args) == FROM_VERDICT else None
+        if verdict is not None:  # a robot reports no reward: the file holds what the loader derives anyway
+            rewards, dones = verdict
         return dict(obs={k: v[:n] for k, v in stacked.items()}, next_obs={k: v[1:] for k, v in stacked.items()},
                     actions=np.stack(self.actions).astype(np.float32),  # (N, A)
-                    rewards=np.asarray(self.rewards, np.float32), dones=np.asarray(self.dones, np.float32),
-                    attrs=attrs)
+                    rewards=rewards, dones=dones, attrs=attrs)
 
 
 class JournalWriter:

@@ -39,6 +39,7 @@ from qc_robot.data.journal import (
     new_episode,
     read_journal,
 )
+from qc_robot.data.rewards import with_reward_source
 
 COMMIT_MODES = ("atomic", "inplace")
 
@@ -178,7 +179,11 @@ class Recorder:
         with h5py.File(self.out, "r") as f:
             raw = f["data"].attrs.get("env_args", "{}") if "data" in f else "{}"
         theirs = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
-        if theirs != json.loads(json.dumps(self.env_args)):
+        ours = json.loads(json.dumps(self.env_args))
+        if theirs != ours and with_reward_source(theirs) == with_reward_source(ours):
+            self.env_args = theirs  # a file from before env_args stated its reward source: the same data
+            return
+        if theirs != ours:
             diff = sorted(k for k in set(theirs) | set(self.env_args) if theirs.get(k) != self.env_args.get(k))
             raise DatasetError(f"{self.out} was recorded with other env_args (differ in {diff}); "
                                "record into a new file and `qc-robot dataset merge` later if compatible")

@@ -1,7 +1,7 @@
-"""``qc-robot dataset info|validate|merge|split|recover``: inspect, check and edit episode files.
+"""``qc-robot dataset info|validate|merge|split|recover|label``: inspect, check and edit episode files.
 
 Files stay in our robomimic layout (``qc_robot.data.hdf5_io``), so the learner reads the result
-directly. Edits (merge, split) build a new file beside the target and ``os.replace`` it, so an
+directly. Edits (merge, split, label) build a new file beside the target and ``os.replace`` it, so an
 interrupted edit never leaves a half-written file.
 """
 
@@ -22,6 +22,13 @@ import numpy as np
 from qc_robot.data import hdf5_io
 from qc_robot.data.hdf5_io import DatasetError
 from qc_robot.data.recorder import journal_path, locked, recover
+from qc_robot.data.rewards import (
+    FROM_VERDICT,
+    VERDICTS,
+    reward_source,
+    verdict_rewards,
+    with_reward_source,
+)
 
 
 def _str(x: Any) -> str:
@@ -140,12 +147,14 @@ def merge(paths: Sequence[str], out: str) -> list[str]:
         raise DatasetError(f"merge: the output {out} is also an input; write to a new file")
     env_args: dict[str, Any] | None = None
     for p in paths:
-        if problems := hdf5_io.validate(p):
+        if problems := hdf5_io.validate(p, need_rewards=False):  # a demo without a verdict is merged as it is
             raise DatasetError(f"merge: {p} does not validate: {problems[0]}")
         with h5py.File(p, "r") as f:
             ea = _env_args(p, f)
         if env_args is None:
             env_args = ea
+        elif ea != env_args and with_reward_source(ea) == with_reward_source(env_args):
+            env_args = with_reward_source(env_args)  # one file predates the stated reward source
         elif ea != env_args:
             diff = sorted(k for k in set(ea) | set(env_args) if ea.get(k) != env_args.get(k))
             raise DatasetError(f"merge: {p} has different env_args from {paths[0]} (keys {diff})")
@@ -217,12 +226,43 @@ def _split(path: str, ratio: float, seed: int, train_key: str, valid_key: str,
     return train, valid
 
 
+def label(path: str, demo: str, verdict: str) -> None:
+    """Set the verdict of ``data/<demo>`` (e.g. a recovered, 'unlabelled' episode): its ``label``
+    and ``success`` attrs and, in a file whose rewards come from verdicts, its rewards and dones."""
+    if verdict not in VERDICTS:
+        raise DatasetError(f"label: the verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+    if not os.path.exists(path):
+        raise DatasetError(f"{path}: file not found")
+    with locked(path):  # a recorder's commit must not race our replace
+        with h5py.File(path, "r") as f:
+            from_verdict = reward_source(_env_args(path, f)) == FROM_VERDICT
+            g = f["data"].get(demo)
+            if not isinstance(g, h5py.Group) or "num_samples" not in g.attrs:
+                raise DatasetError(f"{path}: no complete data/{demo}")
+            n = int(g.attrs["num_samples"])
+
+        def build(tmp: str) -> None:
+            shutil.copyfile(path, tmp)
+            with h5py.File(tmp, "a") as f:
+                g = f["data"][demo]
+                g.attrs.update(label=verdict, success=verdict == "success")
+                out = verdict_rewards(verdict, n)
+                if from_verdict and out is not None:
+                    g["rewards"][...], g["dones"][...] = out
+
+        _atomic_write(path, build)
+
+
 def run_dataset(cfg: Any) -> int:
     """CLI entry of ``qc-robot dataset``; returns 1 when validate finds problems."""
     action, paths = cfg.action, list(cfg.paths)
-    needs = {"info": 1, "validate": 1, "split": 1, "recover": 1, "merge": 1}
+    needs = {"info": 1, "validate": 1, "split": 1, "recover": 1, "merge": 1, "label": 3}
     if action not in needs:
         print(f"dataset: unknown action {action!r}; use one of {', '.join(needs)}", file=sys.stderr)
+        return 2
+    if action == "label" and len(paths) != 3:
+        print("dataset label: give the file, the demo and the verdict: qc-robot dataset label FILE demo_3 "
+              "success|failure", file=sys.stderr)
         return 2
     if len(paths) < needs[action]:
         print(f"dataset {action}: give the file(s): qc-robot dataset {action} FILE...", file=sys.stderr)
@@ -250,6 +290,9 @@ def run_dataset(cfg: Any) -> int:
             for p in paths:
                 tr, va = split(p, cfg.ratio, cfg.seed, cfg.train_key, cfg.valid_key, cfg.only_success)
                 print(f"{p}: mask/{cfg.train_key} {len(tr)} demos, mask/{cfg.valid_key} {len(va)} demos (seed {cfg.seed})")
+        elif action == "label":
+            label(*paths)
+            print(f"{paths[0]}: data/{paths[1]} is now a {paths[2]}")
         elif action == "recover":
             for p in paths:
                 with locked(p):

@@ -54,6 +54,7 @@ from onnx import TensorProto, helper
 import qc_robot
 from qc_robot.agent.acting import ActingPolicy
 from qc_robot.export.graph import ContinuedGraph, ExportGraph, obs_dim_of
+from qc_robot.export.scrub import scrub
 from qc_robot.export.verify import ExportParityError, verify_file
 from qc_robot.policies.onnx_metadata import PolicyMetadata
 
@@ -98,6 +99,7 @@ def export_policy(
     shipped = full if noise_input else _add_noise_source(model, meta.noise_shape, optional=False)
     for m in (full, shipped):
         helper.set_model_props(m, meta.to_props())
+        scrub(m)  # no stack traces with this machine's source paths in a file that travels
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp_full = out.with_name(f".{out.name}.full-tmp-{os.getpid()}")
@@ -353,6 +355,7 @@ def run_export(cfg: Any) -> int:
         config_hash=ckpt.config_hash,
         frame_stack=ckpt.agent.cfg.vision.frame_stack,
     )
+    meta.extra["task"] = ckpt.config.env.name  # served as welcome.metadata.task: drivers show it
     path = export_policy(
         acting, meta, cfg.out, opset=cfg.opset, verify=cfg.verify, parity_tol=cfg.parity_tol
     )

@@ -70,6 +70,9 @@ class LearnerClient:
         """The journal our seqs refer to ('' = unknown); a different one restarts from seq 1."""
         self.server_version = 0
         """Version of the policy the server serves, as last reported."""
+        self.behind = 0
+        """Updates the training loop owes its UTD target (it sets this); sent with every ack, so
+        the server can tell its robots to wait at their reset (``drive learner_wait``)."""
         self.subscribed = threading.Event()
         self.stats = LinkStats()
         self._next = max(1, from_seq)  # next seq we expect (all below are in our queue or applied)
@@ -176,7 +179,7 @@ class LearnerClient:
                 if self.subscribed.is_set():
                     ack = self._ack_value()
                     if ack > self._acked or now - last_tx > self.heartbeat_s:
-                        self._send(sock, P.Ack(ack, self._persisted))
+                        self._send(sock, P.Ack(ack, self._persisted, self.behind))
                         self._acked = ack
                 if now - last_tx > self.heartbeat_s:  # the echo tells us the server is alive
                     hb += 1

@@ -30,7 +30,8 @@ class FinetuneConfig:
     """Rows of the intervention buffer."""
     reward_fn: str = ""
     """'module:function' applied to each Transition learner-side: returns rewards (K,) or
-    (rewards, terminals); '' keeps the driver's rewards (docs/finetune.md)."""
+    (rewards, terminals); '' keeps the driver's rewards (docs/finetune.md). Its output is taken to
+    follow the checkpoint's reward convention: the robots' declared one is then not checked."""
     push_every: int = 50
     """Updates between policy pushes (0: push only at the end). A push holds training only for a
     weight snapshot (milliseconds); export and upload run on a thread of their own."""

@@ -47,6 +47,10 @@ from qc_robot.train.learner import CHECKPOINT, Learner
 log = logging.getLogger("qc_robot.finetune")
 
 
+class RewardConventionError(ValueError):
+    """An online row declares a reward convention other than the checkpoint's."""
+
+
 @dataclass
 class FinetuneResult:
     run_dir: Path
@@ -112,6 +116,15 @@ class Finetuner:
             raise ValueError("finetune of a frame-stacked image policy is not supported yet: the server "
                              "journals the stacked frames the policy took, the replay stacks stored frames")
         self.learner = lr = Learner(tcfg, image_shapes=self.offline.agent.image_shapes, steps_env=False)
+        self.reward = self.offline.reward
+        """The reward convention of the checkpoint: online rows that declare another are refused."""
+        if lr.has_data and lr.reward_convention != self.reward:
+            raise ValueError(f"{tcfg.data.path} holds {lr.reward_convention} rewards but {cfg.checkpoint} was "
+                             f"trained on {self.reward} rewards; fine-tune with the dataset it was trained on")
+        lr.reward_convention = self.reward  # what this run's checkpoints store
+        if cfg.reward_fn:
+            log.info("reward_fn %s replaces the robots' rewards: its output must follow the checkpoint's %s "
+                     "convention (the robots' declared convention is not checked)", cfg.reward_fn, self.reward)
         state: dict[str, Any] = {}
         if resumed:
             state = load_checkpoint(ckpt_path, device="cpu").extra.get("finetune", {})
@@ -159,6 +172,7 @@ class Finetuner:
             if r.seq <= self.applied_seq:
                 continue
             tr = r.transition
+            self._check_reward(r)
             key = tr.outbox or r.session  # the robot: stable across reconnects when it has an outbox
             robot = self.robots.setdefault(key, RobotStats())
             if tr.outbox and tr.outbox_seq:
@@ -182,6 +196,18 @@ class Finetuner:
             if part is not None:
                 self.online.stage(key, part)
             self.applied_seq = r.seq
+
+    def _check_reward(self, r: Record) -> None:
+        """Refuse (stop the run) at the first row whose declared convention is not the checkpoint's,
+        before anything of it is applied: it stays in the server's journal, unacknowledged. A
+        ``reward_fn`` defines the rewards itself, so the robot's declaration does not matter then."""
+        declared = r.transition.reward
+        if declared and declared != self.reward and self.assembler.reward_fn is None:
+            raise RewardConventionError(
+                f"record {r.seq} from {r.driver} ({r.session}) has {declared} rewards but {self.cfg.checkpoint} "
+                f"was trained on {self.reward} rewards: stopped before training on it (it stays in the server's "
+                f"journal); run the robot with {self.reward} rewards, fine-tune a checkpoint trained on "
+                f"{declared} ones, or set reward_fn to rewrite them")
 
     def _add_episode(self, ep: Episode) -> None:
         rows, lr = ep.rows, self.learner
@@ -348,6 +374,7 @@ class Finetuner:
                     self.apply(records)
                     last_data = time.monotonic()
                     self.journal_id = self.client.journal_id
+                self.client.behind = max(0, self.owed())  # the robots wait at their reset while it is large
                 if self.owed() <= 0:
                     continue
                 info = self.learner.update(self.sample())
@@ -404,6 +431,9 @@ def run_finetune(cfg: FinetuneConfig) -> int:
             signal.signal(sig, lambda *_: ft.stop())
     try:
         r = ft.run()
+    except RewardConventionError as e:  # saved, nothing of the record applied: one line, no traceback
+        print(f"qc-robot finetune: {e}")
+        return 2
     except Exception as e:  # a dead helper thread or a failed update: saved, and a non-zero exit
         log.exception("finetune failed")
         print(f"qc-robot finetune: failed: {type(e).__name__}: {e}")
@@ -417,4 +447,4 @@ def run_finetune(cfg: FinetuneConfig) -> int:
     return 0
 
 
-__all__ = ["FinetuneResult", "Finetuner", "export_onnx_bytes", "run_finetune"]
+__all__ = ["FinetuneResult", "Finetuner", "RewardConventionError", "export_onnx_bytes", "run_finetune"]

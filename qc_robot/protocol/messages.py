@@ -200,6 +200,10 @@ class Heartbeat(Message):
     TYPE: ClassVar[str] = "heartbeat"
     seq: int
     timestamp: float
+    learner_behind: int = -1
+    """In the server's echo to a driver: the updates its learner owes its UTD target (the most any
+    subscribed learner reported; 0: keeping up; -1: no learner heard from). A driver waits at
+    its reset while this exceeds its limit (``drive learner_wait``)."""
 
 
 @dataclass
@@ -288,6 +292,9 @@ class Ack(Message):
     """Every record with seq <= this was received, in order."""
     persisted_seq: int = 0
     """Every record with seq <= this is in a learner checkpoint (the journal may drop them)."""
+    behind: int = 0
+    """Learner → server: updates the learner owes its UTD target for the steps it received (0:
+    keeping up). Relayed to drivers in heartbeat echoes (``learner_behind``)."""
 
 
 @dataclass

@@ -386,7 +386,8 @@ class ControlServer:
             self._error(router, ident, e.code, str(e), e.request_id)
             return
         if isinstance(msg, P.Heartbeat):
-            self._reply(router, ident, P.Heartbeat(msg.seq, time.time()))
+            behind = self.link.learner_behind() if self.link is not None else -1
+            self._reply(router, ident, P.Heartbeat(msg.seq, time.time(), behind))
         elif isinstance(msg, P.Describe):
             self._reply(router, ident, P.Description(self.metadata, msg.request_id))
         elif isinstance(msg, P.Hello):

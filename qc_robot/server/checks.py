@@ -114,7 +114,7 @@ def check_transition(spec: PolicySpec, tr: Transition) -> Transition:
 
     Checked: K > 0 rows everywhere; actions (K, A) with the policy's A; rewards and timestamps
     (K,); flags (terminals, truncated, intervention, held) (K,) bool; obs and next_obs hold every policy key with shape (K, *shape) and a numeric dtype;
-    every float is finite. Extra observation keys are dropped (as for observations)."""
+    every float is finite; ``reward`` (the rewards' convention) is '' or a short name. Extra observation keys are dropped (as for observations)."""
     a = tr.actions
     if a.ndim != 2 or a.shape[0] == 0:
         raise ValueError(f"transition.actions must be (K, A) with K > 0, got shape {list(a.shape)}")
@@ -131,6 +131,8 @@ def check_transition(spec: PolicySpec, tr: Transition) -> Transition:
             continue
         if v.shape != (k,) or v.dtype != np.bool_:
             raise ValueError(f"transition.{name} must be bool of shape ({k},), got {v.dtype}{list(v.shape)}")
+    if len(tr.reward) > 32 or not all(c.isascii() and (c.isalnum() or c in "_-") for c in tr.reward):
+        raise ValueError(f"transition.reward must be a short name such as 'sparse' (or ''), got {tr.reward[:40]!r}")
     if tr.timestamps is not None:
         if tr.timestamps.shape != (k,):
             raise ValueError(f"transition.timestamps must have shape ({k},), got {list(tr.timestamps.shape)}")

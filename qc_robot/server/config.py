@@ -26,6 +26,9 @@ class ServeConfig:
     """Directory of the public key files (``*.key``) of drivers allowed on the driver port: turns
     on CURVE there (encryption and authentication, ZeroMQ ZAP); needs ``curve_secret_key``. A
     driver whose key is not in it gets no answer at all."""
+    seed: int | None = None
+    """Seed of the served policy's sampling noise (None: OS entropy). With one driver in lockstep
+    (``realtime=false``) and the same ``drive seed=``, a run's outcomes repeat exactly."""
     threads: int = 1
     """Intra-op threads of the ONNX runtime session."""
     providers: str = "auto"

@@ -113,6 +113,7 @@ class _Sub:
     window: int
     last_seen: float
     last_progress: float
+    behind: int = 0  # updates owed to its UTD target, as its last ack said
 
 
 class LearnerLink:
@@ -151,6 +152,13 @@ class LearnerLink:
         return self.failure is None and (self._thread is None or self._stop.is_set() or self._thread.is_alive())
 
     # -- called by the control server ----------------------------------------------------------
+
+    def learner_behind(self) -> int:
+        """Updates the slowest subscribed learner owes its UTD target (-1: no learner heard from
+        within ``timeout_s``). Read from the server's thread: a snapshot of the dict, no lock."""
+        now = time.monotonic()
+        live = [s.behind for s in list(self._subs.values()) if now - s.last_seen <= self.timeout_s]
+        return max(live) if live else -1
 
     def attach(self, host: PolicyHost) -> None:
         self.host = host
@@ -299,6 +307,7 @@ class LearnerLink:
             assert sub is not None
             if msg.seq > sub.acked:
                 sub.acked, sub.last_progress = min(msg.seq, sub.cursor - 1), now
+            sub.behind = max(0, msg.behind)
             if self.prune and msg.persisted_seq > 0:
                 self.journal.prune(msg.persisted_seq)
         elif isinstance(msg, P.Bye):

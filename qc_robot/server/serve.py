@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import zlib
 from typing import Any
 
 from qc_robot.policies.base import Policy
@@ -23,9 +24,9 @@ EXIT_THREAD_DIED = 70
 """Exit code when one of the server's threads died (EX_SOFTWARE)."""
 
 
-def load_policy(ref: str, threads: int = 1, providers: str = "auto") -> Policy:
+def load_policy(ref: str, threads: int = 1, providers: str = "auto", seed: int | None = None) -> Policy:
     """A policy from ``--policy``: an ONNX file, 'default' (the shipped one), or
-    ``hold:...``/``random:...`` for bring-up."""
+    ``hold:...``/``random:...`` for bring-up; ``seed``: of its sampling noise (None: OS entropy)."""
     from qc_robot.policies.scripted import scripted_from_ref
 
     if ref in ("", "default"):
@@ -33,12 +34,12 @@ def load_policy(ref: str, threads: int = 1, providers: str = "auto") -> Policy:
 
         ref = str(default_policy_path())
 
-    scripted = scripted_from_ref(ref)
+    scripted = scripted_from_ref(ref, seed)
     if scripted is not None:
         return scripted
     from qc_robot.policies.onnx_policy import OnnxPolicy  # onnxruntime only when serving a model
 
-    return OnnxPolicy(ref, providers=providers, threads=threads)
+    return OnnxPolicy(ref, providers=providers, threads=threads, seed=seed)
 
 
 def run_serve(cfg: ServeConfig) -> int:
@@ -48,7 +49,7 @@ def run_serve(cfg: ServeConfig) -> int:
     sys.setswitchinterval(0.0005)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        policy = load_policy(cfg.policy, cfg.threads, cfg.providers)
+        policy = load_policy(cfg.policy, cfg.threads, cfg.providers, cfg.seed)
     except (OSError, ValueError) as e:
         log.error("cannot load policy %r: %s", cfg.policy, e)
         return 2
@@ -112,8 +113,9 @@ def _learner_link(cfg: ServeConfig) -> LearnerLink | None:
     if cfg.curve_secret_key:
         curve = CurveKeys.from_files(cfg.curve_secret_key, authorized_dir=cfg.curve_authorized_dir)
 
-    def loader(path: str, version: str) -> Policy:
-        return OnnxPolicy(path, providers=cfg.providers, threads=cfg.threads, version=version)
+    def loader(path: str, version: str) -> Policy:  # each pushed policy its own noise stream, seeded or not
+        seed = None if cfg.seed is None else zlib.crc32(f"{cfg.seed}:{version}".encode())
+        return OnnxPolicy(path, providers=cfg.providers, threads=cfg.threads, version=version, seed=seed)
 
     return LearnerLink(cfg.learner_bind, Journal(cfg.journal_dir), curve=curve, prune=cfg.journal_prune,
                        timeout_s=cfg.learner_timeout_s, policy_loader=loader)

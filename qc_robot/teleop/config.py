@@ -89,7 +89,8 @@ class DatasetConfig:
 
     POSITIONAL: ClassVar[tuple[str, ...]] = ("action", "paths")
     action: str = "info"
-    """'info', 'validate', 'merge' (paths... → out), 'split' (writes mask/<train>, mask/<valid>), 'recover'."""
+    """'info', 'validate', 'merge' (paths... → out), 'split' (writes mask/<train>, mask/<valid>), 'recover',
+    'label' (FILE DEMO success|failure: the verdict of a demo, e.g. a recovered 'unlabelled' one)."""
     paths: list[str] = field(default_factory=list)
     """Input files."""
     out: str = ""

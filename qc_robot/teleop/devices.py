@@ -13,69 +13,18 @@ Hardware libraries are imported when a device opens, so they stay optional extra
 
 from __future__ import annotations
 
-import enum
 import logging
 import sys
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-ACTION_DIM = 5  # dx, dy, dz, dyaw, gripper
+# Re-exported: callers import the device interface from here, as before it moved to the leaf.
+from qc_robot.teleop.device_base import ACTION_DIM as ACTION_DIM
+from qc_robot.teleop.device_base import Event, TeleopCommand, TeleopDevice
 
 log = logging.getLogger("qc_robot.teleop")
-
-
-class Event(str, enum.Enum):
-    START = "start"
-    SUCCESS = "success"
-    """End the episode and label it a success."""
-    FAILURE = "failure"
-    DISCARD = "discard"
-    """Drop the episode in progress and record it again."""
-    QUIT = "quit"
-
-
-@dataclass
-class TeleopCommand:
-    action: np.ndarray | None
-    """(5,) float32 command, or None for "no command this tick" (the safety layer holds)."""
-    events: list[Event] = field(default_factory=list)
-
-
-class TeleopDevice(ABC):
-    """One operator input device. ``open``/``close`` bracket use; ``read`` never blocks."""
-
-    name: str = "device"
-
-    def open(self) -> None:  # noqa: B027 - optional hook
-        """Acquire the device (terminal mode, HID handle)."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release it; must restore whatever ``open`` changed."""
-
-    @abstractmethod
-    def read(self) -> TeleopCommand:
-        """The command for this control tick and any events since the last read."""
-
-    def help(self) -> str:
-        """Key/button help printed when the session starts."""
-        return ""
-
-    def episode_started(self, obs: Mapping[str, np.ndarray]) -> None:  # noqa: B027 - optional hook
-        """Called after the robot was reset for a new episode."""
-
-    def episode_ended(self) -> None:  # noqa: B027 - optional hook
-        """Called when the episode ends (any reason)."""
-
-    def __enter__(self) -> TeleopDevice:
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _missing(extra: str, err: ImportError) -> RuntimeError:
@@ -87,7 +36,8 @@ class GamepadDevice(TeleopDevice):
     """A gamepad through Linux evdev: left stick x/y, right stick z/yaw, buttons for events.
 
     A (south) toggles the gripper, Start starts, Y (north) success, B (east) failure,
-    X (west) discard, Select quits. Axis values are normalised by the device's own range.
+    X (west) discard, Select quits; in ``drive`` the left shoulder (LB) takes over while held and
+    Mode pauses. Axis values are normalised by the device's own range.
     """
 
     name = "gamepad"
@@ -98,6 +48,7 @@ class GamepadDevice(TeleopDevice):
         self._axes: dict[int, float] = {}
         self._gripper = -1.0
         self._pending: list[Event] = []
+        self._takeover = False
 
     def open(self) -> None:
         try:
@@ -130,28 +81,30 @@ class GamepadDevice(TeleopDevice):
     def read(self) -> TeleopCommand:
         e = self._ev
         buttons = {e.BTN_START: Event.START, e.BTN_NORTH: Event.SUCCESS, e.BTN_EAST: Event.FAILURE,
-                   e.BTN_WEST: Event.DISCARD, e.BTN_SELECT: Event.QUIT}
+                   e.BTN_WEST: Event.DISCARD, e.BTN_SELECT: Event.QUIT, e.BTN_MODE: Event.PAUSE}
         try:
             for ev in iter(self._dev.read_one, None):
                 if ev.type == e.EV_ABS:
                     self._axes[ev.code] = self._norm(ev.code, ev.value)
+                elif ev.type == e.EV_KEY and ev.code == e.BTN_TL:  # takeover while held (1 down, 0 up)
+                    self._takeover = ev.value != 0
                 elif ev.type == e.EV_KEY and ev.value == 1:
                     if ev.code == e.BTN_SOUTH:
                         self._gripper = -self._gripper
                     elif ev.code in buttons:
                         self._pending.append(buttons[ev.code])
         except OSError:  # unplugged: no command (the safety layer holds), tell the operator
-            return TeleopCommand(None, [])
+            return TeleopCommand(None, [], takeover=self._takeover)
         ax = self._axes
         a = np.array([-ax.get(e.ABS_Y, 0.0), -ax.get(e.ABS_X, 0.0), -ax.get(e.ABS_RY, 0.0),
                       -ax.get(e.ABS_RX, 0.0), 0.0], np.float32) * self.speed
         a[4] = self._gripper
         events, self._pending = self._pending, []
-        return TeleopCommand(np.clip(a, -1, 1), events)
+        return TeleopCommand(np.clip(a, -1, 1), events, takeover=self._takeover)
 
     def help(self) -> str:
-        return ("gamepad: left stick x/y, right stick z/yaw, A gripper, Start start, Y success, "
-                "B failure, X discard, Select quit")
+        return ("gamepad: left stick x/y, right stick z/yaw, A gripper, Start start/ready, Y success, "
+                "B failure, X discard, Select quit/end; drive: hold LB to take over, Mode pause")
 
 
 class SpaceMouseDevice(TeleopDevice):
@@ -159,6 +112,8 @@ class SpaceMouseDevice(TeleopDevice):
 
     Left button toggles the gripper; right button ends the episode as a success. Start, failure,
     discard and quit come from the keyboard when the session runs in a terminal (see make_device).
+    In ``drive`` the operator takes over while the cap is pushed beyond the deadzone (HIL-SERL's
+    rule) or the gripper button is pressed.
     """
 
     name = "spacemouse"
@@ -195,7 +150,7 @@ class SpaceMouseDevice(TeleopDevice):
             events.append(Event.SUCCESS)
         self._buttons = buttons[:2]
         a = np.append(np.clip(v * self.speed, -1, 1), self._gripper).astype(np.float32)
-        return TeleopCommand(a, events)
+        return TeleopCommand(a, events, takeover=bool(np.any(v != 0.0) or buttons[0]))
 
     def help(self) -> str:
         return "spacemouse: push/pull/lift = xyz, twist = yaw, left button gripper, right button success"
@@ -213,21 +168,28 @@ class LeRobotLeaderDevice(TeleopDevice):
     name = "lerobot"
 
     def __init__(self, to_action: Callable[[Mapping[str, float]], np.ndarray], teleop_type: str = "so101_leader",
-                 teleop_args: Mapping[str, Any] | None = None, teleop: Any = None) -> None:
-        """``teleop``: an already built LeRobot Teleoperator; else built from type and args."""
+                 teleop_args: Mapping[str, Any] | None = None, teleop: Any = None,
+                 distance: Callable[[Mapping[str, float]], float] | None = None,
+                 takeover_threshold: float = 0.0) -> None:
+        """``teleop``: an already built LeRobot Teleoperator; else built from type and args.
+        ``distance(joints)``: how far the leader's pose is from the follower's measured one (the
+        follower's units); with ``takeover_threshold`` > 0 the operator takes over (``drive``)
+        while it exceeds the threshold."""
         self.to_action, self.teleop_type, self.teleop_args = to_action, teleop_type, dict(teleop_args or {})
         self.teleop = teleop
         self.read_errors = 0
+        self.distance, self.takeover_threshold = distance, takeover_threshold
 
     @classmethod
     def for_driver(cls, driver: Any, teleop_type: str = "so101_leader", teleop_args: Mapping[str, Any] | None = None,
-                   teleop: Any = None) -> LeRobotLeaderDevice:
+                   teleop: Any = None, takeover_threshold: float = 0.0) -> LeRobotLeaderDevice:
         """The leader for a ``qc_robot.drivers.lerobot_driver.LeRobotDriver`` (bare or behind the safety layer)."""
         inner = getattr(driver, "driver", driver)
         towards = getattr(inner, "action_towards", None)
         if towards is None:
             raise ValueError("device=lerobot needs driver=lerobot (it commands the follower's joints)")
-        return cls(towards, teleop_type, teleop_args, teleop)
+        return cls(towards, teleop_type, teleop_args, teleop, getattr(inner, "joint_distance", None),
+                   takeover_threshold)
 
     def open(self) -> None:
         if self.teleop is None:
@@ -251,8 +213,11 @@ class LeRobotLeaderDevice(TeleopDevice):
         except Exception as e:  # a glitch on the leader's bus: hold this tick, keep the session
             self.read_errors += 1
             log.warning("leader read failed (%d so far): %s", self.read_errors, e)
-            return TeleopCommand(None, [])
-        return TeleopCommand(np.asarray(self.to_action(joints), np.float32), [])
+            return TeleopCommand(None, [], takeover=None)
+        takeover = None
+        if self.distance is not None and self.takeover_threshold > 0:
+            takeover = bool(self.distance(joints) > self.takeover_threshold)
+        return TeleopCommand(np.asarray(self.to_action(joints), np.float32), [], takeover=takeover)
 
     def help(self) -> str:
         return f"lerobot: move the {self.teleop_type} arm; the follower copies its joints"
@@ -279,7 +244,8 @@ class MergedDevice(TeleopDevice):
 
     def read(self) -> TeleopCommand:
         m, e = self.motion.read(), self.events.read()
-        return TeleopCommand(m.action, m.events + e.events)
+        return TeleopCommand(m.action, m.events + e.events,
+                             takeover=m.takeover if e.takeover is None else bool(m.takeover) or e.takeover)
 
     def help(self) -> str:
         return self.motion.help() + "\n" + self.events.help()

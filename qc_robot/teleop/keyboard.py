@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qc_robot.teleop.devices import ACTION_DIM, Event, TeleopCommand, TeleopDevice
+from qc_robot.teleop.device_base import ACTION_DIM, Event, TeleopCommand, TeleopDevice
 
 # key -> (action index, sign)
 MOTION_KEYS: dict[str, tuple[int, float]] = {
@@ -25,14 +25,18 @@ MOTION_KEYS: dict[str, tuple[int, float]] = {
     "q": (3, 1.0), "e": (3, -1.0),
 }  # fmt: skip
 EVENT_KEYS: dict[str, Event] = {"enter": Event.START, "g": Event.SUCCESS, "b": Event.FAILURE,
-                                "x": Event.DISCARD, "esc": Event.QUIT}
+                                "x": Event.DISCARD, "esc": Event.QUIT, "p": Event.PAUSE}
+TAKEOVER_KEY = "t"
+"""``drive``: toggles the operator's takeover (a terminal reports no key releases, so no hold)."""
 _ESCAPES = {b"[A": "up", b"[B": "down", b"[C": "right", b"[D": "left", b"OA": "up", b"OB": "down",
             b"OC": "right", b"OD": "left"}
 
 HELP = """keys:  w/s or up/down: x+/x-    a/d or left/right: y+/y-    r/f: z up/down    q/e: yaw
        space: gripper close/open    +/-: speed
        Enter: start episode    g: end as success    b: end as failure    x: discard & re-record
-       Esc or Ctrl-C: quit (an episode in progress is discarded)"""
+       Esc or Ctrl-C: quit (an episode in progress is discarded)
+drive:  Enter: ready (after the reset)    t: take over / hand back    p: pause / resume
+       g / b: success / failure    x: discard    Esc: end the run"""
 
 
 def parse_keys(data: bytes) -> list[str]:
@@ -73,6 +77,8 @@ class KeyboardDevice(TeleopDevice):
                  motion: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self.fd = fd
         self.speed, self.hold_s, self.motion, self.clock = speed, hold_s, motion, clock
+        self.takeover = False
+        """``drive``: the operator has the controls (toggled by ``t``)."""
         self._saved: list | None = None
         self._until = np.zeros(ACTION_DIM - 1)  # per axis: active until this time
         self._sign = np.zeros(ACTION_DIM - 1)
@@ -117,6 +123,8 @@ class KeyboardDevice(TeleopDevice):
         for k in keys:
             if k in EVENT_KEYS:
                 events.append(EVENT_KEYS[k])
+            elif k == TAKEOVER_KEY:
+                self.takeover = not self.takeover
             elif not self.motion:
                 continue
             elif k in MOTION_KEYS:
@@ -137,7 +145,7 @@ class KeyboardDevice(TeleopDevice):
         a = np.zeros(ACTION_DIM, np.float32)
         a[:4] = np.where(active, self._sign * self.speed, 0.0)
         a[4] = self.gripper
-        return TeleopCommand(a if self.motion else None, events)
+        return TeleopCommand(a if self.motion else None, events, takeover=self.takeover)
 
     def help(self) -> str:
         return HELP

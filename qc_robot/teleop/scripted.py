@@ -114,6 +114,12 @@ class ScriptedOperator(TeleopDevice):
     def episode_ended(self) -> None:
         self._active = False
 
+    def replan(self) -> None:
+        """Plan afresh from the current state at the next read (after someone else moved the arm)."""
+        if self._oracle is not None:
+            self._oracle._done = True
+            self._target = -1
+
     @property
     def outcome(self) -> str:
         return self.outcomes[self._episode] if 0 <= self._episode < len(self.outcomes) else "auto"

@@ -2,9 +2,10 @@
 
 ``qc-robot teleop`` builds the driver exactly as the policy path does (registry + safety layer),
 a device and a crash-safe :class:`~qc_robot.data.recorder.Recorder`, then runs
-:class:`TeleopSession`. Per control tick while recording: read the observation (and the outcome
-of the previous action), journal that transition, read the device, handle verdict keys, send the
-command through the safety layer and journal what was actually applied.
+:class:`TeleopSession`. Each episode is the control loop of ``drive``
+(:func:`qc_robot.drivers.runner.run_episode`) with the operator in control of every tick and no
+policy: the rows it reports (exactly one per executed robot step, also on a realtime robot) are
+journaled as they come, and the verdict key commits or discards the episode.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from typing import Any, TextIO
 import numpy as np
 
 from qc_robot.data.recorder import Recorder
-from qc_robot.drivers.registry import driver_config, make_driver
-from qc_robot.drivers.runner import Pacer
+from qc_robot.data.rewards import FROM_RECORDED, FROM_VERDICT, REWARD_SOURCE_KEY
+from qc_robot.drivers.base import ExecutedStep
+from qc_robot.drivers.registry import build_driver_config, make_driver
+from qc_robot.drivers.runner import Pacer, run_episode
 from qc_robot.drivers.safety import SafeDriver
 from qc_robot.teleop.config import TeleopConfig
 from qc_robot.teleop.devices import Event, TeleopDevice, make_device
+from qc_robot.teleop.operator import Operator
 
 
 class StatusLine:
@@ -83,6 +87,7 @@ class TeleopSession:
         self.attrs = dict(attrs or {})
         self.status = status or StatusLine(enabled=False)
         self.result = SessionResult()
+        self.operator = Operator(device, in_control=True)
         self._dt = 0.0
         self._t_last = 0.0
 
@@ -129,47 +134,39 @@ class TeleopSession:
     def _episode(self, index: int) -> str:
         """Record one episode; returns its label, 'discard' or 'quit'."""
         seed = self.seed + index
-        obs = self.driver.reset(seed)
-        self.device.episode_started(obs)
-        self.pacer.start()
         self._dt, self._t_last = 0.0, 0.0
         attrs = dict(self.attrs, seed=seed)
-        pending: np.ndarray | None = None
-        steps, verdict = 0, ""
-        try:
-            while True:
-                obs = self.driver.get_observation()
-                if self.driver.sensor_fault is not None:  # a stale/failed camera: this episode's rows
-                    self.status.message(f"sensor fault: {self.driver.sensor_fault}")  # would be wrong
-                    verdict = "discard"
-                    break
-                if pending is None:
-                    self.recorder.begin(obs, attrs)  # the observation the first action sees
-                else:
-                    info = self.driver.step_info()
-                    self.recorder.step(pending, info.reward, info.terminated, obs)
-                    if info.terminated or info.truncated or (self.max_steps and steps >= self.max_steps):
-                        verdict = "success" if info.success else "failure"
-                        break
-                cmd = self.device.read()
-                verdicts = [e for e in cmd.events if e in (Event.SUCCESS, Event.FAILURE, Event.DISCARD, Event.QUIT)]
-                if verdicts:
-                    verdict = verdicts[0].value
-                    break
-                pending = self.driver.act(cmd.action)
-                steps += 1
-                self._tick_rate()
-                self.status.update(f"* REC  episode {index}  step {steps}/{self.max_steps or '-'}  "
-                                   f"{1.0 / self._dt if self._dt > 0 else 0.0:5.1f} Hz  action {_fmt(cmd.action)}")
-                self.pacer.wait()
-        finally:
-            self.device.episode_ended()
-        if verdict in ("discard", "quit"):
-            self.recorder.discard()
-            self.result.discarded += 1
-            self.status.message(f"episode {index} discarded after {steps} steps"
-                                + ("" if verdict == "quit" else f"; press Enter to re-record episode {index}"))
-            return verdict
+        faults0 = self.driver.stats.sensor_holds
+        began = False
+
+        def record(rows: list[ExecutedStep]) -> None:
+            nonlocal began
+            for r in rows:
+                if not began:
+                    self.recorder.begin(r.obs, attrs)  # the observation the first action sees
+                    began = True
+                self.recorder.step(r.action, r.reward, r.terminated, r.next_obs)
+            self._tick_rate()
+            self.status.update(f"* REC  episode {index}  step {rows[-1].step + 1}/{self.max_steps or '-'}  "
+                               f"{1.0 / self._dt if self._dt > 0 else 0.0:5.1f} Hz  action {_fmt(rows[-1].action)}")
+
+        res = run_episode(self.driver, None, index, seed, self.pacer, on_rows=record,
+                          max_steps=self.max_steps or 0, operator=self.operator, reset_phase=False)
+        steps = res.rows
+        verdict = {"end": "quit"}.get(res.verdict, res.verdict)
+        if verdict in ("success", "failure") and self.driver.stats.sensor_holds > faults0:
+            self.status.message("sensor fault during the episode: its rows would be wrong")
+            verdict = "discard"
+        if verdict in ("discard", "quit") or not began:
+            if self.recorder.recording:
+                self.recorder.discard()
+            if verdict in ("discard", "quit"):
+                self.result.discarded += 1
+                self.status.message(f"episode {index} discarded after {steps} steps"
+                                    + ("" if verdict == "quit" else f"; press Enter to re-record episode {index}"))
+                return verdict
+            self.status.message(f"episode {index} had no steps: not saved")
+            return "discard"
         name = self.recorder.finish(verdict)
         if name is None:
             self.status.message(f"episode {index} had no steps: not saved")
@@ -186,7 +183,11 @@ def env_args_for(cfg: TeleopConfig, driver: SafeDriver) -> dict[str, Any]:
     args: dict[str, Any] = {"driver": cfg.driver, "control_hz": float(spec.control_hz),
                             "obs_keys": [f.key for f in spec.obs_fields],
                             "obs_shapes": {f.key: list(f.shape) for f in spec.obs_fields},
-                            "act_dim": spec.action_dim, "source": "qc-robot teleop"}
+                            "act_dim": spec.action_dim, "source": "qc-robot teleop",
+                            # the sim reports its task's reward; a robot (or a blind sim) reports none:
+                            # its rewards are the operator's verdicts
+                            REWARD_SOURCE_KEY: FROM_RECORDED if cfg.driver == "sim"
+                            and not cfg.driver_args.get("blind") else FROM_VERDICT}
     if cfg.driver == "sim":
         from qc_robot.sim.tasks import task_spec
 
@@ -204,8 +205,7 @@ def build_driver(cfg: TeleopConfig) -> SafeDriver:
                                   time_scale=cfg.time_scale, seed=cfg.seed,
                                   image_size=cfg.env.image_size, image_key=cfg.env.image_key,
                                   camera=cfg.env.camera, render_fast=cfg.env.render_fast)
-    values.update(cfg.driver_args)
-    inner = make_driver(cfg.driver, driver_config(cfg.driver, **values))
+    inner = make_driver(cfg.driver, build_driver_config(cfg.driver, values, cfg.driver_args))
     if cfg.cameras:
         from qc_robot.drivers.camera_driver import CameraDriver
 

@@ -1,4 +1,5 @@
-"""Self-describing checkpoints: config, normalizer (inside the agent), task spec, step, versions.
+"""Self-describing checkpoints: config, normalizer (inside the agent), task spec, step, versions,
+reward convention.
 
 A checkpoint holds everything needed to resume training exactly (agent, optimizer, RNG states,
 online replay rows) and to export or evaluate the policy without the training config files.
@@ -22,6 +23,7 @@ import torch
 import qc_robot
 from qc_robot.agent.agent import QCAgent
 from qc_robot.config import TrainConfig, VisionConfig, to_dataclass
+from qc_robot.data.rewards import config_convention
 from qc_robot.policies.base import ObsField
 
 FORMAT = "qc-robot-checkpoint"
@@ -51,6 +53,9 @@ class Checkpoint:
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     """Learner state for exact resume: sampler RNG, online replay rows, loop counters."""
+    reward: str = ""
+    """The reward convention it was trained on ('sparse' or 'dense': ``qc_robot.data.rewards``);
+    a checkpoint saved before it was stored gets its config's on load."""
 
 
 def versions() -> dict[str, str]:
@@ -78,6 +83,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "control_hz": ckpt.control_hz,
         "versions": versions(),
         "extra": ckpt.extra,
+        "reward": ckpt.reward or config_convention(ckpt.config),
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
@@ -114,4 +120,5 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> Checkpoint:
         config_hash=str(payload["config_hash"]),
         versions=dict(payload.get("versions", {})),
         extra=dict(payload.get("extra", {})),
+        reward=str(payload.get("reward") or config_convention(cfg)),
     )

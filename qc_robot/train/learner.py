@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,10 +20,14 @@ from qc_robot.agent.agent import QCAgent
 from qc_robot.config import TrainConfig
 from qc_robot.data.batch import ChunkBatch
 from qc_robot.data.replay import ChunkReplay
+from qc_robot.data.rewards import FROM_VERDICT, SPARSE, config_convention
 from qc_robot.policies.base import ObsField
 from qc_robot.train.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint
 from qc_robot.train.evaluate import EvalResult, agent_policy, eval_image_size, evaluate
 from qc_robot.train.logs import RunLogger
+
+if TYPE_CHECKING:
+    from qc_robot.data.hdf5_io import FlatDataset
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -39,7 +44,7 @@ class TrainSetupError(ValueError):
     """The run cannot start as configured (e.g. data and task disagree); nothing was trained."""
 
 
-def _dataset(cfg: TrainConfig):  # noqa: ANN202 (FlatDataset)
+def _dataset(cfg: TrainConfig) -> FlatDataset:
     from qc_robot.data.hdf5_io import load_flat, vector_obs_keys
     from qc_robot.sim.tasks import task_spec
 
@@ -55,6 +60,15 @@ def _dataset(cfg: TrainConfig):  # noqa: ANN202 (FlatDataset)
                   f"trains on {keys}); name them in data.obs_keys to train on them with the conv encoder")
     return load_flat(d.path, obs_keys=keys, reward_shift=d.reward_shift, sparse_reward=sparse,
                      filter_key=d.filter_key)
+
+
+def _convention(cfg: TrainConfig, data: FlatDataset | None) -> str:
+    """Verdict data (a robot's recording) is sparse whatever ``env.sparse_reward`` says: that key
+    picks the sim task's reward, which such a file never holds (the env configs set it for every
+    task, so it cannot tell a request from a default)."""
+    if data is None or data.reward_source != FROM_VERDICT:
+        return config_convention(cfg)
+    return SPARSE
 
 
 def _obs_stats(observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +111,10 @@ class Learner:
         resume = t.resume and ckpt_path.exists()
 
         data = _dataset(cfg) if (t.offline_steps > 0 or Path(cfg.data.path).exists()) else None
+        self.has_data = data is not None
+        self.reward_convention = _convention(cfg, data)
+        """What the rewards mean (``qc_robot.data.rewards``): stored in the checkpoint; the online
+        phase and evaluation run the sim with it."""
         # the rate the data was recorded at (a robot's teleop file says it; datagen's is the task's)
         self.control_hz = float((data.env_args.get("control_hz") if data is not None else None)
                                 or self.task.control_hz)
@@ -146,7 +164,7 @@ class Learner:
             obs_fields=self.obs_fields(),
             action_low=-np.ones(self.agent.act_dim, np.float32),
             action_high=np.ones(self.agent.act_dim, np.float32),
-            control_hz=self.control_hz, config_hash=config_hash(self.cfg),
+            control_hz=self.control_hz, config_hash=config_hash(self.cfg), reward=self.reward_convention,
             extra={"sampler": self.sampler.get_state(), "online_rows": self.replay.online_state(),
                    "env_rng": self.env_rng.bit_generator.state},
         )
@@ -206,7 +224,7 @@ class Learner:
         if (due or force) and t.eval_episodes > 0 and self._eval_step != self.step:
             self._eval_step = self.step
             self.last_eval = evaluate(agent_policy(self.agent, seed=10_000 + self.step), self.cfg.env.name,
-                                      t.eval_episodes, seed=10_000, sparse_reward=self.cfg.env.sparse_reward,
+                                      t.eval_episodes, seed=10_000, sparse_reward=self.reward_convention == SPARSE,
                                       max_episode_steps=self.cfg.env.max_episode_steps,
                                       image_size=eval_image_size(self.agent), render_fast=self.cfg.env.render_fast)
             self.logger.log_eval(self.step, self.env_steps, phase, self.last_eval.as_dict())
@@ -241,7 +259,7 @@ class Learner:
         t, a = self.cfg.training, self.cfg.agent
         if self.env_steps >= t.online_steps:
             return
-        env = make_env(self.cfg.env.name, sparse_reward=self.cfg.env.sparse_reward,
+        env = make_env(self.cfg.env.name, sparse_reward=self.reward_convention == SPARSE,
                        max_episode_steps=self.cfg.env.max_episode_steps)
         act_gen = torch.Generator(device=self.agent.device).manual_seed(t.seed + 1 + self.env_steps)
         obs, _ = env.reset(seed=int(self.env_rng.integers(2**31)))
