@@ -84,7 +84,9 @@ def _pinger(address: str, stop: threading.Event, rtts: list[float]) -> None:
         raw.close()
 
 
-def _worst_heartbeat_while(address: str, attacker: Raw, messages: list[bytes]) -> float:
+def _worst_heartbeat_while(address: str, attacker: Raw, messages: list[bytes]) -> tuple[float, list[P.Message]]:
+    """The slowest heartbeat echo another peer saw while ``attacker`` sent ``messages``, and the
+    attacker's replies."""
     rtts: list[float] = []
     stop = threading.Event()
     t = threading.Thread(target=_pinger, args=(address, stop, rtts))
@@ -93,10 +95,10 @@ def _worst_heartbeat_while(address: str, attacker: Raw, messages: list[bytes]) -
         time.sleep(0.01)
     for m in messages:
         attacker.sock.send(m)
-    _sync(attacker)  # every attack message has been handled
+    replies = _sync(attacker)  # every attack message has been handled
     stop.set()
     t.join(60)
-    return max(rtts)
+    return max(rtts), replies
 
 
 def _sync(raw: Raw, seq: int = 7777) -> list[P.Message]:
@@ -117,7 +119,7 @@ def test_a_jpeg_bomb_does_not_freeze_another_peers_heartbeat(image_server: Contr
         assert isinstance(attacker.send(P.encode(_hello())), P.Welcome)
         # same sizes, nothing to decode: the same-run baseline
         junk = bytes([0xFF, 0xD8]) + bytes(len(bomb) - 2)
-        baseline = _worst_heartbeat_while(srv.address, attacker, [
+        baseline, _ = _worst_heartbeat_while(srv.address, attacker, [
             _obs_bytes(i, _ext2((S, S, 3), junk)) for i in range(8)])
         bombs = [
             _obs_bytes(1, _ext2((4720, 4720, 3), bomb)),  # declares another size than the session
@@ -127,8 +129,7 @@ def test_a_jpeg_bomb_does_not_freeze_another_peers_heartbeat(image_server: Contr
             msgpack.packb({"v": 1, "type": "no_such_type", "x": _ext2((4720, 4720, 3), bomb)}),
             _obs_bytes(3, _ext2((S, S, 3), _jpeg(S, S)), extra_key=_ext2((4720, 4720, 3), bomb)),
         ] * 2
-        worst = _worst_heartbeat_while(srv.address, attacker, bombs)
-        replies = _sync(attacker, 8888)
+        worst, replies = _worst_heartbeat_while(srv.address, attacker, bombs)
     finally:
         attacker.close()
     assert worst < 5 * baseline + 0.25, f"heartbeat waited {worst:.3f} s under bombs, {baseline:.3f} s under junk"

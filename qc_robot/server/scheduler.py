@@ -43,9 +43,15 @@ class FairScheduler(Generic[K, J]):
                 self._cv.wait()
             if self._closed:
                 return None
-            key = min(self._slots, key=lambda k: max(self._finish.get(k, self._vtime), self._vtime))
+            key = min(self._slots, key=self._order)
             self._vtime = self._finish[key] = max(self._finish.get(key, self._vtime), self._vtime)
             return key, self._slots.pop(key)
+
+    def _order(self, key: K) -> tuple[float, float]:
+        """(start tag, last finish tag): on equal start tags the session served least lately goes
+        first, so a driver that asks at its control rate beats flooders whose tag is the virtual time."""
+        finish = self._finish.get(key, float("-inf"))
+        return max(finish, self._vtime), finish
 
     def charge(self, key: K, seconds: float) -> None:
         """Record the inference time a job of ``key`` took: its next start tag moves on by it."""
