@@ -157,6 +157,15 @@ def test_jpeg_only_for_declared_images_and_a_malformed_one_names_its_request(ima
         body["obs"] = {"state": _ext2((4, 1, 3), _jpeg(4, 1)), "image": P.pack_array(np.zeros((S, S, 3), np.uint8))}
         err = raw.send(msgpack.packb(body))  # JPEG for a float field: never decoded
         assert err.code == P.ErrorCode.BAD_MESSAGE and err.request_id == 9 and "accepted only" in err.message
+        rows = {"state": P.pack_array(np.zeros((1, 4), np.float32)), "image": _ext2((S, S, 3), _jpeg(S, S))}
+        raw.sock.send(msgpack.packb({"v": 1, "type": "transition", "episode_id": 0, "start_step": 0, "obs": rows,
+                                     "actions": P.pack_array(np.zeros((1, 2), np.float32)),
+                                     "rewards": P.pack_array(np.zeros(1, np.float32)),
+                                     "terminals": P.pack_array(np.zeros(1, bool)),
+                                     "truncated": P.pack_array(np.zeros(1, bool)), "next_obs": rows}))
+        err = _sync(raw)[0]  # a transition's rows are arrays: a JPEG there is refused undecoded
+        assert err.code == P.ErrorCode.BAD_MESSAGE and "accepted only" in err.message
+        assert srv.stats.images_decoded == 1
         corrupt = bytearray(_jpeg(S, S))
         corrupt[-30:-2] = b"\xff\x00" * 14  # headers fine, entropy data broken: found by the decoder
         reply = raw.send(_obs_bytes(10, _ext2((S, S, 3), bytes(corrupt))))

@@ -381,7 +381,7 @@ class ControlServer:
                         env.request_id)
             return
         try:
-            msg = P.build(env, session.decoding if session is not None else None)
+            msg = P.build(env, _decoding(session, env.kind))
         except P.ProtocolError as e:
             self._error(router, ident, e.code, str(e), e.request_id)
             return
@@ -526,6 +526,16 @@ class ControlServer:
 
     def _worker(self) -> None:
         self._inference.run(self._ctx, self._results)
+
+
+def _decoding(session: _Session | None, kind: str) -> P.Decoding | None:
+    """What a message may decode: JPEG images (left pending) only in a session's observations;
+    a transition's obs rows are (K, H, W, 3) arrays, never JPEG."""
+    if session is None:
+        return None
+    if kind == "observation":
+        return session.decoding
+    return P.Decoding(obs_keys=session.decoding.obs_keys)
 
 
 def _request_id(data: bytes) -> int | None:
