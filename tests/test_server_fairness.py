@@ -132,3 +132,21 @@ def test_the_scheduler_forgets_a_dropped_session() -> None:
     sched.close()
     assert done.wait(30)
     t.join(30)
+
+
+def test_a_session_holds_at_most_one_worker() -> None:
+    """Two workers, one flooding session: its next observation waits for its running one, so the
+    other worker is free for a driver the moment it asks, even a driver that has had more
+    inference time so far (by tags alone the flooder would go first)."""
+    sched: FairScheduler[str, int] = FairScheduler()
+    sched.put("driver", 0)
+    assert sched.get() == ("driver", 0)
+    sched.charge("driver", 100.0)
+    sched.put("flood", 1)
+    assert sched.get() == ("flood", 1)  # worker 1 runs it
+    sched.put("flood", 2)
+    sched.put("driver", 7)
+    assert sched.get() == ("driver", 7), "the flooder's second job took the other worker"
+    sched.charge("flood", 1.0)  # worker 1 done: the flooder's next job may run
+    assert sched.get() == ("flood", 2)
+    sched.close()

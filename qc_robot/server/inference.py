@@ -96,8 +96,10 @@ class Inference:
             while (item := self.queue.get()) is not None:
                 ident, job = item
                 t0 = time.perf_counter()
-                reply = self.answer(job)
-                self.queue.charge(ident, time.perf_counter() - t0)
+                try:
+                    reply = self.answer(job)
+                finally:  # always: the session's next job waits for it
+                    self.queue.charge(ident, time.perf_counter() - t0)
                 version = reply.policy_version if isinstance(reply, P.Chunk) else ""
                 push.send_multipart([ident, P.encode(reply), version.encode()])
         finally:

@@ -6,7 +6,8 @@ inference time so far, in start-time fair queueing: a session's tag is
 ``max(its last finish tag, virtual time) + cost`` and the virtual time is the start tag of the
 job taken last. A session that floods therefore runs ahead of the virtual time and waits, and a
 session that asks at its control rate is taken next, after at most the inferences already
-running, however many sessions flood.
+running, however many sessions flood. A session has at most one job in inference at a time, so
+one flooding session never holds more than one worker.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class FairScheduler(Generic[K, J]):
         self._cv = threading.Condition()
         self._slots: dict[K, J] = {}
         self._finish: dict[K, float] = {}  # finish tag of each session's last job
+        self._running: set[K] = set()  # sessions with a job in inference (until charged)
         self._vtime = 0.0
         self._closed = False
 
@@ -33,18 +35,20 @@ class FairScheduler(Generic[K, J]):
         with self._cv:
             old = self._slots.get(key)
             self._slots[key] = job
-            self._cv.notify()
+            self._cv.notify_all()
             return old
 
     def get(self) -> tuple[K, J] | None:
-        """The next job (blocking); None once closed."""
+        """The next job of a session with none in inference (blocking); None once closed. The
+        caller must ``charge`` the key when the job is done."""
         with self._cv:
-            while not self._slots and not self._closed:
+            while not self._closed and not (ready := [k for k in self._slots if k not in self._running]):
                 self._cv.wait()
             if self._closed:
                 return None
-            key = min(self._slots, key=self._order)
+            key = min(ready, key=self._order)
             self._vtime = self._finish[key] = max(self._finish.get(key, self._vtime), self._vtime)
+            self._running.add(key)
             return key, self._slots.pop(key)
 
     def _order(self, key: K) -> tuple[float, float]:
@@ -54,10 +58,13 @@ class FairScheduler(Generic[K, J]):
         return max(finish, self._vtime), finish
 
     def charge(self, key: K, seconds: float) -> None:
-        """Record the inference time a job of ``key`` took: its next start tag moves on by it."""
+        """Record the inference time a job of ``key`` took: its next start tag moves on by it, and
+        its next job may run."""
         with self._cv:
+            self._running.discard(key)
             if key in self._finish:  # else dropped meanwhile: keep nothing of it
                 self._finish[key] += seconds
+            self._cv.notify_all()
 
     def drop(self, key: K) -> J | None:
         """Forget ``key`` (its session ended); returns its queued job, if any."""
