@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 import test_server
@@ -150,3 +151,42 @@ def test_a_session_holds_at_most_one_worker() -> None:
     sched.charge("flood", 1.0)  # worker 1 done: the flooder's next job may run
     assert sched.get() == ("flood", 2)
     sched.close()
+
+
+def test_a_peer_flooding_observations_is_dropped_unread_and_heard_again_once_quiet(serve) -> None:
+    from qc_robot.server.admission import FloodGuard
+
+    policy = GatedPolicy()
+    srv = serve(policy, workers=1, flood_guard=FloodGuard(burst=5, rate=2.0))
+    flooder, driver = Raw(srv.address), Raw(srv.address)
+    try:
+        for r, name in ((flooder, "flooder"), (driver, "driver")):
+            assert isinstance(r.send(P.encode(driver_spec().hello(name))), P.Welcome)
+        flooder.sock.send(_obs(1.0, 1))
+        assert policy.next_in() == 1.0  # in inference: every later observation supersedes the queued one
+        seen, t0 = srv.stats.received + srv.stats.flood_dropped, time.monotonic()
+        for rid in range(2, 202):
+            flooder.sock.send(_obs(1.0, rid))
+        deadline = time.monotonic() + 60
+        while srv.stats.received + srv.stats.flood_dropped < seen + 200 and time.monotonic() < deadline:
+            flooder.sock.poll(10)  # polling the server's counters (nothing else tells when it read them)
+        superseded = srv.stats.errors.get(P.ErrorCode.SUPERSEDED, 0)  # the burst, and 2/s refilled meanwhile
+        assert superseded < 5 + 2 * (time.monotonic() - t0) + 1 and srv.stats.flood_dropped >= 150, \
+            (superseded, srv.stats.flood_dropped)
+        _queued(driver, _obs(9.0, 1), 100)  # another peer is heard all along
+        for _ in range(2):
+            policy.gate.release()
+        assert sorted(policy.next_in() for _ in range(2)) == [1.0, 9.0]
+        assert isinstance(_chunk(driver), P.Chunk)
+        echoed, deadline = False, time.monotonic() + 60
+        while not echoed and time.monotonic() < deadline:  # quiet now: heard again (tokens refill)
+            flooder.sock.send(P.encode(P.Heartbeat(7, 0.0)))
+            while not echoed and flooder.sock.poll(200):
+                m = P.decode(flooder.sock.recv())
+                echoed = isinstance(m, P.Heartbeat) and m.seq == 7
+        assert echoed, "the flooder was never heard again"
+    finally:
+        for _ in range(8):
+            policy.gate.release()
+        flooder.close()
+        driver.close()

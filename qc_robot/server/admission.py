@@ -3,6 +3,9 @@
 * :class:`DecodeBudget`: decoded bytes and decoding time per second, per peer and for all peers
   together (token buckets). Bytes are charged from the declared size before decoding; time is
   charged after it, so a peer in debt is refused until its bucket refills.
+* :class:`FloodGuard`: a peer whose observations keep superseding each other sends faster than
+  it can be served; beyond a budget its messages are dropped unread, so a flood costs the
+  socket loop a receive per message instead of a parse, a check and a reply.
 * :class:`OutboxLedger`: the newest acknowledged ``outbox_seq`` per (peer, outbox id), so a
   re-sent transition is applied once. Scoped to the peer (one driver can never acknowledge or
   suppress another's transitions), ids bounded in length, a few ids per peer, forgotten when the
@@ -61,6 +64,29 @@ class DecodeBudget:
     def __len__(self) -> int:
         with self._lock:
             return max(len(self._bytes), len(self._time))
+
+
+class FloodGuard:
+    """Per peer, a budget of superseded observations (``burst``, refilled at ``rate`` per second).
+    While a peer has no token its messages are dropped unread: a flooder is read about ``rate``
+    times a second, and a driver whose observations piled up during a stall is heard in full
+    again once they stop superseding each other. Socket-loop only (not thread-safe)."""
+
+    def __init__(self, burst: float = 50.0, rate: float = 20.0, max_keys: int = 4096) -> None:
+        self._tokens = TokenBuckets(burst, rate, 1e18, 1e18, max_keys)  # no shared cap
+
+    def superseded(self, peer: bytes) -> None:
+        self._tokens.charge(peer, 1.0)
+
+    def admit(self, peer: bytes) -> bool:
+        """Whether to read ``peer``'s next message (False: drop it unread)."""
+        return self._tokens.has_own_tokens(peer)
+
+    def forget(self, peer: bytes) -> None:
+        self._tokens.forget(peer)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
 
 
 class OutboxLedger:

@@ -34,7 +34,7 @@ import zmq
 
 from qc_robot import protocol as P
 from qc_robot.policies.base import Policy
-from qc_robot.server.admission import DecodeBudget, DecodeLimits, OutboxLedger
+from qc_robot.server.admission import DecodeBudget, DecodeLimits, FloodGuard, OutboxLedger
 from qc_robot.server.checks import (
     auto_message_limit,
     check_hello,
@@ -81,7 +81,8 @@ class ControlServer:
                  context: zmq.Context | None = None, learner_link: LearnerLink | None = None,
                  curve: CurveKeys | None = None, insecure_remote: bool = False, bye_grace_s: float = 0.5,
                  error_burst: float = 20.0, error_rate: float = 10.0, errors_total_rate: float = 200.0,
-                 max_message_bytes: int = 0, decode_limits: DecodeLimits | None = None) -> None:
+                 max_message_bytes: int = 0, decode_limits: DecodeLimits | None = None,
+                 flood_guard: FloodGuard | None = None) -> None:
         if not bind.startswith(_LOCAL_PREFIXES):
             if not allow_remote:
                 raise ValueError(f"refusing to bind {bind}: use loopback/ipc, or set allow_remote=true with CURVE "
@@ -121,6 +122,7 @@ class ControlServer:
         self._sessions: dict[bytes, _Session] = {}
         self._outboxes = OutboxLedger()
         self.decode_budget = DecodeBudget(decode_limits or DecodeLimits())
+        self._flood = FloodGuard() if flood_guard is None else flood_guard  # (it has a len: not `or`)
         self._inference = Inference(lambda: self.policy, self.stats, self.decode_budget, self._warn)
         self._results = f"inproc://qc-results-{next(_ids)}-{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
@@ -201,7 +203,7 @@ class ControlServer:
         return {"sessions": len(self._sessions), "queued_observations": len(self._inference.queue),
                 "last_chunks": self._inference.kept(), "scheduler_tags": self._inference.queue.tags(),
                 "outbox_ids": ids, "outbox_id_chars": chars, "error_budget_peers": len(self._budget),
-                "decode_budget_peers": len(self.decode_budget),
+                "decode_budget_peers": len(self.decode_budget), "flood_guard_peers": len(self._flood),
                 "open_episodes": self.logger.open_episodes() if self.logger is not None else 0}
 
     def swap_policy(self, policy: Policy, version: int) -> None:
@@ -282,7 +284,8 @@ class ControlServer:
         Fairness under a flood: of the messages read together, those of peers within their error
         budget are handled first, then those of peers that exhausted it (each peer's messages keep
         their order: a peer is in one class for the whole batch). So a well-behaved driver's
-        observation reaches the inference worker before a flooder's backlog is worked off."""
+        observation reaches the inference worker before a flooder's backlog is worked off. A peer
+        whose observations keep superseding each other is dropped unread (``FloodGuard``)."""
         batch: list[list[bytes]] = []
         more = True
         for _ in range(n):
@@ -295,7 +298,10 @@ class ControlServer:
         if late:
             batch = [f for f in batch if self._budget.has_own_tokens(f[0])] + late
         for frames in batch:
-            self._on_frames(router, frames)
+            if self._flood.admit(frames[0]):
+                self._on_frames(router, frames)
+            else:  # a peer flooding observations: dropped unread (docs/protocol.md section 11)
+                self.stats.flood_dropped += 1
         return more
 
     def _send_results(self, router: zmq.Socket, results: zmq.Socket) -> None:
@@ -420,6 +426,7 @@ class ControlServer:
                 return
         old = self._inference.queue.put(ident, Job(ident, session.id, msg, obs, time.perf_counter()))
         if old is not None:
+            self._flood.superseded(ident)
             self._error(router, ident, P.ErrorCode.SUPERSEDED,
                         f"observation {old.msg.request_id} replaced by {msg.request_id} before inference",
                         old.msg.request_id)
@@ -521,6 +528,7 @@ class ControlServer:
                 # budgets outlive a bye (or a bye would refill them); both are bounded LRU maps
                 self._budget.forget(ident)
                 self.decode_budget.forget(ident)
+                self._flood.forget(ident)
 
     # -- inference workers ---------------------------------------------------------------------
 

@@ -50,6 +50,8 @@ class ServerStats:
     """Transitions accepted (validated, then journaled/logged)."""
     clipped_elements: int = 0
     clipped_chunks: int = 0
+    flood_dropped: int = 0
+    """Messages dropped unread from peers whose observations kept superseding each other."""
     images_decoded: int = 0
     """JPEG images decoded (only for admitted observations, on the workers)."""
     decode_s: float = 0.0
