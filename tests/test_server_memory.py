@@ -79,16 +79,21 @@ def test_an_outbox_id_reused_by_another_peer_suppresses_nothing(serve) -> None:
             assert isinstance(r.send(P.encode(driver_spec().hello(name))), P.Welcome)
         for seq in (1, 2):
             assert robot.send(_transition(seq, "robot-outbox", seq)) == P.Ack(seq)
-        # the intruder learned the id: a refused and an accepted transition, far ahead in seq
+        recorded = srv.stats.transitions
+        # the intruder learned the id: a refused and a valid transition, far ahead in seq
         intruder.sock.send(_transition(0, "robot-outbox", 10**6, act=ACT + 1))
         intruder.sock.send(_transition(1, "robot-outbox", 10**6 + 1))
         replies = _sync(intruder, 1)
-        assert P.Ack(10**6 + 1) in replies
-        recorded = srv.stats.transitions
+        assert not any(isinstance(m, P.Ack) for m in replies), replies  # nothing recorded, nothing acknowledged
+        assert [m.code for m in replies] == [P.ErrorCode.BAD_TRANSITION] * 2 and "in use" in replies[0].message
+        assert srv.stats.transitions == recorded
         assert robot.send(_transition(3, "robot-outbox", 3)) == P.Ack(3)
         assert srv.stats.transitions == recorded + 1, "the robot's transition was acknowledged, not recorded"
         assert robot.send(_transition(3, "robot-outbox", 3)) == P.Ack(3)  # its own re-send: once
         assert srv.stats.transitions == recorded + 1
+        robot.sock.send(P.encode(P.Bye("done")))
+        _sync(robot, 2)
+        assert intruder.send(_transition(2, "robot-outbox", 10**6 + 2)) == P.Ack(10**6 + 2)  # free once it left
     finally:
         robot.close()
         intruder.close()

@@ -90,26 +90,46 @@ class FloodGuard:
 
 
 class OutboxLedger:
-    """Per peer, the newest ``outbox_seq`` acknowledged for each of its (at most ``per_peer``) outbox ids."""
+    """Per peer, the newest ``outbox_seq`` acknowledged for each of its (at most ``per_peer``)
+    outbox ids; and who holds each id: the first connected peer to use it, until it leaves, so
+    another peer's transitions under that id never reach the journal (where a learner could take
+    them for the owner's). Socket-loop only."""
 
     def __init__(self, per_peer: int = 4) -> None:
         self.per_peer = per_peer
         self._seen: dict[bytes, OrderedDict[str, int]] = {}
+        self._owner: dict[str, bytes] = {}  # only ids some peer holds in ``_seen``: bounded with it
 
     def done(self, peer: bytes, outbox: str, seq: int) -> bool:
         """Whether ``peer``'s outbox already had ``seq`` acknowledged (a re-send)."""
         ids = self._seen.get(peer)
         return ids is not None and seq <= ids.get(outbox, 0)
 
+    def claim(self, peer: bytes, outbox: str) -> bool:
+        """Hold ``outbox`` for ``peer``; False if another connected peer holds it."""
+        owner = self._owner.setdefault(outbox, peer)
+        if owner != peer:
+            return False
+        self._keep(peer, outbox, 0)
+        return True
+
     def acknowledged(self, peer: bytes, outbox: str, seq: int) -> None:
+        self._keep(peer, outbox, seq)
+
+    def _keep(self, peer: bytes, outbox: str, seq: int) -> None:
         ids = self._seen.setdefault(peer, OrderedDict())
         ids[outbox] = max(ids.get(outbox, 0), seq)
         ids.move_to_end(outbox)
         while len(ids) > self.per_peer:  # a driver has one outbox: more ids are a peer playing games
-            ids.popitem(last=False)
+            self._release(peer, ids.popitem(last=False)[0])
+
+    def _release(self, peer: bytes, outbox: str) -> None:
+        if self._owner.get(outbox) == peer:
+            del self._owner[outbox]
 
     def forget(self, peer: bytes) -> None:
-        self._seen.pop(peer, None)
+        for outbox in self._seen.pop(peer, {}):
+            self._release(peer, outbox)
 
     def counts(self) -> tuple[int, int]:
         """(outbox ids kept, characters in them)."""

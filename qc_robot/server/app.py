@@ -439,9 +439,15 @@ class ControlServer:
         transitions are unaffected (the log records the gap as ``missing_steps``). A transition
         from a driver's outbox (``outbox_seq`` > 0) is acknowledged once recorded, or refused for
         good; one this peer's outbox already had recorded (a re-send) is only acknowledged again.
-        Outbox ids are scoped to the peer: another peer's id suppresses nothing."""
+        Outbox ids are scoped to the peer: another peer's id suppresses nothing, and an id another
+        connected peer holds is refused without an ack (the outbox tries again later)."""
         if msg.outbox_seq and self._outboxes.done(ident, msg.outbox, msg.outbox_seq):
             self._reply(router, ident, P.Ack(msg.outbox_seq))
+            return
+        if msg.outbox_seq and len(msg.outbox) <= P.MAX_OUTBOX_ID and not self._outboxes.claim(ident, msg.outbox):
+            # not acknowledged: the outbox sends it again, and it is recorded once the id is free
+            self._error(router, ident, P.ErrorCode.BAD_TRANSITION,
+                        f"transition.outbox {msg.outbox!r} is in use by another connected driver")
             return
         try:
             if len(msg.outbox) > P.MAX_OUTBOX_ID:
