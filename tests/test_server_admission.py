@@ -22,7 +22,7 @@ from qc_robot.server.admission import DecodeLimits
 from qc_robot.server.app import ControlServer
 
 cv2 = pytest.importorskip("cv2")
-serve, clients = test_server.serve, test_server.clients
+serve = test_server.serve
 S = 32  # the policy's image: (S, S, 3)
 
 

@@ -387,7 +387,7 @@ class ControlServer:
                         env.request_id)
             return
         try:
-            msg = P.build(env, _decoding(session, env.kind))
+            msg = P.build(env, _message_decoding(session, env.kind))
         except P.ProtocolError as e:
             self._error(router, ident, e.code, str(e), e.request_id)
             return
@@ -542,7 +542,7 @@ class ControlServer:
         self._inference.run(self._ctx, self._results)
 
 
-def _decoding(session: _Session | None, kind: str) -> P.Decoding | None:
+def _message_decoding(session: _Session | None, kind: str) -> P.Decoding | None:
     """What a message may decode: JPEG images (left pending) only in a session's observations;
     a transition's obs rows are (K, H, W, 3) arrays, never JPEG."""
     if session is None:
