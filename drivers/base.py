@@ -125,6 +125,8 @@ class ExecutedStep:
     """Driver-specific per-step data (the sim: ``state``, MuJoCo qpos|qvel before the step)."""
     intervention: bool = False
     """The operator had the controls at this step (set by the control loop, not the driver)."""
+    policy_version: str = ""
+    """Version of the policy whose chunk gave the applied command ('' = none: a hold or the operator)."""
 
 
 class Driver(ABC):

@@ -107,12 +107,15 @@ def _run_drive(cfg: DriveConfig) -> int:
           + (f", reward model {cfg.reward_model} (threshold {detector.threshold:g}, debounce {detector.debounce})"
              if detector is not None else ""))
     first_episode = 0
-    if stage is not None and (cut := stage.recover()) is not None:  # a killed drive's last episode
-        for part in split_rows(cut, 64):
-            client.send_transition(part)
-        first_episode = cut.episode_id + 1  # the new episodes must not continue the cut one
-        print(f"drive: episode {cut.episode_id} of the previous run (cut after {len(cut.actions)} steps) sent, "
-              "truncated there")
+    if stage is not None and (cut := stage.recover()):  # a killed drive's last episode
+        for run in cut:
+            for part in split_rows(run, 64):
+                client.send_transition(part)
+        first_episode = cut[0].episode_id + 1  # the new episodes must not continue the cut one
+        print(f"drive: episode {cut[0].episode_id} of the previous run (cut after "
+              f"{sum(len(r.actions) for r in cut)} steps) sent, truncated there")
+    if outbox is not None:  # episode numbers go on from the previous run's, never repeat
+        first_episode = max(first_episode, outbox.next_episode)
     pace = PolicyPace(cfg.pace_every, cfg.pace_timeout_s) if cfg.pace_every and not driver.realtime else None
     if pace is not None and operator is not None:
         print("drive: pace_every sends blocks as they end, an operator's episodes only at their verdict: "
@@ -147,6 +150,8 @@ def _run_drive(cfg: DriveConfig) -> int:
 
             on_rows = chain(video.episode(i) if video is not None else None,
                             view.episode(i) if view is not None else None)
+            if outbox is not None:
+                outbox.begin_episode(first_episode + i)
             r = run_episode(driver, executor, first_episode + i, cfg.seed + i, pacer, client, cfg.send_transitions,
                             on_rows=on_rows, pace=pace, max_steps=cfg.max_steps, operator=operator, stage=stage,
                             verdict_rewards=verdict_rewards, reset_wait_s=cfg.reset_wait_s, detector=detector,

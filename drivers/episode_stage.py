@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from qc_robot import protocol as P
 from qc_robot.data.frames import pack_frame, read_frame
 
 log = logging.getLogger("qc_robot.stage")
+T = TypeVar("T")
 
 
 def _merge(parts: list[P.Transition]) -> P.Transition:
@@ -41,8 +43,26 @@ def _merge(parts: list[P.Transition]) -> P.Transition:
         actions=cat([p.actions for p in parts]), rewards=cat([p.rewards for p in parts]),
         terminals=cat([p.terminals for p in parts]), truncated=cat([p.truncated for p in parts]),
         next_obs={k: cat([p.next_obs[k] for p in parts]) for k in first.next_obs},
-        success=parts[-1].success, policy_version=parts[-1].policy_version,
+        success=parts[-1].success, policy_version=next((p.policy_version for p in parts if p.policy_version), ""),
         intervention=opt("intervention"), timestamps=opt("timestamps"), held=opt("held"), reward=first.reward)
+
+
+def version_runs(items: list[T], version: Callable[[T], str]) -> list[list[T]]:
+    """``items`` (steps or messages, in order) cut where the policy version that acted changes;
+    those of no policy (holds, the operator: version '') stay in the run they fall in."""
+    runs: list[list[T]] = []
+    current = ""
+    for it in items:
+        v = version(it)
+        if not runs or (v and current and v != current):
+            runs.append([])
+        current = v or current
+        runs[-1].append(it)
+    return runs
+
+
+def _version_runs(parts: list[P.Transition]) -> list[P.Transition]:
+    return [_merge(r) for r in version_runs(parts, lambda p: p.policy_version)]
 
 
 def split_rows(tr: P.Transition, per: int) -> list[P.Transition]:
@@ -87,11 +107,12 @@ class EpisodeStage:
             self._file.write(pack_frame(P.encode(part)))
             self._file.flush()
 
-    def take(self) -> P.Transition | None:
-        """The whole staged episode as one Transition (None if empty); the stage is cleared."""
+    def take(self) -> list[P.Transition]:
+        """The whole staged episode, one Transition per run of one policy version ([] if empty);
+        the stage is cleared."""
         parts, self._parts = self._parts, []
         self._clear_file()
-        return _merge(parts) if parts else None
+        return _version_runs(parts)
 
     def discard(self) -> int:
         """Drop the staged episode; returns the steps dropped."""
@@ -100,11 +121,11 @@ class EpisodeStage:
         self._clear_file()
         return n
 
-    def recover(self) -> P.Transition | None:
+    def recover(self) -> list[P.Transition]:
         """A previous process's unfinished episode (from the file), truncated at its last staged
-        step, or None. The file is cleared once read."""
+        step, one Transition per run of one policy version ([] if none). The file is cleared once read."""
         if self.path is None or not self.path.exists():
-            return None
+            return []
         parts: list[P.Transition] = []
         with self.path.open("rb") as f:
             while (payload := read_frame(f, 1 << 30)) is not None:
@@ -117,11 +138,12 @@ class EpisodeStage:
                     parts.append(msg)
         self._clear_file()
         if not parts:
-            return None
-        tr = _merge([p for p in parts if p.episode_id == parts[0].episode_id])
-        if not (tr.terminals[-1] or tr.truncated[-1]):
-            tr.truncated[-1] = True  # the episode was cut here by the dead process
-        return tr
+            return []
+        runs = _version_runs([p for p in parts if p.episode_id == parts[0].episode_id])
+        last = runs[-1]
+        if not (last.terminals[-1] or last.truncated[-1]):
+            last.truncated[-1] = True  # the episode was cut here by the dead process
+        return runs
 
     def close(self) -> None:
         if self._file is not None:

@@ -117,12 +117,18 @@ class ChunkExecutor:
         self.last_seq = -1
         """Sequence number (count of chunks accepted, from 0) of the chunk whose action was executed
         last; ``temporal_ensemble``: the newest chunk in the blend. A change marks a seam."""
+        self._versions: dict[int, str] = {}  # chunk seq → the policy version that made it (recent ones)
 
     @property
     def delay_steps(self) -> int:
         """Measured inference delay in control steps (max of the last 8 replies; before any, the
         initial estimate)."""
         return max(self._recent_delays, default=self.initial_delay_steps)
+
+    @property
+    def last_version(self) -> str:
+        """Policy version of the chunk whose action was executed last ('' before any)."""
+        return self._versions.get(self.last_seq, "")
 
     @property
     def queued(self) -> int:
@@ -227,6 +233,8 @@ class ChunkExecutor:
             self.stats.delay_steps.append(delay)
         actions = np.asarray(reply.actions, np.float32)  # (H, A)
         seq = self.stats.chunks - 1
+        self._versions[seq] = reply.policy_version
+        self._versions.pop(seq - 64, None)  # a queue never holds chunks that old
         self.stats.frozen += int(getattr(reply, "frozen", 0))
         if self.mode == "open_loop":
             self._queue = collections.deque((step + i, a, seq) for i, a in enumerate(actions))

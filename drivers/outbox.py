@@ -62,6 +62,22 @@ class Outbox:
         self._file: BinaryIO | None = None
         self._prune()
 
+    # -- episode numbers ------------------------------------------------------------------------
+
+    @property
+    def next_episode(self) -> int:
+        """The first episode id a new run may use: one past the last one begun with this outbox.
+        A restarted ``drive`` must not reuse the number of an episode its predecessor was cut in:
+        the learner would read the new steps as that episode's continuation."""
+        f = self.dir / "episode"
+        return int(f.read_text()) + 1 if f.exists() else 0
+
+    def begin_episode(self, episode_id: int) -> None:
+        """Record (atomically) that ``episode_id`` has begun."""
+        tmp = self.dir / "episode.tmp"
+        tmp.write_text(str(episode_id))
+        os.replace(tmp, self.dir / "episode")
+
     # -- producing ------------------------------------------------------------------------------
 
     def put(self, tr: P.Transition) -> int:

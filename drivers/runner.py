@@ -25,7 +25,7 @@ from qc_robot import protocol as P
 from qc_robot.data.rewards import SPARSE
 from qc_robot.drivers.base import ExecutedStep, StepInfo
 from qc_robot.drivers.client import PolicyClient
-from qc_robot.drivers.episode_stage import EpisodeStage, split_rows
+from qc_robot.drivers.episode_stage import EpisodeStage, split_rows, version_runs
 from qc_robot.drivers.executor import ChunkExecutor, ExecutorStats
 from qc_robot.drivers.safety import SafeDriver
 
@@ -151,6 +151,10 @@ class EpisodeResult:
     """'false_positive' or 'false_negative': the operator's verdict contradicted the detector."""
 
 
+def _version_runs(rows: list[ExecutedStep]) -> list[list[ExecutedStep]]:
+    return version_runs(rows, lambda r: r.policy_version)
+
+
 class _TransitionSender:
     """Streams executed steps as Transition messages, one per ``every`` rows (a chunk) and at the
     end; with a ``stage`` (an operator in the loop) each tick's rows are staged instead and the
@@ -170,18 +174,19 @@ class _TransitionSender:
     def flush(self, episode_id: int, force: bool = False) -> None:
         """Send the complete chunks of rows (all of them if ``force``); staging: stage every row."""
         if self.stage is not None:
-            if self.rows:
-                self.stage.add(self._message(episode_id, self.rows))
-                self.start_step += len(self.rows)
-                self.rows = []
+            for run in _version_runs(self.rows):
+                self.stage.add(self._message(episode_id, run))
+                self.start_step += len(run)
+            self.rows = []
             return
         n = len(self.rows) if force else len(self.rows) // self.every * self.every
         if n <= 0:
             return
         rows, self.rows = self.rows[:n], self.rows[n:]
         per = self._rows_per_message(rows[0])
-        for i in range(0, n, per):  # consecutive messages: the server's size limit holds with images too
-            self._send(episode_id, rows[i:i + per])
+        for run in _version_runs(rows):  # each message names the one policy that acted in it
+            for i in range(0, len(run), per):  # the server's size limit holds with images too
+                self._send(episode_id, run[i:i + per])
 
     def _rows_per_message(self, row: ExecutedStep) -> int:
         """Rows that fit the server's advertised message limit (with a quarter left for framing)."""
@@ -207,6 +212,7 @@ class _TransitionSender:
             timestamps=np.asarray([r.wall_time for r in rows], np.float64),
             held=np.asarray([r.held for r in rows], bool),
             intervention=np.asarray([r.intervention for r in rows], bool),
+            policy_version=next((r.policy_version for r in rows if r.policy_version), ""),
             reward=SPARSE if self.verdict_rewards else "")
 
     def _send(self, episode_id: int, rows: list[ExecutedStep]) -> None:
@@ -220,14 +226,15 @@ class _TransitionSender:
         if verdict == "discard":
             self.stage.discard()
             return 0
-        tr = self.stage.take()
-        if tr is None:
+        runs = self.stage.take()
+        if not runs:
             return 0
-        finish(tr, verdict, self.verdict_rewards)
-        per = self._rows_per_message_of(tr)
-        for part in split_rows(tr, per):
-            self.client.send_transition(part)
-        return len(tr.actions)
+        finish(runs[-1], verdict, self.verdict_rewards)
+        per = self._rows_per_message_of(runs[0])
+        for tr in runs:
+            for part in split_rows(tr, per):
+                self.client.send_transition(part)
+        return sum(len(tr.actions) for tr in runs)
 
     def _rows_per_message_of(self, tr: P.Transition) -> int:
         w = self.client.welcome
@@ -276,6 +283,10 @@ class _NoPolicy:
 
     def act(self, obs: dict[str, np.ndarray], step: int, episode_id: int) -> None:
         return None
+
+    @property
+    def last_version(self) -> str:
+        return ""
 
     def idle(self, deadline: float, next_step: int) -> None:
         pass
@@ -355,6 +366,7 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
     alive = True
     op: OperatorTick | None = None
     takeover_cmds: set[int] = set()  # realtime: robot steps at which an operator command was sent
+    cmd_versions: dict[int, str] = {}  # realtime: robot step a policy command was sent at → its version
     if pacer is not None:
         pacer.start()
     try:
@@ -375,6 +387,9 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
                     takeover_cmds.add(info.step)
             else:
                 action = ex.act(obs, res.steps, episode_id)
+            version = ex.last_version if action is not None and not (op is not None and op.takeover) else ""
+            if version and driver.realtime:
+                cmd_versions[info.step] = version
             held_before = driver.stats.held
             applied = driver.act(action)
             res.steps += 1
@@ -386,12 +401,15 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
                 nxt, new = _snapshot(driver)
                 rows = [ExecutedStep(res.steps - 1, obs, applied, driver.stats.held > held_before, new.reward,
                                      new.success, new.terminated, new.truncated, nxt, time.monotonic(), time.time(),
-                                     intervention=bool(op is not None and op.takeover))]
+                                     intervention=bool(op is not None and op.takeover),
+                                     policy_version="" if driver.stats.held > held_before else version)]
             else:
                 nxt, new, rows, alive = _realtime_wait(driver, ex, pacer, period, info, obs, applied, res,
                                                        stall_timeout_s)
                 for r in rows:
                     r.intervention = r.cmd_step in takeover_cmds or bool(r.held and op is not None and op.takeover)
+                    # a row without cmd_step is this tick's own command (a driver that logs no steps)
+                    r.policy_version = "" if r.held else cmd_versions.get(r.cmd_step, "") if r.cmd_step >= 0 else version
             obs, info = nxt, new
             if detector is not None and rows:
                 rows = _detect(detector, rows)

@@ -87,7 +87,7 @@ def test_finetune_appends_updates_pushes_and_the_server_serves_it(offline, tmp_p
     arm.start()
     try:
         ft = Finetuner(ft_cfg(ckpt, tmp_path / "ft", link.address, max_updates=40))
-        offline_rows = ft.learner.replay.size
+        offline_rows = ft.replay.size
         r = ft.run()
         assert r.updates == 40 and r.env_steps >= 40
         assert r.policy_version == 2 == server.policy_version  # pushed after 20 and 40 updates
@@ -101,7 +101,7 @@ def test_finetune_appends_updates_pushes_and_the_server_serves_it(offline, tmp_p
         meta = OnnxPolicy(served, threads=1, warmup=0).meta
         ref = ExportGraph(acting, meta.action_low, meta.action_high, lean=False, max_guidance=meta.rtc_max_guidance)
         assert verify_file(served, ref.eval(), acting, meta, 1e-4) <= 1e-4
-        assert ft.learner.replay.size == offline_rows + 20 * r.episodes > offline_rows  # whole episodes
+        assert ft.replay.size == offline_rows + 20 * r.episodes > offline_rows  # whole episodes
         n = len(versions)
         deadline = time.monotonic() + 10
         while len(versions) < n + 3 and time.monotonic() < deadline:
@@ -139,16 +139,16 @@ def _record(seq: int, start: int, k: int, interv: list[bool], success: bool = Fa
 def test_interventions_fill_their_buffer_and_half_of_each_batch(offline, tmp_path):
     ckpt, _ = offline
     ft = Finetuner(ft_cfg(ckpt, tmp_path / "ft", reward_fn="qc_robot.finetune.episodes:success_reward"))
-    rows0 = ft.learner.replay.size
+    rows0 = ft.replay.size
     # two robots interleave; robot b's operator takes over for steps 5..9 of its episode
     recs = [_record(1, 0, 5, [False] * 5, session="a"), _record(2, 0, 5, [False] * 5, session="b"),
             _record(3, 5, 5, [True] * 5, session="b"), _record(4, 5, 5, [False] * 5, session="a"),
             _record(5, 10, 5, [False] * 5, success=True, last=True, session="b"),
             _record(5, 99, 5, [True] * 5, session="b")]  # a duplicate seq: ignored
     ft.apply(recs)
-    assert ft.applied_seq == 5 and ft.learner.env_steps == 25
-    assert ft.learner.replay.size == rows0 + 15  # b's whole episode; a's is still open
-    rows = ft.learner.replay.numpy()
+    assert ft.applied_seq == 5 and ft.env_steps == 25
+    assert ft.replay.size == rows0 + 15  # b's whole episode; a's is still open
+    rows = ft.replay.numpy()
     np.testing.assert_array_equal(rows["rewards"][rows0:], [-1.0] * 14 + [0.0])  # success_reward
     assert rows["terminals"][-1] == 1.0 and rows["masks"][-1] == 0.0 and rows["terminals"][rows0:-1].sum() == 0
     assert ft.interventions.size == 5 + H - 1  # the takeover and the rows a chunk from it needs
@@ -158,7 +158,7 @@ def test_interventions_fill_their_buffer_and_half_of_each_batch(offline, tmp_pat
     ib = ft.interventions.numpy()["observations"]
     from_int = sum(any(np.allclose(o, x) for x in ib) for o in batch.observations.numpy())
     assert from_int >= b // 2  # half the batch from the intervention buffer (and maybe a few more)
-    ft.learner.update(batch)
+    ft.agent.update(batch)
     ft.save()
     back = Finetuner(ft_cfg(ckpt, tmp_path / "ft"))
     assert back.interventions.size == ft.interventions.size and back.applied_seq == 5

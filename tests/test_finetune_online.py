@@ -70,14 +70,14 @@ def record(seq: int, session: str, start: int, k: int, last: bool = False, outbo
 def test_open_episodes_are_sampled_before_they_end_and_never_mixed(offline, tmp_path):
     ckpt, _ = offline
     ft = Finetuner(cfg(ckpt, tmp_path / "ft"))
-    main0 = ft.learner.replay.size
+    main0 = ft.replay.size
     recs, seq = [], 0
     for start in range(0, 20, 5):  # two robots interleave, chunk by chunk; neither episode ends
         for s in ("a", "b"):
             seq += 1
             recs.append(record(seq, s, start, 5))
     ft.apply(recs)
-    assert ft.learner.replay.size == main0 and ft.online.open_rows == 40 and ft.learner.env_steps == 40
+    assert ft.replay.size == main0 and ft.online.open_rows == 40 and ft.env_steps == 40
     assert ft.owed() == 40
     seen = 0
     for _ in range(30):
@@ -95,13 +95,13 @@ def test_open_episodes_are_sampled_before_they_end_and_never_mixed(offline, tmp_
     expect = 30 * ft.batch_size * 32 / (main0 - H + 1 + 32)
     assert 0.5 * expect < seen < 1.6 * expect, (seen, expect)
     ft.apply([record(9, "a", 20, 5, last=True)])  # a's episode ends: whole into the main replay
-    assert ft.learner.replay.size == main0 + 25 and ft.online.open_rows == 20
-    rows = ft.learner.replay.numpy()
+    assert ft.replay.size == main0 + 25 and ft.online.open_rows == 20
+    rows = ft.replay.numpy()
     np.testing.assert_allclose(rows["actions"][main0:, 1], np.arange(25) / 1000.0, atol=1e-6)
     assert rows["terminals"][main0:].tolist() == [0.0] * 24 + [1.0]
     ft.save()
     back = Finetuner(cfg(ckpt, tmp_path / "ft"))  # b's open episode is staged again on resume
-    assert back.online.open_rows == 20 and back.learner.replay.size == main0 + 25
+    assert back.online.open_rows == 20 and back.replay.size == main0 + 25
     assert {r["robot"]: r["env_steps"] for r in back.robot_table()} == {"a": 25, "b": 20}
     assert {r["robot"]: r["episodes"] for r in back.robot_table()} == {"a": 1, "b": 0}
 
@@ -115,10 +115,10 @@ def test_an_outbox_redelivery_is_applied_once(offline, tmp_path):
     recs[2] = Record(3, "other-session", "mock", "0", 0.0, recs[2].transition)  # after a reconnect
     recs[3] = Record(4, "other-session", "mock", "0", 0.0, recs[3].transition)
     ft.apply(recs)
-    assert ft.learner.env_steps == 15 and ft.applied_seq == 4
+    assert ft.env_steps == 15 and ft.applied_seq == 4
     (robot,) = ft.robot_table()
     assert robot["robot"] == "box1" and robot["duplicates"] == 1 and robot["episodes"] == 1
-    rows = ft.learner.replay.numpy()  # one episode of 15 steps across two server sessions
+    rows = ft.replay.numpy()  # one episode of 15 steps across two server sessions
     np.testing.assert_allclose(rows["actions"][-15:, 1], np.arange(15) / 1000.0, atol=1e-6)
 
 

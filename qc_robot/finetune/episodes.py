@@ -4,8 +4,10 @@ Several drivers feed one learner, so their transitions interleave in the journal
 flat store in which an episode is a run of rows ending with ``terminals = 1`` and a sampled chunk
 may span consecutive rows: rows of two robots must never alternate there. The assembler therefore
 keeps each driver session's open episode apart and releases it whole when it ends (a terminal or
-truncated row), when that session starts another episode, or when the session has been silent for
-``orphan_records`` records (a driver that vanished: released as truncated).
+truncated row), when that session starts another episode, when its step numbers go back (a
+restarted driver numbering from 0 again: the cut episode is released as truncated, never glued to
+the new one), or when the session has been silent for ``orphan_records`` records (a driver that
+vanished: released as truncated).
 
 Rewards come from the driver (its task or a success key) unless a reward function is configured:
 ``module:function`` taking the :class:`~qc_robot.protocol.Transition` and returning rewards (K,),
@@ -82,6 +84,8 @@ class _Open:
     parts: list[dict[str, np.ndarray]] = field(default_factory=list)
     success: bool = False
     policy_versions: set[str] = field(default_factory=set)
+    next_step: int = 0
+    """The step the episode's next record starts at; one that starts earlier is another episode."""
 
 
 @dataclass
@@ -123,10 +127,10 @@ class EpisodeAssembler:
         part = self._rows(tr)
         done: list[Episode] = []
         ep = self._open.get(session)
-        if ep is not None and ep.episode_id != tr.episode_id:
-            done.append(self._close(session, truncate=True))  # the driver moved on without an end row
+        if ep is not None and (ep.episode_id != tr.episode_id or tr.start_step < ep.next_step):
+            done.append(self._close(session, truncate=True))  # the driver moved on (or restarted) without an end row
         ep = self._open.setdefault(session, _Open(tr.episode_id, seq))
-        ep.last_seq = seq
+        ep.last_seq, ep.next_step = seq, tr.start_step + len(part["rewards"])
         ep.success = ep.success or tr.success
         if policy_version:
             ep.policy_versions.add(policy_version)
@@ -181,11 +185,12 @@ class EpisodeAssembler:
 
     def state_dict(self) -> dict[str, Any]:
         return {s: {"episode_id": e.episode_id, "last_seq": e.last_seq, "parts": e.parts, "success": e.success,
-                    "policy_versions": sorted(e.policy_versions)} for s, e in self._open.items()}
+                    "policy_versions": sorted(e.policy_versions), "next_step": e.next_step}
+                for s, e in self._open.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._open = {s: _Open(d["episode_id"], d["last_seq"], list(d["parts"]), d["success"],
-                               set(d["policy_versions"])) for s, d in state.items()}
+                               set(d["policy_versions"]), d.get("next_step", 0)) for s, d in state.items()}
 
 
 def intervention_segments(intervention: np.ndarray, horizon: int) -> list[tuple[int, int]]:

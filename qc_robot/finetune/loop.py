@@ -1,14 +1,15 @@
 """``qc-robot finetune``: online QC fine-tuning from what robots experience, through the server.
 
-The offline checkpoint gives the agent, the task and the dataset; :class:`~qc_robot.train.learner.Learner`
-owns the agent, the replay (offline data kept, online episodes appended), ``update`` and the
-checkpoint, exactly as in ``qc-robot train``. This module only feeds it: records stream in from
-the server's journal (:class:`~qc_robot.finetune.client.LearnerClient`), whole episodes go into
-the replay, operator steps also into an intervention buffer that supplies
-``intervention_fraction`` of each batch, ``utd`` updates run per received env step, and every
-``push_every`` updates the acting policy is exported (verified) and pushed to the server, which
-serves it from its next chunk. Checkpoints carry the last applied journal seq, the open episodes
-and the intervention buffer, so a restarted learner resumes exactly where its checkpoint was and
+The offline checkpoint gives the agent, the task and the dataset; this module owns the agent, the
+replay (offline data kept, online episodes appended: ``finetune/training.py``), the updates and
+the checkpoint. Records stream in from the server's journal
+(:class:`~qc_robot.finetune.client.LearnerClient`), whole episodes go into the replay, operator
+steps also into an intervention buffer that supplies ``intervention_fraction`` of each batch,
+``utd`` updates run per received env step, and every ``push_every`` updates the acting policy is
+exported (verified) and pushed to the server, which serves it from its next chunk. The learner
+tells the server how many updates it owes, so robots can wait at their reset while it catches up
+(``drive learner_wait``). Checkpoints carry the last applied journal seq, the open episodes and
+the intervention buffer, so a restarted learner resumes exactly where its checkpoint was and
 the server re-sends the rest.
 """
 
@@ -18,10 +19,12 @@ import copy
 import csv
 import dataclasses
 import logging
+import os
 import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +43,11 @@ from qc_robot.finetune.episodes import (
 )
 from qc_robot.finetune.online import OnlineReplay, cat_batches, replay_rows
 from qc_robot.finetune.push import PolicyPusher
+from qc_robot.finetune.training import checkpoint_of, open_training
 from qc_robot.server.learner_link import CurveKeys
 from qc_robot.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from qc_robot.train.learner import CHECKPOINT, Learner
+from qc_robot.train.learner import CHECKPOINT
+from qc_robot.train.logs import RunLogger
 
 log = logging.getLogger("qc_robot.finetune")
 
@@ -95,49 +100,29 @@ class Finetuner:
         if cfg.push_mode not in ("swap", "trace"):
             raise ValueError(f"push_mode must be 'swap' or 'trace', got {cfg.push_mode!r}")
         self.offline = load_checkpoint(cfg.checkpoint, device=cfg.device or None)
-        tcfg = copy.deepcopy(self.offline.config)
-        t = tcfg.training
-        t.run_dir, t.resume, t.seed = cfg.run_dir, True, cfg.seed
-        t.offline_steps, t.online_steps, t.utd = 0, cfg.replay_capacity, cfg.utd
-        t.eval_episodes, t.eval_interval, t.save_interval, t.progress = 0, 0, 0, False
-        t.log_interval = cfg.log_interval
-        if cfg.threads and hasattr(t, "threads"):
-            t.threads = cfg.threads
-        elif cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        if cfg.data_path:
-            tcfg.data.path = cfg.data_path
-        if not Path(tcfg.data.path).exists():
-            log.warning("offline dataset %s not found: the replay starts with online data only", tcfg.data.path)
-        ckpt_path = Path(cfg.run_dir) / CHECKPOINT
-        resumed = ckpt_path.exists()
-        frames = tcfg.agent.vision.frame_stack
-        if self.offline.agent.image_shapes and frames > 1:
-            raise ValueError("finetune of a frame-stacked image policy is not supported yet: the server "
-                             "journals the stacked frames the policy took, the replay stacks stored frames")
-        self.learner = lr = Learner(tcfg, image_shapes=self.offline.agent.image_shapes, steps_env=False)
+        tr = self.training = open_training(cfg, self.offline)
+        if not Path(tr.config.data.path).exists():
+            log.warning("offline dataset %s not found: the replay starts with online data only", tr.config.data.path)
+        self.agent, self.replay, self.sampler = tr.agent, tr.replay, tr.sampler
+        self.step, self.env_steps = tr.step, tr.env_steps
+        """Gradient updates in all (the offline ones included) and online env steps received."""
         self.reward = self.offline.reward
         """The reward convention of the checkpoint: online rows that declare another are refused."""
-        if lr.has_data and lr.reward_convention != self.reward:
-            raise ValueError(f"{tcfg.data.path} holds {lr.reward_convention} rewards but {cfg.checkpoint} was "
-                             f"trained on {self.reward} rewards; fine-tune with the dataset it was trained on")
-        lr.reward_convention = self.reward  # what this run's checkpoints store
         if cfg.reward_fn:
             log.info("reward_fn %s replaces the robots' rewards: its output must follow the checkpoint's %s "
                      "convention (the robots' declared convention is not checked)", cfg.reward_fn, self.reward)
-        state: dict[str, Any] = {}
-        if resumed:
-            state = load_checkpoint(ckpt_path, device="cpu").extra.get("finetune", {})
-            log.info("resuming %s: %d updates, journal seq %d", ckpt_path, lr.step, state.get("applied_seq", 0))
-        else:
-            lr.agent.load_state_dict(self.offline.agent.state_dict())
-            lr.step = self.offline.step
-        a = tcfg.agent
+        state = tr.resumed
+        if tr.is_resume:
+            log.info("resuming %s: %d updates, journal seq %d", Path(cfg.run_dir) / CHECKPOINT, self.step,
+                     state.get("applied_seq", 0))
+        self.logger = RunLogger(cfg.run_dir, resume=tr.is_resume)
+        self._log_t0 = time.perf_counter()
+        a = tr.config.agent
         self.horizon, self.discount, self.batch_size = a.horizon, a.discount, a.batch_size
-        self.interventions = ChunkReplay(lr.agent.obs_dim, lr.agent.act_dim, cfg.intervention_capacity,
-                                         lr.agent.device, image_shapes=lr.replay.image_shapes)
-        self.assembler = EpisodeAssembler([f.key for f in self.offline.obs_fields], lr.agent.obs_dim,
-                                          load_reward_fn(cfg.reward_fn), image_shapes=lr.replay.image_shapes)
+        self.interventions = ChunkReplay(self.agent.obs_dim, self.agent.act_dim, cfg.intervention_capacity,
+                                         self.agent.device, image_shapes=self.replay.image_shapes)
+        self.assembler = EpisodeAssembler([f.key for f in self.offline.obs_fields], self.agent.obs_dim,
+                                          load_reward_fn(cfg.reward_fn), image_shapes=self.replay.image_shapes)
         self.applied_seq: int = state.get("applied_seq", 0)
         self.journal_id: str = state.get("journal_id", "")
         self.updates: int = state.get("updates", 0)
@@ -145,8 +130,11 @@ class Finetuner:
         self.episodes: int = state.get("episodes", 0)
         self.successes: int = state.get("successes", 0)
         self.rejected = 0
-        self.online = OnlineReplay(lr.replay, self.horizon, self.discount)
+        self.online = OnlineReplay(self.replay, self.horizon, self.discount)
         self.robots: dict[str, RobotStats] = {k: RobotStats(**v) for k, v in state.get("robots", {}).items()}
+        if tr.is_resume:  # what was logged after the checkpoint is logged again as it is re-applied
+            self.logger.forget_after(self.step)
+            _keep_rows(Path(cfg.run_dir) / "episodes.csv", lambda r: int(r["episode"]) <= self.episodes)
         if "assembler" in state:
             self.assembler.load_state_dict(state["assembler"])
             for key, rows in self.assembler.open_rows().items():  # open episodes are sampled again
@@ -188,7 +176,7 @@ class Finetuner:
                 log.error("record %d from %s (%s) refused: %s", r.seq, r.driver, r.session, e)
                 self.applied_seq = r.seq
                 continue
-            self.learner.env_steps += len(tr.actions)
+            self.env_steps += len(tr.actions)
             robot.env_steps += len(tr.actions)
             for ep in finished:  # before staging: a new episode of this robot starts a new buffer
                 self._add_episode(ep)
@@ -210,7 +198,7 @@ class Finetuner:
                 f"{declared} ones, or set reward_fn to rewrite them")
 
     def _add_episode(self, ep: Episode) -> None:
-        rows, lr = ep.rows, self.learner
+        rows = ep.rows
         self.online.commit(ep.session, rows)  # whole, with its final flags, into the main replay
         for start, stop in intervention_segments(rows["intervention"], self.horizon):
             seg = {k: v[start:stop] for k, v in rows.items()}
@@ -230,7 +218,7 @@ class Finetuner:
             if new:
                 w.writerow(["episode", "env_steps", "updates", "length", "success", "return", "interventions",
                             "policy_versions", "session"])
-            w.writerow([self.episodes, lr.env_steps, self.updates, ep.length, int(ep.success),
+            w.writerow([self.episodes, self.env_steps, self.updates, ep.length, int(ep.success),
                         float(rows["rewards"].sum()), int(rows["intervention"].sum()), " ".join(ep.policy_versions),
                         ep.session])
 
@@ -238,7 +226,7 @@ class Finetuner:
 
     def owed(self) -> int:
         """Updates due for the env steps received (``utd`` per step after ``start_updates``)."""
-        steps = self.learner.env_steps - self.cfg.start_updates
+        steps = self.env_steps - self.cfg.start_updates
         if steps <= 0 or not any(n > 0 for _, n in self.online.startable()):
             return 0
         return self.cfg.utd * steps - self.updates
@@ -246,7 +234,7 @@ class Finetuner:
     def sample(self) -> ChunkBatch:
         """A batch: ``intervention_fraction`` of it from the intervention buffer once that holds a
         chunk, the rest uniform over every row of the replay, open episodes included."""
-        gen, b = self.learner.sampler, self.batch_size
+        gen, b = self.sampler, self.batch_size
         n_int = int(round(b * self.cfg.intervention_fraction)) if self.interventions.size >= self.horizon else 0
         main = self.online.sample(b - n_int, generator=gen)
         if n_int == 0:
@@ -258,7 +246,7 @@ class Finetuner:
         seconds training was held. The server serves them from its next chunk once it acknowledges."""
         if self.pusher is None:
             self.pusher = self._make_pusher()
-        pause = self.pusher.submit(self.learner.step, self.updates)
+        pause = self.pusher.submit(self.step, self.updates)
         self.push_pause_s.append(pause)
         self._last_push = self.updates
         return pause
@@ -266,7 +254,7 @@ class Finetuner:
     def _make_pusher(self) -> PolicyPusher:
         from qc_robot.export.onnx_export import build_metadata
 
-        off, agent = self.offline, self.learner.agent
+        off, agent = self.offline, self.agent
 
         def meta(acting: Any, train_step: int) -> Any:
             return build_metadata(acting, off.obs_fields, off.action_low, off.action_high, off.control_hz,
@@ -297,7 +285,7 @@ class Finetuner:
 
     def _report_rate(self) -> None:
         """Say so when the robots produce steps faster than the learner holds its UTD target."""
-        now, steps, done = time.monotonic(), self.learner.env_steps, self.updates
+        now, steps, done = time.monotonic(), self.env_steps, self.updates
         last = getattr(self, "_rate_mark", None)
         self._rate_mark = (now, steps, done)
         if last is None or now <= last[0]:
@@ -306,21 +294,30 @@ class Finetuner:
         behind = self.owed()
         self.rates.append((steps_s, upd_s, behind))
         if behind > max(2 * self.cfg.push_every, 100):
-            log.warning("the learner is %d updates behind its UTD target: robots send %.1f env steps/s, it makes "
-                        "%.1f updates/s (UTD %d needs %.1f); the backlog waits in the journal", behind, steps_s,
-                        upd_s, self.cfg.utd, self.cfg.utd * steps_s)
+            log.warning("the learner owes %d updates to its UTD target: robots send %.1f env steps/s, it makes "
+                        "%.1f updates/s (UTD %d needs %.1f); it keeps taking their steps and pays the updates as it "
+                        "can, and robots wait at their resets while it owes more than their learner_wait", behind,
+                        steps_s, upd_s, self.cfg.utd, self.cfg.utd * steps_s)
+
+    def _log_metrics(self, info: dict[str, torch.Tensor]) -> None:
+        """One metrics row (one host sync): the update's losses, updates/s and env steps."""
+        now = time.perf_counter()
+        metrics = {k: float(v) for k, v in info.items()}
+        metrics["time/updates_per_s"] = self.cfg.log_interval / max(now - self._log_t0, 1e-9)
+        self._log_t0 = now
+        self.logger.log(self.step, {"phase_online": 1.0, **metrics, "env_steps": float(self.env_steps)})
 
     def robot_table(self) -> list[dict[str, Any]]:
         """Per-robot env steps, episodes, successes and outbox re-deliveries skipped."""
         return [{"robot": k, **dataclasses.asdict(v)} for k, v in sorted(self.robots.items())]
 
     def save(self) -> Path:
-        ckpt = self.learner.checkpoint()
-        ckpt.extra["finetune"] = {
+        state = {
             "applied_seq": self.applied_seq, "journal_id": self.journal_id, "updates": self.updates,
             "policy_version": self.policy_version, "episodes": self.episodes, "successes": self.successes,
             "assembler": self.assembler.state_dict(), "interventions": self.interventions.state_dict(),
             "robots": {k: dataclasses.asdict(v) for k, v in self.robots.items()}}
+        ckpt = checkpoint_of(self.training, self.offline, self.step, self.env_steps, state)
         path = save_checkpoint(Path(self.cfg.run_dir) / CHECKPOINT, ckpt)
         if self.client is not None:
             self.client.persisted(self.applied_seq)  # the server may now prune what we hold
@@ -338,7 +335,7 @@ class Finetuner:
         c, now = self.cfg, time.monotonic()
         return bool(self._stop.is_set()
                     or (c.max_updates and self.updates >= c.max_updates)
-                    or (c.max_env_steps and self.learner.env_steps >= c.max_env_steps and self.owed() <= 0)
+                    or (c.max_env_steps and self.env_steps >= c.max_env_steps and self.owed() <= 0)
                     or (c.max_wall_s and now - t_start >= c.max_wall_s)
                     or (c.idle_stop_s and now - last_data >= c.idle_stop_s and self.owed() <= 0))
 
@@ -350,7 +347,7 @@ class Finetuner:
             self.pusher = self._make_pusher()
             if c.push_mode != "trace":
                 t0 = time.perf_counter()
-                self.pusher.prepare(self.learner.step)
+                self.pusher.prepare(self.step)
                 log.info("traced the acting graph for weight swaps in %.1f s", time.perf_counter() - t0)
 
     def run(self) -> FinetuneResult:
@@ -368,7 +365,7 @@ class Finetuner:
                 # max_env_steps reached: stop taking data (it stays in the journal), only pay the
                 # updates owed; else a learner that keeps pace with the robot never catches up
                 # and overshoots the limit by however much arrives meanwhile.
-                full = bool(c.max_env_steps and self.learner.env_steps >= c.max_env_steps)
+                full = bool(c.max_env_steps and self.env_steps >= c.max_env_steps)
                 records = [] if full else self.client.get(timeout_s=0.0 if self.owed() > 0 else 0.05)
                 if records:
                     self.apply(records)
@@ -377,12 +374,13 @@ class Finetuner:
                 self.client.behind = max(0, self.owed())  # the robots wait at their reset while it is large
                 if self.owed() <= 0:
                     continue
-                info = self.learner.update(self.sample())
+                info = self.agent.update(self.sample())
+                self.step += 1
                 self.updates += 1
-                self.learner.maybe_log(info, "online")
                 if c.log_interval and self.updates % c.log_interval == 0:
+                    self._log_metrics(info)
                     log.info("updates %d  env steps %d  episodes %d (success %d)  seq %d  open rows %d  policy v%d  "
-                             "%d robots", self.updates, self.learner.env_steps, self.episodes, self.successes,
+                             "%d robots", self.updates, self.env_steps, self.episodes, self.successes,
                              self.applied_seq, self.online.open_rows, self.policy_version, len(self.robots))
                     self._report_rate()
                 if c.push_every and self.updates - self._last_push >= c.push_every:
@@ -402,9 +400,23 @@ class Finetuner:
                 time.sleep(min(0.2, 2 * c.heartbeat_s))  # let the final ack (persisted seq) go out
             finally:
                 self.client.close()
-                self.learner.logger.close()
-        return FinetuneResult(Path(c.run_dir), self.updates, self.learner.env_steps, self.applied_seq,
+                self.logger.close()
+        return FinetuneResult(Path(c.run_dir), self.updates, self.env_steps, self.applied_seq,
                               self.policy_version, self.episodes, self.successes)
+
+
+def _keep_rows(path: Path, keep: Callable[[dict[str, str]], bool]) -> None:
+    """Rewrite the CSV at ``path`` with only the rows ``keep`` accepts (atomic; no file: nothing)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        header, *rows = list(csv.reader(f))
+    kept = [r for r in rows if keep(dict(zip(header, r, strict=False)))]
+    if len(kept) < len(rows):
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows([header, *kept])
+        os.replace(tmp, path)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -55,6 +55,10 @@ class ServeConfig:
     journal_dir: str = "runs/serve-journal"
     """Durable transition journal (and pushed policies) when the learner port is on; reuse the
     directory across server restarts so an unacknowledged backlog is re-sent."""
+    resume_policy: bool = True
+    """With the learner port: start from the newest policy the learner pushed to an earlier run on
+    this ``journal_dir`` (``policies/``), not ``policy``, when it fits the same robot; false: start
+    from ``policy`` (pushes still continue above the highest version accepted before)."""
     journal_prune: bool = False
     """Delete journal segments once a learner has them in a checkpoint (default: keep everything)."""
     learner_timeout_s: float = 10.0

@@ -163,6 +163,21 @@ class LearnerLink:
     def attach(self, host: PolicyHost) -> None:
         self.host = host
 
+    def accepted_policies(self) -> dict[int, Path]:
+        """Version → file of every policy this journal's server accepted, across restarts (a
+        refused push leaves no file)."""
+        out = {}
+        for f in self.policy_dir.glob("model-v*.onnx") if self.policy_dir.is_dir() else []:
+            v = f.name[len("model-v"):-len(".onnx")]
+            if v.isdigit():
+                out[int(v)] = f
+        return out
+
+    def newest_version(self) -> int:
+        """The highest version served or accepted by any run of this server (0: none)."""
+        served = self.host.policy_version if self.host is not None else 0
+        return max([served, *self.accepted_policies()])
+
     def record(self, session: str, driver: str, policy_version: str, transition: bytes) -> int:
         """Journal one encoded Transition (already validated); returns its seq. Never blocks on peers."""
         return self.journal.append({"session": session, "driver": driver, "policy_version": policy_version,
@@ -294,8 +309,9 @@ class LearnerLink:
             self._subs[ident] = _Sub(ident, msg.learner, start, start - 1, max(1, msg.window), now, now)
             log.info("learner %r subscribed from seq %d (journal %d..%d)", msg.learner, start, first,
                      self.journal.next_seq - 1)
-            version = self.host.policy_version if self.host is not None else 0
-            self._send(sock, ident, P.Subscribed(self.journal.id, first, self.journal.next_seq, version))
+            # the highest version ever accepted here, not only the one served now: a learner that
+            # numbers its next push from it never reuses a number (after a restart of either side)
+            self._send(sock, ident, P.Subscribed(self.journal.id, first, self.journal.next_seq, self.newest_version()))
         elif isinstance(msg, P.PolicyPush):
             self._send(sock, ident, self._on_push(msg))
         elif sub is None and isinstance(msg, P.Ack | P.Heartbeat):
@@ -328,6 +344,10 @@ class LearnerLink:
             return refuse("sha256 mismatch: the file was corrupted in transit")
         if msg.version <= host.policy_version:
             return refuse(f"stale: version {msg.version} <= served version {host.policy_version}")
+        newest = self.newest_version()
+        if msg.version <= newest:  # one number, one policy: never two different files under one version
+            return refuse(f"version {msg.version} <= {newest}, which this server accepted before (a restart "
+                          "since): push a higher version")
         self.policy_dir.mkdir(parents=True, exist_ok=True)
         path = self.policy_dir / f"model-v{msg.version}.onnx"
         tmp = path.with_suffix(".tmp")
@@ -335,10 +355,11 @@ class LearnerLink:
         os.replace(tmp, path)
         try:
             policy = self.policy_loader(str(path), str(msg.version))
+            problems = same_spec(host.spec, policy.spec)
         except Exception as e:  # a file that does not load must not take the server down
-            return refuse(f"cannot load the policy: {type(e).__name__}: {e}")
-        problems = same_spec(host.spec, policy.spec)
+            problems = [f"cannot load the policy: {type(e).__name__}: {e}"]
         if problems:
+            path.unlink(missing_ok=True)  # only accepted policies stay (a restart serves the newest)
             return refuse("; ".join(problems))
         host.swap_policy(policy, msg.version)
         log.info("serving pushed policy version %d from the next chunk on", msg.version)

@@ -17,7 +17,7 @@ from qc_robot.policies.base import Policy
 from qc_robot.server.app import ControlServer
 from qc_robot.server.config import ServeConfig
 from qc_robot.server.episode_log import EpisodeLogger
-from qc_robot.server.learner_link import CurveKeys, LearnerLink
+from qc_robot.server.learner_link import CurveKeys, LearnerLink, same_spec
 
 log = logging.getLogger("qc_robot.server")
 EXIT_THREAD_DIED = 70
@@ -60,6 +60,8 @@ def run_serve(cfg: ServeConfig) -> int:
             logger = EpisodeLogger(cfg.log_dir, _env_args(policy))
             log.info("logging served episodes to %s", logger.path)
         link = _learner_link(cfg)
+        if link is not None and cfg.resume_policy:
+            policy = _resumed_policy(link, policy)
         server = ControlServer(policy, cfg.bind, workers=cfg.workers, max_clients=cfg.max_clients,
                                heartbeat_s=cfg.heartbeat_s, session_timeout_s=cfg.session_timeout_s,
                                episode_logger=logger, allow_remote=cfg.allow_remote, learner_link=link,
@@ -120,6 +122,28 @@ def _learner_link(cfg: ServeConfig) -> LearnerLink | None:
 
     return LearnerLink(cfg.learner_bind, Journal(cfg.journal_dir), curve=curve, prune=cfg.journal_prune,
                        timeout_s=cfg.learner_timeout_s, policy_loader=loader)
+
+
+def _resumed_policy(link: LearnerLink, policy: Policy) -> Policy:
+    """The newest policy a learner pushed to an earlier run on this journal, if it fits the robot
+    ``policy`` serves; else ``policy`` (never an older push: that would be a policy from another day)."""
+    accepted = link.accepted_policies()
+    if not accepted:
+        return policy
+    version = max(accepted)
+    path = accepted[version]
+    try:
+        newest = link.policy_loader(str(path), str(version))
+        problems = same_spec(policy.spec, newest.spec)
+    except Exception as e:  # an unreadable file costs the resume, not the server
+        problems = [f"cannot load it: {type(e).__name__}: {e}"]
+    if problems:
+        log.warning("not resuming the learner's newest policy %s (%s): serving %s", path, "; ".join(problems),
+                    policy.spec.version)
+        return policy
+    log.info("serving policy v%d (%s), the newest the learner pushed before this restart, instead of the "
+             "startup policy (resume_policy=false serves that)", version, path)
+    return newest
 
 
 def _env_args(policy: Policy) -> dict[str, Any]:

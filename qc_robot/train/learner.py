@@ -44,7 +44,7 @@ class TrainSetupError(ValueError):
     """The run cannot start as configured (e.g. data and task disagree); nothing was trained."""
 
 
-def _dataset(cfg: TrainConfig) -> FlatDataset:
+def dataset_of(cfg: TrainConfig) -> FlatDataset:
     from qc_robot.data.hdf5_io import load_flat, vector_obs_keys
     from qc_robot.sim.tasks import task_spec
 
@@ -62,7 +62,7 @@ def _dataset(cfg: TrainConfig) -> FlatDataset:
                      filter_key=d.filter_key)
 
 
-def _convention(cfg: TrainConfig, data: FlatDataset | None) -> str:
+def reward_convention_of(cfg: TrainConfig, data: FlatDataset | None) -> str:
     """Verdict data (a robot's recording) is sparse whatever ``env.sparse_reward`` says: that key
     picks the sim task's reward, which such a file never holds (the env configs set it for every
     task, so it cannot tell a request from a default)."""
@@ -92,11 +92,7 @@ def check_data_matches_task(obs_dim: int, act_dim: int, task_obs: int, task_act:
 class Learner:
     """Owns the agent, the replay, the sim env for online steps, and the run directory."""
 
-    def __init__(self, cfg: TrainConfig, image_shapes: dict[str, tuple[int, ...]] | None = None,
-                 steps_env: bool = True) -> None:
-        """``image_shapes`` (key → one frame's (H, W, C)) stands in for the dataset's image keys
-        when there is no dataset (fine-tuning from online data only); ``steps_env=False``: the
-        caller feeds the replay itself (``qc-robot finetune``) and never steps the sim here."""
+    def __init__(self, cfg: TrainConfig) -> None:
         from qc_robot.sim.tasks import task_spec
 
         self.cfg = cfg
@@ -110,9 +106,9 @@ class Learner:
         ckpt_path = self.run_dir / CHECKPOINT
         resume = t.resume and ckpt_path.exists()
 
-        data = _dataset(cfg) if (t.offline_steps > 0 or Path(cfg.data.path).exists()) else None
+        data = dataset_of(cfg) if (t.offline_steps > 0 or Path(cfg.data.path).exists()) else None
         self.has_data = data is not None
-        self.reward_convention = _convention(cfg, data)
+        self.reward_convention = reward_convention_of(cfg, data)
         """What the rewards mean (``qc_robot.data.rewards``): stored in the checkpoint; the online
         phase and evaluation run the sim with it."""
         # the rate the data was recorded at (a robot's teleop file says it; datagen's is the task's)
@@ -121,11 +117,10 @@ class Learner:
         obs_dim = data.observations.shape[1] if data is not None else self.task.obs_dim
         act_dim = data.actions.shape[1] if data is not None else self.task.act_dim
         self.image_shapes: dict[str, tuple[int, ...]] = (
-            {k: tuple(v.shape[1:]) for k, v in data.images.items()} if data is not None
-            else {k: tuple(v) for k, v in (image_shapes or {}).items()})
+            {k: tuple(v.shape[1:]) for k, v in data.images.items()} if data is not None else {})
         """Image keys → (H, W, C) of one stored frame (the agent sees C·frame_stack channels)."""
         if t.online_steps > 0 or t.eval_episodes > 0:  # the env will be stepped
-            if self.image_shapes and steps_env and t.online_steps > 0:
+            if self.image_shapes and t.online_steps > 0:
                 raise TrainSetupError(
                     f"{cfg.data.path}: image keys {list(self.image_shapes)} and online sim steps: the "
                     "learner's online phase records no camera images yet; set training.online_steps=0 "
@@ -182,6 +177,7 @@ class Learner:
     def _restore(self, ckpt: Checkpoint) -> None:
         self.agent.load_state_dict(ckpt.agent.state_dict())
         self.step, self.env_steps = ckpt.step, ckpt.env_steps
+        self.logger.forget_after(self.step)
         self.sampler.set_state(ckpt.extra["sampler"])
         self.env_rng.bit_generator.state = ckpt.extra["env_rng"]
         online = ckpt.extra["online_rows"]

@@ -36,6 +36,15 @@ class RunLogger:
         except Exception:  # tensorboard not installed: CSV and PNG are enough
             self._tb = None
 
+    def forget_after(self, step: int) -> None:
+        """Drop the rows logged after ``step``: a run resumed from a checkpoint at ``step`` logs
+        them again (a crash between saves must not leave them twice)."""
+        for rows, path in ((self._rows, self.metrics_path), (self._evals, self.eval_path)):
+            kept = [r for r in rows if int(float(r["step"])) <= step]
+            if len(kept) < len(rows):
+                rows[:] = kept
+                _write_csv(path, rows)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **metrics}
         self._rows.append(row)
