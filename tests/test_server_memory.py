@@ -4,13 +4,16 @@ acknowledge another driver's transitions without recording them. Real sockets.""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import test_server
+import zmq
 from test_server import ACT, OBS, Raw, driver_spec
 
 from qc_robot import protocol as P
+from qc_robot.server.learner_link import CurveKeys, make_keys
 
 serve = test_server.serve
 
@@ -79,21 +82,59 @@ def test_an_outbox_id_reused_by_another_peer_suppresses_nothing(serve) -> None:
             assert isinstance(r.send(P.encode(driver_spec().hello(name))), P.Welcome)
         for seq in (1, 2):
             assert robot.send(_transition(seq, "robot-outbox", seq)) == P.Ack(seq)
-        recorded = srv.stats.transitions
-        # the intruder learned the id: a refused and a valid transition, far ahead in seq
+        # the intruder learned the id: a refused and an accepted transition, far ahead in seq
         intruder.sock.send(_transition(0, "robot-outbox", 10**6, act=ACT + 1))
         intruder.sock.send(_transition(1, "robot-outbox", 10**6 + 1))
         replies = _sync(intruder, 1)
-        assert not any(isinstance(m, P.Ack) for m in replies), replies  # nothing recorded, nothing acknowledged
-        assert [m.code for m in replies] == [P.ErrorCode.BAD_TRANSITION] * 2 and "in use" in replies[0].message
-        assert srv.stats.transitions == recorded
+        assert P.Ack(10**6 + 1) in replies
+        recorded = srv.stats.transitions
         assert robot.send(_transition(3, "robot-outbox", 3)) == P.Ack(3)
         assert srv.stats.transitions == recorded + 1, "the robot's transition was acknowledged, not recorded"
         assert robot.send(_transition(3, "robot-outbox", 3)) == P.Ack(3)  # its own re-send: once
         assert srv.stats.transitions == recorded + 1
-        robot.sock.send(P.encode(P.Bye("done")))
-        _sync(robot, 2)
-        assert intruder.send(_transition(2, "robot-outbox", 10**6 + 2)) == P.Ack(10**6 + 2)  # free once it left
     finally:
         robot.close()
         intruder.close()
+
+
+class CurvePeer(Raw):
+    def __init__(self, address: str, keys: CurveKeys) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        keys.apply(self.sock, server=False)
+        self.sock.connect(address)
+
+
+def test_with_curve_an_outbox_id_belongs_to_its_drivers_key(serve, tmp_path: Path) -> None:
+    """Authenticated drivers: another key's transitions under a held id are refused without an
+    ack (never journaled, where a learner would take them for the owner's); the same key on a new
+    connection (a restarted driver) carries on at once; a released id is free again."""
+    keys = {n: make_keys(str(tmp_path / n), n) for n in ("server", "robot", "intruder")}
+    (tmp_path / "authorized").mkdir()
+    for n in ("robot", "intruder"):
+        shutil.copy(keys[n][0], tmp_path / "authorized")
+    srv = serve(curve=CurveKeys.from_files(keys["server"][1], authorized_dir=str(tmp_path / "authorized")))
+    client = {n: CurveKeys.from_files(keys[n][1], keys["server"][0]) for n in ("robot", "intruder")}
+    robot, intruder = CurvePeer(srv.address, client["robot"]), CurvePeer(srv.address, client["intruder"])
+    restarted = None
+    try:
+        for r in (robot, intruder):
+            assert isinstance(r.send(P.encode(driver_spec().hello("d"))), P.Welcome)
+        assert robot.send(_transition(1, "robot-outbox", 1)) == P.Ack(1)
+        intruder.sock.send(_transition(0, "robot-outbox", 10**6, act=ACT + 1))
+        intruder.sock.send(_transition(1, "robot-outbox", 10**6 + 1))
+        replies = _sync(intruder, 1)
+        assert [m.code for m in replies] == [P.ErrorCode.BAD_TRANSITION] * 2 and "another key" in replies[0].message
+        assert srv.stats.transitions == 1  # nothing of the intruder's recorded or acknowledged
+        restarted = CurvePeer(srv.address, client["robot"])  # the robot again; its old connection lingers
+        assert isinstance(restarted.send(P.encode(driver_spec().hello("d"))), P.Welcome)
+        assert restarted.send(_transition(2, "robot-outbox", 2)) == P.Ack(2)
+        for r in (robot, restarted):
+            r.sock.send(P.encode(P.Bye("done")))
+            _sync(r, 2)
+        assert intruder.send(_transition(2, "robot-outbox", 10**6 + 2)) == P.Ack(10**6 + 2)  # free once both left
+        assert srv.stats.transitions == 3
+    finally:
+        for r in (robot, intruder, restarted):
+            if r is not None:
+                r.close()

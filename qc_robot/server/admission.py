@@ -91,25 +91,30 @@ class FloodGuard:
 
 class OutboxLedger:
     """Per peer, the newest ``outbox_seq`` acknowledged for each of its (at most ``per_peer``)
-    outbox ids; and who holds each id: the first connected peer to use it, until it leaves, so
-    another peer's transitions under that id never reach the journal (where a learner could take
-    them for the owner's). Socket-loop only."""
+    outbox ids. With authenticated peers (CURVE keys), also who owns each id: the first key to
+    use it while a peer with that key holds it, so a driver with another key can never have its
+    transitions journaled under that id (where a learner would take them for the owner's). A
+    restarted driver (new connection, same key) takes its ids over at once. Socket-loop only."""
 
     def __init__(self, per_peer: int = 4) -> None:
         self.per_peer = per_peer
         self._seen: dict[bytes, OrderedDict[str, int]] = {}
-        self._owner: dict[str, bytes] = {}  # only ids some peer holds in ``_seen``: bounded with it
+        self._key: dict[bytes, str] = {}  # peer -> its authenticated key
+        self._owner: dict[str, str] = {}  # outbox id -> key; only ids some peer holds in ``_seen``
 
     def done(self, peer: bytes, outbox: str, seq: int) -> bool:
         """Whether ``peer``'s outbox already had ``seq`` acknowledged (a re-send)."""
         ids = self._seen.get(peer)
         return ids is not None and seq <= ids.get(outbox, 0)
 
-    def claim(self, peer: bytes, outbox: str) -> bool:
-        """Hold ``outbox`` for ``peer``; False if another connected peer holds it."""
-        owner = self._owner.setdefault(outbox, peer)
-        if owner != peer:
+    def claim(self, peer: bytes, key: str | None, outbox: str) -> bool:
+        """Hold ``outbox`` for ``peer``, authenticated as ``key`` (None: not authenticated, nothing
+        to own by); False if a peer with another key holds it."""
+        if key is None:
+            return True
+        if self._owner.setdefault(outbox, key) != key:
             return False
+        self._key[peer] = key
         self._keep(peer, outbox, 0)
         return True
 
@@ -124,12 +129,18 @@ class OutboxLedger:
             self._release(peer, ids.popitem(last=False)[0])
 
     def _release(self, peer: bytes, outbox: str) -> None:
-        if self._owner.get(outbox) == peer:
+        """``peer`` no longer holds ``outbox``: free it unless another peer with its key does."""
+        key = self._key.get(peer)
+        if key is None or self._owner.get(outbox) != key:
+            return
+        if not any(k == key and p != peer and outbox in self._seen.get(p, ()) for p, k in self._key.items()):
             del self._owner[outbox]
 
     def forget(self, peer: bytes) -> None:
-        for outbox in self._seen.pop(peer, {}):
+        for outbox in list(self._seen.get(peer, ())):
             self._release(peer, outbox)
+        self._seen.pop(peer, None)
+        self._key.pop(peer, None)
 
     def counts(self) -> tuple[int, int]:
         """(outbox ids kept, characters in them)."""

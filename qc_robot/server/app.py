@@ -70,6 +70,8 @@ class _Session:
     episode_id: int = -1
     """Episode and start_step of the last accepted transition (step order)."""
     last_start: int = -1
+    key: str | None = None
+    """The driver's CURVE public key (z85) when the port uses CURVE: who owns its outbox ids."""
 
 
 class ControlServer:
@@ -287,19 +289,25 @@ class ControlServer:
         observation reaches the inference worker before a flooder's backlog is worked off. A peer
         whose observations keep superseding each other is dropped unread (``FloodGuard``)."""
         batch: list[list[bytes]] = []
+        keys: dict[bytes, str] = {}
         more = True
         for _ in range(n):
             try:
-                batch.append(router.recv_multipart(zmq.NOBLOCK))
+                if self.curve is None:
+                    batch.append(router.recv_multipart(zmq.NOBLOCK))
+                    continue
+                parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 more = False
                 break
+            batch.append([f.bytes for f in parts])
+            keys[batch[-1][0]] = str(parts[-1].get("User-Id"))  # the peer's public key, as ZAP authenticated it
         late = [f for f in batch if not self._budget.has_own_tokens(f[0])]
         if late:
             batch = [f for f in batch if self._budget.has_own_tokens(f[0])] + late
         for frames in batch:
             if self._flood.admit(frames[0]):
-                self._on_frames(router, frames)
+                self._on_frames(router, frames, keys.get(frames[0]))
             else:  # a peer flooding observations: dropped unread (docs/protocol.md section 11)
                 self.stats.flood_dropped += 1
         return more
@@ -357,16 +365,17 @@ class ControlServer:
         self._warn.warn(code, "%s: %s: %.300s", who, code, message)
         self._reply(router, ident, P.Error(code, message[:2000], request_id))
 
-    def _on_frames(self, router: zmq.Socket, frames: list[bytes]) -> None:
-        """Handle one incoming message; whatever goes wrong becomes this message's error reply."""
+    def _on_frames(self, router: zmq.Socket, frames: list[bytes], key: str | None = None) -> None:
+        """Handle one incoming message (``key``: its sender's CURVE key); whatever goes wrong
+        becomes this message's error reply."""
         try:
-            self._handle(router, frames)
+            self._handle(router, frames, key)
         except Exception as e:  # a bug in handling one message must not stop the socket loop
             log.exception("internal error handling a message from %s", frames[0].hex())
             rid = _request_id(frames[1]) if len(frames) == 2 else None
             self._error(router, frames[0], P.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}", rid)
 
-    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
+    def _handle(self, router: zmq.Socket, frames: list[bytes], key: str | None) -> None:
         ident = frames[0]
         self.stats.received += 1
         if len(frames) != 2:
@@ -397,7 +406,7 @@ class ControlServer:
         elif isinstance(msg, P.Describe):
             self._reply(router, ident, P.Description(self.metadata, msg.request_id))
         elif isinstance(msg, P.Hello):
-            self._on_hello(router, ident, msg, now)
+            self._on_hello(router, ident, msg, now, key)
         elif isinstance(msg, P.Bye):
             if session is not None:
                 self._warn.info("bye", "driver %r (%s) said bye: %.200s", session.driver, session.id, msg.reason)
@@ -439,15 +448,17 @@ class ControlServer:
         transitions are unaffected (the log records the gap as ``missing_steps``). A transition
         from a driver's outbox (``outbox_seq`` > 0) is acknowledged once recorded, or refused for
         good; one this peer's outbox already had recorded (a re-send) is only acknowledged again.
-        Outbox ids are scoped to the peer: another peer's id suppresses nothing, and an id another
-        connected peer holds is refused without an ack (the outbox tries again later)."""
+        Outbox ids are scoped to the peer: another peer's id suppresses nothing; with CURVE, an id
+        held by a connected driver with another key is refused without an ack (the outbox tries
+        again later)."""
         if msg.outbox_seq and self._outboxes.done(ident, msg.outbox, msg.outbox_seq):
             self._reply(router, ident, P.Ack(msg.outbox_seq))
             return
-        if msg.outbox_seq and len(msg.outbox) <= P.MAX_OUTBOX_ID and not self._outboxes.claim(ident, msg.outbox):
+        if (msg.outbox_seq and len(msg.outbox) <= P.MAX_OUTBOX_ID
+                and not self._outboxes.claim(ident, session.key, msg.outbox)):
             # not acknowledged: the outbox sends it again, and it is recorded once the id is free
             self._error(router, ident, P.ErrorCode.BAD_TRANSITION,
-                        f"transition.outbox {msg.outbox!r} is in use by another connected driver")
+                        f"transition.outbox {msg.outbox!r} is in use by a driver with another key")
             return
         try:
             if len(msg.outbox) > P.MAX_OUTBOX_ID:
@@ -481,7 +492,7 @@ class ControlServer:
                 self._outboxes.acknowledged(ident, msg.outbox, msg.outbox_seq)
             self._reply(router, ident, P.Ack(msg.outbox_seq))
 
-    def _on_hello(self, router: zmq.Socket, ident: bytes, hello: P.Hello, now: float) -> None:
+    def _on_hello(self, router: zmq.Socket, ident: bytes, hello: P.Hello, now: float, key: str | None) -> None:
         if ident not in self._sessions and len(self._sessions) >= self.max_clients:
             self._error(router, ident, P.ErrorCode.TOO_MANY_CLIENTS, f"server full ({self.max_clients} drivers)")
             return
@@ -492,7 +503,7 @@ class ControlServer:
         if ident in self._sessions:
             self._drop(ident, leaving=False)  # a repeated Hello restarts the session (a refused one keeps the old)
         s = _Session(ident, uuid.uuid4().hex[:12], hello.driver, now, self._decoding(hello),
-                     calibration_id=str(hello.meta.get("calibration_id", "") or ""))
+                     calibration_id=str(hello.meta.get("calibration_id", "") or ""), key=key)
         self._sessions[ident] = s
         self._inference.open(ident)
         self._warn.info("hello", "driver %.100r connected: session %s (%d active)", hello.driver, s.id,
