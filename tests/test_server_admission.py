@@ -199,6 +199,22 @@ def test_decode_budget_per_peer(serve, limits: DecodeLimits, why: str) -> None:
     assert srv.stats.images_decoded == 2
 
 
+def test_decode_budget_for_all_peers_together(serve) -> None:
+    srv = serve(RandomPolicy(image_spec()), decode_limits=DecodeLimits(total_bytes_s=S * S * 3 * 1.3))
+    first, second = Raw(srv.address), Raw(srv.address)
+    try:
+        for r in (first, second):
+            assert isinstance(r.send(P.encode(_hello())), P.Welcome)
+        image = _ext2((S, S, 3), _jpeg(S, S))
+        assert isinstance(first.send(_obs_bytes(1, image)), P.Chunk)
+        err = second.send(_obs_bytes(2, image))  # its own budget is full; the shared one is spent
+        assert err.code == P.ErrorCode.RATE_LIMITED and err.request_id == 2, err
+    finally:
+        first.close()
+        second.close()
+    assert srv.stats.images_decoded == 1
+
+
 def test_a_session_survives_its_own_over_size_message(serve) -> None:
     from test_server import driver_spec, obs
 
