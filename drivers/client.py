@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,10 @@ class PolicyClient:
         self.stats = ClientStats()
         self.last_error: P.Error | None = None
         self._ctx = context or zmq.Context.instance()
+        self._routing_id = b"\x01" + os.urandom(15)
+        """Our ZeroMQ routing id, random and kept for the client's life: the server keys our session
+        by it, so the session survives ZeroMQ's reconnects (e.g. after the server dropped an
+        over-size message of ours). A leading zero byte is reserved by ZeroMQ."""
         self._sock: zmq.Socket | None = None
         self._ids = itertools.count(1)
         self._outstanding: int | None = None
@@ -160,6 +165,7 @@ class PolicyClient:
             self._sock.close(linger_ms)
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.ROUTING_ID, self._routing_id)
         s.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)  # refused before buffering
         if self.curve is not None:
             self.curve.apply(s, server=False)

@@ -4,7 +4,8 @@ numpy at import; the codec itself is OpenCV (``cv2``, the ``camera`` extra) or P
 is installed, imported on first use. Decoding is guarded against hostile input before any
 decoder runs: the JPEG's own frame header (SOF marker) must declare exactly the (H, W) and the
 3 colour components the message declares, so a small message cannot make the receiver allocate
-a huge image, and the decoded array is checked again.
+a huge image; the number of scans is bounded (a progressive JPEG's decoding time grows with it),
+and the decoded array is checked again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: markers without a length
+MAX_SCANS = 64
+"""Scans a JPEG may have (baseline: 1, typical progressive: ~10)."""
 
 
 class ImageCodecError(ValueError):
@@ -85,13 +88,22 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     return out.getvalue()
 
 
-def decode_jpeg(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """The uint8 (H, W, 3) RGB image of ``data``, which must be a JPEG of exactly ``shape``."""
+def check_jpeg(data: bytes, shape: tuple[int, ...]) -> None:
+    """Refuse, without decoding, a JPEG that is not exactly ``shape`` (H, W, 3) by its frame
+    header, or that has more than ``MAX_SCANS`` scans (progressive decoding time grows with them)."""
     if len(shape) != 3 or shape[2] != 3:
         raise ImageCodecError(f"a JPEG image must be declared (H, W, 3), got {list(shape)}")
     h, w, comps = jpeg_frame_size(data)
     if (h, w) != tuple(shape[:2]) or comps != 3:
         raise ImageCodecError(f"JPEG holds {h}x{w} with {comps} components, message declares {list(shape)}")
+    scans = data.count(b"\xff\xda")  # entropy-coded data stuffs 0xFF as FF 00: only real SOS markers match
+    if scans > MAX_SCANS:
+        raise ImageCodecError(f"JPEG has {scans} scans, at most {MAX_SCANS} accepted")
+
+
+def decode_jpeg(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 (H, W, 3) RGB image of ``data``, which must be a JPEG of exactly ``shape``."""
+    check_jpeg(data, shape)
     name, mod = _backend()
     if name == "cv2":
         bgr = mod.imdecode(np.frombuffer(data, np.uint8), mod.IMREAD_COLOR)

@@ -39,6 +39,7 @@ class ScriptedActions:
     """``script(step) -> action | None`` per tick, in the executor's place."""
 
     chunk_len = 1
+    last_version = ""  # no policy gave these actions (the executor's property)
 
     def __init__(self, script: Callable[[int], np.ndarray | None], clock: TickClock | None = None) -> None:
         self.script, self.clock = script, clock

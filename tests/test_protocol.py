@@ -148,3 +148,55 @@ def test_fuzz_decode_never_raises_anything_but_protocol_error(data: bytes) -> No
 def test_unknown_fields_are_ignored() -> None:
     m = P.decode(_raw({"v": 1, "type": "bye", "reason": "x", "future_field": [1, 2]}))
     assert m == P.Bye("x")
+
+
+def test_transition_names_its_reward_convention() -> None:
+    a = np.zeros((1, 3), np.float32)
+    tr = P.Transition(0, 0, {"state": a}, a, np.zeros(1, np.float32), np.zeros(1, bool), np.zeros(1, bool),
+                      {"state": a}, reward="sparse")
+    out = _roundtrip(tr)
+    assert isinstance(out, P.Transition) and out.reward == "sparse"
+    body = msgpack.unpackb(P.encode(tr), raw=False, ext_hook=lambda c, d: msgpack.ExtType(c, d))
+    del body["reward"]
+    assert P.decode(msgpack.packb(body, use_bin_type=True)).reward == ""  # optional: '' = unspecified
+    body["reward"] = 1
+    with pytest.raises(P.ProtocolError, match=r"transition\.reward: expected str"):
+        P.decode(msgpack.packb(body, use_bin_type=True))
+
+
+def test_the_envelope_is_read_before_any_array_is_decoded() -> None:
+    """A receiver learns type and request id from the envelope; a malformed array fails only when
+    the message is built, and the error still names the request."""
+    data = _raw({"v": 1, "type": "observation", "request_id": 41, "episode_id": 0, "step": 0, "timestamp": 0.0,
+                 "obs": {"x": _ext_array("float32", [2**20], b"\0" * 8)}})  # lies about its size
+    env = P.read_envelope(data, P.DRIVER_TYPES)
+    assert (env.kind, env.request_id) == ("observation", 41)
+    with pytest.raises(P.ProtocolError, match="needs 4194304 data bytes") as e:
+        P.build(env)
+    assert e.value.request_id == 41
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(data)
+    assert e.value.request_id == 41 and e.value.code == P.ErrorCode.BAD_MESSAGE
+
+
+def test_obs_keys_not_wanted_are_never_decoded() -> None:
+    data = _raw({"v": 1, "type": "observation", "request_id": 1, "episode_id": 0, "step": 0, "timestamp": 0.0,
+                 "obs": {"state": P.pack_array(np.ones(2, np.float32)), "junk": _ext_array("V8", [1], b"")}})
+    with pytest.raises(P.ProtocolError):
+        P.decode(data)  # everything decoded: the junk key is refused
+    msg = P.build(P.read_envelope(data), P.Decoding(obs_keys=frozenset({"state"})))
+    assert isinstance(msg, P.Observation) and list(msg.obs) == ["state"]
+
+
+def test_the_old_flat_module_names_still_import() -> None:
+    from qc_robot.protocol import (  # noqa: F401
+        ARRAY_EXT,
+        Hello,
+        ProtocolError,
+        Transition,
+        decode,
+        encode,
+        pack_array,
+    )
+
+    assert P.Transition is Transition and P.decode is decode

@@ -1,10 +1,17 @@
 """The control server: a ZeroMQ ROUTER socket loop that serves one policy's chunks to many drivers.
 
 Threads: one socket loop owns the ROUTER socket (handshakes, heartbeats, validation, replies);
-inference runs on worker threads that hand encoded replies back over an inproc socket, so a slow
-inference never stalls heartbeats or other drivers' handshakes. Each driver has at most one
-queued observation: a newer one supersedes it (answered with an Error ``superseded``), so the
-queue is bounded by the number of drivers and nobody receives answers to stale observations.
+inference runs on worker threads (``inference``) that hand encoded replies back over an inproc
+socket, so a slow inference never stalls heartbeats or other drivers' handshakes. Each driver has
+at most one queued observation: a newer one supersedes it (answered with an Error
+``superseded``), and workers share themselves fairly between sessions (``scheduler``).
+
+Admission before decoding: a message's envelope (version, type, request id) is read first; its
+arrays are decoded only once its peer, session and type are admitted, only the observation keys
+the policy reads, and JPEG images only for fields the session declared as images, checked from
+their headers against the declared shape and decoded on a worker within the peer's decode budget.
+Everything a peer can make the server keep is bounded per peer and in total (``held``) and
+released when the peer leaves.
 
 Robustness (docs/protocol.md section 11): a failure while handling one message becomes that
 message's error reply; a thread that dies anyway marks the server failed (``failure``) and
@@ -17,29 +24,30 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import zmq
 
 from qc_robot import protocol as P
-from qc_robot.policies.base import ChunkGuide, Policy, align_guide
+from qc_robot.policies.base import Policy
+from qc_robot.server.admission import DecodeBudget, DecodeLimits, FloodGuard, OutboxLedger
 from qc_robot.server.checks import (
     auto_message_limit,
     check_hello,
     check_observation,
     check_transition,
-    sanitize_actions,
 )
 from qc_robot.server.episode_log import EpisodeLogger
+from qc_robot.server.inference import Inference, Job, ServerStats
 from qc_robot.server.learner_link import CurveKeys, LearnerLink
 from qc_robot.server.metadata import policy_metadata
 from qc_robot.server.ratelog import RateLimitedLog, TokenBuckets
+
+__all__ = ["ControlServer", "ServerStats", "auto_message_limit"]
 
 log = logging.getLogger("qc_robot.server")
 _LOCAL_PREFIXES = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")
@@ -52,6 +60,8 @@ class _Session:
     id: str
     driver: str
     last_seen: float
+    decoding: P.Decoding
+    """What this session's observations may decode: the policy's keys, its declared images."""
     served: int = 0
     calibration_id: str = ""
     """From the driver's Hello meta: recorded with each logged episode."""
@@ -60,32 +70,8 @@ class _Session:
     episode_id: int = -1
     """Episode and start_step of the last accepted transition (step order)."""
     last_start: int = -1
-
-
-@dataclass
-class _Job:
-    ident: bytes
-    session: str
-    msg: P.Observation
-    obs: dict[str, np.ndarray]
-    t_recv: float
-
-
-@dataclass
-class ServerStats:
-    received: int = 0
-    chunks: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    """Refused messages by error code (answered or not)."""
-    unanswered: int = 0
-    """Error replies not sent because the peer (or all peers together) exceeded its error budget."""
-    transitions: int = 0
-    """Transitions accepted (validated, then journaled/logged)."""
-    clipped_elements: int = 0
-    clipped_chunks: int = 0
-
-    def error(self, code: str) -> None:
-        self.errors[code] = self.errors.get(code, 0) + 1
+    key: str | None = None
+    """The driver's CURVE public key (z85) when the port uses CURVE: who owns its outbox ids."""
 
 
 class ControlServer:
@@ -97,7 +83,8 @@ class ControlServer:
                  context: zmq.Context | None = None, learner_link: LearnerLink | None = None,
                  curve: CurveKeys | None = None, insecure_remote: bool = False, bye_grace_s: float = 0.5,
                  error_burst: float = 20.0, error_rate: float = 10.0, errors_total_rate: float = 200.0,
-                 max_message_bytes: int = 0) -> None:
+                 max_message_bytes: int = 0, decode_limits: DecodeLimits | None = None,
+                 flood_guard: FloodGuard | None = None) -> None:
         if not bind.startswith(_LOCAL_PREFIXES):
             if not allow_remote:
                 raise ValueError(f"refusing to bind {bind}: use loopback/ipc, or set allow_remote=true with CURVE "
@@ -135,13 +122,10 @@ class ControlServer:
         self._warn = RateLimitedLog(log)
         self._budget = TokenBuckets(error_burst, error_rate, 10 * error_burst, errors_total_rate)
         self._sessions: dict[bytes, _Session] = {}
-        self._outbox_seen: dict[str, int] = {}  # outbox id -> newest outbox_seq recorded by this process
-        self._slots: dict[bytes, _Job] = {}
-        self._slots_lock = threading.Lock()
-        self._last_chunk: dict[bytes, tuple[int, int, np.ndarray]] = {}
-        """Per driver, the last chunk sent (episode_id, start_step, actions): what a real-time
-        chunking request continues. Guarded by ``_slots_lock``."""
-        self._ready: queue.Queue[bytes | None] = queue.Queue()
+        self._outboxes = OutboxLedger()
+        self.decode_budget = DecodeBudget(decode_limits or DecodeLimits())
+        self._flood = FloodGuard() if flood_guard is None else flood_guard  # (it has a len: not `or`)
+        self._inference = Inference(lambda: self.policy, self.stats, self.decode_budget, self._warn)
         self._results = f"inproc://qc-results-{next(_ids)}-{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
         self._bound = threading.Event()
@@ -172,8 +156,7 @@ class ControlServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        for _ in range(self.workers):
-            self._ready.put(None)
+        self._inference.queue.close()
         for t in self._threads:
             t.join(timeout + self.bye_grace_s)
         if self.logger is not None:
@@ -214,6 +197,17 @@ class ControlServer:
             log.critical("server thread %s died: qc-robot serve exits with code 70", threading.current_thread().name,
                          exc_info=True)
 
+    def held(self) -> dict[str, int]:
+        """What peers currently make the server keep (each bounded per peer and in total;
+        docs/protocol.md section 11). Read from the socket loop's structures without locking:
+        for monitoring and tests."""
+        ids, chars = self._outboxes.counts()
+        return {"sessions": len(self._sessions), "queued_observations": len(self._inference.queue),
+                "last_chunks": self._inference.kept(), "scheduler_tags": self._inference.queue.tags(),
+                "outbox_ids": ids, "outbox_id_chars": chars, "error_budget_peers": len(self._budget),
+                "decode_budget_peers": len(self.decode_budget), "flood_guard_peers": len(self._flood),
+                "open_episodes": self.logger.open_episodes() if self.logger is not None else 0}
+
     def swap_policy(self, policy: Policy, version: int) -> None:
         """Serve ``policy`` from the next chunk on; a chunk in inference keeps the policy it started with."""
         self.metadata = {**policy_metadata(policy, str(policy.spec.version)),
@@ -234,6 +228,9 @@ class ControlServer:
         router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)  # refused by libzmq before buffering
         router.setsockopt(zmq.RCVHWM, 64)  # per connection: bounds what a flooding peer can queue
         router.setsockopt(zmq.SNDHWM, 256)  # replies to a peer that never reads are dropped beyond this
+        # a driver that sets its own routing id keeps it (and its session) across ZeroMQ's
+        # reconnects, e.g. after an over-size message made libzmq drop the connection
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if self.curve is not None:
             from zmq.auth.thread import ThreadAuthenticator
 
@@ -289,20 +286,30 @@ class ControlServer:
         Fairness under a flood: of the messages read together, those of peers within their error
         budget are handled first, then those of peers that exhausted it (each peer's messages keep
         their order: a peer is in one class for the whole batch). So a well-behaved driver's
-        observation reaches the inference worker before a flooder's backlog is worked off."""
+        observation reaches the inference worker before a flooder's backlog is worked off. A peer
+        whose observations keep superseding each other is dropped unread (``FloodGuard``)."""
         batch: list[list[bytes]] = []
+        keys: dict[bytes, str] = {}
         more = True
         for _ in range(n):
             try:
-                batch.append(router.recv_multipart(zmq.NOBLOCK))
+                if self.curve is None:
+                    batch.append(router.recv_multipart(zmq.NOBLOCK))
+                    continue
+                parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 more = False
                 break
-        late = [f for f in batch if not self._budget.has_tokens(f[0])]
+            batch.append([f.bytes for f in parts])
+            keys[batch[-1][0]] = str(parts[-1].get("User-Id"))  # the peer's public key, as ZAP authenticated it
+        late = [f for f in batch if not self._budget.has_own_tokens(f[0])]
         if late:
-            batch = [f for f in batch if self._budget.has_tokens(f[0])] + late
+            batch = [f for f in batch if self._budget.has_own_tokens(f[0])] + late
         for frames in batch:
-            self._on_frames(router, frames)
+            if self._flood.admit(frames[0]):
+                self._on_frames(router, frames, keys.get(frames[0]))
+            else:  # a peer flooding observations: dropped unread (docs/protocol.md section 11)
+                self.stats.flood_dropped += 1
         return more
 
     def _send_results(self, router: zmq.Socket, results: zmq.Socket) -> None:
@@ -332,7 +339,7 @@ class ControlServer:
                 continue
             if len(frames) == 2 and frames[0] in waiting:
                 try:
-                    if isinstance(P.decode(frames[1], P.DRIVER_TYPES), P.Bye):
+                    if P.read_envelope(frames[1], P.DRIVER_TYPES).kind == "bye":
                         waiting.discard(frames[0])
                 except P.ProtocolError:
                     pass
@@ -358,24 +365,25 @@ class ControlServer:
         self._warn.warn(code, "%s: %s: %.300s", who, code, message)
         self._reply(router, ident, P.Error(code, message[:2000], request_id))
 
-    def _on_frames(self, router: zmq.Socket, frames: list[bytes]) -> None:
-        """Handle one incoming message; whatever goes wrong becomes this message's error reply."""
+    def _on_frames(self, router: zmq.Socket, frames: list[bytes], key: str | None = None) -> None:
+        """Handle one incoming message (``key``: its sender's CURVE key); whatever goes wrong
+        becomes this message's error reply."""
         try:
-            self._handle(router, frames)
+            self._handle(router, frames, key)
         except Exception as e:  # a bug in handling one message must not stop the socket loop
             log.exception("internal error handling a message from %s", frames[0].hex())
             rid = _request_id(frames[1]) if len(frames) == 2 else None
             self._error(router, frames[0], P.ErrorCode.INTERNAL, f"{type(e).__name__}: {e}", rid)
 
-    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
+    def _handle(self, router: zmq.Socket, frames: list[bytes], key: str | None) -> None:
         ident = frames[0]
         self.stats.received += 1
         if len(frames) != 2:
             self._error(router, ident, P.ErrorCode.BAD_MESSAGE,
                         f"expected exactly one frame after the routing id, got {len(frames) - 1}")
             return
-        try:
-            msg = P.decode(frames[1], P.DRIVER_TYPES)
+        try:  # the envelope only: nothing in the message is decoded before it is admitted
+            env = P.read_envelope(frames[1], P.DRIVER_TYPES)
         except P.ProtocolError as e:
             self._error(router, ident, e.code, str(e), e.request_id)
             return
@@ -383,35 +391,54 @@ class ControlServer:
         session = self._sessions.get(ident)
         if session is not None:
             session.last_seen = now
+        if env.kind in ("observation", "transition") and session is None:
+            self._error(router, ident, P.ErrorCode.NO_SESSION, f"{env.kind} before handshake: send hello",
+                        env.request_id)
+            return
+        try:
+            msg = P.build(env, _message_decoding(session, env.kind))
+        except P.ProtocolError as e:
+            self._error(router, ident, e.code, str(e), e.request_id)
+            return
         if isinstance(msg, P.Heartbeat):
             behind = self.link.learner_behind() if self.link is not None else -1
             self._reply(router, ident, P.Heartbeat(msg.seq, time.time(), behind))
         elif isinstance(msg, P.Describe):
             self._reply(router, ident, P.Description(self.metadata, msg.request_id))
         elif isinstance(msg, P.Hello):
-            self._on_hello(router, ident, msg, now)
+            self._on_hello(router, ident, msg, now, key)
         elif isinstance(msg, P.Bye):
             if session is not None:
                 self._warn.info("bye", "driver %r (%s) said bye: %.200s", session.driver, session.id, msg.reason)
                 self._drop(ident)
         elif isinstance(msg, P.Observation):
-            if session is None:
-                self._error(router, ident, P.ErrorCode.NO_SESSION, "observation before handshake: send hello",
-                            msg.request_id)
-                return
-            try:
-                obs = check_observation(self.spec, msg.obs)
-            except ValueError as e:
-                self._error(router, ident, P.ErrorCode.BAD_OBSERVATION, str(e), msg.request_id)
-                return
-            self._enqueue(router, _Job(ident, session.id, msg, obs, time.perf_counter()))
+            assert session is not None
+            self._on_observation(router, ident, session, msg)
         elif isinstance(msg, P.Transition):
-            if session is None:
-                self._error(router, ident, P.ErrorCode.NO_SESSION, "transition before handshake")
-            else:
-                self._on_transition(router, ident, session, msg, frames[1])
-        else:  # pragma: no cover - decode(accept=DRIVER_TYPES) refuses every other type
+            assert session is not None
+            self._on_transition(router, ident, session, msg, frames[1])
+        else:  # pragma: no cover - read_envelope(accept=DRIVER_TYPES) refuses every other type
             self._error(router, ident, P.ErrorCode.UNKNOWN_TYPE, f"a driver may not send {msg.TYPE!r}")
+
+    def _on_observation(self, router: zmq.Socket, ident: bytes, session: _Session, msg: P.Observation) -> None:
+        try:
+            obs = check_observation(self.spec, msg.obs)
+        except ValueError as e:
+            self._error(router, ident, P.ErrorCode.BAD_OBSERVATION, str(e), msg.request_id)
+            return
+        images = sum(v.nbytes for v in obs.values() if isinstance(v, P.PendingImage))
+        if images:
+            why = self.decode_budget.admit(ident, images)
+            if why:
+                self._error(router, ident, P.ErrorCode.RATE_LIMITED, f"{why}: JPEG observation refused; send fewer "
+                            "or raw images", msg.request_id)
+                return
+        old = self._inference.queue.put(ident, Job(ident, session.id, msg, obs, time.perf_counter()))
+        if old is not None:
+            self._flood.superseded(ident)
+            self._error(router, ident, P.ErrorCode.SUPERSEDED,
+                        f"observation {old.msg.request_id} replaced by {msg.request_id} before inference",
+                        old.msg.request_id)
 
     def _on_transition(self, router: zmq.Socket, ident: bytes, session: _Session, msg: P.Transition,
                        raw: bytes) -> None:
@@ -420,11 +447,23 @@ class ControlServer:
         A refused transition gets ``bad_transition`` naming the field; the episode's other
         transitions are unaffected (the log records the gap as ``missing_steps``). A transition
         from a driver's outbox (``outbox_seq`` > 0) is acknowledged once recorded, or refused for
-        good; one this process already recorded (a re-send) is only acknowledged again."""
-        if msg.outbox_seq and msg.outbox_seq <= self._outbox_seen.get(msg.outbox, 0):
+        good; one this peer's outbox already had recorded (a re-send) is only acknowledged again.
+        Outbox ids are scoped to the peer: another peer's id suppresses nothing; with CURVE, an id
+        held by a connected driver with another key is refused without an ack (the outbox tries
+        again later)."""
+        if msg.outbox_seq and self._outboxes.done(ident, msg.outbox, msg.outbox_seq):
             self._reply(router, ident, P.Ack(msg.outbox_seq))
             return
+        if (msg.outbox_seq and len(msg.outbox) <= P.MAX_OUTBOX_ID
+                and not self._outboxes.claim(ident, session.key, msg.outbox)):
+            # not acknowledged: the outbox sends it again, and it is recorded once the id is free
+            self._error(router, ident, P.ErrorCode.BAD_TRANSITION,
+                        f"transition.outbox {msg.outbox!r} is in use by a driver with another key")
+            return
         try:
+            if len(msg.outbox) > P.MAX_OUTBOX_ID:
+                raise ValueError(f"transition.outbox: an id of {len(msg.outbox)} characters, at most "
+                                 f"{P.MAX_OUTBOX_ID} accepted")
             tr = check_transition(self.spec, msg)
             if msg.episode_id == session.episode_id and msg.start_step <= session.last_start:
                 raise ValueError(f"transition.start_step {msg.start_step} is out of order: episode {msg.episode_id}'s "
@@ -449,10 +488,11 @@ class ControlServer:
 
     def _ack_outbox(self, router: zmq.Socket, ident: bytes, msg: P.Transition) -> None:
         if msg.outbox_seq:  # the driver's outbox may forget it now (docs/protocol.md, transition)
-            self._outbox_seen[msg.outbox] = max(self._outbox_seen.get(msg.outbox, 0), msg.outbox_seq)
+            if len(msg.outbox) <= P.MAX_OUTBOX_ID:  # an over-long id is acknowledged, never kept
+                self._outboxes.acknowledged(ident, msg.outbox, msg.outbox_seq)
             self._reply(router, ident, P.Ack(msg.outbox_seq))
 
-    def _on_hello(self, router: zmq.Socket, ident: bytes, hello: P.Hello, now: float) -> None:
+    def _on_hello(self, router: zmq.Socket, ident: bytes, hello: P.Hello, now: float, key: str | None) -> None:
         if ident not in self._sessions and len(self._sessions) >= self.max_clients:
             self._error(router, ident, P.ErrorCode.TOO_MANY_CLIENTS, f"server full ({self.max_clients} drivers)")
             return
@@ -461,10 +501,11 @@ class ControlServer:
             self._error(router, ident, P.ErrorCode.SPEC_MISMATCH, "; ".join(problems))
             return
         if ident in self._sessions:
-            self._drop(ident)  # a repeated Hello restarts the session (a refused one keeps the old)
-        s = _Session(ident, uuid.uuid4().hex[:12], hello.driver, now,
-                     calibration_id=str(hello.meta.get("calibration_id", "") or ""))
+            self._drop(ident, leaving=False)  # a repeated Hello restarts the session (a refused one keeps the old)
+        s = _Session(ident, uuid.uuid4().hex[:12], hello.driver, now, self._decoding(hello),
+                     calibration_id=str(hello.meta.get("calibration_id", "") or ""), key=key)
         self._sessions[ident] = s
+        self._inference.open(ident)
         self._warn.info("hello", "driver %.100r connected: session %s (%d active)", hello.driver, s.id,
                         len(self._sessions))
         spec = self.spec
@@ -476,22 +517,21 @@ class ControlServer:
             log_transitions=self.logger is not None or self.link is not None, warnings=warnings,
             metadata=self.metadata))
 
-    def _enqueue(self, router: zmq.Socket, job: _Job) -> None:
-        with self._slots_lock:
-            old = self._slots.get(job.ident)
-            self._slots[job.ident] = job
-        if old is None:
-            self._ready.put(job.ident)
-        else:
-            self._error(router, job.ident, P.ErrorCode.SUPERSEDED,
-                        f"observation {old.msg.request_id} replaced by {job.msg.request_id} before inference",
-                        old.msg.request_id)
+    def _decoding(self, hello: P.Hello) -> P.Decoding:
+        """What a session's observations may decode: the policy's keys (others are dropped
+        undecoded) and, as JPEG, the uint8 (H, W, 3) images among them the driver declared."""
+        declared = {f["key"]: (tuple(f["shape"]), f["dtype"]) for f in hello.obs_spec}
+        images = {f.key: tuple(f.shape) for f in self.spec.obs_fields
+                  if len(f.shape) == 3 and f.shape[2] == 3 and str(f.dtype) == "uint8"
+                  and declared.get(f.key) == (tuple(f.shape), "uint8")}
+        return P.Decoding(obs_keys=frozenset(f.key for f in self.spec.obs_fields), images=images)
 
-    def _drop(self, ident: bytes) -> None:
+    def _drop(self, ident: bytes, leaving: bool = True) -> None:
+        """End ``ident``'s session; ``leaving``: the peer is gone, forget everything kept for it."""
         s = self._sessions.pop(ident, None)
-        with self._slots_lock:
-            self._slots.pop(ident, None)
-            self._last_chunk.pop(ident, None)
+        self._inference.forget(ident)
+        if leaving:
+            self._outboxes.forget(ident)
         if s is not None and self.logger is not None:
             self.logger.end_session(s.id)
 
@@ -502,89 +542,35 @@ class ControlServer:
                 self._warn.info("expired", "driver %.100r (session %s) silent for %.1f s: dropped", s.driver, s.id,
                                 now - s.last_seen)
                 self._drop(ident)
+                # budgets outlive a bye (or a bye would refill them); both are bounded LRU maps
                 self._budget.forget(ident)
+                self.decode_budget.forget(ident)
+                self._flood.forget(ident)
 
     # -- inference workers ---------------------------------------------------------------------
 
     def _worker(self) -> None:
-        push = self._ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(self._results)
-        try:
-            while (ident := self._ready.get()) is not None:
-                with self._slots_lock:
-                    job = self._slots.pop(ident, None)
-                if job is not None:
-                    reply = self._infer(job)
-                    version = reply.policy_version if isinstance(reply, P.Chunk) else ""
-                    push.send_multipart([ident, P.encode(reply), version.encode()])
-        finally:
-            push.close(0)
+        self._inference.run(self._ctx, self._results)
 
-    def _infer(self, job: _Job) -> P.Message:
-        """The reply to one observation: a checked, clipped Chunk or an Error; never raises."""
-        t_start = time.perf_counter()
-        rid = job.msg.request_id
-        policy = self.policy  # one policy computes the whole chunk, even if a push lands meanwhile
-        spec = policy.spec
-        guide = self._guide(job, spec.chunk_len) if getattr(policy, "supports_guidance", False) else None
-        try:
-            # only guidance-capable policies (supports_guidance) take a guide
-            result = policy.predict(job.obs, guide) if guide is not None else policy.predict(job.obs)  # type: ignore[call-arg]
-        except ValueError as e:
-            return self._worker_error(P.ErrorCode.BAD_OBSERVATION, f"policy refused the observation: {e}", rid)
-        except Exception as e:
-            log.exception("inference failed for request %d", rid)
-            return self._worker_error(P.ErrorCode.POLICY_ERROR, f"inference failed: {type(e).__name__}: {e}", rid)
-        try:
-            actions, n_clipped = sanitize_actions(spec, result.actions)
-        except ValueError as e:
-            return self._worker_error(P.ErrorCode.POLICY_ERROR, str(e), rid)
-        if n_clipped:
-            self.stats.clipped_elements += n_clipped
-            self.stats.clipped_chunks += 1
-            if self.stats.clipped_chunks % 100 == 1:  # a policy that always clips must not flood the log
-                log.warning("request %d: clipped %d action elements to the policy limits (%d chunks so far)",
-                            rid, n_clipped, self.stats.clipped_chunks)
-        self.stats.chunks += 1
-        with self._slots_lock:
-            self._last_chunk[job.ident] = (job.msg.episode_id, job.msg.step, actions)
-        t_end = time.perf_counter()
-        return P.Chunk(request_id=rid, episode_id=job.msg.episode_id, start_step=job.msg.step, actions=actions,
-                       policy_version=str(spec.version), queue_ms=(t_start - job.t_recv) * 1e3,
-                       infer_ms=float(result.infer_s) * 1e3, total_ms=(t_end - job.t_recv) * 1e3,
-                       clipped=n_clipped, frozen=int(getattr(result, "frozen", 0)))
 
-    def _guide(self, job: _Job, chunk_len: int) -> ChunkGuide | None:
-        """The previous chunk a real-time-chunking request continues: the last chunk sent to this
-        driver, if it is the one the driver says it executes (same episode and start step)."""
-        msg = job.msg
-        if msg.prev_start_step < 0 or msg.reset:
-            return None
-        with self._slots_lock:
-            last = self._last_chunk.get(job.ident)
-        if last is None or last[0] != msg.episode_id or last[1] != msg.prev_start_step:
-            return None
-        if last[2].shape[0] != chunk_len:  # a policy swap changed H: nothing to continue
-            return None
-        return align_guide(last[2], msg.prev_start_step, msg.step, max(msg.delay_steps, 0))
-
-    def _worker_error(self, code: str, message: str, rid: int) -> P.Error:
-        self.stats.error(code)
-        self._warn.warn(f"worker-{code}", "request %d: %s: %.300s", rid, code, message)
-        return P.Error(code, message, rid)
+def _message_decoding(session: _Session | None, kind: str) -> P.Decoding | None:
+    """What a message may decode: JPEG images (left pending) only in a session's observations;
+    a transition's obs rows are (K, H, W, 3) arrays, never JPEG."""
+    if session is None:
+        return None
+    if kind == "observation":
+        return session.decoding
+    return P.Decoding(obs_keys=session.decoding.obs_keys)
 
 
 def _request_id(data: bytes) -> int | None:
     """The ``request_id`` of ``data`` where it can be read (for an internal error's reply)."""
     try:
-        msg = P.decode(data)
+        return P.read_envelope(data).request_id
     except P.ProtocolError as e:
         return e.request_id
     except Exception:
         return None
-    rid = getattr(msg, "request_id", None)
-    return rid if isinstance(rid, int) else None
 
 
 def _bind_retrying(sock: zmq.Socket, address: str, patience_s: float = 3.0) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from qc_robot import protocol as _P
 from qc_robot.policies.base import PolicySpec
-from qc_robot.protocol import Hello, ProtocolError, Transition, check_obs_spec
+from qc_robot.protocol import Hello, PendingImage, ProtocolError, Transition, check_obs_spec
 
 _NUMERIC_KINDS = "biuf"
 
@@ -54,13 +54,20 @@ def check_hello(spec: PolicySpec, hello: Hello) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
-def check_observation(spec: PolicySpec, obs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The policy's observation fields, cast to their dtypes; ValueError names what is wrong."""
-    out: dict[str, np.ndarray] = {}
+def check_observation(spec: PolicySpec, obs: dict[str, Any]) -> dict[str, Any]:
+    """The policy's observation fields, cast to their dtypes; ValueError names what is wrong.
+    A JPEG image not decoded yet (``PendingImage``, its headers already checked against the
+    declared shape) is kept as it is if that is the field's shape and the field is uint8."""
+    out: dict[str, Any] = {}
     for f in spec.obs_fields:
         if f.key not in obs:
             raise ValueError(f"observation lacks key {f.key!r} (got {sorted(map(repr, obs))})")
         v = obs[f.key]
+        if isinstance(v, PendingImage):
+            if v.shape != tuple(f.shape) or np.dtype(f.dtype) != np.uint8:
+                raise ValueError(f"observation {f.key!r}: a JPEG of {list(v.shape)}, expected {f.dtype}{list(f.shape)}")
+            out[f.key] = v
+            continue
         if not isinstance(v, np.ndarray):
             raise ValueError(f"observation {f.key!r} is not an array")
         if v.shape != tuple(f.shape):

@@ -145,6 +145,10 @@ class EpisodeLogger:
         ep = self._open[(session, episode_id)] = _Open(fd, path)
         return ep
 
+    def open_episodes(self) -> int:
+        """Episodes being journaled (at most one per session)."""
+        return len(self._open)
+
     def end_session(self, session: str) -> None:
         for key in [k for k in self._open if k[0] == session]:
             self._close(key)

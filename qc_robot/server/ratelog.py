@@ -64,25 +64,48 @@ class TokenBuckets:
         tokens, t = state
         return min(burst, tokens + (now - t) * rate)
 
-    def take(self, key: bytes) -> bool:
-        """Spend one token of ``key`` and one shared token; False (nothing spent) if either is empty."""
+    def take(self, key: bytes, cost: float = 1.0) -> bool:
+        """Spend ``cost`` tokens of ``key`` and as many shared ones; False (nothing spent) if either
+        has fewer."""
         now = time.monotonic()
         mine = self._refill(self._keys.get(key, (self.burst, now)), self.burst, self.rate, now)
         total = self._refill(self._total, self.total_burst, self.total_rate, now)
-        ok = mine >= 1.0 and total >= 1.0
+        ok = mine >= cost and total >= cost
         if ok:
-            mine, total = mine - 1.0, total - 1.0
+            mine, total = mine - cost, total - cost
+        self._store(key, mine, total, now)
+        return ok
+
+    def charge(self, key: bytes, cost: float) -> None:
+        """Spend ``cost`` tokens of ``key`` and shared ones whatever is left (a cost known only
+        afterwards, e.g. time spent): the balance may go negative and refills from there."""
+        now = time.monotonic()
+        mine = self._refill(self._keys.get(key, (self.burst, now)), self.burst, self.rate, now)
+        total = self._refill(self._total, self.total_burst, self.total_rate, now)
+        self._store(key, mine - cost, total - cost, now)
+
+    def _store(self, key: bytes, mine: float, total: float, now: float) -> None:
         self._keys[key] = (mine, now)
         self._keys.move_to_end(key)
         self._total = (total, now)
         while len(self._keys) > self.max_keys:
             self._keys.popitem(last=False)
-        return ok
 
-    def has_tokens(self, key: bytes) -> bool:
-        """Whether ``key`` could spend a token now (nothing is spent; unknown keys have a full bucket)."""
+    def has_tokens(self, key: bytes, need: float = 1.0) -> bool:
+        """Whether ``key`` and the shared bucket hold at least ``need`` tokens now (nothing is spent;
+        unknown keys have a full bucket). ``need=0``: whether neither is in debt."""
+        now = time.monotonic()
+        state = self._keys.get(key)
+        mine = self.burst if state is None else self._refill(state, self.burst, self.rate, now)
+        return mine >= need and self._refill(self._total, self.total_burst, self.total_rate, now) >= need
+
+    def has_own_tokens(self, key: bytes) -> bool:
+        """Whether ``key`` could spend one token now, ignoring the shared bucket."""
         state = self._keys.get(key)
         return state is None or self._refill(state, self.burst, self.rate, time.monotonic()) >= 1.0
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
     def forget(self, key: bytes) -> None:
         self._keys.pop(key, None)

@@ -88,9 +88,10 @@ def run_serve(cfg: ServeConfig) -> int:
             code = EXIT_THREAD_DIED
             break
     server.stop()
-    log.info("stopped: %d messages received, %d chunks served, %d transitions, errors %s (%d unanswered)",
-             server.stats.received, server.stats.chunks, server.stats.transitions, server.stats.errors or "none",
-             server.stats.unanswered)
+    log.info("stopped: %d messages received, %d chunks served, %d transitions, errors %s (%d unanswered), "
+             "%d dropped unread from flooding peers", server.stats.received, server.stats.chunks,
+             server.stats.transitions, server.stats.errors or "none", server.stats.unanswered,
+             server.stats.flood_dropped)
     if code:
         logging.shutdown()
         os._exit(code)  # a wedged thread must not keep the process alive
