@@ -6,10 +6,13 @@ Stages (each kept in --out-dir and reused when its output exists):
 1. ``demos.hdf5``: --demos scripted teleop demonstrations (OGBench's plan oracle with action noise
    --noise), each labelled by the sim's outcome, as an operator's verdict would label it.
 2. ``labelled_lo.hdf5``, ``labelled_hi.hdf5``: --labelled more scripted episodes at noise --noise
-   and 4x --noise (a mix of successes and failures) for the success detector, and ``judged/``:
-   --judged episodes of the offline policy (stage 3) on the blind sim judged by the scripted
-   operator, as an operator judges the first fine-tuning episodes; ``reward.onnx`` trained on both files
-   (``qc-robot reward``), its held-out per-episode false-positive rate printed.
+   and 4x --noise (a mix of successes and failures), then --judge-rounds rounds of episodes of the
+   offline policy (stage 3) on the blind sim, logged by the server (``judged<r>/``): in round 0 the
+   scripted operator judges each; in round r > 0 the detector of round r-1 ends them and the
+   operator overrules its false fires. ``reward<r>.onnx`` (``qc-robot reward``) learns from every
+   file so far; the last is ``reward.onnx``. The sim's episodes end at their first success frame,
+   so only that frame is a positive (--positive-frames 1). Arms a and b run it at the lowest
+   threshold of its held-out sweep with a per-episode false-positive rate <= --fp-target.
 3. ``offline/checkpoint.pt``: ``qc-robot train`` on the demos alone (sparse rewards: -1 a step,
    0 and the end at success, as verdicts give them),
    exported to ``model.onnx``.
@@ -108,24 +111,44 @@ def evaluate(ckpt: Path, episodes: int, seed: int, log: Path) -> tuple[int, int]
     return round(float(m.group(1)) * n), n
 
 
-def judged_episodes(args: argparse.Namespace, out: Path, onnx: Path) -> list[Path]:
-    """--judged episodes of the offline policy on the blind sim, each judged by the scripted
-    operator (the sim's hidden outcome; it takes over when the policy stalls), logged by the server:
-    the first fine-tuning episodes an operator judges by hand before a detector takes over. They
-    are the detector's only view of the states the policy visits."""
-    d = out / "judged"
-    if not list(d.glob("*.hdf5")) and args.judged > 0:
+def judge(args: argparse.Namespace, out: Path, onnx: Path, rnd: int, detector: Path | None) -> list[Path]:
+    """Round ``rnd`` of judged episodes of the offline policy on the blind sim, logged by the
+    server. Round 0: the scripted operator judges each (the sim's hidden outcome), as an operator
+    judges the first fine-tuning episodes by hand. Later rounds: ``detector`` ends them and the
+    operator reviews each fire against the truth, overruling the false ones: the corrections
+    become labelled data (the near misses a detector mistakes for successes). The operator takes
+    over when the policy stalls, in every round."""
+    d = out / f"judged{rnd}"
+    if not list(d.glob("*.hdf5")):
+        shutil.rmtree(d, ignore_errors=True)
         port = args.port - 2
         server = background(["qc-robot", "serve", "--policy", str(onnx), f"bind=tcp://127.0.0.1:{port}",
-                             f"log_dir={d}", "threads=1", "providers=cpu"], out / "serve_judged.log")
+                             f"log_dir={d}", "threads=1", "providers=cpu"], out / f"serve_judged{rnd}.log")
         time.sleep(3)
+        cmd = ["qc-robot", "drive", "driver=sim", f"env={args.task}", f"server=tcp://127.0.0.1:{port}",
+               f"episodes={args.judged * (rnd + 1)}", f"seed={50_000 + 10_000 * rnd}", "realtime=false", "blind=true",
+               "operator=scripted", f"operator_args.noise={args.noise:g}", "env.sparse_reward=true"]
+        if detector is not None:
+            cmd += [f"reward_model={detector}", "operator_args.verdicts=false", "review_s=0.2"]
         try:
-            run(["qc-robot", "drive", "driver=sim", f"env={args.task}", f"server=tcp://127.0.0.1:{port}",
-                 f"episodes={args.judged}", "seed=50000", "realtime=false", "blind=true", "operator=scripted",
-                 f"operator_args.noise={args.noise:g}", "env.sparse_reward=true"], 3600, out / "drive_judged.log")
+            run(cmd, 3600, out / f"drive_judged{rnd}.log")
         finally:
             stop(server)
     return sorted(d.glob("*.hdf5"))
+
+
+def train_reward(args: argparse.Namespace, files: list[Path], out_file: Path) -> None:
+    if not out_file.exists():
+        run(["qc-robot", "reward", *map(str, files), f"out={out_file}", f"positive_frames={args.positive_frames}",
+             f"gap_frames={args.gap_frames}", "progress=false"], 3600, out_file.with_suffix(".log"))
+
+
+def live_fires(log: Path) -> str:
+    """The detector's record in a drive log: fires and the operator's overrules."""
+    m = re.search(r"reward model: fired in (\d+)/(\d+) episodes; overruled (\d+) of (\d+) operator verdicts "
+                  r"\((\d+) false positives, (\d+) missed", log.read_text() if log.exists() else "")
+    return (f"fired in {m.group(1)}/{m.group(2)} episodes, {m.group(5)} of them false (overruled), "
+            f"{m.group(6)} successes missed" if m else "n/a")
 
 
 def ckpt_counts(path: Path, offline_step: int) -> tuple[int, int, int]:
@@ -262,7 +285,12 @@ def main() -> int:
     ap.add_argument("--eval-seed", type=int, default=5000)
     ap.add_argument("--arms", default="a,b,c")
     ap.add_argument("--fp-threshold", type=float, default=0.2)
-    ap.add_argument("--judged", type=int, default=40, help="judged episodes of the offline policy for the detector")
+    ap.add_argument("--judged", type=int, default=40,
+                    help="judged episodes of the offline policy in the detector's first round (r+1 times as many in round r)")
+    ap.add_argument("--judge-rounds", type=int, default=3, help="rounds of judging and retraining the detector")
+    ap.add_argument("--positive-frames", type=int, default=1,
+                    help="the sim's episodes end at their first success frame: only it shows a success")
+    ap.add_argument("--gap-frames", type=int, default=8)
     ap.add_argument("--fp-target", type=float, default=0.0,
                     help="arms a, b: the lowest detector threshold whose held-out per-episode false-positive rate "
                          "is at most this (-1: the threshold stored in the detector)")
@@ -298,11 +326,18 @@ def main() -> int:
         run(["qc-robot", "export", f"checkpoint={ckpt}", f"out={onnx}"], 600, out / "export.log")
     offline_step = ckpt_counts(ckpt, 0)[0]
 
-    judged = judged_episodes(args, out, onnx)
+    files = [demos, lo_noise, hi_noise]
+    detector: Path | None = None
+    for rnd in range(args.judge_rounds):  # judge, retrain on the corrections, judge again
+        files += judge(args, out, onnx, rnd, detector)
+        detector = out / f"reward{rnd}.onnx"
+        train_reward(args, files, detector)
     reward = out / "reward.onnx"
-    if not reward.exists():
-        run(["qc-robot", "reward", str(demos), str(lo_noise), str(hi_noise), *map(str, judged), f"out={reward}"],
-            3600, out / "reward.log")
+    if detector is None:
+        train_reward(args, files, reward)
+    elif not reward.exists():
+        shutil.copy(detector, reward)
+        shutil.copy(detector.with_suffix(".metrics.json"), reward.with_suffix(".metrics.json"))
     det = json.loads(reward.with_suffix(".metrics.json").read_text())
     if args.fp_target >= 0:  # the lowest threshold whose held-out per-episode FPR meets the target
         ok = [r["threshold"] for r in det["valid"]["episode_sweep"] if r["fpr"] is not None
@@ -329,6 +364,9 @@ def main() -> int:
           f"false-positive rate {ep.get('fpr')} at threshold {det.get('threshold', 'stored')}; arms a, b run it at "
           f"{args.detector_threshold if args.detector_threshold > 0 else det.get('threshold')}; sweep "
           + ", ".join(f"{r['threshold']:g}: fpr {r['fpr']}" for r in det["valid"]["episode_sweep"]))
+    for rnd in range(1, args.judge_rounds):
+        print(f"Detector round {rnd - 1} on {args.judged * (rnd + 1)} fresh judged episodes: "
+              + live_fires(out / f"drive_judged{rnd}.log"))
     print()
     lo, hi = wilson(*offline)
     print("| arm | robot min | success | 95% Wilson CI | env steps | online updates | UTD held | episodes |")

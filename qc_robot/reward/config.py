@@ -46,6 +46,11 @@ class RewardConfig:
     """Gradient steps (Adam)."""
     batch_size: int = 256
     """Frames per step, half positives and half negatives (the classes are balanced by sampling)."""
+    hard_negative_frames: int = 10
+    """The last this many frames of each failure episode are hard negatives: where a failure ended
+    (a near miss, or a detector fire the operator overruled), the states most like a success."""
+    hard_negative_share: float = 0.25
+    """Share of each batch drawn from the hard negatives (0: negatives uniformly)."""
     lr: float = 1e-3
     """Adam learning rate."""
     weight_decay: float = 1e-4

@@ -65,10 +65,18 @@ def predict(net: DetectorNet, frames: LabelledFrames, rows: np.ndarray, batch: i
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+def hard_negatives(frames: LabelledFrames, episodes: np.ndarray, last: int) -> np.ndarray:
+    """Frame rows of the last ``last`` frames of each failure among ``episodes``."""
+    out = [frames.rows(np.array([e]))[-last:] for e in episodes if not frames.success[e]] if last > 0 else []
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
 def fit(cfg: RewardConfig, frames: LabelledFrames, train: np.ndarray) -> tuple[DetectorNet, list[float]]:
     """Train the detector on the labelled frames of ``train`` episodes; returns it and the loss curve.
 
-    Each batch is half positives and half negatives (positives are a few frames per success)."""
+    Each batch is half positives and half negatives (positives are a few frames per success); of
+    the negatives, ``hard_negative_share`` of the batch comes from the hard ones (the end of each
+    failure: uniform sampling would all but never show the detector the near misses)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     dev = _device(cfg.device)
@@ -76,6 +84,7 @@ def fit(cfg: RewardConfig, frames: LabelledFrames, train: np.ndarray) -> tuple[D
     pos, neg = rows[frames.labels[rows] == POSITIVE], rows[frames.labels[rows] == NEGATIVE]
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError(f"training needs positive and negative frames, got {len(pos)} and {len(neg)}")
+    hard = hard_negatives(frames, train, cfg.hard_negative_frames)
     shapes = {f.key: (int(f.shape[0]), int(f.shape[1]), int(f.shape[2]))
               for f in frames.obs_fields if f.key in frames.images}
     net = DetectorNet(frames.state.shape[1], shapes, cfg.hidden_dims, cfg.channels, cfg.blocks, cfg.image_dim)
@@ -84,12 +93,14 @@ def fit(cfg: RewardConfig, frames: LabelledFrames, train: np.ndarray) -> tuple[D
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     half = max(cfg.batch_size // 2, 1)
+    n_hard = min(half, int(round(cfg.batch_size * cfg.hard_negative_share))) if len(hard) else 0
     target = torch.cat([torch.ones(half), torch.zeros(half)]).to(dev)  # (B,)
     losses: list[float] = []
     from tqdm import tqdm
 
     for _ in tqdm(range(cfg.steps), desc="reward", disable=not cfg.progress, leave=False):
-        idx = np.concatenate([rng.choice(pos, half), rng.choice(neg, half)])  # (B,)
+        idx = np.concatenate([rng.choice(pos, half), rng.choice(hard, n_hard) if n_hard else hard[:0],
+                              rng.choice(neg, half - n_hard)])  # (B,)
         state = torch.from_numpy(frames.state[idx]).to(dev)  # (B, O)
         imgs = [random_shift(torch.from_numpy(frames.images[k][idx]).to(dev), cfg.aug_pad) for k in net.image_keys]
         loss = loss_fn(net.logits(state, imgs, cfg.obs_noise), target)
