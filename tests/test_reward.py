@@ -16,7 +16,7 @@ from qc_robot.config import EnvConfig
 from qc_robot.policies.success_detector import SuccessDetector, first_fire
 from qc_robot.reward.config import RewardConfig
 from qc_robot.reward.data import IGNORED, NEGATIVE, POSITIVE, frame_labels
-from qc_robot.reward.train import metrics_path, train_and_export
+from qc_robot.reward.train import hard_negatives, metrics_path, train_and_export
 from qc_robot.teleop.config import TeleopConfig
 from qc_robot.teleop.session import run_teleop
 
@@ -59,6 +59,19 @@ def test_frame_labels_follow_the_episode_verdict():
     np.testing.assert_array_equal(frame_labels(8, True, 2, 3), [0, 0, 0, -1, -1, -1, 1, 1])
     np.testing.assert_array_equal(frame_labels(8, False, 2, 3), [0] * 8)
     np.testing.assert_array_equal(frame_labels(3, True, 2, 3), [-1, 1, 1])
+
+
+def test_hard_negatives_are_the_last_frames_of_each_failure_and_only_those(trained):
+    result, _ = trained
+    frames = result.frames
+    hard = hard_negatives(frames, result.train, 4)
+    failures = [e for e in result.train if not frames.success[e]]
+    assert len(hard) == 4 * len(failures)
+    for e in result.train:  # every hard negative ends a failure; a success contributes none
+        rows = frames.rows(np.array([e]))
+        picked = np.intersect1d(hard, rows)
+        np.testing.assert_array_equal(picked, rows[-4:] if not frames.success[e] else rows[:0])
+    assert (frames.labels[hard] == NEGATIVE).all()
 
 
 def test_training_reaches_the_stated_held_out_f1(trained, demos):
