@@ -328,7 +328,10 @@ class PolicyClient:
             self._description = msg
             return None
         if isinstance(msg, P.Heartbeat):
-            self._pong[msg.seq] = time.monotonic()
+            if msg.seq > self._hb_seq - 8:  # only echoes a ping may still wait for: the rest are never read
+                self._pong[msg.seq] = time.monotonic()
+            for old in [s for s in self._pong if s <= self._hb_seq - 8]:
+                del self._pong[old]
             self.learner_behind = msg.learner_behind
             return None
         if isinstance(msg, P.Ack):  # the server journaled our outbox up to msg.seq

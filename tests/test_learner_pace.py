@@ -111,3 +111,14 @@ def test_the_figures_travel_as_optional_fields():
 
     old = msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "ack", "seq": 7})
     assert P.decode(old).behind == 0  # type: ignore[union-attr]
+
+
+def test_heartbeat_echoes_nobody_waits_for_are_not_kept(rig):
+    """A driver pings on every idle heartbeat interval for hours: the echoes it never reads must
+    not pile up."""
+    srv, link, client, driver = rig
+    for _ in range(200):
+        client.ping()  # no wait: the echo arrives later, unread
+        client.poll(0.001)
+    assert client.ping(timeout_s=30.0) is not None  # a ping that waits still gets its round trip
+    assert len(client._pong) <= 8
