@@ -151,6 +151,16 @@ def live_fires(log: Path) -> str:
             f"{m.group(6)} successes missed" if m else "n/a")
 
 
+def cached_eval(record: Path, ckpt: Path, args: argparse.Namespace) -> tuple[int, int]:
+    """``evaluate``, kept in ``record`` for the same episodes and seed (a rerun adds arms, not work)."""
+    key = {"episodes": args.eval_episodes, "seed": args.eval_seed}
+    if record.exists() and (got := json.loads(record.read_text()))["key"] == key:
+        return int(got["k"]), int(got["n"])
+    k, n = evaluate(ckpt, args.eval_episodes, args.eval_seed, record.with_suffix(".log"))
+    record.write_text(json.dumps({"key": key, "k": k, "n": n}))
+    return k, n
+
+
 def ckpt_counts(path: Path, offline_step: int) -> tuple[int, int, int]:
     """(online updates, env steps, finished episodes) of a finetune checkpoint."""
     import torch
@@ -345,10 +355,10 @@ def main() -> int:
         args.detector_threshold = min(ok) if ok else max(r["threshold"] for r in det["valid"]["episode_sweep"])
 
     results = [run_arm(a, args, out, onnx, ckpt, offline_step, args.port + 2 * i) for i, a in enumerate(arms)]
-    offline = evaluate(ckpt, args.eval_episodes, args.eval_seed, out / "eval_offline.log")
+    offline = cached_eval(out / "eval_offline.json", ckpt, args)
     for r in results:
         for s in r.snaps:
-            s.k, s.n = evaluate(s.path, args.eval_episodes, args.eval_seed, out / r.arm / f"eval_{s.minute:g}.log")
+            s.k, s.n = cached_eval(out / r.arm / f"eval_{s.minute:g}.json", s.path, args)
     rates = {r.arm: intervention_rates(out / r.arm / "ft" / "episodes.csv", r.snaps) for r in results
              if r.arm in ("a", "a_fp")}
     plot(results, offline, rates, Path(args.png))
