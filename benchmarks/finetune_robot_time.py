@@ -271,6 +271,7 @@ def plot(results: list[ArmResult], offline: tuple[int, int], rates: dict[str, li
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     bx.set_ylabel("intervention rate")
+    bx.set_ylim(bottom=0.0)
     bx.set_xlabel("robot wall-clock minutes")
     bx.grid(alpha=0.3)
     if rates:
