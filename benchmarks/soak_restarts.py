@@ -1,6 +1,7 @@
 """Fault soak of the fine-tuning stack: n wall-clock sim robots, one server with a journal, one
-learner; every process is killed with SIGKILL at random and restarted, the learner is also
-stopped (SIGSTOP) for a while. Then everything is drained and counted (issue 25):
+learner; every process is killed with SIGKILL and restarted, each once per round in a random
+order (the learner's first turn stops it with SIGSTOP for 20 s instead). Then everything is
+drained and counted (issue 25):
 
 * delivery: transitions produced by the robots' outboxes, journaled (distinct, re-journaled),
   applied by the learner; lost = produced - journaled;
@@ -116,6 +117,7 @@ def main() -> int:
     faults: list[str] = []
     t_end = time.monotonic() + 60 * args.minutes
     paused = False
+    queue: list[Proc] = []
     while time.monotonic() < t_end:
         wait = rng.expovariate(1.0 / args.fault_every)
         deadline = min(t_end, time.monotonic() + wait)
@@ -124,8 +126,11 @@ def main() -> int:
             time.sleep(1.0)
         if time.monotonic() >= t_end:
             break
-        victim = rng.choice([server, learner, *robots])
-        if victim is learner and not paused and rng.random() < 0.3:
+        if not queue:  # every process is hit once per round, in a random order
+            queue = [server, learner, *robots]
+            rng.shuffle(queue)
+        victim = queue.pop()
+        if victim is learner and not paused:  # the learner's first turn: stopped, not killed
             faults.append(f"{time.monotonic() - t_end + 60 * args.minutes:.0f}s stop learner 20 s")
             victim.pause(20.0)
             paused = True
