@@ -387,7 +387,7 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
                     takeover_cmds.add(info.step)
             else:
                 action = ex.act(obs, res.steps, episode_id)
-            version = getattr(ex, "last_version", "") if action is not None and not (op is not None and op.takeover) else ""
+            version = ex.last_version if action is not None and not (op is not None and op.takeover) else ""
             if version and driver.realtime:
                 cmd_versions[info.step] = version
             held_before = driver.stats.held

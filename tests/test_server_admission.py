@@ -63,8 +63,9 @@ def image_server(serve) -> Iterator[ControlServer]:
     yield serve(RandomPolicy(image_spec()))
 
 
-def _pinger(address: str, stop: threading.Event, rtts: list[float]) -> None:
-    """Another peer's heartbeats, one at a time: how long each waits for its echo."""
+def _pinger(address: str, stop: threading.Event, rtts: list[float], answered: threading.Event) -> None:
+    """Another peer's heartbeats, one at a time: how long each waits for its echo (``answered``
+    is set at the first echo, or when one never comes)."""
     raw = Raw(address)
     seq = 0
     try:
@@ -76,9 +77,11 @@ def _pinger(address: str, stop: threading.Event, rtts: list[float]) -> None:
                 m = P.decode(raw.sock.recv())
                 if isinstance(m, P.Heartbeat) and m.seq == seq:
                     rtts.append(time.perf_counter() - t0)
+                    answered.set()
                     break
             else:
                 rtts.append(float("inf"))
+                answered.set()
                 return
     finally:
         raw.close()
@@ -88,11 +91,10 @@ def _worst_heartbeat_while(address: str, attacker: Raw, messages: list[bytes]) -
     """The slowest heartbeat echo another peer saw while ``attacker`` sent ``messages``, and the
     attacker's replies."""
     rtts: list[float] = []
-    stop = threading.Event()
-    t = threading.Thread(target=_pinger, args=(address, stop, rtts))
+    stop, answered = threading.Event(), threading.Event()
+    t = threading.Thread(target=_pinger, args=(address, stop, rtts, answered))
     t.start()
-    while not rtts:  # the pinger is answered before the attack starts
-        time.sleep(0.01)
+    assert answered.wait(120), "the pinger is answered before the attack starts"
     for m in messages:
         attacker.sock.send(m)
     replies = _sync(attacker)  # every attack message has been handled
