@@ -177,12 +177,28 @@ class Driver(ABC):
             raise ValueError("action contains NaN/inf")
         a = np.clip(a, self.spec.action_low, self.spec.action_high)
         self._apply(a)
+        self._last_command = a
         return a
 
+    hold_keeps: tuple[int, ...] = ()
+    """Action dimensions the hold repeats from the last command instead of zeroing: a command the
+    robot needs *kept* to stay as it is, such as the OGBench sim's gripper (a zero gripper command
+    there means "stop squeezing": a held cube would be let go)."""
+    _last_command: np.ndarray | None = None
+
     def hold_action(self) -> np.ndarray:
-        """The command that keeps the robot where it is. Zeros (inside the limits) suit delta and
-        velocity control; position-controlled drivers override it with the current position."""
-        return np.clip(np.zeros(self.spec.action_dim, np.float32), self.spec.action_low, self.spec.action_high)
+        """The command that keeps the robot where it is, its grasp included. Zeros (inside the
+        limits) suit delta and velocity control, with the ``hold_keeps`` dimensions of the last
+        command; position-controlled drivers override it with the current position."""
+        a = np.zeros(self.spec.action_dim, np.float32)
+        if self.hold_keeps and self._last_command is not None:
+            keep = list(self.hold_keeps)
+            a[keep] = self._last_command[keep]
+        return np.clip(a, self.spec.action_low, self.spec.action_high)
+
+    def _forget_command(self) -> None:
+        """A new episode: the hold repeats nothing of the last one."""
+        self._last_command = None
 
     def stop(self) -> None:
         """Bring the robot to a safe stop where it is (never by reading the hardware first: a

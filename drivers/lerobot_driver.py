@@ -63,7 +63,9 @@ class LeRobotConfig:
     """Steps before an episode is truncated; 0: 30 s of control ticks (600 at 20 Hz,
     ``base.ARM_EPISODE_S``), negative: no limit (episodes end only by the operator)."""
     action_mode: str = "delta"
-    """'delta' (a step of at most ``max_step`` per joint, zeros hold) or 'absolute' (joint targets)."""
+    """'delta' (a step of at most ``max_step`` per joint) or 'absolute' (joint targets). The hold (a
+    tick with no fresh command) keeps every joint's target, the gripper's included, so a grasp is
+    kept: zeros in delta mode, the current targets in absolute mode."""
     max_step: float = 0.05
     """delta: largest change of a joint target per step for a unit action, in target units (with
     ``normalize``: fractions of the [-1, 1] range, so 0.05 is 2.5 % of the joint's travel)."""

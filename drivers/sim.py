@@ -84,6 +84,11 @@ class SimConfig:
     reward 0, no success and no termination at the goal (the episode runs until an operator's
     verdict or the time limit). The true outcome stays readable through ``hidden_info`` for the
     scripted operator alone."""
+    hold_keeps: list[int] | None = None
+    """The hold (a tick with no fresh command): zero motion, and these action dimensions repeated
+    from the last command. None: the gripper's (the last dimension). OGBench's gripper command is
+    relative to the fingers' current opening, so a zero there stops the squeeze and a grasped cube
+    is let go; repeating the last one keeps the grasp."""
 
 
 class SimDriver(Driver):
@@ -108,6 +113,10 @@ class SimDriver(Driver):
                 raise ValueError(f"image_key and obs_key are both {cfg.obs_key!r}")
             fields.append(ObsField(cfg.image_key, (self.image_size, self.image_size, 3), "uint8"))
         self.spec = DriverSpec(fields, a, -np.ones(a), np.ones(a), self.task.control_hz, limit)
+        keeps = [a - 1] if cfg.hold_keeps is None else [int(i) for i in cfg.hold_keeps]
+        if any(not 0 <= i < a for i in keeps):
+            raise ValueError(f"hold_keeps {keeps}: action dimensions are 0..{a - 1}")
+        self.hold_keeps = tuple(keeps)
         self.realtime = cfg.realtime
         self._period = 1.0 / (self.task.control_hz * cfg.time_scale)  # wall seconds per tick
         self.calibration: Any = None
@@ -205,6 +214,7 @@ class SimDriver(Driver):
 
             phys = self.calibration.physics
             self._physics.apply(sample_params(phys["ranges"], self._phys_rng, phys["params"]))
+        self._forget_command()
         with self._lock:
             obs, _ = self._env.reset(seed=seed)
             if self.image_size > 0:

@@ -57,7 +57,9 @@ class XArmConfig:
     """Tool translation per step for a unit command (``step_mm × control_hz ≤ speed_mm_s``)."""
     step_yaw_deg: float = 5.0
     gripper_step: float = 0.25
-    """Change of the gripper's closing fraction per step for a unit command."""
+    """Change of the gripper's closing fraction per step for a unit command. The hold (a tick with
+    no fresh command) is all zeros: the tool target and the gripper's closing target both stay, so
+    a grasp is kept."""
     workspace_low_mm: list[float] = field(default_factory=lambda: [250.0, -250.0, 80.0])
     """Lowest x, y, z of the tool target (base frame, mm)."""
     workspace_high_mm: list[float] = field(default_factory=lambda: [550.0, 250.0, 400.0])

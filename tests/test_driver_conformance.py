@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -222,9 +223,73 @@ def test_held_rows_are_the_ticks_that_held(driver: Driver) -> None:
     res, rows = run_scripted(safe, script, max_steps=12)
     assert res.steps == 12 and len(rows) == 12
     assert [r.held for r in rows] == [i % 3 == 2 for i in range(12)]
-    held = [r for r in rows if r.held]
-    for r in held:
-        np.testing.assert_allclose(r.action, driver.hold_action(), atol=2e-3)
+    keeps = list(driver.hold_keeps)
+    for prev, r in zip(rows, rows[1:], strict=False):
+        if r.held:  # zero motion; the dims the driver keeps (its gripper) repeat the last command
+            hold = np.zeros(driver.spec.action_dim, np.float32) if not driver.absolute_actions else r.action
+            hold[keeps] = prev.action[keeps]
+            np.testing.assert_allclose(r.action, np.clip(hold, driver.spec.action_low, driver.spec.action_high),
+                                       atol=2e-3)
+
+
+GRIPPERS: dict[str, tuple[int, int]] = {"xarm": (4, 4), "lerobot": (5, 5)}
+"""Hardware drivers with a gripper: (its action dimension, +1 closes; its reading in ``state``, up
+closes). The sim's grasp is checked on a cube (``_sim_grasp``); the mock has no gripper."""
+
+
+def _sim_grasp(safe: SafeDriver) -> tuple[float, float]:
+    """Pick the cube with OGBench's plan oracle until it is off the table; then (the fingers'
+    contact reading, the gripper actuator's force)."""
+    from qc_robot.teleop.scripted import ScriptedOperator
+
+    sim: Any = safe.driver
+    op = ScriptedOperator(lambda: sim.env, oracle="plan", seed=0)
+    op.episode_started(safe.reset(3))
+    env = sim.env.unwrapped
+    for _ in range(150):
+        safe.act(np.asarray(op.read().action, np.float32))
+        if env.compute_ob_info()["privileged/block_0_pos"][2] > 0.05:
+            break
+    else:
+        pytest.fail("the oracle did not lift the cube: no grasp to hold")
+    info = env.compute_ob_info()
+    return float(info["proprio/gripper_contact"][0]), float(env.data.actuator_force[env._gripper_actuator_ids][0])
+
+
+def test_the_hold_keeps_a_grasp(driver: Driver) -> None:
+    """Ticks without a fresh action (a reply late under inference delay) hold the robot *and its
+    grasp*: a held gripper keeps squeezing (sim: on a lifted cube) or keeps its closed target."""
+    safe = SafeDriver(driver, SafetyConfig(watchdog_s=1e9))
+    if driver.name == "sim":
+        contact, force = _sim_grasp(safe)
+        assert contact > 0.5 and force > 1.0, "the oracle's grasp does not squeeze the cube"
+        for _ in range(10):
+            safe.act(None)
+        after_contact, after_force = _sim_grasp_reading(safe)
+        assert safe.stats.held >= 10
+        assert after_contact > 0.5 and after_force > 0.5 * force, (
+            f"the hold let the cube go: contact {contact:.2f} → {after_contact:.2f}, "
+            f"grip force {force:.2f} → {after_force:.2f}")
+        return
+    if driver.name not in GRIPPERS:
+        pytest.skip(f"{driver.name}: no gripper")
+    dim, reading = GRIPPERS[driver.name]
+    safe.reset(0)
+    close = np.zeros(driver.spec.action_dim, np.float32)
+    close[dim] = 1.0
+    for _ in range(3):
+        safe.act(close)
+    closed = float(safe.get_observation()["state"][reading])
+    for _ in range(5):
+        safe.act(None)
+    held = float(safe.get_observation()["state"][reading])
+    assert held >= closed - 1e-3, f"the hold opened the gripper: {closed:.3f} → {held:.3f}"
+
+
+def _sim_grasp_reading(safe: SafeDriver) -> tuple[float, float]:
+    env = safe.driver.env.unwrapped  # type: ignore[attr-defined]
+    return (float(env.compute_ob_info()["proprio/gripper_contact"][0]),
+            float(env.data.actuator_force[env._gripper_actuator_ids][0]))
 
 
 def test_a_latched_stop_ends_the_episode_truncated(driver: Driver) -> None:
