@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from e2e_common import wilson  # benchmarks/ is the script's directory
 
 TASK = "cube-single-task1"
 MODES = ("open_loop", "latency_aware", "rtc", "temporal_ensemble")
-DELAYS_MS = (0, 50, 100, 200)
+DELAYS_MS = (0, 50, 100, 150, 200, 300)
 PERIOD_MS = 50.0
 
 
@@ -120,9 +121,11 @@ def train_policy(out: Path, demos: list[dict[str, np.ndarray]], horizon: int, st
 # -- one cell: a mode at a delay -----------------------------------------------------------------
 
 
-def run_cell(args: tuple[str, str, int, int, int]) -> dict[str, Any]:
-    """Run ``episodes`` episodes of ``mode`` with ``delay_ms``; returns the per-episode records."""
-    policy_path, mode, delay_ms, episodes, threshold_pct = args
+def run_cell(args: tuple[str, str, int, int, int] | tuple[str, str, int, int, int, int]) -> dict[str, Any]:
+    """Run ``episodes`` episodes of ``mode`` with ``delay_ms`` (and ``max_inflight``, 1: no
+    pipelining); returns the per-episode records."""
+    policy_path, mode, delay_ms, episodes, threshold_pct = args[:5]
+    inflight = args[5] if len(args) > 5 else 1
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from qc_robot.drivers.executor import ChunkExecutor
     from qc_robot.drivers.safety import SafeDriver
@@ -137,7 +140,8 @@ def run_cell(args: tuple[str, str, int, int, int]) -> dict[str, Any]:
     clock = [0]
     source = DelayedPolicySource(policy, delay_steps, lambda: clock[0])
     # tick_wait: a reply due within this tick (delay 0) serves it, as the realtime runner's wait does
-    ex = ChunkExecutor(source, policy.meta.chunk_len, mode, threshold=threshold_pct / 100.0, tick_wait_s=2e-4)
+    ex = ChunkExecutor(source, policy.meta.chunk_len, mode, threshold=threshold_pct / 100.0, tick_wait_s=2e-4,
+                       max_inflight=inflight)
     records = []
     t0 = time.perf_counter()
     for ep in range(episodes):
@@ -164,7 +168,8 @@ def run_cell(args: tuple[str, str, int, int, int]) -> dict[str, Any]:
                         "seam_jerk": jerk, "seams": seams, "jerk_all": float(d2.mean()),
                         "held": driver.stats.held - held0})
     driver.close()
-    return {"mode": mode, "delay_ms": delay_ms, "records": records, "wall_s": time.perf_counter() - t0}
+    return {"mode": mode, "delay_ms": delay_ms, "inflight": inflight, "records": records,
+            "wall_s": time.perf_counter() - t0}
 
 
 # -- the cost of guidance ------------------------------------------------------------------------
@@ -224,8 +229,8 @@ def summarize(cell: dict[str, Any]) -> dict[str, Any]:
     ok = [x for x in r if x["success"]]
     seam = [x["seam_jerk"] for x in r if x["seams"] > 0]
     return {
-        "mode": cell["mode"], "delay_ms": cell["delay_ms"], "episodes": len(r),
-        "success": len(ok) / max(1, len(r)),
+        "mode": cell["mode"], "delay_ms": cell["delay_ms"], "inflight": cell.get("inflight", 1), "episodes": len(r),
+        "successes": len(ok), "success": len(ok) / max(1, len(r)),
         "completion_s": float(np.median([x["success_tick"] for x in ok])) * PERIOD_MS / 1e3 if ok else float("nan"),
         "seam_jerk": float(np.mean(seam)) if seam else float("nan"),
         "seam_jerk_p50": float(np.median(seam)) if seam else float("nan"),
@@ -237,12 +242,15 @@ def summarize(cell: dict[str, Any]) -> dict[str, Any]:
 
 def write_table(rows: list[dict[str, Any]], out: Path | None, header: str) -> str:
     lines = [header, "",
-             "| delay | mode | episodes | success | completion p50 (s) | seam jerk mean / p50 | jerk, all steps | held ticks / episode (share) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| delay | mode | in flight ≤ | episodes | success [95% Wilson CI] | completion p50 (s) | seam jerk mean / p50 "
+             "| jerk, all steps | held ticks / episode (share) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        se = math.sqrt(r["success"] * (1 - r["success"]) / max(1, r["episodes"]))
+        k = r.get("successes", round(r["success"] * r["episodes"]))
+        lo, hi = wilson(k, r["episodes"])
         lines.append(
-            f"| {r['delay_ms']} ms | `{r['mode']}` | {r['episodes']} | {100 * r['success']:.0f}% ± {100 * se:.0f} | "
+            f"| {r['delay_ms']} ms | `{r['mode']}` | {r.get('inflight', 1)} | {r['episodes']} | "
+            f"{k}/{r['episodes']} [{100 * lo:.0f}, {100 * hi:.0f}] | "
             f"{r['completion_s']:.2f} | {r['seam_jerk']:.4f} / {r['seam_jerk_p50']:.4f} | {r['jerk_all']:.4f} | "
             f"{r['held_per_ep']:.1f} ({100 * r['held_frac']:.0f}%) |")
     text = "\n".join(lines) + "\n"
@@ -263,8 +271,12 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
             ("seam_jerk", "seam jerk (mean Δ²a², log)"), ("held_per_ep", "held ticks / episode")]
     for ax, (key, label) in zip(axes, keys, strict=True):
         for mode in MODES:
-            pts = sorted((r["delay_ms"], r[key]) for r in rows if r["mode"] == mode)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+            for inflight in sorted({r.get("inflight", 1) for r in rows if r["mode"] == mode}):
+                pts = sorted((r["delay_ms"], r[key]) for r in rows
+                             if r["mode"] == mode and r.get("inflight", 1) == inflight)
+                name = mode if inflight == 1 else f"{mode}, pipelined"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                        linestyle="-" if inflight == 1 else "--")
         ax.set_xlabel("injected inference delay (ms) at 20 Hz")
         ax.set_title(label)
         if key == "seam_jerk":
@@ -287,6 +299,8 @@ def main() -> None:
     ap.add_argument("--delays", default=",".join(map(str, DELAYS_MS)))
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--threshold", type=int, default=50, help="request threshold, percent of H")
+    ap.add_argument("--inflight", default="1", help="max requests in flight to compare, e.g. 1,4 (1: no pipelining; "
+                    "open_loop always 1)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default="", help="write the per-cell summaries here")
     ap.add_argument("--out", default="")
@@ -309,15 +323,17 @@ def main() -> None:
         print(f"policy exported to {policy} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not policy:
         ap.error("give --policy or --train")
-    cells = [(policy, m, int(d), args.episodes, args.threshold)
-             for d in args.delays.split(",") for m in args.modes.split(",")]
+    cells = [(policy, m, int(d), args.episodes, args.threshold, int(k))
+             for d in args.delays.split(",") for m in args.modes.split(",") for k in args.inflight.split(",")
+             if m != "open_loop" or k == "1"]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         results = list(pool.map(run_cell, cells))
     rows = [summarize(c) for c in results]
     wall = time.perf_counter() - t0
     for c in results:
-        print(f"  {c['delay_ms']:>3} ms {c['mode']:<18} {len(c['records'])} episodes in {c['wall_s']:.0f} s", flush=True)
+        print(f"  {c['delay_ms']:>3} ms {c['mode']:<18} ≤{c['inflight']} in flight: {len(c['records'])} episodes "
+              f"in {c['wall_s']:.0f} s", flush=True)
     header = (f"Task {TASK}, 20 Hz, simulated clock (delay counted in control periods), "
               f"{args.episodes} episodes per cell (seeds 0..{args.episodes - 1}), request threshold "
               f"{args.threshold}% of H; policy {Path(policy).name}; {wall:.0f} s wall on {args.workers} workers.")

@@ -89,7 +89,7 @@ class PolicyClient:
         over-size message of ours). A leading zero byte is reserved by ZeroMQ."""
         self._sock: zmq.Socket | None = None
         self._ids = itertools.count(1)
-        self._outstanding: int | None = None
+        self._outstanding: set[int] = set()  # requests sent and not answered (several when pipelining)
         self._hello_sent = -1e9
         self._last_send = 0.0
         self._hb_seq = 0
@@ -174,7 +174,7 @@ class PolicyClient:
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         s.connect(self.address)
         self._sock, self.welcome, self.last_error = s, None, None
-        self._outstanding, self._hello_sent = None, -1e9
+        self._outstanding, self._hello_sent = set(), -1e9
         self._description = None
         if self.outbox is not None:
             self.outbox.rewind()  # a new session: whatever the old one did not acknowledge goes again
@@ -212,12 +212,19 @@ class PolicyClient:
         if not self._send(P.Observation(rid, episode_id, step, time.time(), obs, reset, prev_start_step,
                                         delay_steps)):
             return None
-        self._outstanding = rid
+        self._outstanding.add(rid)
         self.stats.requests += 1
         return rid
 
+    @property
+    def max_inflight(self) -> int:
+        """Observations the server queues per driver (its Welcome's ``max_inflight``; 1 from a
+        server that predates pipelining): more in flight would supersede each other there."""
+        w = self.welcome
+        return max(1, int(w.metadata.get("max_inflight", 1))) if w is not None else 1
+
     def poll(self, timeout_s: float = 0.0) -> P.Chunk | P.Error | None:
-        """The reply to the outstanding request if it is here (waiting up to ``timeout_s``)."""
+        """A reply to an outstanding request if one is here (waiting up to ``timeout_s``)."""
         deadline = time.monotonic() + timeout_s
         while True:
             reply = self._pump(max(0.0, deadline - time.monotonic()))
@@ -225,8 +232,8 @@ class PolicyClient:
                 return reply
 
     def cancel(self, timed_out: bool = False) -> None:
-        """Forget the outstanding request; its reply will be dropped. A timeout reconnects."""
-        self._outstanding = None
+        """Forget the outstanding requests; their replies will be dropped. A timeout reconnects."""
+        self._outstanding = set()
         if timed_out:
             self.stats.timeouts += 1
             self._session_lost("request timed out")
@@ -305,10 +312,10 @@ class PolicyClient:
 
     def _handle(self, msg: P.Message) -> P.Chunk | P.Error | None:
         if isinstance(msg, P.Chunk):
-            if msg.request_id != self._outstanding:
+            if msg.request_id not in self._outstanding:
                 self.stats.stale_dropped += 1
                 return None
-            self._outstanding = None
+            self._outstanding.discard(msg.request_id)
             self.stats.chunks += 1
             return msg
         if isinstance(msg, P.Welcome):
@@ -347,14 +354,14 @@ class PolicyClient:
         if isinstance(msg, P.Error):
             self.stats.errors += 1
             self.last_error = msg
-            mine = msg.request_id is not None and msg.request_id == self._outstanding
+            mine = msg.request_id is not None and msg.request_id in self._outstanding
             if msg.code == P.ErrorCode.NO_SESSION and self.welcome is not None:
                 self._session_lost("the server no longer knows our session (restarted?)")
                 self._new_socket()
                 self.stats.reconnects += 1
                 return msg if mine else None
             if mine:
-                self._outstanding = None
+                self._outstanding.discard(msg.request_id)
                 return msg
             if msg.request_id is None:
                 log.warning("server error: %s: %s", msg.code, msg.message)

@@ -32,6 +32,15 @@ class DriveConfig:
     request_threshold: float = 0.5
     """latency_aware and rtc: ask for the next chunk when this fraction of H (or the measured delay, if
     larger) is left in the queue."""
+    max_inflight: int = 4
+    """latency_aware, rtc, temporal_ensemble: requests in flight at most (pipelining: at a delay d
+    above H/2 further staggered requests keep a fresh chunk landing every H - d steps; how many
+    follows from the measured delay; also bounded by the server's ``max_inflight``). 1: one at a
+    time."""
+    inference_delay_steps: int = 0
+    """Lockstep drivers (realtime=false): release each reply this many control steps after its
+    request, on the world's clock: a robot PC's or network's inference delay reproduced exactly
+    (docs/rtc.md). 0: none (the world waits for every reply)."""
     realtime: bool = True
     """sim: wall-clock robot (True) or lockstep (False: the world waits for the policy)."""
     time_scale: float = 1.0

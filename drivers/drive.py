@@ -16,13 +16,14 @@ from qc_robot.calibration.files import load_calibration
 from qc_robot.drivers.client import HandshakeError, PolicyClient
 from qc_robot.drivers.config import DriveConfig
 from qc_robot.drivers.episode_stage import EpisodeStage, split_rows
-from qc_robot.drivers.executor import ChunkExecutor
+from qc_robot.drivers.executor import ChunkExecutor, ChunkSource
 from qc_robot.drivers.learner_pace import LearnerPace
 from qc_robot.drivers.outbox import Outbox
 from qc_robot.drivers.registry import build_driver_config, make_driver
 from qc_robot.drivers.runner import EpisodeResult, Pacer, PolicyPace, run_episode
 from qc_robot.drivers.safety import SafeDriver
 from qc_robot.drivers.shutdown import sigterm_as_interrupt
+from qc_robot.drivers.simclock import StepDelayedSource
 
 log = logging.getLogger("qc_robot.drive")
 
@@ -65,6 +66,10 @@ def run_drive(cfg: DriveConfig) -> int:
 
 def _run_drive(cfg: DriveConfig) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.max_inflight < 1 or cfg.inference_delay_steps < 0:
+        print(f"drive: max_inflight must be >= 1 (got {cfg.max_inflight}) and inference_delay_steps >= 0 "
+              f"(got {cfg.inference_delay_steps})")
+        return 2
     try:
         driver = build_driver(cfg)
         cal = load_calibration(cfg.calibration, task=cfg.env.name if cfg.driver == "sim" else None) \
@@ -123,10 +128,26 @@ def _run_drive(cfg: DriveConfig) -> int:
         pace = None
     if cfg.pace_every and driver.realtime:
         print("drive: pace_every applies to lockstep drivers only (a realtime robot cannot wait): ignored")
-    executor = ChunkExecutor(client, welcome.chunk_len, cfg.mode, cfg.request_threshold, cfg.request_timeout_s,
-                             wait_when_empty=not driver.realtime, gate=pace.accept if pace is not None else None,
+    delayed = cfg.inference_delay_steps > 0 and not driver.realtime
+    if cfg.inference_delay_steps > 0 and driver.realtime:
+        print("drive: inference_delay_steps applies to lockstep drivers (realtime=false); a realtime robot meets "
+              "the delay it has (serve delay_ms= adds one): ignored")
+    if delayed and pace is not None:
+        print("drive: pace_every waits for every reply, inference_delay_steps lets the world run on: pacing is off")
+        pace = None
+    source: ChunkSource = client
+    if delayed:  # every reply released k steps after its request, on the world's clock
+        source = StepDelayedSource(client, cfg.inference_delay_steps, lambda: driver.step_info().step,
+                                   cfg.request_timeout_s)
+    inflight = min(cfg.max_inflight, client.max_inflight)
+    if cfg.max_inflight > inflight:
+        print(f"drive: the server queues {inflight} observation(s) per driver: at most {inflight} request(s) in flight")
+    executor = ChunkExecutor(source, welcome.chunk_len, cfg.mode, cfg.request_threshold, cfg.request_timeout_s,
+                             wait_when_empty=not driver.realtime and not delayed,
+                             gate=pace.accept if pace is not None else None,
                              tick_wait_s=cfg.tick_wait / (driver.spec.control_hz * cfg.time_scale) if driver.realtime else 0.0,
-                             initial_delay_steps=cal.inference_delay_steps if cal is not None else 0)
+                             initial_delay_steps=cal.inference_delay_steps if cal is not None else 0,
+                             max_inflight=inflight)
     pacer = Pacer(driver.spec.control_hz * cfg.time_scale) if driver.realtime else None
     learner_pace = LearnerPace(client, driver, cfg.learner_wait, cfg.learner_wait_max_s,
                                1.0 / (driver.spec.control_hz * cfg.time_scale))
@@ -185,6 +206,12 @@ def _run_drive(cfg: DriveConfig) -> int:
     print(f"success {n_ok}/{len(counted)} ({pct:.1f}%)  requests {executor.stats.requests}  timeouts "
           f"{executor.stats.timeouts}  stale actions dropped {executor.stats.dropped_stale}  "
           f"safety: rejected {driver.stats.rejected}, trips {driver.stats.trips}")
+    if executor.stats.delay_steps:
+        d = np.asarray(executor.stats.delay_steps)
+        print(f"inference delay: p50 {np.median(d):.0f}, max {d.max()} control steps (H={welcome.chunk_len}; "
+              f"mode {cfg.mode}, at most {executor.max_inflight} request(s) in flight)"
+              + (f"; {executor.stats.behind} chunk(s) arrived wholly stale: no mode keeps up, docs/rtc.md"
+                 if executor.stats.behind else ""))
     print(f"policy: {label}; held {sum(_held(driver, r) for r in results)} of {sum(r.rows for r in results)} "
           "robot steps (no fresh policy action: waiting for a chunk, server lost or operator pause)")
     lost_eps = sum(r.offline_s > 0 for r in results)

@@ -18,6 +18,17 @@ Four strategies, one object (``mode``):
   in flight; the action for a step is the average of every prediction received for it,
   weighted ``exp(-m·j)`` with j = 0 for the oldest (``ensemble_m``, ACT's m = 0.01).
 
+**Pipelining** (``max_inflight`` > 1; not ``open_loop``): with one request in flight, a delay of d
+steps leaves only H − d fresh actions per reply, so at d > H/2 the robot holds between replies
+(at H = 5, d = 3: every third tick). The executor then keeps further requests in flight,
+staggered, each conditioned on its own observation: it asks whenever what is queued *or asked
+for* runs out within d steps, so a fresh chunk lands every H − d steps with zero held ticks
+whenever d < H. How many are in flight follows from the measured d; ``max_inflight`` bounds it
+(and the server's ``max_inflight``, advertised in its Welcome). ``rtc`` names the newest chunk
+asked for as the one to continue: the server computes a session's requests in order, so that is
+the chunk that will be executing when the new one arrives. When d ≥ H no mode keeps up and the
+executor says so once, naming what to change.
+
 The executor returns None when it has nothing valid for the step; the safety layer then holds.
 """
 
@@ -51,7 +62,8 @@ class ChunkSource(Protocol):
 
     def poll(self, timeout_s: float = 0.0) -> P.Chunk | P.Error | None: ...
 
-    def cancel(self, timed_out: bool = False) -> None: ...
+    def cancel(self, timed_out: bool = False) -> None:
+        """Forget every request in flight (their replies are then dropped)."""
 
 
 @dataclass
@@ -69,6 +81,8 @@ class ExecutorStats:
     """Actions the server reported frozen to the previous chunk (``rtc``)."""
     gated: int = 0
     """Chunks the gate refused (lockstep pacing: from a policy not newer than the last block's)."""
+    behind: int = 0
+    """Chunks that arrived after their whole span had passed (delay >= H: no mode keeps up)."""
     rtt_ms: list[float] = field(default_factory=list)
     delay_steps: list[int] = field(default_factory=list)
 
@@ -87,11 +101,17 @@ class ChunkExecutor:
                  request_timeout_s: float = 2.0, wait_when_empty: bool = False,
                  clock: Callable[[], float] = time.monotonic, initial_delay_steps: int = 0,
                  tick_wait_s: float = 0.0, ensemble_m: float = 0.01,
-                 gate: Callable[[P.Chunk], bool] | None = None, gate_retry_s: float = 0.01) -> None:
+                 gate: Callable[[P.Chunk], bool] | None = None, gate_retry_s: float = 0.01,
+                 max_inflight: int = 1) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.source, self.chunk_len, self.mode = source, chunk_len, mode
         self.threshold, self.request_timeout_s = threshold, request_timeout_s
+        self.max_inflight = 1 if mode == "open_loop" else max_inflight
+        """Requests in flight at most (pipelining; ``open_loop`` never asks ahead). How many are
+        sent is set by the measured delay (see ``_want_chunk``): one while d is small."""
         self.wait_when_empty = wait_when_empty
         """Lockstep drivers: block for each reply (the world waits too, so the delay is 0 steps)."""
         self.tick_wait_s = tick_wait_s
@@ -110,7 +130,7 @@ class ChunkExecutor:
         self.stats = ExecutorStats()
         self._queue: collections.deque[tuple[int, np.ndarray, int]] = collections.deque()  # (step, action, seq)
         self._ensemble: dict[int, list[tuple[int, np.ndarray]]] = {}  # step → [(seq, action)], oldest first
-        self._inflight: _Inflight | None = None
+        self._inflight: list[_Inflight] = []  # oldest first
         self._recent_delays: collections.deque[int] = collections.deque(maxlen=8)
         self._chunk_start = -1
         """start_step of the chunk the queue holds (``rtc``: sent as ``prev_start_step``)."""
@@ -118,6 +138,7 @@ class ChunkExecutor:
         """Sequence number (count of chunks accepted, from 0) of the chunk whose action was executed
         last; ``temporal_ensemble``: the newest chunk in the blend. A change marks a seam."""
         self._versions: dict[int, str] = {}  # chunk seq → the policy version that made it (recent ones)
+        self._warned_behind = False
 
     @property
     def delay_steps(self) -> int:
@@ -134,64 +155,54 @@ class ChunkExecutor:
     def queued(self) -> int:
         return len(self._ensemble) if self.mode == "temporal_ensemble" else len(self._queue)
 
+    @property
+    def inflight(self) -> int:
+        """Requests sent and not answered yet."""
+        return len(self._inflight)
+
     def reset(self) -> None:
-        """New episode: drop queued actions and forget the request in flight (its reply is stale)."""
+        """New episode: drop queued actions and forget the requests in flight (their replies are stale)."""
         self._queue.clear()
         self._ensemble.clear()
         self._chunk_start = -1
-        if self._inflight is not None:
+        if self._inflight:
             self.source.cancel()
-            self._inflight = None
+            self._inflight = []
 
     def act(self, obs: dict[str, np.ndarray], step: int, episode_id: int) -> np.ndarray | None:
         """The action for control ``step`` of ``episode_id`` (None: nothing valid, hold)."""
-        self._accept(self.source.poll(0.0), step)
-        if self._inflight is not None and self.clock() - self._inflight.sent > self.request_timeout_s:
-            log.warning("request %d unanswered after %.1f s: given up", self._inflight.request_id,
+        self._take_replies(step)
+        if self._inflight and self.clock() - self._inflight[0].sent > self.request_timeout_s:
+            log.warning("request %d unanswered after %.1f s: given up", self._inflight[0].request_id,
                         self.request_timeout_s)
-            self.stats.timeouts += 1
-            self.source.cancel(timed_out=True)
-            self._inflight = None
+            self._give_up()
         self._drop_stale(step)
-        if self._inflight is None and self._want_chunk():
-            if self.mode == "rtc":
-                rid = self.source.request(obs, episode_id, step, reset=step == 0,
-                                          prev_start_step=self._chunk_start if self._queue else -1,
-                                          delay_steps=self.delay_steps)
-            else:
-                rid = self.source.request(obs, episode_id, step, reset=step == 0)
-            if rid is not None:
-                self.stats.requests += 1
-                self._inflight = _Inflight(rid, step, self.clock())
+        if len(self._inflight) < self.max_inflight and self._want_chunk(step):
+            self._request(obs, episode_id, step)
         if self.wait_when_empty:  # the world waits for the policy: no step passes during inference
             while True:
-                while self._inflight is not None:
-                    left = self.request_timeout_s - (self.clock() - self._inflight.sent)
+                while self._inflight:
+                    left = self.request_timeout_s - (self.clock() - self._inflight[0].sent)
                     if left <= 0:
-                        self.stats.timeouts += 1
-                        self.source.cancel(timed_out=True)
-                        self._inflight = None
+                        self._give_up()
                         break
                     self._accept(self.source.poll(min(left, 0.05)), step)
                 if self.queued or not self._refused:
                     break
                 self._refused = False  # the gate wants a newer policy: ask again shortly
                 time.sleep(self.gate_retry_s)
-                rid = self.source.request(obs, episode_id, step, reset=step == 0)
-                if rid is None:
+                if not self._request(obs, episode_id, step, plain=True):
                     break
-                self.stats.requests += 1
-                self._inflight = _Inflight(rid, step, self.clock())
-        elif self.tick_wait_s > 0 and self.queued == 0 and self._inflight is not None:
+        elif self.tick_wait_s > 0 and not self._has_action(step) and self._inflight:
             deadline = self.clock() + self.tick_wait_s
-            while self._inflight is not None and (left := deadline - self.clock()) > 1e-4:
+            while self._inflight and not self._has_action(step) and (left := deadline - self.clock()) > 1e-4:
                 self._accept(self.source.poll(left), step)
         return self._pop(step)
 
     def idle(self, deadline: float, next_step: int) -> None:
         """Wait for replies until ``deadline`` (on ``clock``) between ticks, so a reply is taken in
         (and its round trip measured) when it arrives, not at the next tick."""
-        while self._inflight is not None:
+        while self._inflight:
             left = deadline - self.clock()
             if left < 1e-3:  # socket polls have 1 ms resolution: do not spin
                 return
@@ -199,24 +210,73 @@ class ChunkExecutor:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _want_chunk(self) -> bool:
-        if self.mode == "open_loop":
-            return not self._queue  # never ask while a chunk is queued
+    def _request(self, obs: dict[str, np.ndarray], episode_id: int, step: int, plain: bool = False) -> bool:
+        if self.mode == "rtc" and not plain:
+            # continue the newest chunk asked for: the server computes a session's requests in
+            # order, so a pipelined one's predecessor is the last chunk it made (docs/rtc.md)
+            prev = self._inflight[-1].step if self._inflight else self._chunk_start if self._queue else -1
+            rid = self.source.request(obs, episode_id, step, reset=step == 0, prev_start_step=prev,
+                                      delay_steps=self.delay_steps)
+        else:
+            rid = self.source.request(obs, episode_id, step, reset=step == 0)
+        if rid is None:
+            return False
+        self.stats.requests += 1
+        self._inflight.append(_Inflight(rid, step, self.clock()))
+        return True
+
+    def _give_up(self) -> None:
+        """The oldest request timed out: the source reconnects, so every request in flight is lost."""
+        self.stats.timeouts += 1
+        self.source.cancel(timed_out=True)
+        self._inflight = []
+
+    def _take_replies(self, step: int) -> None:
+        while self._inflight:
+            reply = self.source.poll(0.0)
+            if reply is None:
+                return
+            self._accept(reply, step)
+
+    def _has_action(self, step: int) -> bool:
         if self.mode == "temporal_ensemble":
-            return True  # every step a request can be made (one in flight at a time)
+            return step in self._ensemble
+        return any(s == step for s, _, _ in self._queue)
+
+    def _covered_until(self) -> int:
+        """The last step that the queue, or a request in flight once answered, has an action for."""
+        end = self._queue[-1][0] if self._queue else -1
+        if self._inflight:
+            end = max(end, self._inflight[-1].step + self.chunk_len - 1)
+        return end
+
+    def _want_chunk(self, step: int) -> bool:
+        if self.mode == "open_loop":
+            return not self._queue and not self._inflight  # never ask while a chunk is queued
+        if self.mode == "temporal_ensemble":
+            return True  # every step a request can be made (up to max_inflight in flight)
+        # ask when what is covered (queued, or asked for) runs out within the measured delay: a
+        # request sent now arrives d steps later, just as the coverage ends. With one in flight
+        # this is the classic "queue at the low-water mark"; with more it staggers requests so a
+        # fresh chunk lands every H - d steps (pipelining).
         low_water = max(math.ceil(self.threshold * self.chunk_len), self.delay_steps)
-        return len(self._queue) <= low_water
+        if self._inflight and self._inflight[-1].step >= step:
+            return False  # one request per step at most
+        return self._covered_until() - step + 1 <= low_water
 
     def _accept(self, reply: P.Chunk | P.Error | None, step: int) -> None:
-        if reply is None or self._inflight is None:
+        if reply is None or not self._inflight:
             return
-        if reply.request_id != self._inflight.request_id:
+        match = next((i for i, f in enumerate(self._inflight) if f.request_id == reply.request_id), None)
+        if match is None:
             return  # the client filters these; belt and braces
-        sent_step, rtt = self._inflight.step, self.clock() - self._inflight.sent
-        self._inflight = None
+        inflight = self._inflight.pop(match)
+        sent_step, rtt = inflight.step, self.clock() - inflight.sent
         if isinstance(reply, P.Error):
             self.stats.errors += 1
             log.warning("request %d failed: %s: %s", reply.request_id, reply.code, reply.message)
+            if reply.code == P.ErrorCode.NO_SESSION:
+                self._inflight = []  # the server lost our session: none of them will be answered
             return
         if reply.start_step != sent_step:
             log.error("chunk for step %d answers a request made at step %d: dropped", reply.start_step, sent_step)
@@ -236,18 +296,30 @@ class ChunkExecutor:
         self._versions[seq] = reply.policy_version
         self._versions.pop(seq - 64, None)  # a queue never holds chunks that old
         self.stats.frozen += int(getattr(reply, "frozen", 0))
+        if delay >= len(actions):
+            self._behind(delay, len(actions))
         if self.mode == "open_loop":
             self._queue = collections.deque((step + i, a, seq) for i, a in enumerate(actions))
         elif self.mode == "temporal_ensemble":  # every prediction for a step is kept, oldest first
             for i, a in enumerate(actions):
                 if reply.start_step + i >= step:
                     self._ensemble.setdefault(reply.start_step + i, []).append((seq, a))
+        elif reply.start_step < self._chunk_start:
+            self.stats.dropped_stale += len(actions)  # overtaken by a newer request's chunk
         else:  # each action keeps the step it was planned for; the newest chunk replaces the rest
             self._queue = collections.deque((reply.start_step + i, a, seq) for i, a in enumerate(actions))
             self._chunk_start = reply.start_step
-            if delay >= len(actions):
-                log.warning("inference delay %d steps >= chunk length %d: every action is stale",
-                            delay, len(actions))
+
+    def _behind(self, delay: int, chunk_len: int) -> None:
+        """No mode keeps up when a reply takes the whole chunk: say what to change (once)."""
+        self.stats.behind += 1
+        if self._warned_behind:
+            return
+        self._warned_behind = True
+        log.warning("inference delay %d steps >= chunk length %d: every action of the chunk is stale on "
+                    "arrival, so the robot holds between replies in every mode, pipelined or not. Use a "
+                    "policy with a longer chunk (H > %d), a faster robot PC or a GPU for the server, or a "
+                    "closer network; docs/rtc.md says how to measure the delay.", delay, chunk_len, delay)
 
     def _drop_stale(self, step: int) -> None:
         while self._queue and self._queue[0][0] < step:

@@ -6,20 +6,26 @@ from the observation of step t, and its reply becomes visible to ``poll`` at ste
 ``t + delay_steps`` (an inference delay of ``delay_steps`` control periods; meanwhile the
 executor keeps running the old chunk or holds). Like the control server it keeps the last chunk
 it answered and continues it for a real-time-chunking request whose ``prev_start_step`` names
-it, so the same guidance path runs (``policy.predict(obs, guide)``).
+it, so the same guidance path runs (``policy.predict(obs, guide)``). ``StepDelayedSource`` puts
+the same delay in front of a real server (``drive realtime=false inference_delay_steps=k``).
 
 numpy only, like the rest of ``drivers/``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qc_robot import protocol as P
 from qc_robot.policies.base import Policy, align_guide
+
+if TYPE_CHECKING:
+    from qc_robot.drivers.executor import ChunkSource
 
 
 @dataclass
@@ -41,7 +47,7 @@ class DelayedPolicySource:
         self.chunks: list[P.Chunk] = []
         """Every chunk answered, in order (for tests and metrics)."""
         self.infer_s: list[float] = []
-        self._pending: _Pending | None = None
+        self._pending: list[_Pending] = []  # in request order (a pipelining executor has several)
         self._last: tuple[int, int, np.ndarray] | None = None  # episode, start_step, actions
         self._rid = 0
 
@@ -60,17 +66,20 @@ class DelayedPolicySource:
         reply = P.Chunk(self._rid, episode_id, step, actions, str(self.policy.spec.version), 0.0,
                         result.infer_s * 1e3, result.infer_s * 1e3, frozen=int(getattr(result, "frozen", 0)))
         self.chunks.append(reply)
-        self._pending = _Pending(reply, step + self.delays[(self._rid - 1) % len(self.delays)])
+        self._pending.append(_Pending(reply, step + self.delays[(self._rid - 1) % len(self.delays)]))
         return self._rid
 
     def poll(self, timeout_s: float = 0.0) -> P.Chunk | None:
-        if self._pending is None or self.now() < self._pending.ready_at:
+        """The earliest-due reply that is due now (one per call)."""
+        due = [p for p in self._pending if p.ready_at <= self.now()]
+        if not due:
             return None
-        reply, self._pending = self._pending.reply, None
-        return reply
+        first = min(due, key=lambda p: p.ready_at)
+        self._pending.remove(first)
+        return first.reply
 
     def cancel(self, timed_out: bool = False) -> None:
-        self._pending = None
+        self._pending = []
 
 
 def seam_jerk(actions: Sequence[np.ndarray], seqs: Sequence[int]) -> tuple[float, int]:
@@ -95,3 +104,49 @@ def seam_jerk(actions: Sequence[np.ndarray], seqs: Sequence[int]) -> tuple[float
                 vals.append(float(np.mean(parts)))
         last = seq
     return (float(np.mean(vals)) if vals else 0.0), len(vals)
+
+
+class StepDelayedSource:
+    """A real chunk source (a ``PolicyClient``) whose replies are released ``delay_steps`` control
+    steps after their request, on the lockstep world's clock (``drive realtime=false
+    inference_delay_steps=``): the delay a slow robot PC or network would add, reproduced exactly.
+
+    A reply that is due is waited for (the world waits, as in lockstep), one that arrives early is
+    held back; so the executor meets the same delay whatever the machine's speed, and a seeded run
+    repeats. ``now()`` returns the steps executed in the current episode."""
+
+    def __init__(self, source: ChunkSource, delay_steps: int, now: Callable[[], int], timeout_s: float = 2.0) -> None:
+        if delay_steps < 0:
+            raise ValueError(f"inference_delay_steps must be >= 0, got {delay_steps}")
+        self.source, self.delay_steps, self.now, self.timeout_s = source, delay_steps, now, timeout_s
+        self._due: dict[int, int] = {}  # request id → the step its reply is released at
+        self._arrived: dict[int, P.Chunk | P.Error] = {}
+
+    def request(self, obs: dict[str, np.ndarray], episode_id: int, step: int, reset: bool = False,
+                prev_start_step: int = -1, delay_steps: int = -1) -> int | None:
+        rid = self.source.request(obs, episode_id, step, reset=reset, prev_start_step=prev_start_step,
+                                  delay_steps=delay_steps)
+        if rid is not None:
+            self._due[rid] = step + self.delay_steps
+        return rid
+
+    def poll(self, timeout_s: float = 0.0) -> P.Chunk | P.Error | None:
+        """The earliest-due reply that is due now, waited for if it has not arrived yet."""
+        due = sorted((d, rid) for rid, d in self._due.items() if d <= self.now())
+        if not due:
+            return None
+        rid = due[0][1]
+        deadline = time.monotonic() + self.timeout_s
+        while rid not in self._arrived and (left := deadline - time.monotonic()) > 0:
+            reply = self.source.poll(min(left, 0.05))
+            if reply is not None and reply.request_id in self._due:
+                self._arrived[reply.request_id] = reply
+        if rid not in self._arrived:
+            return None  # the executor's request timeout gives it up
+        del self._due[rid]
+        return self._arrived.pop(rid)
+
+    def cancel(self, timed_out: bool = False) -> None:
+        self.source.cancel(timed_out=timed_out)
+        self._due.clear()
+        self._arrived.clear()

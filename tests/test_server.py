@@ -251,21 +251,22 @@ def test_late_reply_after_timeout_is_never_returned(serve, clients) -> None:
     assert c.stats.stale_dropped == 1
 
 
-def test_newer_observation_supersedes_queued_one(serve) -> None:
-    srv = serve(EchoPolicy(delay_s=0.4))
+def test_a_newer_observation_beyond_max_inflight_supersedes_the_oldest_queued(serve) -> None:
+    srv = serve(EchoPolicy(delay_s=0.4), max_inflight=2)
     raw = Raw(srv.address)
     try:
         assert isinstance(raw.send(P.encode(driver_spec().hello("raw"))), P.Welcome)
-        for rid in (1, 2, 3):  # 1 runs, 2 waits, 3 replaces 2
+        for rid in (1, 2, 3, 4):  # 1 runs, 2 and 3 wait (a pipeline of 2), 4 replaces 2
             raw.sock.send(P.encode(P.Observation(rid, 0, rid, 0.0, obs(rid / 10))))
             time.sleep(0.05)
         replies = []
-        while len(replies) < 3 and raw.sock.poll(3000):
+        while len(replies) < 4 and raw.sock.poll(3000):
             replies.append(P.decode(raw.sock.recv()))
     finally:
         raw.close()
-    kinds = {(type(r).__name__, r.request_id) for r in replies}
-    assert kinds == {("Error", 2), ("Chunk", 1), ("Chunk", 3)}
+    kinds = [(type(r).__name__, r.request_id) for r in replies]
+    assert sorted(kinds) == [("Chunk", 1), ("Chunk", 3), ("Chunk", 4), ("Error", 2)]
+    assert [rid for kind, rid in kinds if kind == "Chunk"] == [1, 3, 4]  # computed in the order sent
 
 
 def test_max_clients(serve, clients) -> None:

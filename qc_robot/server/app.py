@@ -22,8 +22,11 @@ peer, with counts in ``stats``.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+import math
+import struct
 import threading
 import time
 import uuid
@@ -84,7 +87,11 @@ class ControlServer:
                  curve: CurveKeys | None = None, insecure_remote: bool = False, bye_grace_s: float = 0.5,
                  error_burst: float = 20.0, error_rate: float = 10.0, errors_total_rate: float = 200.0,
                  max_message_bytes: int = 0, decode_limits: DecodeLimits | None = None,
-                 flood_guard: FloodGuard | None = None) -> None:
+                 flood_guard: FloodGuard | None = None, max_inflight: int = 4, delay_ms: float = 0.0) -> None:
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        if not 0.0 <= delay_ms <= 10_000.0:
+            raise ValueError(f"delay_ms must be in 0..10000, got {delay_ms}")
         if not bind.startswith(_LOCAL_PREFIXES):
             if not allow_remote:
                 raise ValueError(f"refusing to bind {bind}: use loopback/ipc, or set allow_remote=true with CURVE "
@@ -110,8 +117,15 @@ class ControlServer:
         self.stats = ServerStats()
         self.max_message_bytes = max_message_bytes or auto_message_limit(policy.spec)
         """Larger messages are refused by ZeroMQ before buffering (0: derived from the spec)."""
+        self.max_inflight = max_inflight
+        """Observations queued per driver before a newer one supersedes the oldest: the requests a
+        driver may pipeline (advertised as ``welcome.metadata.max_inflight``)."""
+        self.delay_s = delay_ms / 1e3
+        """Every reply to an observation leaves this long after the observation arrived (an
+        injected inference delay, to reproduce a slow robot PC or network)."""
+        self._delayed: list[tuple[float, int, bytes, bytes, bytes]] = []  # heap: (due, n, ident, reply, version)
         self.metadata = policy_metadata(policy)
-        self.metadata["max_message_bytes"] = self.max_message_bytes
+        self.metadata.update(self._wire_metadata())
         self.address = ""
         """The bound endpoint (a concrete port when ``bind`` asked for ``*``)."""
         self.failure: BaseException | None = None
@@ -125,7 +139,8 @@ class ControlServer:
         self._outboxes = OutboxLedger()
         self.decode_budget = DecodeBudget(decode_limits or DecodeLimits())
         self._flood = FloodGuard() if flood_guard is None else flood_guard  # (it has a len: not `or`)
-        self._inference = Inference(lambda: self.policy, self.stats, self.decode_budget, self._warn)
+        self._inference = Inference(lambda: self.policy, self.stats, self.decode_budget, self._warn,
+                                    depth=max_inflight)
         self._results = f"inproc://qc-results-{next(_ids)}-{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
         self._bound = threading.Event()
@@ -197,6 +212,9 @@ class ControlServer:
             log.critical("server thread %s died: qc-robot serve exits with code 70", threading.current_thread().name,
                          exc_info=True)
 
+    def _wire_metadata(self) -> dict[str, Any]:
+        return {"max_message_bytes": self.max_message_bytes, "max_inflight": self.max_inflight}
+
     def held(self) -> dict[str, int]:
         """What peers currently make the server keep (each bounded per peer and in total;
         docs/protocol.md section 11). Read from the socket loop's structures without locking:
@@ -210,8 +228,7 @@ class ControlServer:
 
     def swap_policy(self, policy: Policy, version: int) -> None:
         """Serve ``policy`` from the next chunk on; a chunk in inference keeps the policy it started with."""
-        self.metadata = {**policy_metadata(policy, str(policy.spec.version)),
-                         "max_message_bytes": self.max_message_bytes}
+        self.metadata = {**policy_metadata(policy, str(policy.spec.version)), **self._wire_metadata()}
         self.policy, self.spec, self.policy_version = policy, policy.spec, version
 
     def __enter__(self) -> ControlServer:
@@ -262,7 +279,10 @@ class ControlServer:
         next_sweep = time.monotonic() + 0.5
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(50))
+                wait_ms = 50
+                if self._delayed:  # wake for the next delayed reply
+                    wait_ms = max(0, min(50, math.ceil((self._delayed[0][0] - time.perf_counter()) * 1e3)))
+                events = dict(poller.poll(wait_ms))
                 if router in events:
                     for _ in range(16):  # bounded drain, then replies: a flood never delays chunks much
                         self._send_results(router, results)
@@ -315,12 +335,23 @@ class ControlServer:
     def _send_results(self, router: zmq.Socket, results: zmq.Socket) -> None:
         for _ in range(256):
             try:
-                ident, reply, version = results.recv_multipart(zmq.NOBLOCK)
+                ident, reply, version, t_recv = results.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            self._send(router, ident, reply)
-            if ident in self._sessions and version:
-                self._sessions[ident].last_version = version.decode()
+                break
+            if self.delay_s > 0:
+                due = struct.unpack("<d", t_recv)[0] + self.delay_s
+                heapq.heappush(self._delayed, (due, next(_ids), ident, reply, version))
+                continue
+            self._send_result(router, ident, reply, version)
+        now = time.perf_counter()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, ident, reply, version = heapq.heappop(self._delayed)
+            self._send_result(router, ident, reply, version)
+
+    def _send_result(self, router: zmq.Socket, ident: bytes, reply: bytes, version: bytes) -> None:
+        self._send(router, ident, reply)
+        if ident in self._sessions and version:
+            self._sessions[ident].last_version = version.decode()
 
     def _say_bye(self, router: zmq.Socket) -> None:
         """Tell every driver we are going, then keep the connections open until each has answered

@@ -36,6 +36,12 @@ class ServeConfig:
     workers: int = 1
     """Inference worker threads. >1 lets drivers' inferences overlap (the policy must be
     thread-safe: onnxruntime sessions are)."""
+    max_inflight: int = 4
+    """Observations queued per driver (computed in order): the requests a driver may pipeline under
+    inference delay (``drive max_inflight``). One more supersedes the oldest queued."""
+    delay_ms: float = 0.0
+    """Hold every reply until this long after its observation arrived: an injected inference delay
+    (a slow robot PC, Wi-Fi) to try the executor modes against (docs/rtc.md). 0: none."""
     max_clients: int = 8
     """Drivers served at once; further Hellos are refused with ``too_many_clients``."""
     heartbeat_s: float = 1.0

@@ -9,6 +9,7 @@ reply back to the socket loop over an inproc socket.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -64,10 +65,10 @@ class Inference:
     """State the workers share: the scheduler, each session's last chunk (for real-time chunking)."""
 
     def __init__(self, policy: Callable[[], Policy], stats: ServerStats, decode: DecodeBudget,
-                 warn: RateLimitedLog) -> None:
+                 warn: RateLimitedLog, depth: int = 1) -> None:
         self._policy = policy
         self.stats, self.decode, self._warn = stats, decode, warn
-        self.queue: FairScheduler[bytes, Job] = FairScheduler()
+        self.queue: FairScheduler[bytes, Job] = FairScheduler(depth)
         self._lock = threading.Lock()
         self._last_chunk: dict[bytes, tuple[int, int, np.ndarray]] = {}
         """Per driver, the last chunk sent (episode_id, start_step, actions): what a real-time
@@ -78,8 +79,8 @@ class Inference:
         with self._lock:
             self._live.add(ident)
 
-    def forget(self, ident: bytes) -> Job | None:
-        """Drop what is kept for ``ident`` (its session ended); returns its queued job, if any."""
+    def forget(self, ident: bytes) -> list[Job]:
+        """Drop what is kept for ``ident`` (its session ended); returns its queued jobs."""
         with self._lock:
             self._live.discard(ident)
             self._last_chunk.pop(ident, None)
@@ -103,7 +104,7 @@ class Inference:
                 finally:  # always: the session's next job waits for it
                     self.queue.charge(ident, time.perf_counter() - t0)
                 version = reply.policy_version if isinstance(reply, P.Chunk) else ""
-                push.send_multipart([ident, P.encode(reply), version.encode()])
+                push.send_multipart([ident, P.encode(reply), version.encode(), struct.pack("<d", job.t_recv)])
         finally:
             push.close(0)
 

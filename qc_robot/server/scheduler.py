@@ -1,7 +1,7 @@
 """Fair sharing of the inference workers between sessions.
 
-Each session has one slot: its newest observation (a newer one supersedes the queued one, which
-the caller answers ``superseded``). Workers take the slot of the session with the least
+Each session has a short FIFO of observations (``depth``, the requests a driver may pipeline);
+one beyond it supersedes the oldest queued, which the caller answers ``superseded``. Workers take the slot of the session with the least
 inference time so far, in start-time fair queueing: a session's tag is
 ``max(its last finish tag, virtual time) + cost`` and the virtual time is the start tag of the
 job taken last. A session that floods therefore runs ahead of the virtual time and waits, and a
@@ -12,6 +12,7 @@ one flooding session never holds more than one worker.
 
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Generic, TypeVar
 
@@ -22,19 +23,24 @@ J = TypeVar("J")
 class FairScheduler(Generic[K, J]):
     """Thread-safe: the socket loop ``put``s, workers ``get`` and ``charge``."""
 
-    def __init__(self) -> None:
+    def __init__(self, depth: int = 1) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth = depth
         self._cv = threading.Condition()
-        self._slots: dict[K, J] = {}
+        self._slots: dict[K, collections.deque[J]] = {}  # per session, its queued jobs, oldest first
         self._finish: dict[K, float] = {}  # finish tag of each session's last job
         self._running: set[K] = set()  # sessions with a job in inference (until charged)
         self._vtime = 0.0
         self._closed = False
 
     def put(self, key: K, job: J) -> J | None:
-        """Queue ``job`` as ``key``'s newest observation; returns the job it supersedes, if any."""
+        """Queue ``job`` as ``key``'s newest observation; returns the job it supersedes (the oldest
+        queued, when ``depth`` are queued already), if any."""
         with self._cv:
-            old = self._slots.get(key)
-            self._slots[key] = job
+            q = self._slots.setdefault(key, collections.deque())
+            q.append(job)
+            old = q.popleft() if len(q) > self.depth else None
             self._cv.notify_all()
             return old
 
@@ -49,7 +55,11 @@ class FairScheduler(Generic[K, J]):
             key = min(ready, key=self._order)
             self._vtime = self._finish[key] = max(self._finish.get(key, self._vtime), self._vtime)
             self._running.add(key)
-            return key, self._slots.pop(key)
+            q = self._slots[key]
+            job = q.popleft()
+            if not q:
+                del self._slots[key]
+            return key, job
 
     def _order(self, key: K) -> tuple[float, float]:
         """(start tag, last finish tag): on equal start tags the session served least lately goes
@@ -66,11 +76,11 @@ class FairScheduler(Generic[K, J]):
                 self._finish[key] += seconds
             self._cv.notify_all()
 
-    def drop(self, key: K) -> J | None:
-        """Forget ``key`` (its session ended); returns its queued job, if any."""
+    def drop(self, key: K) -> list[J]:
+        """Forget ``key`` (its session ended); returns its queued jobs."""
         with self._cv:
             self._finish.pop(key, None)
-            return self._slots.pop(key, None)
+            return list(self._slots.pop(key, ()))
 
     def close(self) -> None:
         with self._cv:
@@ -80,7 +90,7 @@ class FairScheduler(Generic[K, J]):
     def __len__(self) -> int:
         """Queued jobs."""
         with self._cv:
-            return len(self._slots)
+            return sum(len(q) for q in self._slots.values())
 
     def tags(self) -> int:
         """Sessions with a finish tag (bounded by the sessions)."""

@@ -67,7 +67,8 @@ def run_serve(cfg: ServeConfig) -> int:
                                heartbeat_s=cfg.heartbeat_s, session_timeout_s=cfg.session_timeout_s,
                                episode_logger=logger, allow_remote=cfg.allow_remote, learner_link=link,
                                curve=curve, insecure_remote=cfg.insecure_remote,
-                               max_message_bytes=cfg.max_message_bytes)
+                               max_message_bytes=cfg.max_message_bytes, max_inflight=cfg.max_inflight,
+                               delay_ms=cfg.delay_ms)
         server.start()
     except (ValueError, RuntimeError, OSError) as e:
         log.error("%s", e)
