@@ -177,8 +177,13 @@ class Driver(ABC):
             raise ValueError("action contains NaN/inf")
         a = np.clip(a, self.spec.action_low, self.spec.action_high)
         self._apply(a)
-        self._last_command = a
+        self._commanded(a)
         return a
+
+    def _commanded(self, action: np.ndarray) -> None:
+        """``action`` was sent: the hold's kept dimensions repeat it. A driver that applies commands
+        later (a latency, its own clock) records them as it executes them instead."""
+        self._last_command = action
 
     hold_keeps: tuple[int, ...] = ()
     """Action dimensions the hold repeats from the last command instead of zeroing: a command the

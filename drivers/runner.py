@@ -367,6 +367,7 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
     op: OperatorTick | None = None
     takeover_cmds: set[int] = set()  # realtime: robot steps at which an operator command was sent
     cmd_versions: dict[int, str] = {}  # realtime: robot step a policy command was sent at → its version
+    hold_cmds: set[int] = set()  # realtime: robot steps at which the loop sent the hold (no fresh action)
     if pacer is not None:
         pacer.start()
     try:
@@ -392,6 +393,8 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
                 cmd_versions[info.step] = version
             held_before = driver.stats.held
             applied = driver.act(action)
+            if driver.realtime and driver.stats.held > held_before:
+                hold_cmds.add(info.step)
             res.steps += 1
             if client is not None:
                 client.heartbeat()
@@ -407,6 +410,7 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
                 nxt, new, rows, alive = _realtime_wait(driver, ex, pacer, period, info, obs, applied, res,
                                                        stall_timeout_s)
                 for r in rows:
+                    r.held = r.held or r.cmd_step in hold_cmds  # the robot applied the hold the loop sent
                     r.intervention = r.cmd_step in takeover_cmds or bool(r.held and op is not None and op.takeover)
                     # a row without cmd_step is this tick's own command (a driver that logs no steps)
                     r.policy_version = "" if r.held else cmd_versions.get(r.cmd_step, "") if r.cmd_step >= 0 else version

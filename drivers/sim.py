@@ -293,6 +293,9 @@ class SimDriver(Driver):
         cmd = self._pipe.popleft() if len(self._pipe) > self._latency_steps else self.hold_action()
         self._step(cmd)
 
+    def _commanded(self, action: np.ndarray) -> None:
+        pass  # recorded in ``_step``: the hold repeats what the robot executed, not what is in transit
+
     def stop(self) -> None:
         self._inbox.clear()  # pending commands are dropped; the controller holds from now on
         self._pipe.clear()
@@ -312,6 +315,7 @@ class SimDriver(Driver):
         """
         if self._info.terminated or self._info.truncated:
             return
+        self._last_command = cmd
         obs, reward, terminated, truncated, info = self._env.step(cmd)
         frame = self._env.image() if self.image_size > 0 else self._frame
         hidden = StepInfo(float(reward), bool(info.get("success", False)), bool(terminated),

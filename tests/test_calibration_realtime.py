@@ -52,7 +52,9 @@ def test_realtime_log_replays_exactly_at_the_true_physics(tmp_path: Path) -> Non
     t = trajs[0]
     assert t.realtime and len(t.actions) == 30 and t.held is not None and t.t_sent is not None
     assert set(np.unique(t.held)) <= {0.0, 1.0} and t.held.sum() >= 1  # 100 ms latency: early ticks held
-    np.testing.assert_array_equal(t.actions[t.held > 0], 0.0)  # a held row's action is the hold command
+    for i in np.flatnonzero(t.held > 0):  # a held row's action is the hold: no motion, the gripper's kept
+        np.testing.assert_array_equal(t.actions[i, :4], 0.0)
+        assert t.actions[i, 4] == (t.actions[i - 1, 4] if i > 0 else 0.0)
     assert replay_mode(trajs) == "ctrl" and t.ctrl is not None  # the sim logs the targets it applied
     no_ctrl = [dataclasses.replace(x, ctrl=None) for x in trajs]
     assert replay_mode(no_ctrl) == "executed"
