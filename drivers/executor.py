@@ -317,9 +317,11 @@ class ChunkExecutor:
             return
         self._warned_behind = True
         log.warning("inference delay %d steps >= chunk length %d: every action of the chunk is stale on "
-                    "arrival, so the robot holds between replies in every mode, pipelined or not. Use a "
-                    "policy with a longer chunk (H > %d), a faster robot PC or a GPU for the server, or a "
-                    "closer network; docs/rtc.md says how to measure the delay.", delay, chunk_len, delay)
+                    "arrival, so the robot holds between replies in every asynchronous mode, pipelined or "
+                    "not. Use a policy with a longer chunk (H > %d), a faster robot PC or a GPU for the "
+                    "server, or a closer network; until then mode=open_loop, which runs each chunk whole "
+                    "from its arrival and holds while the next is computed. docs/rtc.md says how to measure "
+                    "the delay.", delay, chunk_len, delay)
 
     def _drop_stale(self, step: int) -> None:
         while self._queue and self._queue[0][0] < step:

@@ -136,7 +136,7 @@ def test_no_mode_keeps_up_when_the_delay_reaches_h_and_the_executor_says_what_to
             held += ex.act({"state": np.zeros(28, np.float32)}, step, 0) is None
     assert held == 60 and ex.stats.behind > 0
     said = [r.getMessage() for r in caplog.records if "chunk length" in r.getMessage()]
-    assert len(said) == 1 and "longer chunk" in said[0] and "GPU" in said[0]
+    assert len(said) == 1 and "longer chunk" in said[0] and "GPU" in said[0] and "mode=open_loop" in said[0]
 
 
 def test_drive_reports_the_delay_it_met(capsys) -> None:
