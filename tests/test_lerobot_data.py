@@ -65,6 +65,10 @@ def test_import_keeps_states_actions_episodes_tasks_rewards_and_rate(plain, tmp_
     env = json.loads(demos[0].file["data"].attrs["env_args"])
     assert env["control_hz"] == FPS and env["reward_source"] == "recorded" and env["tasks"] == ["task 0", "task 1", "task 2"]
     assert env["names"]["action"] == JOINTS and env["robot_type"] == "so101_follower"
+    from importlib.metadata import version
+
+    lerobot_04 = tuple(int(x) for x in version("lerobot").split(".")[:2]) >= (0, 4)
+    assert env["lerobot_version"] == ("v3.0" if lerobot_04 else "v2.1")  # the layout LeRobot's writer chose
     assert [int(d.attrs["num_samples"]) for d in demos] == LENGTHS  # episode boundaries
     for e, d in enumerate(demos):
         n = LENGTHS[e]
