@@ -110,9 +110,9 @@ def _parquet_rows(paths: list[Path], what: Path) -> list[dict[str, Any]]:
 
 def _tasks_v3(root: Path) -> dict[int, str]:
     """meta/tasks.parquet: ``task_index`` and the task string (the pandas index LeRobot writes)."""
+    path = root / "meta" / "tasks.parquet"
     out: dict[int, str] = {}
-    for row in _parquet_rows([root / "meta" / "tasks.parquet"] if (root / "meta" / "tasks.parquet").exists() else [],
-                             root / "meta" / "tasks.parquet"):
+    for row in _parquet_rows([path] if path.exists() else [], path):
         text = row.get("task", next((v for k, v in row.items() if k != "task_index" and isinstance(v, str)), None))
         if text is None:
             raise DatasetError(f"{root}/meta/tasks.parquet: no task string column")
