@@ -34,7 +34,7 @@ def preflight(verb: str, cfg: Any) -> None:
     if verb in FILE_KEYS:
         key, what = FILE_KEYS[verb]
         need_file(getattr(cfg, key), key, what)
-    if verb == "dataset" and cfg.action != "recover":
+    if verb == "dataset" and cfg.action not in ("recover", "import"):  # import reads a folder
         for p in cfg.paths[:1] if cfg.action == "label" else cfg.paths:  # label FILE DEMO VERDICT
             need_file(p, "paths", "an HDF5 episode file")
     name = getattr(getattr(cfg, "env", None), "name", "")

@@ -160,7 +160,8 @@ def test_help_shows_the_values_overrides_give():
 def test_dataset_help_lists_its_sub_verbs(capsys):
     assert main(["dataset", "--help"]) == 0
     out = capsys.readouterr().out.split("sub-verbs:")[1].split("\n\n")[0]
-    assert [ln.split()[0] for ln in out.strip().splitlines()] == ["info", "validate", "merge", "split", "recover"]
+    assert [ln.split()[0] for ln in out.strip().splitlines()] == ["info", "validate", "merge", "split", "recover",
+                                                                    "import", "export"]
 
 
 def test_config_dataclass_docs_are_read_from_field_docstrings():

@@ -1,4 +1,5 @@
-"""``qc-robot dataset info|validate|merge|split|recover|label``: inspect, check and edit episode files.
+"""``qc-robot dataset info|validate|merge|split|recover|label|import|export``: inspect, check, edit
+and convert episode files (import/export: LeRobotDatasets, ``qc_robot.data.lerobot_import``).
 
 Files stay in our robomimic layout (``qc_robot.data.hdf5_io``), so the learner reads the result
 directly. Edits (merge, split, label) build a new file beside the target and ``os.replace`` it, so an
@@ -253,16 +254,33 @@ def label(path: str, demo: str, verdict: str) -> None:
         _atomic_write(path, build)
 
 
+def _convert(action: str, src: str, cfg: Any) -> str:
+    """``dataset import`` (a LeRobotDataset folder → our HDF5) or ``export`` (the other way)."""
+    if action == "import":
+        from qc_robot.data.lerobot_import import import_folder
+
+        return import_folder(src, cfg.out, image_size=cfg.image_size, label=cfg.label, normalize=cfg.normalize,
+                             progress=sys.stderr.isatty()).text(src, cfg.out)
+    from qc_robot.data.lerobot_export import export_file
+
+    return export_file(src, cfg.out, video=cfg.use_videos, repo_id=cfg.repo_id, fps=cfg.fps,
+                       progress=sys.stderr.isatty()).text(src, cfg.out)
+
+
 def run_dataset(cfg: Any) -> int:
     """CLI entry of ``qc-robot dataset``; returns 1 when validate finds problems."""
     action, paths = cfg.action, list(cfg.paths)
-    needs = {"info": 1, "validate": 1, "split": 1, "recover": 1, "merge": 1, "label": 3}
+    needs = {"info": 1, "validate": 1, "split": 1, "recover": 1, "merge": 1, "label": 3, "import": 1, "export": 1}
     if action not in needs:
         print(f"dataset: unknown action {action!r}; use one of {', '.join(needs)}", file=sys.stderr)
         return 2
     if action == "label" and len(paths) != 3:
         print("dataset label: give the file, the demo and the verdict: qc-robot dataset label FILE demo_3 "
               "success|failure", file=sys.stderr)
+        return 2
+    if action in ("import", "export") and (len(paths) != 1 or not cfg.out):
+        what = "FOLDER out=FILE.hdf5" if action == "import" else "FILE.hdf5 out=FOLDER"
+        print(f"dataset {action}: give one input and the output: qc-robot dataset {action} {what}", file=sys.stderr)
         return 2
     if len(paths) < needs[action]:
         print(f"dataset {action}: give the file(s): qc-robot dataset {action} FILE...", file=sys.stderr)
@@ -293,6 +311,8 @@ def run_dataset(cfg: Any) -> int:
         elif action == "label":
             label(*paths)
             print(f"{paths[0]}: data/{paths[1]} is now a {paths[2]}")
+        elif action in ("import", "export"):
+            print(_convert(action, paths[0], cfg))
         elif action == "recover":
             for p in paths:
                 with locked(p):

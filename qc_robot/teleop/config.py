@@ -90,11 +90,13 @@ class DatasetConfig:
     POSITIONAL: ClassVar[tuple[str, ...]] = ("action", "paths")
     action: str = "info"
     """'info', 'validate', 'merge' (paths... → out), 'split' (writes mask/<train>, mask/<valid>), 'recover',
-    'label' (FILE DEMO success|failure: the verdict of a demo, e.g. a recovered 'unlabelled' one)."""
+    'label' (FILE DEMO success|failure: the verdict of a demo, e.g. a recovered 'unlabelled' one),
+    'import' (a local LeRobotDataset FOLDER → out=FILE.hdf5), 'export' (FILE.hdf5 → out=FOLDER, a
+    LeRobotDataset written by LeRobot's own writer: docs/lerobot.md)."""
     paths: list[str] = field(default_factory=list)
     """Input files."""
     out: str = ""
-    """merge: the output file."""
+    """merge, import: the output file; export: the LeRobotDataset folder to create."""
     ratio: float = 0.9
     """split: fraction of demos in the train filter."""
     seed: int = 0
@@ -103,3 +105,17 @@ class DatasetConfig:
     valid_key: str = "valid"
     only_success: bool = False
     """split: put only successful demos into the filters."""
+    image_size: int = 64
+    """import: side of the square camera frames decoded from the dataset's videos (0: as recorded)."""
+    label: str = "success"
+    """import: the verdict of episodes the dataset does not judge (no next.reward, no next.success
+    column: LeRobot's plain recordings), 'success' or 'failure'."""
+    normalize: bool = True
+    """import: scale actions (and the state dimensions named like them) onto [-1, 1] from the
+    dataset's own range, kept in the file so export and driver=lerobot undo it."""
+    use_videos: bool = True
+    """export: cameras as MP4 videos (LeRobot's default); false: PNG frames, lossless."""
+    repo_id: str = ""
+    """export: the dataset's LeRobot repo id ('' : local/<out folder name>)."""
+    fps: float = 0.0
+    """export: frames per second (0: the file's control_hz)."""
