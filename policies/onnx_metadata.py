@@ -257,10 +257,14 @@ class PolicyMetadata:
             action_low=self.action_low.copy(),
             action_high=self.action_high.copy(),
             actor_type=self.actor_type,
-            version=version
-            if version is not None
-            else f"step{self.train_step}-{self.config_hash[:8]}",
+            version=version if version is not None else policy_version(self.train_step, self.config_hash),
         )
+
+
+def policy_version(train_step: int, config_hash: str) -> str:
+    """The version a policy is announced and logged under: 'step20000-5a0ee3a8' (its training step
+    and config hash, so a checkpoint and the files exported from it share it)."""
+    return f"step{train_step}-{config_hash[:8]}"
 
 
 def _get(props: dict[str, str], key: str, parse: Any) -> Any:

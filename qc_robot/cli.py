@@ -205,6 +205,13 @@ def _missing_text(verb: str, keys: list[str]) -> str:
     return f"missing required key{'s' if len(keys) > 1 else ''} {', '.join(parts)}: give {given}"
 
 
+def _bad_configuration(verb: str, msg: str) -> int:
+    from qc_robot.cli_errors import EXIT_USAGE
+
+    print(f"qc-robot {verb}: bad configuration: {msg} (qc-robot {verb} --help lists the keys)", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     from qc_robot.cli_errors import EXIT_USAGE, explain
     from qc_robot.config import MissingKeysError
@@ -221,10 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     from qc_robot.cli_multirun import is_multirun
 
     if is_multirun(rest):
+        from qc_robot.cli_checks import check_group_overrides
+        from qc_robot.cli_errors import UserError
         from qc_robot.cli_multirun import multirun
 
         v = VERBS[verb]
         args = flags_to_overrides([a for a in rest if a not in ("-m", "--multirun")])
+        try:  # before any job runs: Hydra would run a mistyped optional group as the default
+            check_group_overrides(CONFIG_DIR, args)
+        except UserError as e:
+            return _bad_configuration(verb, str(e))
         return multirun(verb, _load(v.schema), _load(v.run), str(CONFIG_DIR), args)
     want_help = "--help" in rest or "-h" in rest
     show = "--cfg" in rest
@@ -244,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # Hydra/OmegaConf errors: show the message, not a traceback
         from qc_robot.cli_errors import config_error_text
 
-        msg = config_error_text(e)
-        print(f"qc-robot {verb}: bad configuration: {msg} (qc-robot {verb} --help lists the keys)",
-              file=sys.stderr)
-        return EXIT_USAGE
+        return _bad_configuration(verb, config_error_text(e))
     if want_help:
         return _print_quietly(text)
     if show:

@@ -114,17 +114,20 @@ def check_task(name: str, key: str = "env.name") -> None:
 
 
 def check_group_overrides(config_dir: Path, overrides: list[str]) -> None:
-    """Refuse ``GROUP=NAME`` when configs/GROUP/ has no NAME.yaml, for every config group.
+    """Refuse ``GROUP=NAME`` when configs/GROUP/ has no NAME.yaml, for every config group and
+    every value of a sweep (``agent=qc,qc_fql``, with or without ``-m``).
 
     Hydra itself skips a missing option of an ``optional`` default (``experiment``), so a typo
-    would silently run the default config."""
+    would silently run the default config (under ``-m``: as one of the sweep's jobs)."""
     for o in overrides:
-        key, eq, name = o.lstrip("+~").partition("=")
+        key, eq, value = o.lstrip("+~").partition("=")
         group = config_dir / key
-        if not eq or "." in key or not group.is_dir() or name in ("", "null") or "," in name:
+        if not eq or "." in key or not group.is_dir() or "(" in value:  # glob(...), choice(...): Hydra's
             continue
         options = sorted(p.stem for p in group.glob("*.yaml"))
-        if name not in options:
+        for name in (v.strip().strip("'\"") for v in value.split(",")):
+            if name in ("", "null") or name in options:
+                continue
             guess = nearest(name, options)
             hint = f"did you mean {key}={guess}? " if guess else ""
             raise UserError(f"no {key} named {name!r} ({key}={name}); {hint}options: {shown_options(options)}")

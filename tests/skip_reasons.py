@@ -1,4 +1,4 @@
 """Skip messages that name the install command the README gives (one place for every test)."""
 
 LEROBOT_MISSING = ('LeRobot not installed (pip install --no-deps "lerobot==0.3.3": the README\'s '
-                   "Install section; the packages it imports come with the dev extra)")
+                   "Set-up section; the packages it imports come with the dev extra)")

@@ -198,13 +198,18 @@ def test_free_form_dict_keys_need_no_plus():
     (["train", "agent=qcfql"], "agent=qcfql", "agent=qc_fql"),
     (["train", "+data=defualt", "--cfg"], "data=defualt", "data=default"),
     (["drive", "env=cube-single-tsak1"], "env=cube-single-tsak1", "env=cube-single-task1"),
+    (["train", "-m", "experiment=frist_run"], "experiment=frist_run", "experiment=first_run"),  # no job runs
+    (["train", "agent=qc,qcc", "--cfg"], "agent=qcc", "agent=qc"),  # every value of a sweep
+    (["train", "-m", "agent=qc,qcc"], "agent=qcc", "agent=qc"),
 ])
-def test_an_unknown_group_option_is_refused_naming_the_nearest(capsys, argv, wrong, right):
+def test_an_unknown_group_option_is_refused_naming_the_nearest(capsys, monkeypatch, tmp_path, argv, wrong, right):
     from qc_robot.cli import main
 
+    monkeypatch.chdir(tmp_path)  # a sweep that ran despite the typo would write runs/sweep/ here
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and wrong in err and f"did you mean {right}?" in err, err
+    assert not (tmp_path / "runs").exists()  # refused before any job of a sweep ran
 
 
 def test_train_without_demos_names_the_readme_command_that_records_them(capsys, tmp_path, monkeypatch):

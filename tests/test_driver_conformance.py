@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from skip_reasons import LEROBOT_MISSING
 
 from qc_robot import protocol as P
 from qc_robot.drivers.base import Driver
@@ -25,7 +26,7 @@ from qc_robot.drivers.safety import SafeDriver, SafetyConfig
 
 
 def _lerobot(stack: contextlib.ExitStack, tmp: Path) -> Driver:
-    pytest.importorskip("lerobot.robots.so101_follower", reason="LeRobot not installed (pip install 'qc-robot[lerobot]')")
+    pytest.importorskip("lerobot.robots.so101_follower", reason=LEROBOT_MISSING)
     pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
     from lerobot_rig import calibrated_so101
 

@@ -82,6 +82,15 @@ def test_cli_train_then_eval(tiny_dataset, tmp_path, capsys):
                  "progress=false"]) == 0
     out = capsys.readouterr().out
     assert "cube-single-task1: success" in out and "over 1 episodes" in out
+    # what it evaluates, at the start and in the summary, in the words drive uses for the export
+    ckpt = load_checkpoint(run / CHECKPOINT)
+    lines = out.splitlines()
+    label = (f"{run / CHECKPOINT}, a model ({ckpt.agent.cfg.actor_type}, task cube-single-task1, "
+             f"version step{ckpt.step}-{ckpt.config_hash[:8]})")
+    start = [i for i, ln in enumerate(lines) if ln.startswith(f"eval: {label}, config {ckpt.config_hash}")]
+    summary = [i for i, ln in enumerate(lines) if ln.startswith("cube-single-task1: success")]
+    assert start and summary and start[0] < summary[0], out
+    assert f"policy: {label}" in lines[summary[0] + 1:], out
 
 
 def test_cli_rejects_unknown_keys_and_missing_data(tmp_path, capsys):

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skip_reasons import LEROBOT_MISSING
 
-pytest.importorskip("lerobot.robots.so101_follower", reason="LeRobot not installed (pip install 'qc-robot[lerobot]')")
+pytest.importorskip("lerobot.robots.so101_follower", reason=LEROBOT_MISSING)
 pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
 
 from feetech_sim import FeetechBusSim  # noqa: E402

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skip_reasons import LEROBOT_MISSING
 
-pytest.importorskip("lerobot.robots.so101_follower", reason="LeRobot not installed (pip install 'qc-robot[lerobot]')")
+pytest.importorskip("lerobot.robots.so101_follower", reason=LEROBOT_MISSING)
 pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
 
 from episode_rig import TickClock, run_scripted  # noqa: E402

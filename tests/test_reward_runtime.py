@@ -178,6 +178,18 @@ def test_metadata_round_trips_and_refuses_bad_values():
         DetectorMetadata(obs_fields=[ObsField("s", (1,))], debounce=0).to_props()
 
 
+def test_detector_exports_carry_no_build_machine_paths(linear_detector, overflow_detector):
+    """As for the policy: the dynamo exporter's per-node stack traces ('File "/home/.../model.py"')
+    would ship this machine's source paths in a file that travels to the robot PC."""
+    import onnx
+
+    from qc_robot.export.scrub import build_paths
+
+    for path in (linear_detector, overflow_detector):
+        assert build_paths(onnx.load(path)) == [], path
+        assert b'File "' not in path.read_bytes(), path
+
+
 def test_the_runtime_runs_with_torch_and_mujoco_blocked(linear_detector):
     """The robot PC loads and runs the detector with numpy and onnxruntime alone."""
     import subprocess

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,24 @@ class EchoPolicy:
         time.sleep(self.delay_s)
         v = obs["state"][0] if self.value is None else self.value
         return ChunkResult(np.full((H, ACT), v, np.float32), self.delay_s)
+
+
+class GatedPolicy:
+    """Reports each observation's ``state[0]`` as it enters inference, then waits for a release:
+    a test orders events by which observation is in inference, not by the clock."""
+
+    def __init__(self) -> None:
+        self.spec = spec()
+        self.entered: queue.Queue[float] = queue.Queue()
+        self.gate = threading.Semaphore(0)
+
+    def predict(self, obs: dict[str, np.ndarray]) -> ChunkResult:
+        self.entered.put(float(obs["state"][0]))
+        assert self.gate.acquire(timeout=60), "never released"
+        return ChunkResult(np.zeros((H, ACT), np.float32), 0.0)
+
+    def next_in(self) -> float:
+        return self.entered.get(timeout=30)
 
 
 def driver_spec(obs_dim: int = OBS, act: int = ACT, hz: float = 20.0) -> DriverSpec:
@@ -201,16 +220,21 @@ def test_misbehaving_policy_gives_policy_error(serve, clients, policy) -> None:
 
 
 def test_slow_inference_does_not_block_handshakes_or_heartbeats(serve, clients) -> None:
-    srv = serve(EchoPolicy(delay_s=1.5))
+    policy = GatedPolicy()
+    srv = serve(policy)
     a = clients(srv)
-    assert a.request(obs(), 0, 0) is not None
-    time.sleep(0.1)  # the worker is now inside the slow inference
-    t0 = time.monotonic()
-    b = clients(srv)  # handshake while A's inference runs
-    rtt = b.ping(2.0)
-    elapsed = time.monotonic() - t0
-    assert rtt is not None and elapsed < 0.8, f"handshake+heartbeat took {elapsed:.2f} s"
-    assert isinstance(a.poll(3.0), P.Chunk)
+    try:
+        assert a.request(obs(1.0), 0, 0) is not None
+        assert policy.next_in() == 1.0  # A's inference has begun; the gate holds it there
+        b = clients(srv, connect=False)
+        b.connect(30.0)  # handshake while A's inference runs (hang guard: a blocked loop never answers)
+        assert b.ping(30.0) is not None
+        assert a.poll(0.0) is None  # the order: B was answered while A's inference was still held
+        policy.gate.release()
+        assert isinstance(a.poll(30.0), P.Chunk)
+    finally:
+        for _ in range(4):
+            policy.gate.release()
 
 
 def test_several_drivers_each_get_answers_to_their_own_observations(serve, clients) -> None:
@@ -252,21 +276,38 @@ def test_late_reply_after_timeout_is_never_returned(serve, clients) -> None:
 
 
 def test_a_newer_observation_beyond_max_inflight_supersedes_the_oldest_queued(serve) -> None:
-    srv = serve(EchoPolicy(delay_s=0.4), max_inflight=2)
+    policy = GatedPolicy()
+    srv = serve(policy, max_inflight=2)
     raw = Raw(srv.address)
+    replies: list[P.Message] = []
     try:
         assert isinstance(raw.send(P.encode(driver_spec().hello("raw"))), P.Welcome)
-        for rid in (1, 2, 3, 4):  # 1 runs, 2 and 3 wait (a pipeline of 2), 4 replaces 2
-            raw.sock.send(P.encode(P.Observation(rid, 0, rid, 0.0, obs(rid / 10))))
-            time.sleep(0.05)
-        replies = []
-        while len(replies) < 4 and raw.sock.poll(3000):
+        raw.sock.send(P.encode(P.Observation(1, 0, 1, 0.0, obs(1.0))))
+        assert policy.next_in() == 1.0  # 1 is in inference (held by the gate) before 2..4 arrive
+        for rid in (2, 3, 4):  # 2 and 3 wait (a pipeline of 2), 4 replaces 2
+            raw.sock.send(P.encode(P.Observation(rid, 0, rid, 0.0, obs(float(rid)))))
+        # the server reads one peer's messages in order: the echo of a heartbeat sent after 4 proves
+        # that 2..4 were all queued (or superseded) while 1 was still held
+        raw.sock.send(P.encode(P.Heartbeat(77, 0.0)))
+        while raw.sock.poll(30_000):
+            m = P.decode(raw.sock.recv())
+            if isinstance(m, P.Heartbeat) and m.seq == 77:
+                break
+            replies.append(m)
+        else:
+            raise AssertionError("no heartbeat echo")
+        for _ in range(3):
+            policy.gate.release()
+        assert [policy.next_in() for _ in range(2)] == [3.0, 4.0]  # computed in the order sent
+        while len(replies) < 4 and raw.sock.poll(30_000):
             replies.append(P.decode(raw.sock.recv()))
     finally:
+        for _ in range(4):
+            policy.gate.release()
         raw.close()
     kinds = [(type(r).__name__, r.request_id) for r in replies]
     assert sorted(kinds) == [("Chunk", 1), ("Chunk", 3), ("Chunk", 4), ("Error", 2)]
-    assert [rid for kind, rid in kinds if kind == "Chunk"] == [1, 3, 4]  # computed in the order sent
+    assert [rid for kind, rid in kinds if kind == "Chunk"] == [1, 3, 4]
 
 
 def test_max_clients(serve, clients) -> None:

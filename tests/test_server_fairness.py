@@ -4,36 +4,17 @@ policy (which observation enters inference when), not by the clock."""
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
 import numpy as np
 import test_server
-from test_server import ACT, H, Raw, driver_spec, spec
+from test_server import GatedPolicy, Raw, driver_spec
 
 from qc_robot import protocol as P
-from qc_robot.policies.base import ChunkResult
 from qc_robot.server.scheduler import FairScheduler
 
 serve = test_server.serve
-
-
-class GatedPolicy:
-    """Reports each observation's ``state[0]`` as it enters inference, then waits for a release."""
-
-    def __init__(self) -> None:
-        self.spec = spec()
-        self.entered: queue.Queue[float] = queue.Queue()
-        self.gate = threading.Semaphore(0)
-
-    def predict(self, obs: dict[str, np.ndarray]) -> ChunkResult:
-        self.entered.put(float(obs["state"][0]))
-        assert self.gate.acquire(timeout=60), "never released"
-        return ChunkResult(np.zeros((H, ACT), np.float32), 0.0)
-
-    def next_in(self) -> float:
-        return self.entered.get(timeout=30)
 
 
 def _obs(value: float, rid: int) -> bytes:

@@ -230,20 +230,25 @@ def test_policy_describes_itself_before_hello_and_in_welcome(serve, clients) -> 
 
 @pytest.mark.parametrize("trial", range(3))
 def test_bye_reaches_a_driver_with_immediate_and_no_linger(serve, trial: int) -> None:
-    srv = serve()
+    srv = serve(bye_grace_s=60.0)  # the grace is only a hang guard here: the driver's bye ends it
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IMMEDIATE, 1)  # the spec's recommended options
     sock.connect(srv.address)
     try:
         sock.send(P.encode(driver_spec().hello("raw")))
-        assert sock.poll(5000) and isinstance(P.decode(sock.recv()), P.Welcome)
+        assert sock.poll(30_000) and isinstance(P.decode(sock.recv()), P.Welcome)
         stopper = threading.Thread(target=srv.stop)
         stopper.start()
-        time.sleep(0.15)  # the driver is busy with a control tick when the server goes
-        got = P.decode(sock.recv()) if sock.poll(3000) else None
-        stopper.join(5)
+        # the driver is busy with a control tick when the server goes: the bye waits unread (a poll
+        # does not read it) and the server, having sent it, keeps the connection open meanwhile
+        assert sock.poll(30_000), "no bye"
+        assert stopper.is_alive(), "the server closed before the driver read its bye"
+        got = P.decode(sock.recv())
         assert isinstance(got, P.Bye), got
+        sock.send(P.encode(P.Bye("driver")))  # the driver's answer lets the server close at once
+        stopper.join(30)
+        assert not stopper.is_alive(), "the server waited out its grace despite the driver's bye"
     finally:
         sock.close(0)
 

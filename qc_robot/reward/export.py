@@ -26,6 +26,7 @@ import onnx
 import torch
 from onnx import helper
 
+from qc_robot.export.scrub import scrub
 from qc_robot.export.verify import ExportParityError
 from qc_robot.policies.success_detector import OUTPUT, DetectorMetadata
 from qc_robot.reward.model import DetectorNet
@@ -45,6 +46,7 @@ def export_detector(net: DetectorNet, meta: DetectorMetadata, out_path: str | os
                          f"network takes {net.image_keys} / {net.state_dim}")
     model = _trace(net, meta, opset)
     helper.set_model_props(model, meta.to_props())
+    scrub(model)  # no stack traces with this machine's source paths in a file that travels
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

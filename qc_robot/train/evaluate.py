@@ -105,6 +105,9 @@ def run_eval(cfg) -> int:  # noqa: ANN001 (EvalConfig)
     name = cfg.env.name or trained.name
     sparse = trained.sparse_reward if cfg.env.sparse_reward is None else cfg.env.sparse_reward
     max_steps = cfg.env.max_episode_steps or trained.max_episode_steps
+    label = checkpoint_label(cfg.checkpoint, ckpt)
+    print(f"eval: {label}, config {ckpt.config_hash}, saved by qc-robot {ckpt.versions.get('qc_robot', '?')}; "
+          f"{cfg.episodes} episodes in {name} from seed {cfg.seed}", flush=True)
     recorder = _recorder(cfg)
     result = evaluate(agent_policy(ckpt.agent, cfg.seed), name, cfg.episodes, cfg.seed, sparse, max_steps,
                       progress=cfg.progress, on_step=recorder, image_size=eval_image_size(ckpt.agent),
@@ -112,10 +115,23 @@ def run_eval(cfg) -> int:  # noqa: ANN001 (EvalConfig)
     print(f"{name}: success {result.success_rate:.3f} over {result.episodes} episodes "
           f"(return {result.mean_return:.1f}, length {result.mean_length:.0f}, "
           f"{result.policy_queries} policy queries) at update {ckpt.step}")
+    print(f"policy: {label}")
     if recorder is not None:
         path = recorder.close()
         print(f"video of the first {cfg.video_episodes} episode(s): {path}")
     return 0
+
+
+def checkpoint_label(path: str, ckpt: Any) -> str:  # ckpt: Checkpoint (torch imported lazily)
+    """'runs/a/checkpoint.pt, a model (fql, task cube-single-task1, version step20000-5a0ee3a8)': the
+    words ``drive``/``demo`` use for a served policy, so an eval matches the file exported from it."""
+    from qc_robot.drivers.policy_id import policy_label
+    from qc_robot.policies.onnx_metadata import policy_version
+
+    meta = {"actor_type": ckpt.agent.cfg.actor_type, "task": ckpt.config.env.name,
+            "policy_version": policy_version(ckpt.step, ckpt.config_hash), "config_hash": ckpt.config_hash,
+            "train_step": ckpt.step}
+    return f"{path}, {policy_label(meta)}"
 
 
 class _EpisodeRecorder:
