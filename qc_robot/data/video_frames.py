@@ -74,7 +74,7 @@ def image_frame(data: bytes, size: tuple[int, int] | None) -> np.ndarray:
     import av
 
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), mode="r") as container:
             return _rgb(next(container.decode(video=0)), size)
     except (av.error.FFmpegError, StopIteration) as e:
         raise DatasetError(f"an image of the dataset cannot be decoded ({e})") from None
