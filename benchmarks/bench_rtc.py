@@ -121,11 +121,12 @@ def train_policy(out: Path, demos: list[dict[str, np.ndarray]], horizon: int, st
 # -- one cell: a mode at a delay -----------------------------------------------------------------
 
 
-def run_cell(args: tuple[str, str, int, int, int] | tuple[str, str, int, int, int, int]) -> dict[str, Any]:
+def run_cell(args: tuple[Any, ...]) -> dict[str, Any]:
     """Run ``episodes`` episodes of ``mode`` with ``delay_ms`` (and ``max_inflight``, 1: no
-    pipelining); returns the per-episode records."""
+    pipelining; and the policy's noise seed, None: OS entropy); returns the per-episode records."""
     policy_path, mode, delay_ms, episodes, threshold_pct = args[:5]
     inflight = args[5] if len(args) > 5 else 1
+    policy_seed = args[6] if len(args) > 6 else None
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from qc_robot.drivers.executor import ChunkExecutor
     from qc_robot.drivers.safety import SafeDriver
@@ -133,7 +134,7 @@ def run_cell(args: tuple[str, str, int, int, int] | tuple[str, str, int, int, in
     from qc_robot.drivers.simclock import DelayedPolicySource, seam_jerk
     from qc_robot.policies.onnx_policy import OnnxPolicy
 
-    policy = OnnxPolicy(policy_path, threads=1, warmup=2)
+    policy = OnnxPolicy(policy_path, threads=1, warmup=2, seed=policy_seed)
     driver = SafeDriver(SimDriver(SimConfig(env=TASK, realtime=False)))
     driver.connect()
     delay_steps = math.ceil(delay_ms / PERIOD_MS - 1e-9)
@@ -299,6 +300,9 @@ def main() -> None:
     ap.add_argument("--delays", default=",".join(map(str, DELAYS_MS)))
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--threshold", type=int, default=50, help="request threshold, percent of H")
+    ap.add_argument("--policy-seed", type=int, default=None,
+                    help="seed the policy's sampling noise, the same in every cell (cells whose requests match "
+                         "then give the same episodes); default: OS entropy, independent draws per cell")
     ap.add_argument("--inflight", default="1", help="max requests in flight to compare, e.g. 1,4 (1: no pipelining; "
                     "open_loop always 1)")
     ap.add_argument("--workers", type=int, default=2)
@@ -323,7 +327,7 @@ def main() -> None:
         print(f"policy exported to {policy} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not policy:
         ap.error("give --policy or --train")
-    cells = [(policy, m, int(d), args.episodes, args.threshold, int(k))
+    cells = [(policy, m, int(d), args.episodes, args.threshold, int(k), args.policy_seed)
              for d in args.delays.split(",") for m in args.modes.split(",") for k in args.inflight.split(",")
              if m != "open_loop" or k == "1"]
     t0 = time.perf_counter()
