@@ -112,10 +112,26 @@ class Servo:
                 self.actual = max(self.obstacle[0], min(self.obstacle[1], self.actual))
 
 
+STAND_IN_LATENCY_MS = 100
+"""The SDK waits 2 × ``LATENCY_TIMER`` ms (16: a USB adapter's latency) plus the bytes' time for a
+reply. These servos answer from a Python thread, which a loaded machine can stall for longer than
+that; the read would then fail although no test injected a fault. The stand-in gets 100 ms (a
+200 ms wait): a dead bus still fails every read, only later."""
+
+
+def _patient_sdk() -> None:
+    try:
+        import scservo_sdk.port_handler as ph
+    except ImportError:  # the tests that need it skip
+        return
+    ph.LATENCY_TIMER = max(ph.LATENCY_TIMER, STAND_IN_LATENCY_MS)
+
+
 class FeetechBusSim:
     """Servos on a pty; ``port`` is the path to give the robot. Use as a context manager."""
 
     def __init__(self, ids: list[int], positions: list[int] | None = None) -> None:
+        _patient_sdk()
         positions = positions or [RESOLUTION // 2] * len(ids)
         self.servos = {i: Servo(i, p) for i, p in zip(ids, positions, strict=True)}
         self.lock = threading.Lock()
@@ -150,9 +166,10 @@ class FeetechBusSim:
                 pass
 
     # -- what a hand or a test does to the arm ----------------------------------------------------
-    def settle(self, timeout_s: float = 2.0) -> None:
+    def settle(self, timeout_s: float = 60.0) -> None:
         """Wait until every byte sent so far has been handled (a sync write gets no reply, so a
-        test reading registers right after one would otherwise race the servo thread)."""
+        test reading registers right after one would otherwise race the servo thread). Returns as
+        soon as it has; ``timeout_s`` is a hang guard, not a timing check."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self._stop.is_set():  # closed: nothing in flight
             pending, _, _ = select.select([self._master], [], [], 0)
