@@ -123,10 +123,12 @@ def train_policy(out: Path, demos: list[dict[str, np.ndarray]], horizon: int, st
 
 def run_cell(args: tuple[Any, ...]) -> dict[str, Any]:
     """Run ``episodes`` episodes of ``mode`` with ``delay_ms`` (and ``max_inflight``, 1: no
-    pipelining; and the policy's noise seed, None: OS entropy); returns the per-episode records."""
+    pipelining; the policy's noise seed, None: OS entropy; and whether the hold is all zeros, as
+    before the sim kept the gripper's command); returns the per-episode records."""
     policy_path, mode, delay_ms, episodes, threshold_pct = args[:5]
     inflight = args[5] if len(args) > 5 else 1
     policy_seed = args[6] if len(args) > 6 else None
+    zero_hold = bool(args[7]) if len(args) > 7 else False
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from qc_robot.drivers.executor import ChunkExecutor
     from qc_robot.drivers.safety import SafeDriver
@@ -135,7 +137,7 @@ def run_cell(args: tuple[Any, ...]) -> dict[str, Any]:
     from qc_robot.policies.onnx_policy import OnnxPolicy
 
     policy = OnnxPolicy(policy_path, threads=1, warmup=2, seed=policy_seed)
-    driver = SafeDriver(SimDriver(SimConfig(env=TASK, realtime=False)))
+    driver = SafeDriver(SimDriver(SimConfig(env=TASK, realtime=False, hold_keeps=[] if zero_hold else None)))
     driver.connect()
     delay_steps = math.ceil(delay_ms / PERIOD_MS - 1e-9)
     clock = [0]
@@ -303,6 +305,8 @@ def main() -> None:
     ap.add_argument("--policy-seed", type=int, default=None,
                     help="seed the policy's sampling noise, the same in every cell (cells whose requests match "
                          "then give the same episodes); default: OS entropy, independent draws per cell")
+    ap.add_argument("--zero-hold", action="store_true",
+                    help="the sim's old all-zeros hold (its gripper stops squeezing on a held tick)")
     ap.add_argument("--inflight", default="1", help="max requests in flight to compare, e.g. 1,4 (1: no pipelining; "
                     "open_loop always 1)")
     ap.add_argument("--workers", type=int, default=2)
@@ -327,7 +331,7 @@ def main() -> None:
         print(f"policy exported to {policy} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not policy:
         ap.error("give --policy or --train")
-    cells = [(policy, m, int(d), args.episodes, args.threshold, int(k), args.policy_seed)
+    cells = [(policy, m, int(d), args.episodes, args.threshold, int(k), args.policy_seed, args.zero_hold)
              for d in args.delays.split(",") for m in args.modes.split(",") for k in args.inflight.split(",")
              if m != "open_loop" or k == "1"]
     t0 = time.perf_counter()

@@ -174,7 +174,8 @@ def run_demo(cfg: DemoConfig) -> int:
         period = 1.0 / (driver.spec.control_hz * cfg.time_scale)
         executor = ChunkExecutor(client, welcome.chunk_len, cfg.mode, 0.5, 2.0,
                                  wait_when_empty=not driver.realtime,
-                                 tick_wait_s=0.5 * period if driver.realtime else 0.0)
+                                 tick_wait_s=0.5 * period if driver.realtime else 0.0,
+                                 max_inflight=client.max_inflight)  # pipelined under delay (docs/rtc.md)
         pacer = Pacer(driver.spec.control_hz * cfg.time_scale) if driver.realtime else None
         if cfg.video:
             from qc_robot.video import DriverVideo
