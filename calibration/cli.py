@@ -4,7 +4,8 @@ Steps (``step=``): ``excite`` logs an excitation dataset from the driver; ``late
 trips through the server and the driver's actuation delay; ``normalization`` computes dataset
 statistics; ``sysid`` fits the sim's physics to the dataset; ``all`` runs latency, normalization
 and sysid (the last two when a dataset is given); ``check`` compares a new dataset (and the link)
-against the stored calibration and exits 1 on drift. Each step updates only its own section of an
+against the stored calibration and exits 1 on drift. Exit codes: 0 done, 1 drift, 2 bad input, 3 a
+fit that did not converge under ``require_converged=true``. Each step updates only its own section of an
 existing file, so steps can be run on different days.
 """
 
@@ -89,6 +90,9 @@ class CalibrateConfig:
     """... and at least ± this fraction."""
     plot: str = ""
     """sysid PNG ('' = next to the calibration file: <robot_id>_sysid.png)."""
+    require_converged: bool = False
+    """sysid: exit 3 and write nothing when the fit did not converge (its replay error stays above
+    the floor a step from it could reach, or a profile found a lower error); the report says what to add."""
     drift_factor: float = 2.0
     """check: drift when the replay error exceeds drift_factor x the calibrated one."""
     seed: int = 0
@@ -130,7 +134,9 @@ def _latency(cfg: CalibrateConfig) -> dict[str, Any]:
 
 
 def _sysid(cfg: CalibrateConfig, out: Path) -> dict[str, Any]:
+    from qc_robot.calibration.identifiability import describe, describe_range
     from qc_robot.calibration.logs import load_trajectories
+    from qc_robot.calibration.randomization import PARAM_KINDS
     from qc_robot.calibration.replay import Replayer
     from qc_robot.calibration.sysid import identify, plot_fit
 
@@ -154,10 +160,14 @@ def _sysid(cfg: CalibrateConfig, out: Path) -> dict[str, Any]:
         lo, hi = res.ranges[k]
         ident = res.identifiability.get(k, {})
         tag = "" if ident.get("identifiable", True) else "  NOT IDENTIFIABLE (see below)"
-        print(f"  {k:<13} {res.params[k]:8.4f}  (se {res.sigma[k]:.3f} in fit coords)  range [{lo:.4f}, {hi:.4f}]{tag}")
+        se = f"se {res.sigma[k] * (1 + res.params[k]):.2g} N·m" if PARAM_KINDS[k].mode == "value" else f"se {res.sigma[k]:.1%}"
+        print(f"  {k:<13} {describe(k, res.params[k]):>14}  ({se})  range {describe_range(k, lo, hi)}{tag}")
     for k in cfg.kinds:
         if "statement" in res.identifiability.get(k, {}):
             print(f"  note: {res.identifiability[k]['statement']}")
+    print(f"sysid {res.convergence['summary']}")
+    for a in res.convergence["advice"]:
+        print(f"  to converge: {a}")
     return {"params": res.params, "ranges": res.ranges, "control_delay_steps": res.delay_steps,
             "sigma": res.sigma, "env": cfg.task, "dataset": os.path.abspath(cfg.dataset), "plot": png,
             "fit": {k: v for k, v in fit.items() if k not in ("params", "ranges", "control_delay_steps", "sigma")}}
@@ -205,8 +215,8 @@ def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
         _finite_or_fail(err, f"replay error of {cfg.dataset}")
         _finite_or_fail(ref, f"{where}: physics.fit.error_after (the calibrated replay error)")
         bad = not err <= cfg.drift_factor * ref
-        print(f"check physics ({mode} replay, timing {timing.label()}): replay error {err:.4f} (calibrated "
-              f"{ref:.4f}, drift above {cfg.drift_factor * ref:.4f}){'  DRIFT' if bad else '  ok'}")
+        print(f"check physics ({mode} replay, timing {timing.label()}): replay error {err:.3g} (calibrated "
+              f"{ref:.3g}, drift above {cfg.drift_factor * ref:.3g}){'  DRIFT' if bad else '  ok'}")
         drifted += ["physics"] if bad else []
     if cal.normalization is not None and cfg.dataset:
         from qc_robot.calibration.normalization import dataset_stats
@@ -279,6 +289,9 @@ def run_calibrate(cfg: CalibrateConfig) -> int:
                   f"{cal.normalization['episodes']} episodes; action limits {cal.normalization['action_limits']}")
         if cfg.step in ("sysid", "all") and cfg.dataset:
             cal.physics = _sysid(cfg, out)
+            if cfg.require_converged and not cal.physics["fit"]["convergence"]["converged"]:
+                print(f"calibrate: sysid did not converge (require_converged=true): {out} not written")
+                return 3
     except (CalibrationError, ValueError, OSError, RuntimeError) as e:
         print(f"calibrate: {e}")
         return 2

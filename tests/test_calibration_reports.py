@@ -5,9 +5,14 @@ surfaces: fast, no simulator; sysid's convergence report on a real MuJoCo fit th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from qc_robot.calibration.identifiability import assess, describe, describe_range, profile
+
+TASK = "cube-single-task1"
 
 
 def test_unidentified_friction_is_reported_in_newton_metres_not_a_huge_percentage() -> None:
@@ -51,3 +56,74 @@ def test_values_are_written_in_their_unit_to_three_significant_digits() -> None:
     assert describe_range("frictionloss", 0.0, 3.866) == "[0, 3.87] N·m"
     assert describe_range("damping", 0.9, 1.1) == "[x0.9, x1.1] nominal"
 
+
+# -- sysid convergence ------------------------------------------------------------------------------
+
+
+def test_gauss_newton_floor_is_the_error_at_a_minimum_and_below_it_elsewhere() -> None:
+    from qc_robot.calibration.convergence import assess_convergence, gauss_newton_floor
+
+    rng = np.random.default_rng(0)
+    jac = rng.normal(size=(200, 3))
+    noise = 0.01 * rng.normal(size=200)
+    y = jac @ np.array([1.0, -2.0, 0.5]) + noise
+
+    def residual(x: np.ndarray) -> np.ndarray:
+        return jac @ x - y
+
+    x_best, *_ = np.linalg.lstsq(jac, y, rcond=None)
+    at_min, off = residual(x_best), residual(x_best + np.array([0.05, 0.0, 0.0]))
+    rms_min = float(np.sqrt(np.mean(at_min**2)))
+    assert np.isclose(gauss_newton_floor(jac, at_min), rms_min)  # the noise level, not zero
+    assert np.isclose(gauss_newton_floor(jac, off), rms_min)
+    rms_off = float(np.sqrt(np.mean(off**2)))
+    kinds = ["kp"]
+    ok = assess_convergence(rms_min, rms_min, 1.0, {}, kinds, False, 30, 480)
+    bad = assess_convergence(rms_off, rms_min, 1.0, {}, kinds, True, 30, 480)
+    assert ok["converged"] and ok["summary"].startswith("converged")
+    assert not bad["converged"] and bad["summary"].startswith("NOT CONVERGED")
+    assert "raise max_iters (now 30) to 60" in bad["summary"]
+    # a profile point well below the fit's error: a better fit exists, whatever the floor says
+    lower = assess_convergence(rms_min, rms_min, 1.0, {"kp": {"points": [[0.9, 0.5 * rms_min]]}}, kinds, False, 30, 480)
+    assert not lower["converged"] and "a profile reached" in lower["summary"] and "global_evals" in lower["summary"]
+
+
+def _hidden_robot_log(tmp_path: Path, params: dict[str, float], steps: int = 20) -> str:
+    from qc_robot.calibration.cli import CalibrateConfig, run_calibrate
+    from qc_robot.calibration.files import Calibration, save_calibration
+
+    robot = save_calibration(Calibration("hidden", TASK, physics={"params": params, "ranges": {},
+                                                                  "control_delay_steps": 1}), tmp_path / "hidden.json")
+    data = str(tmp_path / "excite.hdf5")
+    assert run_calibrate(CalibrateConfig(step="excite", robot_id="arm1", task=TASK, dataset=data, realtime=True,
+                                         time_scale=2.0, episodes=1, steps=steps, seed=3,
+                                         driver_args={"calibration": str(robot)})) == 0
+    return data
+
+
+def test_sysid_says_not_converged_and_require_converged_exits_3(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Real MuJoCo, the CLI: a fit starved of evaluations says so, names the budget to add and, with
+    require_converged=true, exits 3 writing nothing; given the budget, the same log converges."""
+    from qc_robot.calibration.cli import CalibrateConfig, run_calibrate
+    from qc_robot.calibration.files import load_calibration
+
+    data = _hidden_robot_log(tmp_path, {"kp": 0.7, "damping": 1.0, "armature": 1.0, "frictionloss": 0.0})
+    out = tmp_path / "arm1.json"
+    common = dict(step="sysid", robot_id="arm1", task=TASK, dataset=data, out=str(out), episodes=1, steps=20,
+                  profile=False, kinds=["kp"])
+    capsys.readouterr()
+    rc = run_calibrate(CalibrateConfig(global_evals=0, max_iters=1, require_converged=True, **common))  # type: ignore[arg-type]
+    text = capsys.readouterr().out
+    assert rc == 3, text
+    assert "sysid NOT CONVERGED" in text and "raise max_iters (now 1) to 2" in text, text
+    assert "not written" in text and not out.exists()
+    rc = run_calibrate(CalibrateConfig(global_evals=0, max_iters=1, **common))  # type: ignore[arg-type]
+    assert rc == 0 and not load_calibration(out).physics["fit"]["convergence"]["converged"]  # type: ignore[index]
+    capsys.readouterr()
+    rc = run_calibrate(CalibrateConfig(global_evals=0, max_iters=30, require_converged=True, **common))  # type: ignore[arg-type]
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "sysid converged" in text, text
+    fit = load_calibration(out).physics["fit"]  # type: ignore[index]
+    assert fit["convergence"]["converged"] and fit["error_after"] < 1e-4, fit["convergence"]
