@@ -94,7 +94,18 @@ class CalibrateConfig:
     """sysid: exit 3 and write nothing when the fit did not converge (its replay error stays above
     the floor a step from it could reach, or a profile found a lower error); the report says what to add."""
     drift_factor: float = 2.0
-    """check: drift when the replay error exceeds drift_factor x the calibrated one."""
+    """check, logs without the applied targets (executed/lockstep replay): drift when the replay error
+    exceeds drift_factor x the calibrated one."""
+    drift_tol: float = 0.05
+    """check, ctrl replay: a scale (kp, damping, armature) drifted when the new log's refit moves it by
+    more than this fraction and drift_sigmas standard errors (calibration/drift.py)."""
+    drift_tol_friction: float = 0.05
+    """check, ctrl replay: the same for friction, in N·m."""
+    drift_sigmas: float = 3.0
+    """check, ctrl replay: standard errors of the refit a shift must also exceed (3: 0.27 % false alarms
+    per parameter under Gaussian noise)."""
+    check_iters: int = 15
+    """check, ctrl replay: least-squares evaluations of the refit."""
     seed: int = 0
     log_level: str = "WARNING"
 
@@ -180,11 +191,43 @@ def _finite_or_fail(value: float, what: str) -> float:
     return value
 
 
+def _fit_number(cal: Calibration, key: str, where: str) -> float:
+    """``physics.fit[key]`` (validated on load to be a number when present); NaN when absent."""
+    fit = (cal.physics or {}).get("fit") or {}
+    return float(fit.get(key, float("nan")))
+
+
+def _check_physics_params(cfg: CalibrateConfig, cal: Calibration, rep: Any, trajs: Any, timing: Any,
+                          mode: str) -> bool:
+    """The parameter-shift drift test (``calibration.drift``) on a log with the applied targets."""
+    from qc_robot.calibration.drift import describe_drift, physics_drift
+
+    assert cal.physics is not None
+    ident = ((cal.physics.get("fit") or {}).get("identifiability") or {})
+    rep_ = physics_drift(rep, trajs, cal.physics["params"], timing, mode, ident, cfg.drift_tol,
+                         cfg.drift_tol_friction, cfg.drift_sigmas, cfg.check_iters)
+    _finite_or_fail(rep_["error_stored"], f"replay error of {cfg.dataset}")
+    bad = bool(rep_["drifted"])
+    print(f"check physics ({mode} replay, timing {timing.label()}): refit of {', '.join(rep_['params'])} on the new "
+          f"log: replay error {rep_['error_stored']:.3g} at the calibrated physics, {rep_['error_refit']:.3g} refitted; "
+          f"drift when a shift exceeds ±{cfg.drift_tol:.0%} (friction ±{cfg.drift_tol_friction:g} N·m) and "
+          f"{cfg.drift_sigmas:g} standard errors" + ("  DRIFT" if bad else "  ok"))
+    for line in describe_drift(rep_):
+        print(line)
+    return bad
+
+
 def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
     """Drift report of a new dataset against the calibration; 1 if anything drifted."""
     import numpy as np
 
     drifted = []
+    for key, value in (("drift_tol", cfg.drift_tol), ("drift_tol_friction", cfg.drift_tol_friction),
+                       ("drift_sigmas", cfg.drift_sigmas), ("drift_factor", cfg.drift_factor)):
+        if not (math.isfinite(value) and value > 0):
+            raise CalibrationError(f"check: {key} must be a positive number, got {value!r}")
+    if cfg.check_iters < 1:
+        raise CalibrationError(f"check: check_iters must be >= 1, got {cfg.check_iters!r}")
     if cfg.dataset:
         from qc_robot.calibration.logs import check_log
 
@@ -208,15 +251,20 @@ def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
             drifted.append("timing")
         rep = Replayer(cfg.task, cfg.seed)
         try:
-            err = replay_error(rep, trajs, cal.physics["params"], timing, mode)
+            if mode == "ctrl":
+                bad = _check_physics_params(cfg, cal, rep, trajs, timing, mode)
+            else:
+                err = replay_error(rep, trajs, cal.physics["params"], timing, mode)
         finally:
             rep.close()
-        ref = float((cal.physics.get("fit") or {}).get("error_after", float("nan")))
-        _finite_or_fail(err, f"replay error of {cfg.dataset}")
-        _finite_or_fail(ref, f"{where}: physics.fit.error_after (the calibrated replay error)")
-        bad = not err <= cfg.drift_factor * ref
-        print(f"check physics ({mode} replay, timing {timing.label()}): replay error {err:.3g} (calibrated "
-              f"{ref:.3g}, drift above {cfg.drift_factor * ref:.3g}){'  DRIFT' if bad else '  ok'}")
+        if mode != "ctrl":  # logs without the applied targets: the replay-error ratio (see docs)
+            ref = _finite_or_fail(_fit_number(cal, "error_after", where), f"{where}: physics.fit.error_after "
+                                  "(the calibrated replay error)")
+            _finite_or_fail(err, f"replay error of {cfg.dataset}")
+            bad = not err <= cfg.drift_factor * ref
+            print(f"check physics ({mode} replay, timing {timing.label()}): replay error {err:.3g} (calibrated "
+                  f"{ref:.3g}, drift above {cfg.drift_factor} x {ref:.3g} = {cfg.drift_factor * ref:.3g})"
+                  f"{'  DRIFT' if bad else '  ok'}")
         drifted += ["physics"] if bad else []
     if cal.normalization is not None and cfg.dataset:
         from qc_robot.calibration.normalization import dataset_stats
