@@ -154,9 +154,12 @@ def _sysid(cfg: CalibrateConfig, out: Path) -> dict[str, Any]:
     trajs = load_trajectories(cfg.dataset, cfg.task, cfg.episodes, cfg.steps)
     rep = Replayer(cfg.task, cfg.seed)
     try:
-        res = identify(cfg.task, trajs, cfg.kinds, cfg.max_delay, cfg.max_iters, cfg.range_k, cfg.range_min_frac,
-                       replayer=rep, replay=cfg.replay, global_evals=cfg.global_evals, profile=cfg.profile,
-                       seed=cfg.seed, starts=cfg.starts)
+        try:
+            res = identify(cfg.task, trajs, cfg.kinds, cfg.max_delay, cfg.max_iters, cfg.range_k, cfg.range_min_frac,
+                           replayer=rep, replay=cfg.replay, global_evals=cfg.global_evals, profile=cfg.profile,
+                           seed=cfg.seed, starts=cfg.starts)
+        except ValueError as e:  # a log the fit cannot use (every row in contact, nothing to time)
+            raise CalibrationError(f"{cfg.dataset}: {e}") from None
         png = cfg.plot or str(out.with_name(f"{out.stem}_sysid.png"))
         plot_fit(cfg.task, trajs, res, png, replayer=rep)
     finally:
@@ -249,17 +252,20 @@ def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
             print(f"check timing: the log's actuation delay is {timing.label()} steps (calibrated "
                   f"{cal.control_delay_steps})  DRIFT")
             drifted.append("timing")
+        if mode != "ctrl":  # logs without the applied targets: the replay-error ratio (see docs)
+            ref = _finite_or_fail(_fit_number(cal, "error_after", where), f"{where}: physics.fit.error_after "
+                                  "(the calibrated replay error)")
         rep = Replayer(cfg.task, cfg.seed)
         try:
             if mode == "ctrl":
                 bad = _check_physics_params(cfg, cal, rep, trajs, timing, mode)
             else:
                 err = replay_error(rep, trajs, cal.physics["params"], timing, mode)
+        except ValueError as e:  # a log the replay cannot score (every row in contact)
+            raise CalibrationError(f"{cfg.dataset}: {e}") from None
         finally:
             rep.close()
-        if mode != "ctrl":  # logs without the applied targets: the replay-error ratio (see docs)
-            ref = _finite_or_fail(_fit_number(cal, "error_after", where), f"{where}: physics.fit.error_after "
-                                  "(the calibrated replay error)")
+        if mode != "ctrl":
             _finite_or_fail(err, f"replay error of {cfg.dataset}")
             bad = not err <= cfg.drift_factor * ref
             print(f"check physics ({mode} replay, timing {timing.label()}): replay error {err:.3g} (calibrated "

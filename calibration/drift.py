@@ -50,11 +50,10 @@ CHECK_ITERS = 15
 def physics_drift(rep: Any, trajs: Sequence[Any], stored: Mapping[str, float], timing: Any, mode: str,
                   identifiability: Mapping[str, Any] | None = None, scale_tol: float = SCALE_TOL,
                   friction_tol: float = FRICTION_TOL_NM, k_sigma: float = K_SIGMA,
-                  iters: int = CHECK_ITERS, row_weights: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+                  iters: int = CHECK_ITERS) -> dict[str, Any]:
     """Refit the stored parameters to ``trajs`` and test each one's shift (see the module docstring).
-
-    ``row_weights`` (one (N,) array per trajectory), when given, weighs each row's residuals
-    (0 leaves a row out: contact rows of a log without simulator states)."""
+    Rows in contact with a cube in a log without simulator states are out of the error
+    (``sysid.kept_rows``)."""
     from scipy.optimize import least_squares
 
     from qc_robot.calibration.sysid import (
@@ -63,6 +62,7 @@ def physics_drift(rep: Any, trajs: Sequence[Any], stored: Mapping[str, float], t
         _to_x,
         error_model,
         fit_bounds,
+        kept_rows,
         obs_scale,
         residuals,
         rms,
@@ -72,13 +72,9 @@ def physics_drift(rep: Any, trajs: Sequence[Any], stored: Mapping[str, float], t
     scale = obs_scale(trajs, em)
     kinds = [k for k in stored if k in PARAM_KINDS]
     base = dict(stored)
-    w = None
-    if row_weights is not None:  # per residual: each row's weight over its dims
-        w = np.concatenate([np.repeat(np.sqrt(np.asarray(r, float)), len(em.dims)) for r in row_weights])
 
     def fun(z: np.ndarray) -> np.ndarray:
-        r = residuals(rep, trajs, _from_x(z, kinds, base), timing, scale, em.segment, em)
-        return r if w is None else r * w
+        return residuals(rep, trajs, _from_x(z, kinds, base), timing, scale, em.segment, em)
 
     lo, hi = fit_bounds(kinds)
     z0 = np.clip(_to_x(base, kinds), lo + 1e-6, hi - 1e-6)
@@ -88,7 +84,7 @@ def physics_drift(rep: Any, trajs: Sequence[Any], stored: Mapping[str, float], t
     if sol.cost > 0.5 * float(r0 @ r0):  # the refit made things worse than staying: keep the stored point
         sol.x, sol.fun = z0, r0
     se = _standard_errors(sol.jac, sol.fun, kinds)
-    n_rows = max(1, int(np.count_nonzero(w)) // max(1, len(em.dims))) if w is not None else None
+    n_rows = int(sum(kept_rows(t).sum() for t in trajs))
     per: dict[str, Any] = {}
     drifted: list[str] = []
     untested: list[str] = []

@@ -45,7 +45,7 @@ import numpy as np
 from qc_robot.calibration.convergence import RTOL, assess_convergence, gauss_newton_floor
 from qc_robot.calibration.logs import Trajectory
 from qc_robot.calibration.randomization import PARAM_KINDS, from_fit, nominal_params, to_fit
-from qc_robot.calibration.replay import Replayer, replay_mode
+from qc_robot.calibration.replay import Replayer, contact_rows, replay_mode
 
 log = logging.getLogger("qc_robot.calibration")
 OBS_DIMS = slice(0, 18)
@@ -140,8 +140,19 @@ def residuals(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, floa
     r = []
     for t in trajs:
         pred = rep.rollout(t, params, tm.replay_delay, segment, ctrl=em.ctrl)
-        r.append(((pred - t.next_obs)[:, OBS_DIMS][:, em.dims] / scale).ravel())
-    return np.concatenate(r)
+        keep = kept_rows(t)
+        r.append(((pred - t.next_obs)[keep][:, OBS_DIMS][:, em.dims] / scale).ravel())
+    out = np.concatenate(r)
+    if out.size == 0:
+        raise ValueError("every row of the log is in contact with a cube (no simulator states to replay "
+                         "contacts): log an excitation clear of the objects")
+    return out
+
+
+def kept_rows(t: Trajectory) -> np.ndarray:
+    """(N,) rows in the error: all of a log with simulator states (its replay is exact, contacts
+    included); without them, the rows out of contact with a cube (``replay.contact_rows``)."""
+    return np.ones(len(t.actions), bool) if t.states is not None else ~contact_rows(t)
 
 
 def replay_error(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, float], timing: Timing,

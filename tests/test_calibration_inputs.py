@@ -248,3 +248,15 @@ def test_env_args_control_hz_must_be_a_number(tmp_path: Path, capsys: pytest.Cap
     rc, out = _run(capsys, step="normalization", dataset=str(data), out=str(tmp_path / "n.json"))
     assert rc == 2
     _one_error_line(out, str(data), "env_args['control_hz'] must be a number, got '20'")
+
+
+def test_a_log_with_every_row_in_contact_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No simulator states and a cube that moves on every row (this log's random observations): no
+    row is left to score, said with the file, for check and sysid alike."""
+    cal = _calibration(tmp_path, fit={"error_after": 0.05})
+    data = _log(tmp_path / "busy.hdf5", n=6, episodes=1)
+    for step in ("check", "sysid"):
+        rc, out = _run(capsys, step=step, dataset=str(data), out=str(cal), episodes=1, steps=6, global_evals=0,
+                       max_iters=1)
+        assert rc == 2, out
+        _one_error_line(out, str(data), "every row of the log is in contact with a cube")
