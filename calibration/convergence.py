@@ -12,9 +12,10 @@ reached the bottom of its error. Two measurements at the final point say how far
 * **Profiles** (``qc_robot.calibration.identifiability``): a profile point with a lower error
   than the fit's is a better fit the local stage did not find (friction's staircase does this).
 
-The fit is **converged** when its error is within ``max(0.5 x floor, rtol x error_before)`` of
-the floor and no profile point is lower by more than 10 %: it has removed all but ``rtol`` (0.1 %)
-of the nominal model's error that a step from it could still remove. Otherwise the report says
+The fit is **converged** when its error is within ``max(0.5 x best, rtol x error_before)`` of the
+best error known to be reachable (``best``: the floor, or a profile point's error when lower): it
+has removed all but ``rtol`` (0.1 %) of the nominal model's error that a step from it, or a
+profile, could still remove. Otherwise the report says
 so and what to add: evaluations when a solver ran out of them, a wider global search when a
 lower point exists elsewhere, excitation for the parameters the log does not identify.
 """
@@ -46,13 +47,16 @@ def assess_convergence(error: float, floor: float, error_before: float, identifi
     """The ``convergence`` entry of a fit report (see the module docstring)."""
     from qc_robot.calibration.identifiability import EXCITATION_HINT, describe
 
-    slack = max(0.5 * floor, rtol * error_before)
     lower: dict[str, Any] | None = None
     for k in kinds:
         for v, e in identifiability.get(k, {}).get("points", []):
             if e < (1 - PROFILE_TOL) * error and (lower is None or e < lower["error"]):
                 lower = {"kind": k, "value": float(v), "error": float(e)}
-    converged = error <= floor + slack and lower is None
+    best = min(floor, lower["error"]) if lower is not None else floor
+    slack = max(0.5 * best, rtol * error_before)
+    converged = error <= best + slack
+    if converged:
+        lower = None  # within the allowed gap of it: not worth reporting
     advice: list[str] = []
     if not converged:
         if budget_exhausted:
