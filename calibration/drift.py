@@ -14,7 +14,9 @@ parameter's **shift** and its standard error ``se`` from the new log's Jacobian 
     |shift| > max(tol, k_sigma x se)
 
 with ``tol`` = 5 % for the scales (kp, damping, armature; half the 10 % change the test is meant
-to catch) and 0.05 N·m for friction, in fit coordinates (log for scales, log1p for friction).
+to catch) and 0.05 N·m for friction, in fit coordinates (log for scales, log1p for friction),
+**and** the shift earns its place: with the parameter put back at its stored value (the others as
+refitted) the sum of squared errors rises by more than 1/``EARN`` = 1.25x.
 
 * **Noise.** With Gaussian sensor noise and a converged refit the shift of an unchanged parameter
   is ~N(0, se²): ``k_sigma`` = 3 gives a false-alarm rate of 0.27 % per parameter, at most 1.1 %
@@ -48,6 +50,11 @@ STEP_FACTORS = (0.8, 0.9, 1.1, 1.25)
 """Single-parameter moves (scales) the refit may start from."""
 STEP_FRICTION_NM = (-0.2, -0.1, 0.1, 0.2)
 """... and for friction, in N·m."""
+EARN = 0.8
+"""A move must lower the new log's sum of squared errors below this fraction of the alternative
+(a starting move: of the stored point's; a flagged parameter: of the error with it put back at its
+stored value, the others as refitted). Coulomb friction's staircase otherwise lets friction step
+to a neighbouring value at no gain (robot 3, unchanged: +0.1 N·m flagged)."""
 CHECK_ITERS = 15
 """Least-squares evaluations of each of the refit's two stages (each also costs one replay per parameter)."""
 
@@ -110,7 +117,7 @@ def physics_drift(rep: Any, trajs: Sequence[Any], stored: Mapping[str, float], t
             zc = z0.copy()
             zc[i] = np.clip(to_fit(k, v), lo[i] + 1e-6, hi[i] - 1e-6)
             rc = fun(zc)
-            if float(rc @ rc) < best:
+            if float(rc @ rc) < min(best, EARN * float(r0 @ r0)):  # clearly better than staying only
                 start, best = zc, float(rc @ rc)
     # then the scales with friction held: Coulomb friction's staircase error lets a free refit wander
     # along friction (robot 0, kp -20 %: friction +3.7 N·m, kp +5 %); then everything from there, kept
@@ -129,6 +136,7 @@ def physics_drift(rep: Any, trajs: Sequence[Any], stored: Mapping[str, float], t
     if float(fun_z @ fun_z) > float(r0 @ r0):  # the refit made things worse than staying: keep the stored point
         z, fun_z = z0, r0
     se = _standard_errors(jac, fun_z, kinds)
+    cost = float(fun_z @ fun_z)
     n_rows = int(sum(kept_rows(t).sum() for t in trajs))
     per: dict[str, Any] = {}
     drifted: list[str] = []
@@ -143,10 +151,17 @@ def physics_drift(rep: Any, trajs: Sequence[Any], stored: Mapping[str, float], t
         ident = (identifiability or {}).get(k, {})
         tested = ident.get("identifiable", True) is not False
         bad = tested and abs(dz) > limit
+        earned = None
+        if bad:  # the move must earn its place: back at its stored value (others refitted) the error rises
+            z_back = z.copy()
+            z_back[i] = z0[i]
+            r_back = fun(z_back)
+            earned = float(r_back @ r_back) / max(cost, 1e-300)
+            bad = float(r_back @ r_back) > cost / EARN
         shift = f"{new - old:+.3g} N·m" if value else f"{np.expm1(dz):+.1%}"
         allowed = (f"{from_fit(k, to_fit(k, old) + limit) - old:.3g} N·m" if value else f"{np.expm1(limit):.1%}")
         per[k] = {"stored": old, "refit": new, "shift": shift, "allowed": allowed, "se_fit_coords": float(se[k]),
-                  "tested": tested, "drift": bool(bad)}
+                  "tested": tested, "drift": bool(bad), "error_ratio_back": earned}
         if bad:
             drifted.append(k)
         elif not tested:
