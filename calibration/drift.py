@@ -24,8 +24,10 @@ refitted) the sum of squared errors rises by more than 1/``EARN`` = 1.25x.
 * **The fit's own error.** ``tol`` absorbs what the calibration got slightly wrong (robot 5's
   +0.03 N·m) and what the new log cannot pin down; the matrix in docs/calibration.md measures the
   false alarms on fresh logs of unchanged robots and the alarms on ±10 % and ±20 % changes.
-* **Parameters the calibration did not identify** (its fit report says so) are refitted but not
-  tested: a log that cannot see a parameter cannot see it change either. They are listed.
+* **Parameters the calibration did not identify** (its fit report says so) are tested like the
+  others and marked: the earn rule keeps a direction the new log cannot see from flagging, and a
+  change the new log does see is reported (robot 5's friction, "not identifiable" by the fit's
+  profile threshold, was refitted to the exact -0.1 N·m of a changed robot).
 
 The replay errors at the stored and at the refitted physics are reported for reading, not for
 the decision.
@@ -149,8 +151,10 @@ def physics_drift(rep: Any, trajs: Sequence[Any], stored: Mapping[str, float], t
         tol_z = (to_fit(k, old + friction_tol) - to_fit(k, old)) if value else float(np.log1p(scale_tol))
         limit = max(tol_z, k_sigma * float(se[k]) if np.isfinite(se[k]) else np.inf)
         ident = (identifiability or {}).get(k, {})
-        tested = ident.get("identifiable", True) is not False
-        bad = tested and abs(dz) > limit
+        tested = True  # a parameter the calibration's log did not identify is tested too: the earn rule
+        # below keeps a flat direction from flagging (robot 5's friction: -0.1 N·m refitted exactly)
+        identified = ident.get("identifiable", True) is not False
+        bad = abs(dz) > limit
         earned = None
         if bad:  # the move must earn its place: back at its stored value (others refitted) the error rises
             z_back = z.copy()
@@ -161,7 +165,7 @@ def physics_drift(rep: Any, trajs: Sequence[Any], stored: Mapping[str, float], t
         shift = f"{new - old:+.3g} N·m" if value else f"{np.expm1(dz):+.1%}"
         allowed = (f"{from_fit(k, to_fit(k, old) + limit) - old:.3g} N·m" if value else f"{np.expm1(limit):.1%}")
         per[k] = {"stored": old, "refit": new, "shift": shift, "allowed": allowed, "se_fit_coords": float(se[k]),
-                  "tested": tested, "drift": bool(bad), "error_ratio_back": earned}
+                  "tested": tested, "identified": identified, "drift": bool(bad), "error_ratio_back": earned}
         if bad:
             drifted.append(k)
         elif not tested:
@@ -176,7 +180,8 @@ def describe_drift(report: Mapping[str, Any]) -> list[str]:
 
     lines = []
     for k, p in report["params"].items():
-        tag = "  DRIFT" if p["drift"] else "  ok" if p["tested"] else "  not tested (the calibration's log did not identify it)"
+        tag = ("  DRIFT" if p["drift"] else "  ok") + ("" if p.get("identified", True) else
+                                                       " (the calibration's log did not identify it)")
         lines.append(f"  {k:<13} {describe(k, p['stored'])} -> {describe(k, p['refit'])}: shift {p['shift']} "
                      f"(allowed ±{p['allowed']}){tag}")
     return lines
