@@ -111,7 +111,8 @@ def main() -> None:
                 text = buf.getvalue()
                 shifts = {ln.split()[0]: ln.split("shift ")[1].split(" (")[0] for ln in text.splitlines()
                           if "shift " in ln and ln.split() and ln.split()[0] in KINDS}
-                flagged = [ln.split()[0] for ln in text.splitlines() if ln.endswith("DRIFT") and ln.startswith("  ")]
+                flagged = [ln.split()[0] for ln in text.splitlines()
+                           if ln.startswith("  ") and ln.split() and ln.split()[0] in KINDS and "  DRIFT" in ln]
                 row = {"robot": i, "case": label, "rc": rc, "flagged": flagged, "shifts": shifts,
                        "timing_drift": "check timing" in text and "DRIFT" in text.split("check timing")[-1][:200],
                        "stateless": args.stateless, "fit_converged": res.converged, "load": load0}
