@@ -4,7 +4,8 @@ Steps (``step=``): ``excite`` logs an excitation dataset from the driver; ``late
 trips through the server and the driver's actuation delay; ``normalization`` computes dataset
 statistics; ``sysid`` fits the sim's physics to the dataset; ``all`` runs latency, normalization
 and sysid (the last two when a dataset is given); ``check`` compares a new dataset (and the link)
-against the stored calibration and exits 1 on drift. Each step updates only its own section of an
+against the stored calibration and exits 1 on drift. Exit codes: 0 done, 1 drift, 2 bad input, 3 a
+fit that did not converge under ``require_converged=true``. Each step updates only its own section of an
 existing file, so steps can be run on different days.
 """
 
@@ -89,8 +90,22 @@ class CalibrateConfig:
     """... and at least ± this fraction."""
     plot: str = ""
     """sysid PNG ('' = next to the calibration file: <robot_id>_sysid.png)."""
+    require_converged: bool = False
+    """sysid: exit 3 and write nothing when the fit did not converge (its replay error stays above
+    the floor a step from it could reach, or a profile found a lower error); the report says what to add."""
     drift_factor: float = 2.0
-    """check: drift when the replay error exceeds drift_factor x the calibrated one."""
+    """check, logs without the applied targets (executed/lockstep replay): drift when the replay error
+    exceeds drift_factor x the calibrated one."""
+    drift_tol: float = 0.05
+    """check, ctrl replay: a scale (kp, damping, armature) drifted when the new log's refit moves it by
+    more than this fraction and drift_sigmas standard errors (calibration/drift.py)."""
+    drift_tol_friction: float = 0.05
+    """check, ctrl replay: the same for friction, in N·m."""
+    drift_sigmas: float = 3.0
+    """check, ctrl replay: standard errors of the refit a shift must also exceed (3: 0.27 % false alarms
+    per parameter under Gaussian noise)."""
+    check_iters: int = 15
+    """check, ctrl replay: least-squares evaluations of the refit."""
     seed: int = 0
     log_level: str = "WARNING"
 
@@ -130,16 +145,21 @@ def _latency(cfg: CalibrateConfig) -> dict[str, Any]:
 
 
 def _sysid(cfg: CalibrateConfig, out: Path) -> dict[str, Any]:
+    from qc_robot.calibration.identifiability import describe, describe_range
     from qc_robot.calibration.logs import load_trajectories
+    from qc_robot.calibration.randomization import PARAM_KINDS
     from qc_robot.calibration.replay import Replayer
     from qc_robot.calibration.sysid import identify, plot_fit
 
     trajs = load_trajectories(cfg.dataset, cfg.task, cfg.episodes, cfg.steps)
     rep = Replayer(cfg.task, cfg.seed)
     try:
-        res = identify(cfg.task, trajs, cfg.kinds, cfg.max_delay, cfg.max_iters, cfg.range_k, cfg.range_min_frac,
-                       replayer=rep, replay=cfg.replay, global_evals=cfg.global_evals, profile=cfg.profile,
-                       seed=cfg.seed, starts=cfg.starts)
+        try:
+            res = identify(cfg.task, trajs, cfg.kinds, cfg.max_delay, cfg.max_iters, cfg.range_k, cfg.range_min_frac,
+                           replayer=rep, replay=cfg.replay, global_evals=cfg.global_evals, profile=cfg.profile,
+                           seed=cfg.seed, starts=cfg.starts)
+        except ValueError as e:  # a log the fit cannot use (every row in contact, nothing to time)
+            raise CalibrationError(f"{cfg.dataset}: {e}") from None
         png = cfg.plot or str(out.with_name(f"{out.stem}_sysid.png"))
         plot_fit(cfg.task, trajs, res, png, replayer=rep)
     finally:
@@ -154,10 +174,14 @@ def _sysid(cfg: CalibrateConfig, out: Path) -> dict[str, Any]:
         lo, hi = res.ranges[k]
         ident = res.identifiability.get(k, {})
         tag = "" if ident.get("identifiable", True) else "  NOT IDENTIFIABLE (see below)"
-        print(f"  {k:<13} {res.params[k]:8.4f}  (se {res.sigma[k]:.3f} in fit coords)  range [{lo:.4f}, {hi:.4f}]{tag}")
+        se = f"se {res.sigma[k] * (1 + res.params[k]):.2g} N·m" if PARAM_KINDS[k].mode == "value" else f"se {res.sigma[k]:.1%}"
+        print(f"  {k:<13} {describe(k, res.params[k]):>14}  ({se})  range {describe_range(k, lo, hi)}{tag}")
     for k in cfg.kinds:
         if "statement" in res.identifiability.get(k, {}):
             print(f"  note: {res.identifiability[k]['statement']}")
+    print(f"sysid {res.convergence['summary']}")
+    for a in res.convergence["advice"]:
+        print(f"  to converge: {a}")
     return {"params": res.params, "ranges": res.ranges, "control_delay_steps": res.delay_steps,
             "sigma": res.sigma, "env": cfg.task, "dataset": os.path.abspath(cfg.dataset), "plot": png,
             "fit": {k: v for k, v in fit.items() if k not in ("params", "ranges", "control_delay_steps", "sigma")}}
@@ -170,11 +194,43 @@ def _finite_or_fail(value: float, what: str) -> float:
     return value
 
 
+def _fit_number(cal: Calibration, key: str, where: str) -> float:
+    """``physics.fit[key]`` (validated on load to be a number when present); NaN when absent."""
+    fit = (cal.physics or {}).get("fit") or {}
+    return float(fit.get(key, float("nan")))
+
+
+def _check_physics_params(cfg: CalibrateConfig, cal: Calibration, rep: Any, trajs: Any, timing: Any,
+                          mode: str) -> bool:
+    """The parameter-shift drift test (``calibration.drift``) on a log with the applied targets."""
+    from qc_robot.calibration.drift import describe_drift, physics_drift
+
+    assert cal.physics is not None
+    ident = ((cal.physics.get("fit") or {}).get("identifiability") or {})
+    rep_ = physics_drift(rep, trajs, cal.physics["params"], timing, mode, ident, cfg.drift_tol,
+                         cfg.drift_tol_friction, cfg.drift_sigmas, cfg.check_iters)
+    _finite_or_fail(rep_["error_stored"], f"replay error of {cfg.dataset}")
+    bad = bool(rep_["drifted"])
+    print(f"check physics ({mode} replay, timing {timing.label()}): refit of {', '.join(rep_['params'])} on the new "
+          f"log: replay error {rep_['error_stored']:.3g} at the calibrated physics, {rep_['error_refit']:.3g} refitted; "
+          f"drift when a shift exceeds ±{cfg.drift_tol:.0%} (friction ±{cfg.drift_tol_friction:g} N·m) and "
+          f"{cfg.drift_sigmas:g} standard errors" + ("  DRIFT" if bad else "  ok"))
+    for line in describe_drift(rep_):
+        print(line)
+    return bad
+
+
 def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
     """Drift report of a new dataset against the calibration; 1 if anything drifted."""
     import numpy as np
 
     drifted = []
+    for key, value in (("drift_tol", cfg.drift_tol), ("drift_tol_friction", cfg.drift_tol_friction),
+                       ("drift_sigmas", cfg.drift_sigmas), ("drift_factor", cfg.drift_factor)):
+        if not (math.isfinite(value) and value > 0):
+            raise CalibrationError(f"check: {key} must be a positive number, got {value!r}")
+    if cfg.check_iters < 1:
+        raise CalibrationError(f"check: check_iters must be >= 1, got {cfg.check_iters!r}")
     if cfg.dataset:
         from qc_robot.calibration.logs import check_log
 
@@ -196,17 +252,25 @@ def _check(cfg: CalibrateConfig, cal: Calibration, where: str) -> int:
             print(f"check timing: the log's actuation delay is {timing.label()} steps (calibrated "
                   f"{cal.control_delay_steps})  DRIFT")
             drifted.append("timing")
+        if mode != "ctrl":  # logs without the applied targets: the replay-error ratio (see docs)
+            ref = _finite_or_fail(_fit_number(cal, "error_after", where), f"{where}: physics.fit.error_after "
+                                  "(the calibrated replay error)")
         rep = Replayer(cfg.task, cfg.seed)
         try:
-            err = replay_error(rep, trajs, cal.physics["params"], timing, mode)
+            if mode == "ctrl":
+                bad = _check_physics_params(cfg, cal, rep, trajs, timing, mode)
+            else:
+                err = replay_error(rep, trajs, cal.physics["params"], timing, mode)
+        except ValueError as e:  # a log the replay cannot score (every row in contact)
+            raise CalibrationError(f"{cfg.dataset}: {e}") from None
         finally:
             rep.close()
-        ref = float((cal.physics.get("fit") or {}).get("error_after", float("nan")))
-        _finite_or_fail(err, f"replay error of {cfg.dataset}")
-        _finite_or_fail(ref, f"{where}: physics.fit.error_after (the calibrated replay error)")
-        bad = not err <= cfg.drift_factor * ref
-        print(f"check physics ({mode} replay, timing {timing.label()}): replay error {err:.4f} (calibrated "
-              f"{ref:.4f}, drift above {cfg.drift_factor * ref:.4f}){'  DRIFT' if bad else '  ok'}")
+        if mode != "ctrl":
+            _finite_or_fail(err, f"replay error of {cfg.dataset}")
+            bad = not err <= cfg.drift_factor * ref
+            print(f"check physics ({mode} replay, timing {timing.label()}): replay error {err:.3g} (calibrated "
+                  f"{ref:.3g}, drift above {cfg.drift_factor} x {ref:.3g} = {cfg.drift_factor * ref:.3g})"
+                  f"{'  DRIFT' if bad else '  ok'}")
         drifted += ["physics"] if bad else []
     if cal.normalization is not None and cfg.dataset:
         from qc_robot.calibration.normalization import dataset_stats
@@ -279,6 +343,9 @@ def run_calibrate(cfg: CalibrateConfig) -> int:
                   f"{cal.normalization['episodes']} episodes; action limits {cal.normalization['action_limits']}")
         if cfg.step in ("sysid", "all") and cfg.dataset:
             cal.physics = _sysid(cfg, out)
+            if cfg.require_converged and not cal.physics["fit"]["convergence"]["converged"]:
+                print(f"calibrate: sysid did not converge (require_converged=true): {out} not written")
+                return 3
     except (CalibrationError, ValueError, OSError, RuntimeError) as e:
         print(f"calibrate: {e}")
         return 2

@@ -40,8 +40,42 @@ def excitation_actions(steps: int, action_dim: int, rng: np.random.Generator, am
     return np.clip(a, -1.0, 1.0)
 
 
+XYZ_CENTER = np.array([0.425, 0.0, 0.0])
+"""OGBench manipspace observations centre positions on this point and scale them x10."""
+
+
+def push_policy(rng: np.random.Generator, side: float = 0.07, height: float = 0.025) -> Any:
+    """A closed-loop excitation that touches the cube (OGBench cube tasks): over to ``side`` m beside
+    the first cube, down to ``height``, a sweep through it, then up. For testing what a calibration
+    does with contact (``check`` on a log where the arm pushes the cube). Each phase ends when the
+    effector is within 1.5 cm of its waypoint; the command is proportional to the effector's error
+    plus a little noise (the rows must stay distinct)."""
+    phase = [0]
+    start = np.zeros(3)
+
+    def act(obs: np.ndarray, t: int) -> np.ndarray:
+        eff, cube = obs[12:15] / 10 + XYZ_CENTER, obs[19:22] / 10 + XYZ_CENTER
+        if t == 0:
+            phase[0], start[:] = 0, cube
+        c = start
+        waypoints = (c + [side, 0.0, 0.06], c + [side, 0.0, height - 0.02], c + [-side, 0.0, height - 0.02],
+                     c + [-side, 0.0, 0.15])
+        target = waypoints[phase[0]]
+        if np.linalg.norm(target - eff) < 0.015 and phase[0] < len(waypoints) - 1:
+            phase[0] += 1
+            target = waypoints[phase[0]]
+        a = np.zeros(5)
+        # below saturation: clipped commands would repeat, and a log matches ticks to commands by value
+        a[:3] = 0.9 * np.clip((target - eff) / 0.02, -1.0, 1.0) + rng.normal(0.0, 0.02, 3)
+        a[4] = -0.5  # gripper open (see excitation_actions)
+        return np.clip(a, -1.0, 1.0)
+
+    return act
+
+
 def record_excitation(driver: Any, path: str, episodes: int = 3, steps: int = 50, seed: int = 0,
-                      env_args: dict[str, Any] | None = None, time_scale: float = 1.0) -> str:
+                      env_args: dict[str, Any] | None = None, time_scale: float = 1.0,
+                      policy: Any = None) -> str:
     """Run ``episodes`` excitation episodes on ``driver`` (connected or not) and write them to ``path``.
 
     Realtime drivers are paced at their control rate (× ``time_scale``). A realtime driver that
@@ -49,6 +83,8 @@ def record_excitation(driver: Any, path: str, episodes: int = 3, steps: int = 50
     it applied and its timing (``qc_robot.calibration.logs``): what sysid replays exactly. Commands are then
     sent at a random phase between the robot's ticks, so the log bounds the actuation latency
     tightly. Other drivers give one row per command sent, the observation read one period later.
+    ``policy(obs, t) -> action``, when given, replaces the random commands (e.g. :func:`push_policy`
+    for a log with contact); it reads the driver's latest observation before each command.
     """
     from qc_robot.data.hdf5_io import EpisodeWriter
 
@@ -70,10 +106,15 @@ def record_excitation(driver: Any, path: str, episodes: int = 3, steps: int = 50
             obs, states = [first[key]], [driver.sim_state()] if has_state and not executed else []
             applied, t_sent = [], []
             t_next = t0
+            if policy is not None:
+                actions[0] = policy(np.asarray(first[key], np.float64), 0)
             for t in range(steps):
                 t_send = time.monotonic()
                 applied.append(driver.send_action(actions[t]))
                 t_sent.append(0.5 * (t_send + time.monotonic()))  # when the driver took it
+                if policy is not None and t + 1 < steps:  # the next command before the wait: it is sent
+                    # at its random phase, not late by the policy's own time
+                    actions[t + 1] = policy(np.asarray(driver.get_observation()[key], np.float64), t + 1)
                 if driver.realtime:
                     t_next += period
                     wake = t_next + (rng.uniform(0.15, 0.85) * period if executed else 0.0)

@@ -24,6 +24,19 @@ FORMAT = "qc-robot-calibration"
 VERSION = 1
 CALIBRATION_DIR = Path(__file__).resolve().parent
 SECTIONS = ("latency", "normalization", "physics")
+MAX_CONTROL_HZ = 1000.0
+"""Fastest control rate a file may name (arm controllers run at 125 Hz to 1 kHz; the sim at 20)."""
+MAX_DELAY_S = 2.0
+"""Longest delay (control or inference, in seconds at ``control_hz``) a file may hold: a robot
+that takes longer to act on a command is not one a chunked policy can drive."""
+MAX_LATENCY_MS = 10_000.0
+"""Largest round trip or actuation latency a file may hold (ms)."""
+MAX_REPLAY_ERROR = 10.0
+"""Largest normalised replay error a fit report may hold. The error is an RMS of residuals each
+divided by its dim's spread in the log: the stock model scores 0.02-0.8 on the matrix's robots,
+and a value above 10 (or 1e30) says the file was edited, not fitted, and would let ``check``
+pass any drift."""
+REPLAY_MODES = ("lockstep", "executed", "ctrl")
 
 
 class CalibrationError(ValueError):
@@ -149,16 +162,20 @@ def validate(data: Any, where: str) -> None:
     bad = _first_non_finite(data, "")
     if bad is not None:
         fail(f"{bad} is NaN or infinite")
-    if data["control_hz"] <= 0:
-        fail("'control_hz' must be > 0")
+    if not 0 < data["control_hz"] <= MAX_CONTROL_HZ:
+        fail(f"'control_hz' is {data['control_hz']!r}, must be in (0, {MAX_CONTROL_HZ:g}] Hz")
+    for key in ("task", "created", "notes", "id"):
+        if key in data and not isinstance(data[key], str):
+            fail(f"{key!r} must be a string, got {type(data[key]).__name__}")
     for s in SECTIONS:
         if data.get(s) is not None and not isinstance(data[s], dict):
             fail(f"section {s!r} must be an object or null")
+    hz = float(data["control_hz"])
     for s, check in (("latency", _check_latency), ("normalization", _check_normalization),
                      ("physics", _check_physics)):
         if data.get(s) is not None:
             try:
-                check(data[s], fail)
+                check(data[s], fail, hz)
             except (TypeError, KeyError, AttributeError, IndexError) as e:  # a shape the checks did not foresee
                 fail(f"section {s!r} is malformed ({type(e).__name__}: {e})")
 
@@ -181,17 +198,47 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _need(sec: dict[str, Any], name: str, keys: tuple[str, ...], fail: Any) -> None:
     for k in keys:
         if k not in sec:
             fail(f"section {name!r} is missing field {k!r}")
 
 
-def _check_latency(sec: dict[str, Any], fail: Any) -> None:
+def _number(x: Any, name: str, fail: Any, lo: float | None = None, hi: float | None = None) -> float:
+    """``x`` as a float, refusing a non-number (``true``, ``"small"``) or a value outside [lo, hi]."""
+    if not _is_number(x):
+        fail(f"{name} must be a number, got {x!r}")
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        fail(f"{name} = {x!r} is outside [{'-inf' if lo is None else f'{lo:g}'}, "
+             f"{'inf' if hi is None else f'{hi:g}'}]")
+    return float(x)
+
+
+def _numbers(x: Any, name: str, fail: Any, n: int | None = None) -> list[float]:
+    """A list of numbers (of length ``n`` when given)."""
+    if not isinstance(x, list) or not all(_is_number(v) for v in x):
+        fail(f"{name} must be a list of numbers")
+    if n is not None and len(x) != n:
+        fail(f"{name} has {len(x)} entries, expected {n}")
+    return [float(v) for v in x]
+
+
+def _delay_steps(x: Any, name: str, fail: Any, hz: float) -> None:
+    """A whole number of control steps, at most MAX_DELAY_S at ``hz``."""
+    most = int(MAX_DELAY_S * hz)
+    if not _is_int(x) or not 0 <= x <= most:
+        fail(f"{name} must be an integer in [0, {most}] steps ({MAX_DELAY_S:g} s at {hz:g} Hz), got {x!r}")
+
+
+def _check_latency(sec: dict[str, Any], fail: Any, hz: float) -> None:
     _need(sec, "latency", ("rtt_ms", "actuation_ms", "inference_delay_steps", "actuation_delay_steps"), fail)
     for k in ("inference_delay_steps", "actuation_delay_steps"):
-        if not isinstance(sec[k], int) or sec[k] < 0:
-            fail(f"latency.{k} must be an integer >= 0, got {sec[k]!r}")
+        _delay_steps(sec[k], f"latency.{k}", fail, hz)
+    period_ms = 1e3 / hz
     for k in ("rtt_ms", "actuation_ms"):
         st = sec[k]
         if not isinstance(st, dict) or not {"p50", "p90", "p99"} <= set(st):
@@ -200,9 +247,20 @@ def _check_latency(sec: dict[str, Any], fail: Any) -> None:
             fail(f"latency.{k} percentiles must be numbers")
         if not st["p50"] <= st["p90"] <= st["p99"]:
             fail(f"latency.{k} percentiles are not increasing (p50 <= p90 <= p99)")
+        # a round trip is never negative; a step test may read the response up to a tick early
+        lo = 0.0 if k == "rtt_ms" else -period_ms
+        for p in ("p50", "p90", "p99", "mean", "min", "max"):
+            if p in st and (p != "min" or k == "rtt_ms"):
+                _number(st[p], f"latency.{k}.{p}", fail, lo, MAX_LATENCY_MS)
+        if "n" in st and (not _is_int(st["n"]) or st["n"] < 1):
+            fail(f"latency.{k}.n must be an integer >= 1, got {st['n']!r}")
+    if "obs_noise_std" in sec:
+        _number(sec["obs_noise_std"], "latency.obs_noise_std", fail, 0.0)
+    if "control_hz" in sec and (not _is_number(sec["control_hz"]) or abs(sec["control_hz"] - hz) > 1e-6):
+        fail(f"latency.control_hz is {sec['control_hz']!r}, the file's control_hz is {hz:g}")
 
 
-def _check_normalization(sec: dict[str, Any], fail: Any) -> None:
+def _check_normalization(sec: dict[str, Any], fail: Any, hz: float) -> None:
     _need(sec, "normalization", ("obs", "action", "action_limits"), fail)
     groups: dict[str, Any] = {f"obs.{k}": v for k, v in sec["obs"].items()} if isinstance(sec["obs"], dict) else {}
     if not groups:
@@ -212,21 +270,28 @@ def _check_normalization(sec: dict[str, Any], fail: Any) -> None:
         if not isinstance(st, dict):
             fail(f"normalization.{name} must be an object")
         _need(st, f"normalization.{name}", ("mean", "std", "min", "max"), fail)
-        n = len(st["mean"])
-        if any(len(st[k]) != n for k in ("std", "min", "max")):
-            fail(f"normalization.{name}: mean/std/min/max lengths differ")
+        n = len(_numbers(st["mean"], f"normalization.{name}.mean", fail))
+        for k in ("std", "min", "max"):
+            _numbers(st[k], f"normalization.{name}.{k}", fail, n)
         if any(s < 0 for s in st["std"]):
             fail(f"normalization.{name}.std has negative entries")
         if any(lo > hi for lo, hi in zip(st["min"], st["max"], strict=True)):
             fail(f"normalization.{name}: min > max (range inverted)")
+        pct = st.get("percentiles", {})
+        if not isinstance(pct, dict):
+            fail(f"normalization.{name}.percentiles must be an object")
+        for p, v in pct.items():
+            _numbers(v, f"normalization.{name}.percentiles.{p}", fail, n)
     lim = sec["action_limits"]
-    if not isinstance(lim, dict) or "low" not in lim or "high" not in lim or len(lim["low"]) != len(lim["high"]):
-        fail("normalization.action_limits needs 'low' and 'high' of equal length")
-    if any(lo > hi for lo, hi in zip(lim["low"], lim["high"], strict=True)):
+    if not isinstance(lim, dict) or "low" not in lim or "high" not in lim:
+        fail("normalization.action_limits needs 'low' and 'high'")
+    low = _numbers(lim["low"], "normalization.action_limits.low", fail)
+    high = _numbers(lim["high"], "normalization.action_limits.high", fail, len(low))
+    if any(lo > hi for lo, hi in zip(low, high, strict=True)):
         fail("normalization.action_limits: low > high (range inverted)")
 
 
-def _check_physics(sec: dict[str, Any], fail: Any) -> None:
+def _check_physics(sec: dict[str, Any], fail: Any, hz: float) -> None:
     _need(sec, "physics", ("params", "ranges", "control_delay_steps"), fail)
     if not isinstance(sec["params"], dict):
         fail(f"physics.params must map parameter kinds to numbers, got {type(sec['params']).__name__}")
@@ -237,9 +302,7 @@ def _check_physics(sec: dict[str, Any], fail: Any) -> None:
         check_params(sec["params"], "physics.params")
     except ValueError as e:
         fail(str(e))
-    d = sec["control_delay_steps"]
-    if not isinstance(d, int) or isinstance(d, bool) or d < 0:
-        fail(f"physics.control_delay_steps must be an integer >= 0, got {d!r}")
+    _delay_steps(sec["control_delay_steps"], "physics.control_delay_steps", fail, hz)
     if not isinstance(sec["ranges"], dict):
         fail("physics.ranges must map parameter kinds to [low, high]")
     for k, r in sec["ranges"].items():
@@ -255,3 +318,43 @@ def _check_physics(sec: dict[str, Any], fail: Any) -> None:
         kind = PARAM_KINDS[k]
         if lo < kind.lower or hi > kind.upper:
             fail(f"physics.ranges.{k} = [{lo}, {hi}] leaves the allowed [{kind.lower}, {kind.upper}]")
+        v = sec["params"].get(k)
+        if v is not None and not lo - 1e-9 <= v <= hi + 1e-9:
+            # randomizing over a range that leaves out the fit trains on robots other than this one
+            fail(f"physics.ranges.{k} = [{lo}, {hi}] does not contain the fitted physics.params.{k} = {v}")
+    if "sigma" in sec:
+        if not isinstance(sec["sigma"], dict):
+            fail("physics.sigma must map parameter kinds to standard errors")
+        for k, v in sec["sigma"].items():
+            _number(v, f"physics.sigma.{k}", fail, 0.0)
+    for k in ("env", "dataset", "plot"):
+        if k in sec and not isinstance(sec[k], str):
+            fail(f"physics.{k} must be a string, got {type(sec[k]).__name__}")
+    if "fit" in sec:
+        _check_fit(sec["fit"], fail)
+
+
+def _check_fit(fit: Any, fail: Any) -> None:
+    """The fit report: ``check`` compares with its errors, so none may be a non-number or absurd."""
+    if not isinstance(fit, dict):
+        fail(f"physics.fit must be an object (the fit report), got {type(fit).__name__}")
+    for k in ("error_before", "error_after", "error_global", "error_floor", "noise_floor"):
+        if k in fit:
+            _number(fit[k], f"physics.fit.{k}", fail, 0.0, MAX_REPLAY_ERROR)
+    if "replay" in fit and fit["replay"] not in REPLAY_MODES:
+        fail(f"physics.fit.replay must be one of {REPLAY_MODES}, got {fit['replay']!r}")
+    if fit.get("latency_ms") is not None:
+        lo, hi = _numbers(fit["latency_ms"], "physics.fit.latency_ms", fail, 2)
+        if not -MAX_LATENCY_MS <= lo <= hi <= MAX_LATENCY_MS:
+            fail(f"physics.fit.latency_ms = {fit['latency_ms']!r} must be [low, high] ms with low <= high")
+    for k in ("joint_pos_rmse_rad", "effector_rmse_m"):
+        if k in fit:
+            for i, v in enumerate(_numbers(fit[k], f"physics.fit.{k}", fail, 2)):
+                _number(v, f"physics.fit.{k}[{i}]", fail, 0.0)
+    if "evals" in fit and (not _is_int(fit["evals"]) or fit["evals"] < 0):
+        fail(f"physics.fit.evals must be an integer >= 0, got {fit['evals']!r}")
+    if "seconds" in fit:
+        _number(fit["seconds"], "physics.fit.seconds", fail, 0.0)
+    for k in ("identifiability", "delay_scan", "convergence", "drift"):
+        if k in fit and not isinstance(fit[k], dict):
+            fail(f"physics.fit.{k} must be an object, got {type(fit[k]).__name__}")

@@ -23,6 +23,7 @@ on such a driver adds, per row:
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +86,8 @@ def check_task(path: str, env_args: dict[str, Any], task: str, obs_dim: int | No
     if act_dim is not None and act_dim != spec.act_dim:
         raise CalibrationError(f"{path}: actions width {act_dim} is not {task}'s {spec.act_dim}")
     hz = env_args.get("control_hz")
+    if hz is not None and (not isinstance(hz, (int, float)) or isinstance(hz, bool)):
+        raise CalibrationError(f"{path}: env_args['control_hz'] must be a number, got {hz!r}")
     if isinstance(hz, (int, float)) and not isinstance(hz, bool) and abs(float(hz) - spec.control_hz) > 1e-6:
         raise CalibrationError(f"{path}: env_args['control_hz'] is {hz}, {task} runs at {spec.control_hz}")
 
@@ -126,13 +129,24 @@ def check_log(path: str, task: str, obs_key: str = "state", episodes: int | None
                     v = np.asarray(g[key][()], np.float64)
                 except (TypeError, ValueError):
                     raise CalibrationError(f"{path}: data/{name}/{key} is not numeric") from None
+                want = 1 if key in TIMING_KEYS else 2  # (N,) per-row fields; (N, D) the others
+                if v.ndim != want:
+                    shape = "(rows,)" if want == 1 else "(rows, width)"
+                    raise CalibrationError(f"{path}: data/{name}/{key} has shape {v.shape}, expected {shape}")
                 if n is None:
                     n = len(v)
-                if v.ndim == 0 or len(v) != n:
+                if len(v) != n:
                     raise CalibrationError(f"{path}: data/{name}/{key} has {v.shape} rows, actions has {n}")
                 bad = ~np.isfinite(v)
                 if bad.any():
                     raise CalibrationError(_where(path, name, key, bad))
+                if key == "held" and not np.isin(v, (0.0, 1.0)).all():
+                    i = int(np.flatnonzero(~np.isin(v, (0.0, 1.0)))[0])
+                    raise CalibrationError(f"{path}: data/{name}/held[{i}] is {v[i]:g}, must be 0 or 1")
+            o, o2 = g[f"obs/{obs_key}"].shape, g[f"next_obs/{obs_key}"].shape
+            if o[-1] != o2[-1]:
+                raise CalibrationError(f"{path}: data/{name}/next_obs/{obs_key} width {o2[-1]} differs from "
+                                       f"obs/{obs_key}'s {o[-1]}")
             check_task(path, args, task, obs_dim=int(g[f"obs/{obs_key}"].shape[-1]),
                        act_dim=int(g["actions"].shape[-1]))
             present = [k for k in TIMING_KEYS if k in g]
@@ -144,6 +158,11 @@ def check_log(path: str, task: str, obs_key: str = "state", episodes: int | None
                 applied = t_sent >= 0
                 if (np.diff(t_tick) < 0).any() or (t_sent[applied] > t_tick[applied] + 1e-9).any():
                     raise CalibrationError(f"{path}: data/{name}/t_tick must increase and follow t_sent (clocks?)")
+                held = np.asarray(g["held"][()]) > 0
+                if applied[held].any():
+                    i = int(np.flatnonzero(held & applied)[0])
+                    raise CalibrationError(f"{path}: data/{name}/t_sent[{i}] is {t_sent[i]:g} on a held row "
+                                           f"(held rows applied no new command: t_sent must be -1)")
     return args
 
 
@@ -171,4 +190,23 @@ def load_trajectories(path: str, task: str, episodes: int = 3, steps: int = 0, o
             if len(t.actions) == 0:
                 raise CalibrationError(f"{path}: data/{name} has no rows from {start}")
             out.append(t)
+    nx, nu = model_widths(task)
+    for t in out:
+        for key, arr, width, what in (("states", t.states, nx, "qpos and qvel"), ("ctrl", t.ctrl, nu, "actuators")):
+            if arr is not None and arr.shape[1] != width:
+                raise CalibrationError(f"{path}: data/{t.name}/{key} has width {arr.shape[1]}, {task}'s model has "
+                                       f"{width} ({what})")
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def model_widths(task: str) -> tuple[int, int]:
+    """(nq + nv, nu) of ``task``'s MuJoCo model: the widths of a log's ``states`` and ``ctrl``."""
+    from qc_robot.sim.tasks import make_env
+
+    env = make_env(task, seed=0)
+    try:
+        m: Any = getattr(env.unwrapped, "model")  # noqa: B009 (MujocoEnv; gymnasium types it as Env)
+        return int(m.nq + m.nv), int(m.nu)
+    finally:
+        env.close()

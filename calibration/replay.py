@@ -41,6 +41,45 @@ from qc_robot.calibration.logs import Trajectory
 from qc_robot.calibration.randomization import PhysicsParams
 
 MODES = ("auto", "lockstep", "executed", "ctrl")
+OBS_XYZ_CENTER = np.array([0.425, 0.0, 0.0])
+OBS_XYZ_SCALE = 10.0
+"""OGBench manipspace observations hold positions as ``(p - center) * 10``."""
+OBS_ARM_DIMS = 19
+"""Arm and gripper dims before the first cube's (pos 3, quat 4, yaw cos/sin 2) in the observation."""
+OBS_CUBE_DIMS = 9
+CONTACT_MOVE_M = 5e-4
+"""A row where a cube's logged position moves more than this (m) ..."""
+CONTACT_TURN = 5e-3
+"""... or a quaternion component changes more than this, is a contact row (the arm pushes it)."""
+
+
+def contact_rows(traj: Trajectory, move_m: float = CONTACT_MOVE_M, turn: float = CONTACT_TURN,
+                 before: int = 1, after: int = 3) -> np.ndarray:
+    """(N,) True where the arm is in contact with a cube in a log without simulator states: a cube
+    moved between the row's observation and the next, or the gripper reports contact (obs dim 18),
+    widened by ``before`` rows before and ``after`` rows after (a push starts with sub-threshold
+    motion; after it the gripper's fingers, whose joints the observation does not hold, still ring
+    for a few rows: 2.6e-3 of error on the row after a push, 3e-4 three rows later, on the sim).
+
+    Without ``states`` the replay knows each cube's pose but not its velocity or the contact forces,
+    and a one-step prediction across a push is off even at the true physics; those rows leave the
+    error (fit and check alike). On the sim, 0.5 mm catches a push from its first row; a real arm
+    whose cube tracker is noisier needs a larger ``move_m``."""
+    n, dim = traj.obs.shape
+    hit = np.zeros(n, bool)
+    for i in range((dim - OBS_ARM_DIMS) // OBS_CUBE_DIMS if dim > OBS_ARM_DIMS else 0):
+        o = OBS_ARM_DIMS + OBS_CUBE_DIMS * i
+        moved = np.linalg.norm(traj.next_obs[:, o : o + 3] - traj.obs[:, o : o + 3], axis=1) / OBS_XYZ_SCALE
+        turned = np.max(np.abs(traj.next_obs[:, o + 3 : o + 7] - traj.obs[:, o + 3 : o + 7]), axis=1)
+        hit |= (moved > move_m) | (turned > turn)
+    if dim > OBS_ARM_DIMS - 1:
+        hit |= (traj.obs[:, OBS_ARM_DIMS - 1] > 0.5) | (traj.next_obs[:, OBS_ARM_DIMS - 1] > 0.5)
+    out = hit.copy()
+    for k in range(1, after + 1):
+        out[k:] |= hit[:-k]
+    for k in range(1, before + 1):
+        out[:-k] |= hit[k:]
+    return out
 
 
 def replay_mode(trajs: list[Trajectory], mode: str = "auto") -> str:
@@ -91,12 +130,18 @@ class Replayer:
             d.qpos[:] = traj.states[row, : m.nq]
             d.qvel[:] = traj.states[row, m.nq : m.nq + m.nv]
         else:
-            # No simulator state on a real robot: the arm's joints from the observation; the rest stays
-            # where reset (or the simulation so far) put it (cubes matter only through contacts, which
-            # the error leaves out).
+            # No simulator state on a real robot: the arm's joints from the observation, and each cube's
+            # pose from it (at rest: the observation has no cube velocity; rows where a cube moves are
+            # out of the error, `contact_rows`). The gripper's joints stay where reset (or the
+            # simulation so far) put them.
             dofs = self.physics.dofs
             d.qpos[self._arm_qpos] = traj.obs[row, 0:6]
             d.qvel[dofs] = traj.obs[row, 6:12]
+            for qpos, dof, o in self._objects(traj.obs.shape[1]):
+                d.qpos[qpos : qpos + 3] = traj.obs[row, o : o + 3] / OBS_XYZ_SCALE + OBS_XYZ_CENTER
+                quat = traj.obs[row, o + 3 : o + 7]
+                d.qpos[qpos + 3 : qpos + 7] = quat / max(float(np.linalg.norm(quat)), 1e-9)
+                d.qvel[dof : dof + 6] = 0.0
         mujoco.mj_forward(m, d)
         if row > 0:
             self._stale_kinematics()
@@ -113,6 +158,19 @@ class Replayer:
         mujoco.mj_integratePos(m, d.qpos, qvel, -m.opt.timestep)
         mujoco.mj_kinematics(m, d)
         d.qpos[:] = qpos
+
+    def _objects(self, obs_dim: int) -> list[tuple[int, int, int]]:
+        """(qpos address, dof address, first obs dim) of each cube whose pose the observation holds
+        (OGBench cube tasks: 9 dims per cube after the 19 of the arm and gripper)."""
+        u, m = self.unwrapped, self.unwrapped.model
+        out = []
+        for i in range(int(getattr(u, "_num_cubes", 0))):
+            o = OBS_ARM_DIMS + OBS_CUBE_DIMS * i
+            if o + OBS_CUBE_DIMS > obs_dim:
+                break
+            j = m.joint(f"object_joint_{i}")
+            out.append((int(j.qposadr[0]), int(j.dofadr[0]), o))
+        return out
 
     @property
     def _arm_qpos(self) -> np.ndarray:

@@ -42,9 +42,10 @@ from typing import Any
 
 import numpy as np
 
+from qc_robot.calibration.convergence import RTOL, assess_convergence, gauss_newton_floor
 from qc_robot.calibration.logs import Trajectory
 from qc_robot.calibration.randomization import PARAM_KINDS, from_fit, nominal_params, to_fit
-from qc_robot.calibration.replay import Replayer, replay_mode
+from qc_robot.calibration.replay import Replayer, contact_rows, replay_mode
 
 log = logging.getLogger("qc_robot.calibration")
 OBS_DIMS = slice(0, 18)
@@ -139,8 +140,19 @@ def residuals(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, floa
     r = []
     for t in trajs:
         pred = rep.rollout(t, params, tm.replay_delay, segment, ctrl=em.ctrl)
-        r.append(((pred - t.next_obs)[:, OBS_DIMS][:, em.dims] / scale).ravel())
-    return np.concatenate(r)
+        keep = kept_rows(t)
+        r.append(((pred - t.next_obs)[keep][:, OBS_DIMS][:, em.dims] / scale).ravel())
+    out = np.concatenate(r)
+    if out.size == 0:
+        raise ValueError("every row of the log is in contact with a cube (no simulator states to replay "
+                         "contacts): log an excitation clear of the objects")
+    return out
+
+
+def kept_rows(t: Trajectory) -> np.ndarray:
+    """(N,) rows in the error: all of a log with simulator states (its replay is exact, contacts
+    included); without them, the rows out of contact with a cube (``replay.contact_rows``)."""
+    return np.ones(len(t.actions), bool) if t.states is not None else ~contact_rows(t)
 
 
 def replay_error(rep: Replayer, trajs: Sequence[Trajectory], params: dict[str, float], timing: Timing,
@@ -213,6 +225,12 @@ class SysIdResult:
     effector_rmse_m: tuple[float, float] = (0.0, 0.0)
     """(before, after) RMSE of the effector position in m."""
     timing: Timing | None = None
+    convergence: dict[str, Any] = field(default_factory=dict)
+    """``qc_robot.calibration.convergence.assess_convergence``: converged or not, and what to add."""
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.convergence.get("converged", False))
 
     @property
     def reduction(self) -> float:
@@ -225,7 +243,7 @@ class SysIdResult:
                 "latency_ms": list(self.latency_ms) if self.latency_ms else None,
                 "joint_pos_rmse_rad": list(self.joint_pos_rmse), "effector_rmse_m": list(self.effector_rmse_m),
                 "evals": self.evals, "seconds": self.seconds, "delay_scan": dict(self.delay_scan),
-                "identifiability": self.identifiability}
+                "identifiability": self.identifiability, "convergence": self.convergence}
 
 
 def _to_x(params: dict[str, float], kinds: Sequence[str]) -> np.ndarray:
@@ -297,8 +315,9 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
              replayer: Replayer | None = None, replay: str = "auto", global_evals: int = 480,
              profile: bool = True, seed: int = 0, global_rows: int = 0, starts: int = 1, start_iters: int = 6,
              min_dist: float = 0.4, global_segment: int = 10,
-             local_segment: int = 10, seg_iters: int = 20) -> SysIdResult:
-    """Fit ``kinds`` and the timing to ``trajs`` (see the module docstring)."""
+             local_segment: int = 10, seg_iters: int = 20, restart: bool = True) -> SysIdResult:
+    """Fit ``kinds`` and the timing to ``trajs`` (see the module docstring); ``restart``: one more
+    local run from the fit when it stopped above its Gauss-Newton floor (``calibration.convergence``)."""
     from scipy.optimize import least_squares
 
     from qc_robot.calibration.identifiability import assess
@@ -389,6 +408,20 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
         if new is timing:
             break
         timing = new
+    # how far the fit stopped from the floor a step from it could still reach; a fit stopped on a
+    # slope gets one restart from where it stopped (a fresh trust region, a finer difference step)
+    floor, exhausted = gauss_newton_floor(sol.jac, sol.fun), sol.status == 0
+    if restart and rms(sol.fun) > floor + max(0.5 * floor, RTOL * before):
+        def fun_r(z: np.ndarray, p0: dict = params) -> np.ndarray:
+            return residuals(rep, trajs, _from_x(z, kinds, p0), timing, scale, em.segment, em)
+
+        sol_r = least_squares(fun_r, np.clip(_to_x(params, kinds), lo + 1e-6, hi - 1e-6), bounds=(lo, hi),
+                              diff_step=0.01, max_nfev=max_iters, xtol=1e-10, ftol=1e-14, x_scale="jac")
+        if sol_r.cost < sol.cost:
+            params = _from_x(sol_r.x, kinds, params)
+            sigma.update(_standard_errors(sol_r.jac, sol_r.fun, kinds))
+            sol = sol_r
+        floor, exhausted = gauss_newton_floor(sol.jac, sol.fun), sol_r.status == 0
     r1 = residuals(rep, trajs, params, timing, scale, em.segment, em)
     after = rms(r1)
     def refit(p: dict[str, float], held: str) -> float:
@@ -406,10 +439,12 @@ def identify(env_name: str, trajs: Sequence[Trajectory], kinds: Sequence[str] = 
 
     ident = assess(lambda p: rms(residuals(rep, trajs, p, timing, scale, em.segment, em)), params, sigma, kinds,
                    after, range_k, range_min_frac, profile=profile, refit=refit if em.ctrl and len(kinds) > 1 else None)
+    conv = assess_convergence(after, min(floor, after), before, ident["report"], kinds, exhausted, max_iters,
+                              global_evals)
     result = SysIdResult(params=params, sigma=sigma, delay_steps=timing.delay_steps, error_before=before,
                          error_after=after, ranges=ident["ranges"], evals=rep.evals - evals0,
                          seconds=time.monotonic() - t0, delay_scan=scan, mode=mode, latency_ms=timing.latency_ms,
-                         error_global=err_global, identifiability=ident["report"], timing=timing)
+                         error_global=err_global, identifiability=ident["report"], timing=timing, convergence=conv)
     result.joint_pos_rmse = (_dim_rmse(r0, scale, slice(0, 6)), _dim_rmse(r1, scale, slice(0, 6)))
     e0 = int(np.nonzero(em.dims == 12)[0][0])  # the effector position: OBS_DIMS 12:15
     eff = slice(e0, e0 + 3)

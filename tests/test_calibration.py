@@ -75,7 +75,7 @@ def _mutate(data: dict[str, Any], path: str, value: Any) -> None:
     ("physics.ranges.kp", [0.8, 0.6], "inverted"),
     ("physics.ranges.kp", [0.01, 0.6], "leaves the allowed"),
     ("physics.params.stiction", 1.0, "unknown parameter 'stiction'"),
-    ("physics.control_delay_steps", -1, "integer >= 0"),
+    ("physics.control_delay_steps", -1, "control_delay_steps must be an integer in"),
     ("physics.ranges", KeyError, "missing field 'ranges'"),
 ])
 def test_bad_files_are_refused_with_clear_messages(tmp_path: Path, path: str, value: Any, message: str) -> None:
