@@ -44,6 +44,12 @@ def preflight(verb: str, cfg: Any) -> None:
         check_dataset(cfg)
     if verb == "replay" and cfg.driver == "sim" and cfg.task:
         check_task(cfg.task, key="task")
+    if verb in ("eval", "datagen"):  # before the checkpoint loads: ray missing is one line, exit 2
+        from qc_robot.ray_pool import check_workers
+
+        check_workers(cfg.workers, cfg.ray_address, verb)
+        if verb == "eval" and cfg.workers > 1 and cfg.video:
+            raise UserError(f"video: recorded in this process, so it needs workers=1 (not {cfg.workers})")
     if getattr(cfg, "video", ""):
         check_video(verb, cfg)
     viz = getattr(cfg, "viz", "")

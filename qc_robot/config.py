@@ -204,6 +204,13 @@ class DatagenConfig:
     data: DataConfig = field(default_factory=DataConfig)
     progress: bool = True
     """Show a progress bar."""
+    workers: int = 1
+    """Episodes generated on this many Ray actors (1: in this process, Ray never imported; more
+    needs ``pip install "qc-robot[cluster]"``). Every episode is seeded from (data.seed, its
+    index), so the file is the same whatever ``workers`` is; a killed worker's episode is rerun."""
+    ray_address: str = ""
+    """'' = a local Ray instance started in-process; ``auto`` or ``ray://HOST:10001``: a running
+    cluster (its workers need qc-robot installed)."""
 
 
 @dataclass
@@ -226,6 +233,16 @@ class EvalConfig:
     """Episodes recorded into ``video``."""
     video_every: int = 2
     """Keep one frame in this many control steps (2: 10 frames per second of robot time)."""
+    out: str = ""
+    """Per-episode results as CSV (episode, seed, success, return, length, policy_queries and a
+    CRC of the final observation), in episode order ('' = none): the same file whatever ``workers`` is."""
+    workers: int = 1
+    """Episodes run on this many Ray actors (1: in this process, Ray never imported; more needs
+    ``pip install "qc-robot[cluster]"``). Each episode's outcome depends on its seed alone, so the
+    results equal the sequential run's; a killed worker's episode is rerun."""
+    ray_address: str = ""
+    """'' = a local Ray instance started in-process; ``auto`` or ``ray://HOST:10001``: a running
+    cluster (its workers need qc-robot installed and must read ``checkpoint`` at the same path)."""
 
 
 @dataclass
