@@ -163,7 +163,7 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _quiet_known_warnings() -> None:
+def quiet_known_warnings() -> None:
     """Headless MuJoCo (no DISPLAY: we never open a window) and OGBench's float64 Box bounds warn
     on every env build; neither is actionable for a user of the CLI."""
     import warnings
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from qc_robot.config import MissingKeysError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_known_warnings()
+    quiet_known_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

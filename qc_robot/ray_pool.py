@@ -46,6 +46,9 @@ class _Actor(Generic[R]):
     """The actor body: builds its task function once (load the checkpoint, make the env)."""
 
     def __init__(self, make_task: Callable[[], Callable[[int], R]]) -> None:
+        from qc_robot.cli import quiet_known_warnings
+
+        quiet_known_warnings()  # the worker's own process: the CLI's filters do not reach it
         self.task = make_task()
 
     def run(self, i: int) -> tuple[int, R]:
