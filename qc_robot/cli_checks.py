@@ -48,8 +48,9 @@ def preflight(verb: str, cfg: Any) -> None:
         from qc_robot.ray_pool import check_workers
 
         check_workers(cfg.workers, cfg.ray_address, verb)
-        if verb == "eval" and cfg.workers > 1 and cfg.video:
-            raise UserError(f"video: recorded in this process, so it needs workers=1 (not {cfg.workers})")
+        if verb == "eval" and (cfg.workers > 1 or cfg.ray_address) and cfg.video:
+            raise UserError(f"video: recorded in this process, so it needs workers=1 and no ray_address "
+                            f"(not workers={cfg.workers} ray_address={cfg.ray_address!r})")
     if getattr(cfg, "video", ""):
         check_video(verb, cfg)
     viz = getattr(cfg, "viz", "")

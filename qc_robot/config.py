@@ -209,8 +209,9 @@ class DatagenConfig:
     needs ``pip install "qc-robot[cluster]"``). Every episode is seeded from (data.seed, its
     index), so the file is the same whatever ``workers`` is; a killed worker's episode is rerun."""
     ray_address: str = ""
-    """'' = a local Ray instance started in-process; ``auto`` or ``ray://HOST:10001``: a running
-    cluster (its workers need qc-robot installed)."""
+    """'' = a local Ray instance started in-process (when ``workers`` > 1); ``auto`` or
+    ``ray://HOST:10001``: a running cluster, used even with workers=1 (its workers need qc-robot
+    installed)."""
 
 
 @dataclass
@@ -241,8 +242,9 @@ class EvalConfig:
     ``pip install "qc-robot[cluster]"``). Each episode's outcome depends on its seed alone, so the
     results equal the sequential run's; a killed worker's episode is rerun."""
     ray_address: str = ""
-    """'' = a local Ray instance started in-process; ``auto`` or ``ray://HOST:10001``: a running
-    cluster (its workers need qc-robot installed and must read ``checkpoint`` at the same path)."""
+    """'' = a local Ray instance started in-process (when ``workers`` > 1); ``auto`` or
+    ``ray://HOST:10001``: a running cluster, used even with workers=1 (its workers need qc-robot
+    installed and must read ``checkpoint`` at the same path)."""
 
 
 @dataclass

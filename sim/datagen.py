@@ -329,7 +329,7 @@ def generate(
     if task_goal_prob > 0 and not spec.dataset_family.startswith("cube"):
         raise ValueError(f"task_goal_prob is only supported for cube tasks, not {spec.name}")
     with EpisodeWriter(out_path, job.env_args(), mode="w") as writer:
-        if workers > 1:
+        if workers > 1 or ray_address:
             from qc_robot.ray_pool import run_tasks
 
             for ep in run_tasks(job, num_episodes, workers, address=ray_address, progress=progress,

@@ -184,7 +184,7 @@ def run_eval(cfg) -> int:  # noqa: ANN001 (EvalConfig)
     label = checkpoint_label(cfg.checkpoint, ckpt)
     print(f"eval: {label}, config {ckpt.config_hash}, saved by qc-robot {ckpt.versions.get('qc_robot', '?')}; "
           f"{cfg.episodes} episodes in {name} from seed {cfg.seed}", flush=True)
-    if cfg.workers > 1:  # Ray actors (preflight checked ray is installed and video is off)
+    if cfg.workers > 1 or cfg.ray_address:  # Ray actors (preflight checked ray is installed, video off)
         from qc_robot.ray_pool import run_tasks
 
         job = CheckpointEpisodes(cfg.checkpoint, name, cfg.seed, sparse, max_steps, cfg.env.render_fast)
