@@ -45,14 +45,23 @@ def _files(job: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def basic_runs(tiny_dataset, tmp_path_factory) -> list[Path]:
-    mp = pytest.MonkeyPatch()
-    try:
-        rc, jobs = _sweep(tmp_path_factory.mktemp("basic") / "w", tiny_dataset, mp, [])
-    finally:
-        mp.undo()
-    assert rc == 0 and [j.name for j in jobs] == ["0", "1"]
-    return jobs
+def basic_runs(tiny_dataset, tmp_path_factory):
+    """The basic launcher's sweep, run once for the module and only when a launcher test needs it
+    (a call, so a launcher test that skips costs nothing)."""
+    made: list[Path] = []
+
+    def get() -> list[Path]:
+        if not made:
+            mp = pytest.MonkeyPatch()
+            try:
+                rc, jobs = _sweep(tmp_path_factory.mktemp("basic") / "w", tiny_dataset, mp, [])
+            finally:
+                mp.undo()
+            assert rc == 0 and [j.name for j in jobs] == ["0", "1"]
+            made.extend(jobs)
+        return made
+
+    return get
 
 
 @pytest.mark.parametrize("name", list(LAUNCHERS))
@@ -61,10 +70,11 @@ def test_a_launchers_sweep_is_the_basic_launchers(name, basic_runs, tiny_dataset
     pytest.importorskip(module)
     from qc_robot.train.checkpoint import load_checkpoint
 
+    reference = basic_runs()
     rc, jobs = _sweep(tmp_path / "w", tiny_dataset, monkeypatch, [f"hydra/launcher={name}", *args])
     assert rc == 0
     assert [j.name for j in jobs] == ["0", "1"]
-    for job, ref in zip(jobs, basic_runs, strict=True):
+    for job, ref in zip(jobs, reference, strict=True):
         assert _files(job) == _files(ref)
         for f in ("config.yaml", "overrides.yaml"):
             assert (job / ".hydra" / f).read_text() == (ref / ".hydra" / f).read_text(), f
