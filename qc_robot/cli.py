@@ -42,6 +42,8 @@ VERBS: dict[str, Verb] = {
                   "serve an ONNX policy's action chunks over ZeroMQ"),
     "drive": Verb("qc_robot.drivers.config:DriveConfig", "qc_robot.drivers.drive:run_drive",
                   "run a robot driver (sim or real) against a policy server"),
+    "fleet": Verb("qc_robot.fleet:FleetConfig", "qc_robot.fleet:run_fleet",
+                  "N sim drivers as Ray actors against one server, each restarted on its outbox if it dies"),
     "finetune": Verb("qc_robot.finetune.config:FinetuneConfig", "qc_robot.finetune.loop:run_finetune",
                      "fine-tune a checkpoint online from robots' transitions via the server's learner port"),
     "teleop": Verb("qc_robot.teleop.config:TeleopConfig", "qc_robot.teleop.session:run_teleop",

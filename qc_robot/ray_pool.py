@@ -28,14 +28,16 @@ R = TypeVar("R")
 CLUSTER_INSTALL = 'pip install "qc-robot[cluster]"'
 
 
-def check_workers(workers: int, ray_address: str = "", verb: str = "") -> None:
-    """UserError (one line, exit 2) for a ``workers`` value this install cannot run; imports nothing."""
+def check_workers(workers: int, ray_address: str = "", verb: str = "", key: str = "workers",
+                  always: bool = False) -> None:
+    """UserError (one line, exit 2) for a ``workers`` value this install cannot run; imports nothing.
+    ``always``: the verb runs on Ray whatever the count (``fleet robots=N``)."""
     if workers < 1:
-        raise UserError(f"workers={workers}: give 1 (in this process) or more (Ray actors)")
-    if (workers > 1 or ray_address) and importlib.util.find_spec("ray") is None:
-        what = f"workers={workers}" if workers > 1 else f"ray_address={ray_address}"
+        raise UserError(f"{key}={workers}: give 1 (in this process) or more (Ray actors)")
+    if (always or workers > 1 or ray_address) and importlib.util.find_spec("ray") is None:
+        what = f"{key}={workers}" if always or workers > 1 else f"ray_address={ray_address}"
         raise UserError(f"{what} runs {verb + ' ' if verb else ''}episodes on Ray actors, and ray is not "
-                        f"installed: {CLUSTER_INSTALL} (or workers=1)")
+                        f"installed: {CLUSTER_INSTALL}" + ("" if always else " (or workers=1)"))
 
 
 class WorkerLost(RuntimeError):

@@ -46,17 +46,21 @@ def _summary(out: str) -> list[str]:
 def test_workers_without_ray_is_one_line_naming_the_extra(checkpoint, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # find_spec('ray') is None: as if not installed
     for argv in (["eval", f"checkpoint={checkpoint}", "workers=2", *EVAL],
-                 ["datagen", "workers=2", "data.num_episodes=2", "data.path=x.hdf5"]):
+                 ["datagen", "workers=2", "data.num_episodes=2", "data.path=x.hdf5"],
+                 ["fleet", "robots=2"]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "workers=2" in err[0] and 'qc-robot[cluster]' in err[0], err
+        assert len(err) == 1 and "=2 runs" in err[0] and 'qc-robot[cluster]' in err[0], err
 
 
 def test_bad_worker_counts_are_refused(checkpoint, capsys):
     assert main(["eval", f"checkpoint={checkpoint}", "workers=0", *EVAL]) == 2
     assert main(["eval", f"checkpoint={checkpoint}", "workers=2", "video=v.gif", *EVAL]) == 2
+    assert main(["fleet", "driver=xarm"]) == 2
+    assert main(["fleet", "robots=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "workers=0" in err[0] and "workers=1" in err[1], err
+    assert len(err) == 4 and "workers=0" in err[0] and "workers=1" in err[1], err
+    assert "sim or mock" in err[2] and "robots >= 1" in err[3], err
 
 
 def test_one_worker_never_imports_ray(checkpoint, tmp_path):
@@ -178,3 +182,49 @@ def test_datagen_on_two_workers_writes_the_sequential_file(tmp_path):
     for key in ("observations", "actions", "rewards", "masks", "next_observations"):
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
     assert not np.array_equal(a.actions[:20], a.actions[20:40])  # episodes differ from each other
+
+
+@dataclass(frozen=True)
+class DriveDiesOnce:
+    """``drive`` for a fleet robot: the first time robot 0 runs, it drives one episode without
+    waiting for its acknowledgements and its process exits (as a crash would)."""
+
+    marker: str
+
+    def __call__(self, cfg):
+        from dataclasses import replace
+
+        from qc_robot.drivers.drive import run_drive
+
+        if cfg.outbox_dir.endswith("robot0") and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            run_drive(replace(cfg, episodes=1, outbox_drain_s=0.0))
+            os._exit(1)
+        return run_drive(cfg)
+
+
+def test_a_fleet_restarts_a_dead_robot_on_its_outbox(tmp_path, ray_local, capsys):
+    """Two sim robots against one real server; robot 0's process dies after its first episode and
+    is restarted on the same outbox: it runs only the episode it still owes, under the next episode
+    id, and every transition of both episodes is numbered once and acknowledged."""
+    from qc_robot.cli import compose
+    from qc_robot.fleet import run_fleet
+    from qc_robot.server.app import ControlServer
+    from qc_robot.server.serve import load_policy
+
+    _by_value(ray_local)
+    srv = ControlServer(load_policy("default"), "tcp://127.0.0.1:*").start()
+    try:
+        cfg = compose("fleet", ["robots=2", "episodes=2", "realtime=false", "max_steps=20", f"server={srv.address}",
+                                f"fleet_dir={tmp_path / 'fleet'}"])
+        marker = tmp_path / "died"
+        assert run_fleet(cfg, DriveDiesOnce(str(marker))) == 0
+    finally:
+        srv.stop()
+    out = capsys.readouterr().out
+    assert marker.is_file() and "robot 0 died; restart 1/3" in out and "robot 1 done (exit 0, restarts 0)" in out
+    for k in (0, 1):
+        box = tmp_path / "fleet" / f"robot{k}"
+        assert (box / "episode").read_text() == "1"  # episodes 0 and 1 begun, no third
+        assert int((box / "acked").read_text()) == 2 * 20 // 5  # one transition per chunk, each once
+    assert srv.stats.transitions >= 2 * 2 * 20 // 5
