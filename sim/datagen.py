@@ -24,7 +24,6 @@ rendered by :class:`qc_robot.sim.camera.SimCamera` from the same pre-action stat
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -180,115 +179,6 @@ def label_episode(
     return ds["rewards"].astype(np.float32), (1.0 - ds["masks"]).astype(np.float32)
 
 
-def episode_seed(seed: int, episode: int) -> int:
-    """The seed of episode ``episode`` of a run seeded ``seed``: its env reset, its targets' draws
-    and the oracles' noise all start from it, so an episode depends on (seed, index) alone and
-    any worker can make it. Episode 0 keeps ``seed`` itself (a one-episode file is the seed's)."""
-    if episode == 0:
-        return seed
-    return int(np.random.SeedSequence([seed % 2**32, episode]).generate_state(1)[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class PlayEpisodes:
-    """Everything an episode of play data depends on; ``PlayEpisodes(...)()`` builds the envs and
-    oracles once and returns ``episode i -> the arrays of that episode``. Plain values only, so it
-    travels to Ray actors (``datagen workers=N``)."""
-
-    task: str
-    episode_length: int
-    noise: float
-    seed: int
-    save_states: bool = True
-    task_goal_prob: float = 0.0
-    image_size: int = -1
-    image_key: str = "image"
-    camera: str = ""
-    render_fast: bool = False
-
-    def size(self) -> int:
-        spec = task_spec(self.task)
-        return spec.default_image_size if self.image_size < 0 else self.image_size
-
-    def env_args(self) -> dict[str, Any]:
-        """The file's ``env_args``: what the data is and how it was made."""
-        spec, size = task_spec(self.task), self.size()
-        env_args: dict[str, Any] = {
-            "task": spec.name,
-            "env_id": spec.env_id,
-            "singletask_env_id": spec.singletask_env_id,
-            "play_env_id": spec.play_env_id,
-            "control_hz": spec.control_hz,
-            "obs_keys": ["state"] + ([self.image_key] if size > 0 else []),
-            "obs_dim": spec.obs_dim,
-            "act_dim": spec.act_dim,
-            "source": "qc-robot datagen (ogbench PlanOracle play data)",
-            "noise": self.noise,
-            "noise_smoothing": NOISE_SMOOTHING,
-            "seed": self.seed,
-            "episode_seeds": "episode 0: seed; episode i: SeedSequence([seed, i])",
-            "episode_length": self.episode_length,
-            "reward": "ogbench singletask: #solved subtasks - #subtasks, on the pre-action state; dones = success",
-            "sparse_reward": False,
-            "task_goal_prob": self.task_goal_prob,
-        }
-        if size > 0:
-            env_args.update(image_size=size, image_key=self.image_key, camera=self.camera or "front_pixels",
-                            render_fast=self.render_fast, visual=spec.visual)
-        return env_args
-
-    def __call__(self) -> Any:
-        spec, size = task_spec(self.task), self.size()
-        if size > 0:
-            from qc_robot.video import use_offscreen_gl
-
-            use_offscreen_gl()  # before mujoco's first import picks its GL backend
-        import gymnasium
-        import ogbench  # noqa: F401  (registers the envs)
-
-        env = gymnasium.make(
-            spec.play_env_id, terminate_at_goal=False, mode="data_collection", **visual_env_kwargs(spec, size)
-        ).unwrapped
-        use_state_observations(env)  # visual envs: keep the state observation, images come from cam
-        cam = None
-        if size > 0:
-            from qc_robot.sim.camera import DEFAULT_CAMERA, SimCamera
-
-            cam = SimCamera(env, size, size, self.camera or DEFAULT_CAMERA, self.render_fast)
-        oracles = _make_oracles(spec, env, self.noise)
-        label_env = gymnasium.make(spec.singletask_env_id)
-        task_goals = None
-        if self.task_goal_prob > 0:
-            infos = label_env.unwrapped.task_infos  # type: ignore[attr-defined]
-            task_goals = np.asarray(infos[spec.task_id - 1]["goal_xyzs"])  # (cubes, 3)
-
-        def episode(ep: int) -> dict[str, Any]:
-            ep_seed = episode_seed(self.seed, ep)
-            rng = np.random.default_rng(ep_seed)
-            with _seeded_global_numpy(ep_seed):
-                reset_seed: int | None = ep_seed
-                while True:  # scene: regenerate an episode whose cube left the table
-                    p_stack = _p_stack(spec.dataset_family, rng)
-                    roll = _rollout(env, oracles, self.episode_length, p_stack, reset_seed,
-                                    task_goals, self.task_goal_prob, rng, cam)
-                    reset_seed = None
-                    if spec.dataset_family != "scene" or _scene_healthy(roll["qpos"]):
-                        break
-            rewards, dones = label_episode(spec, label_env, roll["qpos"], roll.get("button_states"))
-            extras: dict[str, np.ndarray] = {}
-            if self.save_states:
-                extras["states"] = np.concatenate([roll["qpos"], roll["qvel"]], axis=1)  # (N, nq+nv)
-                if "button_states" in roll:
-                    extras["button_states"] = roll["button_states"]
-            obs, next_obs = {"state": roll["obs"]}, {"state": roll["next_obs"]}
-            if cam is not None:
-                obs[self.image_key], next_obs[self.image_key] = roll["frames"][:-1], roll["frames"][1:]
-            return dict(obs=obs, actions=roll["actions"], rewards=rewards, dones=dones, next_obs=next_obs,
-                        attrs={"episode": ep, "p_stack": p_stack, "nq": roll["qpos"].shape[1]}, extras=extras)
-
-        return episode
-
-
 def generate(
     task: str,
     num_episodes: int,
@@ -303,14 +193,10 @@ def generate(
     image_key: str = "image",
     camera: str = "",
     render_fast: bool = False,
-    workers: int = 1,
-    ray_address: str = "",
 ) -> str:
     """Generate ``num_episodes`` play episodes of ``episode_length`` steps into ``out_path``.
 
-    Deterministic given ``seed``: episode i depends on (seed, i) alone (:func:`episode_seed`), so
-    ``workers`` > 1 (Ray actors, the ``cluster`` extra; ``ray_address`` '' = a local instance)
-    writes the same file. Rewards and ``dones`` belong to ``task``'s evaluation goal, so
+    Deterministic given ``seed``. Rewards and ``dones`` belong to ``task``'s evaluation goal, so
     one file trains one task. ``save_states`` also stores robomimic-style ``states`` (qpos|qvel
     of the observed state) and, for scene/puzzle, ``button_states``, so labels can be re-checked.
     ``task_goal_prob`` > 0 (cube tasks only) makes that fraction of the oracle's targets the
@@ -320,25 +206,99 @@ def generate(
     costs 35-700 ms a frame here, so image datasets are small). Returns ``out_path``.
     """
     spec = task_spec(task)
+    if image_size > 0 or (image_size < 0 and spec.visual):
+        from qc_robot.video import use_offscreen_gl
+
+        use_offscreen_gl()  # before mujoco's first import picks its GL backend
+    import gymnasium
+    import ogbench  # noqa: F401  (registers the envs)
+
     if num_episodes <= 0 or episode_length <= 0:
         raise ValueError("num_episodes and episode_length must be positive")
-    job = PlayEpisodes(task, episode_length, noise, seed, save_states, task_goal_prob, image_size, image_key,
-                       camera, render_fast)
-    if job.size() > 0 and image_key == "state":
+    size = spec.default_image_size if image_size < 0 else image_size
+    if size > 0 and image_key == "state":
         raise ValueError("image_key must differ from the state key 'state'")
-    if task_goal_prob > 0 and not spec.dataset_family.startswith("cube"):
-        raise ValueError(f"task_goal_prob is only supported for cube tasks, not {spec.name}")
-    with EpisodeWriter(out_path, job.env_args(), mode="w") as writer:
-        if workers > 1 or ray_address:
-            from qc_robot.ray_pool import run_tasks
+    env = gymnasium.make(
+        spec.play_env_id, terminate_at_goal=False, mode="data_collection", **visual_env_kwargs(spec, size)
+    ).unwrapped
+    use_state_observations(env)  # visual envs: keep the state observation, images come from cam
+    cam = None
+    if size > 0:
+        from qc_robot.sim.camera import DEFAULT_CAMERA, SimCamera
 
-            for ep in run_tasks(job, num_episodes, workers, address=ray_address, progress=progress,
-                                desc=f"datagen {task}"):
-                writer.add_episode(**ep)
-        else:
-            episode = job()
-            for i in tqdm(range(num_episodes), desc=f"datagen {task}", unit="episode", disable=not progress):
-                writer.add_episode(**episode(i))
+        cam = SimCamera(env, size, size, camera or DEFAULT_CAMERA, render_fast)
+    oracles = _make_oracles(spec, env, noise)
+    label_env = gymnasium.make(spec.singletask_env_id)
+    task_goals = None
+    if task_goal_prob > 0:
+        if not spec.dataset_family.startswith("cube"):
+            raise ValueError(f"task_goal_prob is only supported for cube tasks, not {spec.name}")
+        infos = label_env.unwrapped.task_infos  # type: ignore[attr-defined]
+        task_goals = np.asarray(infos[spec.task_id - 1]["goal_xyzs"])  # (cubes, 3)
+    env_args = {
+        "task": spec.name,
+        "env_id": spec.env_id,
+        "singletask_env_id": spec.singletask_env_id,
+        "play_env_id": spec.play_env_id,
+        "control_hz": spec.control_hz,
+        "obs_keys": ["state"] + ([image_key] if size > 0 else []),
+        "obs_dim": spec.obs_dim,
+        "act_dim": spec.act_dim,
+        "source": "qc-robot datagen (ogbench PlanOracle play data)",
+        "noise": noise,
+        "noise_smoothing": NOISE_SMOOTHING,
+        "seed": seed,
+        "episode_length": episode_length,
+        "reward": "ogbench singletask: #solved subtasks - #subtasks, on the pre-action state; dones = success",
+        "sparse_reward": False,
+        "task_goal_prob": task_goal_prob,
+    }
+    if size > 0:
+        env_args.update(image_size=size, image_key=image_key, camera=camera or "front_pixels",
+                        render_fast=render_fast, visual=spec.visual)
+    rng = np.random.default_rng(seed)
+    with _seeded_global_numpy(seed), EpisodeWriter(out_path, env_args, mode="w") as writer:
+        bar = tqdm(
+            total=num_episodes * episode_length,
+            desc=f"datagen {task}",
+            unit="step",
+            disable=not progress,
+        )
+        first = True
+        for ep in range(num_episodes):
+            while True:
+                p_stack = _p_stack(spec.dataset_family, rng)
+                roll = _rollout(env, oracles, episode_length, p_stack, seed if first else None,
+                                task_goals, task_goal_prob, rng, cam)
+                first = False
+                if spec.dataset_family != "scene" or _scene_healthy(roll["qpos"]):
+                    break
+            rewards, dones = label_episode(spec, label_env, roll["qpos"], roll.get("button_states"))
+            extras: dict[str, np.ndarray] = {}
+            if save_states:
+                extras["states"] = np.concatenate(
+                    [roll["qpos"], roll["qvel"]], axis=1
+                )  # (N, nq+nv)
+                if "button_states" in roll:
+                    extras["button_states"] = roll["button_states"]
+            obs, next_obs = {"state": roll["obs"]}, {"state": roll["next_obs"]}
+            if cam is not None:
+                obs[image_key], next_obs[image_key] = roll["frames"][:-1], roll["frames"][1:]
+            writer.add_episode(
+                obs=obs,
+                actions=roll["actions"],
+                rewards=rewards,
+                dones=dones,
+                next_obs=next_obs,
+                attrs={"episode": ep, "p_stack": p_stack, "nq": roll["qpos"].shape[1]},
+                extras=extras,
+            )
+            bar.update(episode_length)
+        bar.close()
+    if cam is not None:
+        cam.close()
+    env.close()
+    label_env.close()
     return out_path
 
 
@@ -359,8 +319,6 @@ def run_datagen(cfg: DatagenConfig) -> int:
         image_key=cfg.env.image_key,
         camera=cfg.env.camera,
         render_fast=cfg.env.render_fast,
-        workers=cfg.workers,
-        ray_address=cfg.ray_address,
     )
     elapsed = time.perf_counter() - start
     ds = load_flat(path, obs_keys=["state"])  # the summary needs no pixels

@@ -62,12 +62,13 @@ def summarize(outcomes: list[EpisodeOutcome]) -> EvalResult:
 
 
 def run_episode(policy: ChunkFn, env: Any, episode: int, seed: int,
-                on_step: Callable[[int, Any], None] | None = None, image_size: int = 0) -> EpisodeOutcome:
-    """One episode from ``env.reset(seed=seed)``. A policy with ``reseed`` (:func:`agent_policy`)
-    restarts its noise from ``seed`` first, so an episode's outcome depends on its seed alone:
-    episodes can run in any process, in any order, and give the sequential run's results."""
+                on_step: Callable[[int, Any], None] | None = None, image_size: int = 0,
+                restart_noise: bool = False) -> EpisodeOutcome:
+    """One episode from ``env.reset(seed=seed)``. ``restart_noise``: a policy with ``reseed``
+    (:func:`agent_policy`) restarts its noise from ``seed`` first, so the episode's outcome depends
+    on its seed alone: episodes can run in any process, in any order, and give the same results."""
     reseed = getattr(policy, "reseed", None)
-    if reseed is not None:
+    if restart_noise and reseed is not None:
         reseed(seed)
     obs, _ = env.reset(seed=seed)
     if on_step is not None:
@@ -92,7 +93,7 @@ def run_episode(policy: ChunkFn, env: Any, episode: int, seed: int,
 def evaluate(policy: ChunkFn, env_name: str, episodes: int, seed: int, sparse_reward: bool | None = None,
              max_episode_steps: int = 0, progress: bool = False,
              on_step: Callable[[int, Any], None] | None = None, image_size: int = 0,
-             render_fast: bool = False) -> EvalResult:
+             render_fast: bool = False, restart_noise: bool = False) -> EvalResult:
     """Roll out ``episodes`` episodes with seeds seed, seed+1, ...; success = info['success'] at the end.
 
     ``on_step(episode, env)`` is called after each reset and each step (a video recorder).
@@ -104,7 +105,7 @@ def evaluate(policy: ChunkFn, env_name: str, episodes: int, seed: int, sparse_re
 
     env = make_env(env_name, sparse_reward=sparse_reward, max_episode_steps=max_episode_steps,
                    image_size=image_size if image_size > 0 else -1, render_fast=render_fast)
-    outcomes = [run_episode(policy, env, ep, seed + ep, on_step, image_size)
+    outcomes = [run_episode(policy, env, ep, seed + ep, on_step, image_size, restart_noise)
                 for ep in tqdm(range(episodes), desc="eval", disable=not progress, leave=False)]
     env.close()
     return summarize(outcomes)
@@ -132,7 +133,7 @@ class CheckpointEpisodes:
         policy = agent_policy(agent, self.seed)
         env = make_env(self.env_name, sparse_reward=self.sparse_reward, max_episode_steps=self.max_episode_steps,
                        image_size=size if size > 0 else -1, render_fast=self.render_fast)
-        return lambda ep: run_episode(policy, env, ep, self.seed + ep, None, size)
+        return lambda ep: run_episode(policy, env, ep, self.seed + ep, None, size, restart_noise=True)
 
 
 class _AgentPolicy:
@@ -195,7 +196,7 @@ def run_eval(cfg) -> int:  # noqa: ANN001 (EvalConfig)
         recorder = _recorder(cfg)
         result = evaluate(agent_policy(ckpt.agent, cfg.seed), name, cfg.episodes, cfg.seed, sparse, max_steps,
                           progress=cfg.progress, on_step=recorder, image_size=eval_image_size(ckpt.agent),
-                          render_fast=cfg.env.render_fast)
+                          render_fast=cfg.env.render_fast, restart_noise=cfg.per_episode_noise)
     if cfg.out:
         write_outcomes(cfg.out, result.outcomes)
     print(f"{name}: success {result.success_rate:.3f} over {result.episodes} episodes "
