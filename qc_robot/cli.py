@@ -42,6 +42,8 @@ VERBS: dict[str, Verb] = {
                   "serve an ONNX policy's action chunks over ZeroMQ"),
     "drive": Verb("qc_robot.drivers.config:DriveConfig", "qc_robot.drivers.drive:run_drive",
                   "run a robot driver (sim or real) against a policy server"),
+    "fleet": Verb("qc_robot.fleet:FleetConfig", "qc_robot.fleet:run_fleet",
+                  "N sim drivers as Ray actors against one server, each restarted on its outbox if it dies"),
     "finetune": Verb("qc_robot.finetune.config:FinetuneConfig", "qc_robot.finetune.loop:run_finetune",
                      "fine-tune a checkpoint online from robots' transitions via the server's learner port"),
     "teleop": Verb("qc_robot.teleop.config:TeleopConfig", "qc_robot.teleop.session:run_teleop",
@@ -163,7 +165,7 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _quiet_known_warnings() -> None:
+def quiet_known_warnings() -> None:
     """Headless MuJoCo (no DISPLAY: we never open a window) and OGBench's float64 Box bounds warn
     on every env build; neither is actionable for a user of the CLI."""
     import warnings
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from qc_robot.config import MissingKeysError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_known_warnings()
+    quiet_known_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

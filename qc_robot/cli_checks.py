@@ -44,6 +44,21 @@ def preflight(verb: str, cfg: Any) -> None:
         check_dataset(cfg)
     if verb == "replay" and cfg.driver == "sim" and cfg.task:
         check_task(cfg.task, key="task")
+    if verb == "fleet":
+        from qc_robot.ray_pool import check_workers
+
+        if cfg.driver not in ("sim", "mock"):
+            raise UserError(f"driver={cfg.driver}: a fleet runs sim or mock drivers (drive a real arm with qc-robot drive)")
+        if cfg.robots < 1 or cfg.max_restarts < 0:
+            raise UserError(f"robots={cfg.robots}, max_restarts={cfg.max_restarts}: give robots >= 1, max_restarts >= 0")
+        check_workers(cfg.robots, cfg.ray_address, "fleet", key="robots", always=True)
+    if verb == "eval":  # before the checkpoint loads: ray missing is one line, exit 2
+        from qc_robot.ray_pool import check_workers
+
+        check_workers(cfg.workers, cfg.ray_address, verb)
+        if verb == "eval" and (cfg.workers > 1 or cfg.ray_address) and cfg.video:
+            raise UserError(f"video: recorded in this process, so it needs workers=1 and no ray_address "
+                            f"(not workers={cfg.workers} ray_address={cfg.ray_address!r})")
     if getattr(cfg, "video", ""):
         check_video(verb, cfg)
     viz = getattr(cfg, "viz", "")

@@ -20,7 +20,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "mujoco": "sim", "ogbench": "sim", "gymnasium": "sim", "scipy": "sim",
     "onnxruntime": "cpu", "evdev": "teleop", "pyspacemouse": "teleop",
     "imageio": "video", "imageio_ffmpeg": "video", "PIL": "learn", "rerun": "viz",
-    "pyarrow": "lerobot-data", "av": "lerobot-data",
+    "pyarrow": "lerobot-data", "av": "lerobot-data", "ray": "cluster",
 }
 
 EXIT_USAGE = 2

@@ -12,6 +12,7 @@ metrics, curve) next to Hydra's record of the job's config and overrides.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -25,44 +26,50 @@ def is_multirun(args: list[str]) -> bool:
 
 
 def multirun(verb: str, schema: type, run: Any, config_dir: str, overrides: list[str]) -> int:
-    """Run ``verb`` once per point of the sweep in ``overrides``; the exit code is the worst job's."""
-    import hydra
+    """Run ``verb`` once per point of the sweep in ``overrides``; the exit code is the worst job's.
+
+    The codes come back in Hydra's ``JobReturn`` records from whichever launcher ran the jobs
+    (in this process, joblib's worker processes, Ray actors or SLURM jobs), not from this process's
+    memory, so a job that failed elsewhere still fails the sweep."""
+    from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
     from qc_robot.cli_checks import preflight
-    from qc_robot.cli_errors import explain
+    from qc_robot.cli_errors import EXIT_USAGE, config_error_text, explain
     from qc_robot.config import to_dataclass
 
     ConfigStore.instance().store(name=f"{verb}_schema", node=schema)
-    codes: list[int] = []
 
-    @hydra.main(config_path=config_dir, config_name=verb, version_base=None)
     def job(cfg: Any) -> int:
         key = RUN_DIR_KEYS.get(verb)
         if key is not None:  # each job's outputs in its own directory
             with open_dict(cfg):
                 OmegaConf.update(cfg, key, HydraConfig.get().runtime.output_dir)
         OmegaConf.resolve(cfg)
-        dc: Any = to_dataclass(schema, cfg)
 
-        def checked_run(dc: Any = dc) -> int:
+        def checked_run() -> int:
+            dc: Any = to_dataclass(schema, cfg)
             preflight(verb, dc)
             return run(dc)
 
-        code = explain(verb, checked_run)
-        codes.append(code)
-        return code
+        return explain(verb, checked_run)
 
     args = [a for a in overrides if a not in ("-m", "--multirun")]
-    defaults = [f"hydra.sweep.dir={SWEEP_DIR.format(verb=verb)}", "hydra.job.chdir=false", f"hydra.job.name={verb}"]
-    saved = sys.argv
-    sys.argv = [f"qc-robot {verb}", "--multirun", *defaults, *args]
+    # Absolute: a launcher's worker process may live in another directory (a reused joblib worker,
+    # a SLURM job), and every job's directory must be the one this command names.
+    sweep_dir = os.path.abspath(SWEEP_DIR.format(verb=verb)).replace("\\", "\\\\").replace("'", "\\'")
+    defaults = [f"hydra.sweep.dir='{sweep_dir}'", "hydra.job.chdir=false",
+                f"hydra.job.name={verb}", "hydra.mode=MULTIRUN"]
     try:
-        job()
-    except SystemExit as e:  # Hydra exits on a bad sweep override; its message is already printed
-        return int(e.code or 0) or 2
-    finally:
-        sys.argv = saved
+        with initialize_config_dir(config_dir=config_dir, version_base=None, job_name=verb):
+            app = GlobalHydra.instance().hydra
+            assert app is not None
+            batches = app.multirun(config_name=verb, task_function=job, overrides=[*defaults, *args])
+    except Exception as e:  # a bad sweep override, a launcher that is not installed: one line
+        print(f"qc-robot {verb}: bad sweep: {config_error_text(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    codes = [int(r.return_value or 0) for batch in batches for r in batch]
     return max(codes, default=0)

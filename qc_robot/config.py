@@ -226,6 +226,22 @@ class EvalConfig:
     """Episodes recorded into ``video``."""
     video_every: int = 2
     """Keep one frame in this many control steps (2: 10 frames per second of robot time)."""
+    out: str = ""
+    """Per-episode results as CSV (episode, seed, success, return, length, policy_queries and a
+    CRC of the final observation), in episode order ('' = none): the same file whatever ``workers`` is."""
+    workers: int = 1
+    """Episodes run on this many Ray actors (1: in this process, Ray never imported; more needs
+    ``pip install "qc-robot[cluster]"``). On workers the policy's noise restarts per episode
+    (``per_episode_noise``), so each outcome depends on its seed alone and the results equal
+    ``workers=1 per_episode_noise=true``'s; a killed worker's episode is rerun."""
+    per_episode_noise: bool = False
+    """Restart the policy's sampling noise at each episode from (seed, episode) instead of drawing
+    it as one stream across episodes (the default, which every published figure used). On
+    workers it is always on."""
+    ray_address: str = ""
+    """'' = a local Ray instance started in-process (when ``workers`` > 1); ``auto`` or
+    ``ray://HOST:10001``: a running cluster, used even with workers=1 (its workers need qc-robot
+    installed and must read ``checkpoint`` at the same path)."""
 
 
 @dataclass
