@@ -67,7 +67,7 @@ def main() -> None:
     load_before = _load()
 
     t = time.perf_counter()
-    ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level=logging.ERROR)
+    ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level=logging.ERROR, configure_logging=False)
     ray_start = time.perf_counter() - t
 
     threads = torch.get_num_threads()

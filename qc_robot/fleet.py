@@ -82,7 +82,7 @@ def run_fleet(cfg: FleetConfig, drive: Callable[[DriveConfig], int] = _drive) ->
     started = not ray.is_initialized()
     if started:
         ray.init(address=cfg.ray_address or None, num_cpus=None if cfg.ray_address else cfg.robots,
-                 include_dashboard=False, logging_level=logging.ERROR)
+                 include_dashboard=False, logging_level=logging.ERROR, configure_logging=False)
     try:
         return _supervise(ray, cfg, drive)
     finally:

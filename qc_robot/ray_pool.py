@@ -70,7 +70,7 @@ def run_tasks(make_task: Callable[[], Callable[[int], R]], n: int, workers: int,
     started = not ray.is_initialized()
     if started:
         ray.init(address=address or None, num_cpus=None if address else workers, include_dashboard=False,
-                 logging_level=logging.ERROR)
+                 logging_level=logging.ERROR, configure_logging=False)
     try:
         return _schedule(ray, make_task, n, workers, max_retries,
                          tqdm(total=n, desc=desc, disable=not progress, leave=False))

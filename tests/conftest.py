@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,26 @@ import pytest
 from qc_robot.video import use_offscreen_gl
 
 use_offscreen_gl()  # before any test imports mujoco: it picks its GL backend (EGL headless) once
+
+
+def _stream_handlers() -> set[tuple[str, int]]:
+    """(logger name, id) of every plain StreamHandler on any logger (pytest's own are subclasses)."""
+    loggers = [logging.getLogger()] + [x for x in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(x, logging.Logger)]
+    return {(x.name, id(h)) for x in loggers for h in x.handlers if type(h) is logging.StreamHandler}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_stream_handlers() -> Iterator[None]:
+    """A StreamHandler that a test's code adds (a verb's ``basicConfig``, Ray's logging set-up)
+    writes to that test's captured stderr, which pytest closes afterwards: every later test that
+    logs would get "--- Logging error ---" on its own stderr. Remove what the test added."""
+    before = _stream_handlers()
+    yield
+    for name, _ in _stream_handlers() - before:
+        log = logging.getLogger() if name == "root" else logging.getLogger(name)
+        for h in [h for h in log.handlers if type(h) is logging.StreamHandler and (name, id(h)) not in before]:
+            log.removeHandler(h)
 
 
 @pytest.fixture(scope="session")

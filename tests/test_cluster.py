@@ -33,7 +33,7 @@ def checkpoint(tiny_dataset, tmp_path_factory) -> Path:
 def ray_local():
     """A small local Ray instance, shut down after the test (run_tasks joins a running one)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
     yield ray
     ray.shutdown()
 
