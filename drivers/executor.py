@@ -241,7 +241,7 @@ class ChunkExecutor:
     def _has_action(self, step: int) -> bool:
         if self.mode == "temporal_ensemble":
             return step in self._ensemble
-        return any(s == step for s, _, _ in self._queue)
+        return bool(self._queue) and self._queue[0][0] == step  # stale ones dropped: the front is >= step
 
     def _covered_until(self) -> int:
         """The last step that the queue, or a request in flight once answered, has an action for."""

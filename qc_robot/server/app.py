@@ -22,10 +22,8 @@ peer, with counts in ``stats``.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
-import math
 import struct
 import threading
 import time
@@ -44,6 +42,7 @@ from qc_robot.server.checks import (
     check_observation,
     check_transition,
 )
+from qc_robot.server.delayed import DelayedReplies
 from qc_robot.server.episode_log import EpisodeLogger
 from qc_robot.server.inference import Inference, Job, ServerStats
 from qc_robot.server.learner_link import CurveKeys, LearnerLink
@@ -120,10 +119,9 @@ class ControlServer:
         self.max_inflight = max_inflight
         """Observations queued per driver before a newer one supersedes the oldest: the requests a
         driver may pipeline (advertised as ``welcome.metadata.max_inflight``)."""
-        self.delay_s = delay_ms / 1e3
-        """Every reply to an observation leaves this long after the observation arrived (an
+        self._delayed = DelayedReplies(delay_ms / 1e3) if delay_ms > 0 else None
+        """Every reply to an observation leaves ``delay_ms`` after the observation arrived (an
         injected inference delay, to reproduce a slow robot PC or network)."""
-        self._delayed: list[tuple[float, int, bytes, bytes, bytes]] = []  # heap: (due, n, ident, reply, version)
         self.metadata = policy_metadata(policy)
         self.metadata.update(self._wire_metadata())
         self.address = ""
@@ -279,10 +277,7 @@ class ControlServer:
         next_sweep = time.monotonic() + 0.5
         try:
             while not self._stop.is_set():
-                wait_ms = 50
-                if self._delayed:  # wake for the next delayed reply
-                    wait_ms = max(0, min(50, math.ceil((self._delayed[0][0] - time.perf_counter()) * 1e3)))
-                events = dict(poller.poll(wait_ms))
+                events = dict(poller.poll(self._delayed.wait_ms(50) if self._delayed is not None else 50))
                 if router in events:
                     for _ in range(16):  # bounded drain, then replies: a flood never delays chunks much
                         self._send_results(router, results)
@@ -338,14 +333,11 @@ class ControlServer:
                 ident, reply, version, t_recv = results.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if self.delay_s > 0:
-                due = struct.unpack("<d", t_recv)[0] + self.delay_s
-                heapq.heappush(self._delayed, (due, next(_ids), ident, reply, version))
+            if self._delayed is not None:
+                self._delayed.hold(struct.unpack("<d", t_recv)[0], ident, reply, version)
                 continue
             self._send_result(router, ident, reply, version)
-        now = time.perf_counter()
-        while self._delayed and self._delayed[0][0] <= now:
-            _, _, ident, reply, version = heapq.heappop(self._delayed)
+        for ident, reply, version in self._delayed.due() if self._delayed is not None else ():
             self._send_result(router, ident, reply, version)
 
     def _send_result(self, router: zmq.Socket, ident: bytes, reply: bytes, version: bytes) -> None:
