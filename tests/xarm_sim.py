@@ -125,6 +125,7 @@ class XArmSim:
                 conn, _ = self._srv.accept()
             except OSError:
                 return
+            conn.settimeout(None)  # the SDK sets a 1 s process-wide default: an idle client is no dead one
             self._conns.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
@@ -134,6 +135,7 @@ class XArmSim:
                 conn, _ = self._report_srv.accept()
             except OSError:
                 return
+            conn.settimeout(None)
             self._conns.append(conn)
             threading.Thread(target=self._push_reports, args=(conn,), daemon=True).start()
 
