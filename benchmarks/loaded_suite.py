@@ -36,8 +36,9 @@ def _spin(stop: mp.synchronize.Event) -> None:  # type: ignore[name-defined]
             x += 1
 
 
-def run_pytest(args: list[str]) -> tuple[int, float, str, float]:
-    """(exit code, wall seconds, pytest's summary line, the highest 1-min load average seen)."""
+def run_pytest(args: list[str], log: Path | None = None) -> tuple[int, float, str, float]:
+    """(exit code, wall seconds, pytest's summary line, the highest 1-min load average seen).
+    ``log``: where pytest's whole output is kept (a failure under load is diagnosed from it)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     peak = [os.getloadavg()[0]]
     done = threading.Event()
@@ -52,6 +53,10 @@ def run_pytest(args: list[str]) -> tuple[int, float, str, float]:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.monotonic() - t0
     done.set()
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(proc.stdout + proc.stderr)
+        print(f"pytest's output: {log}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     summary = next((ln.strip("= ") for ln in reversed(lines) if re.search(r"\d+ (passed|failed|error)", ln)),
                    lines[-1] if lines else "(no output)")
@@ -62,13 +67,13 @@ def run_pytest(args: list[str]) -> tuple[int, float, str, float]:
     return proc.returncode, wall, summary, peak[0]
 
 
-def loaded(args: list[str], busy: int) -> tuple[int, float, str, float]:
+def loaded(args: list[str], busy: int, log: Path | None = None) -> tuple[int, float, str, float]:
     stop = mp.Event()
     procs = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(busy)]
     for p in procs:
         p.start()
     try:
-        return run_pytest(args)
+        return run_pytest(args, log)
     finally:
         stop.set()
         for p in procs:
@@ -84,17 +89,19 @@ def main() -> int:
     ap.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=True,
                     help="also run without the load, for comparison (default: yes)")
     ap.add_argument("--out", default="docs/loaded_suite.md", help="markdown file the result is appended to")
+    ap.add_argument("--log", default="runs/loaded_suite",
+                    help="folder for pytest's whole output of each run ('' : not kept)")
     ap.add_argument("pytest_args", nargs="*", help="after --: pytest's arguments (default: the default suite)")
     a = ap.parse_args()
     cores = os.cpu_count() or 1
     busy = a.per_core * cores
     shown = " ".join(a.pytest_args) or "(default suite)"
     print(f"pytest {shown}: loaded with {busy} busy processes ({a.per_core} per core, {cores} cores)", flush=True)
-    code, wall, summary, peak = loaded(a.pytest_args, busy)
+    code, wall, summary, peak = loaded(a.pytest_args, busy, REPO / a.log / "loaded.log" if a.log else None)
     print(f"loaded: {summary} in {wall:.0f} s (load average up to {peak:.1f})", flush=True)
     rows = [("loaded", f"{busy} ({a.per_core}/core)", wall, peak, summary)]
     if a.quiet:
-        qcode, qwall, qsummary, qpeak = run_pytest(a.pytest_args)
+        qcode, qwall, qsummary, qpeak = run_pytest(a.pytest_args, REPO / a.log / "quiet.log" if a.log else None)
         print(f"quiet: {qsummary} in {qwall:.0f} s (load average up to {qpeak:.1f})", flush=True)
         rows.append(("quiet", "0", qwall, qpeak, qsummary))
     out = REPO / a.out
