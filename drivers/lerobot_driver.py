@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from qc_robot.drivers.base import Driver, DriverSpec, IOBudgetSpent, SensorError, arm_episode_steps
+from qc_robot.drivers.late_replies import drop_late_replies, serial_ports
 from qc_robot.policies.base import ObsField
 
 log = logging.getLogger("qc_robot.lerobot")
@@ -319,6 +320,10 @@ class LeRobotDriver(Driver):
         self._limit_gripper()
         self._target = self._measured = self._read_joints()
 
+    @property
+    def _ports(self) -> list[Any]:
+        return serial_ports(self.robot)  # pyserial opens them at connect: looked up each time
+
     def _limit_gripper(self) -> None:
         bus = getattr(self.robot, "bus", None)
         if not self.cfg.gripper_torque_limit or bus is None or "gripper" not in getattr(bus, "motors", {}):
@@ -388,6 +393,7 @@ class LeRobotDriver(Driver):
     def _observe(self) -> dict[str, Any]:
         """The robot's observation dict; a failed read is retried ``read_retries`` times at once."""
         for attempt in range(self.cfg.read_retries + 1):
+            drop_late_replies(self._ports)
             try:
                 return self.robot.get_observation()
             except Exception as e:  # a dropped packet: the next try usually gets through
@@ -424,6 +430,7 @@ class LeRobotDriver(Driver):
         return None if self._target is None else self._target.copy()
 
     def _send(self, target: np.ndarray) -> None:
+        drop_late_replies(self._ports)  # LeRobot may read the present position first
         sent = self.robot.send_action(self.actions.to_dict(target))  # LeRobot may clip (max_relative_target)
         self._target = np.clip(self.actions.to_vector(sent), self._tgt_lo, self._tgt_hi)
 

@@ -11,8 +11,9 @@ Physics: a servo with torque enabled reaches its goal (clamped to its position l
 next read, the behaviour of a well-tuned position loop at 30 Hz; enabling torque holds the shaft
 where it is; a servo with torque off stays where the "hand" puts it (``move``), which is how a
 leader arm is read. ``block`` puts an obstacle in a joint's way (the shaft stops there whatever
-the goal: a gripper closed on an object). Faults: ``corrupt`` (every reply fails its checksum)
-and ``dead`` (the adapter is gone: nothing is answered and nothing reaches a servo).
+the goal: a gripper closed on an object). Faults: ``corrupt`` (every reply fails its checksum),
+``dead`` (the adapter is gone: nothing is answered and nothing reaches a servo) and
+``delay_replies`` (replies arrive after the SDK stopped waiting for them).
 """
 
 from __future__ import annotations
@@ -112,11 +113,11 @@ class Servo:
                 self.actual = max(self.obstacle[0], min(self.obstacle[1], self.actual))
 
 
-STAND_IN_LATENCY_MS = 100
+STAND_IN_LATENCY_MS = 500
 """The SDK waits 2 × ``LATENCY_TIMER`` ms (16: a USB adapter's latency) plus the bytes' time for a
 reply. These servos answer from a Python thread, which a loaded machine can stall for longer than
-that; the read would then fail although no test injected a fault. The stand-in gets 100 ms (a
-200 ms wait): a dead bus still fails every read, only later."""
+that; the read would then fail although no test injected a fault. The stand-in gets 500 ms (a
+1 s wait; 200 ms failed reads in CI beside other jobs): a dead bus still fails every read, only later."""
 
 
 def _patient_sdk() -> None:
@@ -142,6 +143,9 @@ class FeetechBusSim:
         """True: every reply has a wrong checksum (a noisy cable); the SDK reports a corrupt packet."""
         self.dead = False
         """True: the bus is gone (unplugged adapter, power loss): no packet is handled or answered."""
+        self._late: list[bytes] | None = None  # replies held back by ``delay_replies``
+        self.replies_held = threading.Event()
+        """Set when a reply has been held back (so a test knows a read is waiting on it)."""
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)
         self.port = os.ttyname(self._slave)
@@ -191,6 +195,21 @@ class FeetechBusSim:
             servo = self.servos[servo_id]
             servo.obstacle = (low, high)
             servo.actual = max(low, min(high, servo.actual))
+
+    def delay_replies(self) -> None:
+        """Answer every request from now on only at ``send_late_replies``: a reply that arrives after
+        the SDK stopped waiting for it (a stalled USB adapter or host), as a real bus can."""
+        with self.lock:
+            self._late = []
+            self.replies_held.clear()
+
+    def send_late_replies(self) -> int:
+        """Write the held replies now, in order, and answer at once again; how many there were."""
+        with self.lock:
+            late, self._late = self._late or [], None
+            for reply in late:
+                os.write(self._master, reply)
+        return len(late)
 
     def present(self, servo_id: int) -> int:
         self.settle()
@@ -248,7 +267,12 @@ class FeetechBusSim:
                 if reply and self.corrupt:
                     reply = reply[:-1] + bytes([reply[-1] ^ 0xFF])
                 if reply:
-                    os.write(self._master, reply)
+                    with self.lock:
+                        if self._late is not None:
+                            self._late.append(reply)
+                            self.replies_held.set()
+                            continue
+                        os.write(self._master, reply)
             with self.lock:
                 self._busy = bool(buf)
 

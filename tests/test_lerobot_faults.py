@@ -28,6 +28,7 @@ from episode_rig import TickClock, run_scripted  # noqa: E402
 from feetech_sim import FeetechBusSim  # noqa: E402
 from lerobot_rig import IDS, RANGES, calibrated_so101  # noqa: E402
 
+from qc_robot.drivers.base import SensorError  # noqa: E402
 from qc_robot.drivers.lerobot_driver import LeRobotDriver  # noqa: E402
 from qc_robot.drivers.registry import build_driver_config, make_driver  # noqa: E402
 from qc_robot.drivers.safety import SafeDriver, SafetyConfig  # noqa: E402
@@ -256,3 +257,23 @@ def test_an_arm_left_alone_ends_its_episode_at_the_stated_default_limit(rig) -> 
     assert res.steps == round(ARM_EPISODE_S) and rows[-1].truncated and not rows[-1].terminated
     unlimited = build_driver_config("lerobot", common, {"robot_args": args, "max_episode_steps": -1})
     assert make_driver("lerobot", unlimited).spec.max_episode_steps == 0
+
+
+def test_a_reply_that_arrives_after_its_read_timed_out_is_not_the_next_reading(rig) -> None:
+    """A stalled adapter or host: the servos' replies land after the SDK gave up on them. The SDK
+    flushes only its output before a request, so the next read used to take the late replies as
+    its answer and every reading after was one request old (CI saw commands clipped against them)."""
+    sim, args = rig
+    d = _driver(args)
+    with d:
+        d.reset(0)
+        before = d.get_observation()["state"]
+        sim.delay_replies()
+        with pytest.raises(SensorError):
+            d.get_observation()
+        assert sim.replies_held.is_set() and sim.send_late_replies() > 0
+        moved = sim.present(6) + 200  # the gripper pushed open: the next reading must show it
+        sim.block(6, moved, moved)
+        after = d.get_observation()["state"]
+        assert after[5] > before[5] + 0.1, (before, after)
+        np.testing.assert_allclose(d.get_observation()["state"], after, atol=1e-6)

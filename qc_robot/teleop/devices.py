@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 # Re-exported: callers import the device interface from here, as before it moved to the leaf.
+from qc_robot.drivers.late_replies import drop_late_replies, serial_ports
 from qc_robot.teleop.device_base import ACTION_DIM as ACTION_DIM
 from qc_robot.teleop.device_base import Event, TeleopCommand, TeleopDevice
 
@@ -208,6 +209,7 @@ class LeRobotLeaderDevice(TeleopDevice):
             self.teleop.disconnect()
 
     def read(self) -> TeleopCommand:
+        drop_late_replies(serial_ports(self.teleop))  # a late reply would be read as this tick's
         try:
             joints = self.teleop.get_action()
         except Exception as e:  # a glitch on the leader's bus: hold this tick, keep the session
