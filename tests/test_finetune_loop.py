@@ -54,8 +54,11 @@ def ft_cfg(ckpt: Path, run_dir: Path, server: str = "tcp://127.0.0.1:1", **kw: o
     return FinetuneConfig(**base)  # type: ignore[arg-type]
 
 
-def robot(address: str, stop: threading.Event, versions: list[str]) -> None:
-    """A lockstep mock arm running episodes of 20 steps against the server until ``stop``."""
+def robot(address: str, stop: threading.Event, versions: list[str],
+          lengths: tuple[threading.Condition, list[int]] | None = None) -> None:
+    """A lockstep mock arm running episodes of 20 steps against the server until ``stop``;
+    ``lengths``: each episode's transitions sent, appended in order (fewer than 20 where the
+    watchdog ended one: a busy machine can starve the server for a second)."""
     driver = make_safe_driver("mock", MockConfig(action_dim=ACT, obs_dim=OBS, max_episode_steps=20))
     driver.connect()
     client = PolicyClient(address, driver.spec.hello("mock"))
@@ -71,7 +74,11 @@ def robot(address: str, stop: threading.Event, versions: list[str]) -> None:
     client._handle = seen  # type: ignore[method-assign]
     i = 0
     while not stop.is_set():
-        run_episode(driver, ex, i, i, None, client, send_transitions=True)
+        res = run_episode(driver, ex, i, i, None, client, send_transitions=True)
+        if lengths is not None:
+            with lengths[0]:
+                lengths[1].append(res.rows)
+                lengths[0].notify_all()
         i += 1
         time.sleep(0.05)  # leave the learner some CPU on a 2-core machine
     client.close()
@@ -83,7 +90,8 @@ def test_finetune_appends_updates_pushes_and_the_server_serves_it(offline, tmp_p
     link = LearnerLink("tcp://127.0.0.1:*", Journal(tmp_path / "journal"), heartbeat_s=0.2)
     server = ControlServer(OnnxPolicy(model, threads=1), "tcp://127.0.0.1:*", learner_link=link).start()
     stop, versions = threading.Event(), []
-    arm = threading.Thread(target=robot, args=(server.address, stop, versions), daemon=True)
+    sent: tuple[threading.Condition, list[int]] = (threading.Condition(), [])
+    arm = threading.Thread(target=robot, args=(server.address, stop, versions, sent), daemon=True)
     arm.start()
     try:
         ft = Finetuner(ft_cfg(ckpt, tmp_path / "ft", link.address, max_updates=40))
@@ -101,7 +109,10 @@ def test_finetune_appends_updates_pushes_and_the_server_serves_it(offline, tmp_p
         meta = OnnxPolicy(served, threads=1, warmup=0).meta
         ref = ExportGraph(acting, meta.action_low, meta.action_high, lean=False, max_guidance=meta.rtc_max_guidance)
         assert verify_file(served, ref.eval(), acting, meta, 1e-4) <= 1e-4
-        assert ft.replay.size == offline_rows + 20 * r.episodes > offline_rows  # whole episodes
+        with sent[0]:  # the robot notes an episode's length just after its last transition left
+            assert sent[0].wait_for(lambda: len(sent[1]) >= r.episodes, timeout=60)
+            whole = sum(sent[1][: r.episodes])
+        assert ft.replay.size == offline_rows + whole > offline_rows  # the first r.episodes, whole
         n = len(versions)
         deadline = time.monotonic() + 10
         while len(versions) < n + 3 and time.monotonic() < deadline:
