@@ -106,6 +106,8 @@ def _schedule(ray: Any, make_task: Callable[[], Callable[[int], R]], n: int, wor
         if queue:
             i = queue.popleft()
             running[actor.run.remote(i)] = (actor, i)
+        else:  # no work left: end it now, without the interpreter's teardown (a sim camera's
+            ray.kill(actor)  # renderer, collected after its GL context, printed EGL tracebacks)
 
     for _ in range(min(workers, n)):
         submit(remote_actor.remote(make_task))
