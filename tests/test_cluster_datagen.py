@@ -134,3 +134,14 @@ def test_one_datagen_worker_never_imports_ray(tmp_path):
             f"rc = main(['datagen', 'data.num_episodes=1', 'data.episode_length=5', 'progress=false', "
             f"'data.path={tmp_path / 'one.hdf5'}']); assert rc == 0, rc; assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=600)
+
+
+@pytest.mark.slow
+def test_image_episodes_on_workers_equal_the_per_episode_run(tmp_path, offscreen_gl):
+    """A visual task renders on the workers (their own offscreen GL): the same frames come back."""
+    pytest.importorskip("ray", reason=RAY_MISSING)
+    kw = dict(num_episodes=2, episode_length=5, noise=0.1, seed=0, progress=False)
+    one = generate("visual-cube-single-task1", out_path=str(tmp_path / "one.hdf5"), per_episode_seed=True, **kw)
+    two = generate("visual-cube-single-task1", out_path=str(tmp_path / "two.hdf5"), workers=2, **kw)
+    assert "data/demo_1/obs/image" in contents(Path(one))
+    assert_same_file(Path(one), Path(two))
