@@ -52,7 +52,7 @@ def preflight(verb: str, cfg: Any) -> None:
         if cfg.robots < 1 or cfg.max_restarts < 0:
             raise UserError(f"robots={cfg.robots}, max_restarts={cfg.max_restarts}: give robots >= 1, max_restarts >= 0")
         check_workers(cfg.robots, cfg.ray_address, "fleet", key="robots", always=True)
-    if verb == "eval":  # before the checkpoint loads: ray missing is one line, exit 2
+    if verb in ("eval", "datagen"):  # before anything loads: ray missing is one line, exit 2
         from qc_robot.ray_pool import check_workers
 
         check_workers(cfg.workers, cfg.ray_address, verb)

@@ -144,6 +144,10 @@ class DataConfig:
     task_goal_prob: float = 0.0
     """datagen, cube tasks: fraction of the oracle's new targets set to the evaluation task's
     goals (0 = OGBench's plain play data)."""
+    per_episode_seed: bool = False
+    """datagen: draw episode i from a seed derived from (seed, i) alone (env reset, oracle noise,
+    targets) instead of from one stream across episodes (the default, which made the published
+    datasets). Always on with ``workers`` > 1, so those files equal ``workers=1`` with it on."""
     reward_shift: float = 0.0
     """Added to every logged reward when loading (robomimic uses -1)."""
     obs_keys: list[str] | None = None
@@ -204,6 +208,15 @@ class DatagenConfig:
     data: DataConfig = field(default_factory=DataConfig)
     progress: bool = True
     """Show a progress bar."""
+    workers: int = 1
+    """Episodes made on this many Ray actors (1: in this process, Ray never imported; more needs
+    ``pip install "qc-robot[cluster]"``), always with ``data.per_episode_seed``, and written here
+    in episode order: the file equals ``workers=1 data.per_episode_seed=true``'s. A killed
+    worker's episode is made again."""
+    ray_address: str = ""
+    """'' = a local Ray instance started in-process (when ``workers`` > 1); ``auto`` or
+    ``ray://HOST:10001``: a running cluster, used even with workers=1 (its workers need qc-robot
+    installed; the file is written by this process)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
 from qc_robot.cli_errors import UserError
@@ -64,6 +64,14 @@ def run_tasks(make_task: Callable[[], Callable[[int], R]], n: int, workers: int,
     ``make_task`` is pickled to each actor (module-level callables and dataclasses of plain
     values travel well). A task whose actor dies is rerun on a new actor, at most ``max_retries``
     times; then :class:`WorkerLost` is raised."""
+    return list(iter_tasks(make_task, n, workers, address=address, max_retries=max_retries,
+                           progress=progress, desc=desc))
+
+
+def iter_tasks(make_task: Callable[[], Callable[[int], R]], n: int, workers: int, *, address: str = "",
+               max_retries: int = 3, progress: bool = False, desc: str = "tasks") -> Generator[R, None, None]:
+    """:func:`run_tasks`' results one by one in index order, each as soon as it and every earlier
+    one are done (a caller writing a file keeps only the out-of-order ones in memory)."""
     import ray
     from tqdm import tqdm
 
@@ -72,25 +80,34 @@ def run_tasks(make_task: Callable[[], Callable[[int], R]], n: int, workers: int,
         ray.init(address=address or None, num_cpus=None if address else workers, include_dashboard=False,
                  logging_level=logging.ERROR, configure_logging=False)
     try:
-        return _schedule(ray, make_task, n, workers, max_retries,
-                         tqdm(total=n, desc=desc, disable=not progress, leave=False))
+        waiting: dict[int, R] = {}
+        nxt = 0
+        for i, value in _schedule(ray, make_task, n, workers, max_retries,
+                                  tqdm(total=n, desc=desc, disable=not progress, leave=False)):
+            waiting[i] = value
+            while nxt in waiting:
+                yield waiting.pop(nxt)
+                nxt += 1
     finally:
         if started:
             ray.shutdown()
 
 
 def _schedule(ray: Any, make_task: Callable[[], Callable[[int], R]], n: int, workers: int,
-              max_retries: int, bar: Any) -> list[R]:
+              max_retries: int, bar: Any) -> Iterator[tuple[int, R]]:
+    """(index, result) of every task once, in the order they finish."""
     remote_actor = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_Actor)
     queue: deque[int] = deque(range(n))
     lost = [0] * n
-    results: dict[int, R] = {}
+    done: set[int] = set()
     running: dict[Any, tuple[Any, int]] = {}  # object ref -> (actor, task index)
 
     def submit(actor: Any) -> None:
         if queue:
             i = queue.popleft()
             running[actor.run.remote(i)] = (actor, i)
+        else:  # no work left: end it now, without the interpreter's teardown (a sim camera's
+            ray.kill(actor)  # renderer, collected after its GL context, printed EGL tracebacks)
 
     for _ in range(min(workers, n)):
         submit(remote_actor.remote(make_task))
@@ -110,13 +127,13 @@ def _schedule(ray: Any, make_task: Callable[[], Callable[[int], R]], n: int, wor
                 continue
             except ray.exceptions.RayTaskError as e:  # the task itself raised: report its error
                 raise e.as_instanceof_cause() from None
-            if j != i or j in results:  # cannot happen: one result per task, from the one run
-                raise RuntimeError(f"task {i}: result for {j} (already had it: {j in results})")
-            results[i] = value
+            if j != i or j in done:  # cannot happen: one result per task, from the one run
+                raise RuntimeError(f"task {i}: result for {j} (already had it: {j in done})")
+            done.add(i)
             bar.update(1)
-            submit(actor)
+            submit(actor)  # before handing the result on: the actor works while the caller writes
+            yield i, value
     finally:
         bar.close()
         for actor, _ in running.values():
             ray.kill(actor)
-    return [results[i] for i in range(n)]

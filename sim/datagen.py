@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -179,6 +180,183 @@ def label_episode(
     return ds["rewards"].astype(np.float32), (1.0 - ds["masks"]).astype(np.float32)
 
 
+@dataclass
+class Episode:
+    """One generated episode, as :meth:`EpisodeWriter.add_episode` takes it (plain arrays, so a
+    Ray worker can return it to the process that writes the file)."""
+
+    obs: dict[str, np.ndarray]
+    next_obs: dict[str, np.ndarray]
+    actions: np.ndarray
+    rewards: np.ndarray
+    dones: np.ndarray
+    attrs: dict[str, Any]
+    extras: dict[str, np.ndarray]
+
+    def write(self, writer: EpisodeWriter) -> None:
+        writer.add_episode(obs=self.obs, actions=self.actions, rewards=self.rewards, dones=self.dones,
+                           next_obs=self.next_obs, attrs=self.attrs, extras=self.extras)
+
+
+def episode_seed(seed: int, ep: int) -> int:
+    """Per-episode mode: the seed of episode ``ep`` (env reset, ``np.random``, the p_stack and
+    task-goal draws). Hashed from both numbers, so datasets of nearby seeds share no episode."""
+    return int(np.random.SeedSequence((seed, ep)).generate_state(1)[0])
+
+
+class _PlaySim:
+    """The play env, its oracles, the labelling env and the optional camera for one task."""
+
+    def __init__(self, job: DatagenJob) -> None:
+        if job.image_size > 0:
+            from qc_robot.video import use_offscreen_gl
+
+            use_offscreen_gl()  # before mujoco's first import picks its GL backend
+        import gymnasium
+        import ogbench  # noqa: F401  (registers the envs)
+
+        self.job, self.spec = job, task_spec(job.task)
+        self.env = gymnasium.make(self.spec.play_env_id, terminate_at_goal=False, mode="data_collection",
+                                  **visual_env_kwargs(self.spec, job.image_size)).unwrapped
+        use_state_observations(self.env)  # visual envs: keep the state observation, images come from cam
+        self.cam = None
+        if job.image_size > 0:
+            from qc_robot.sim.camera import DEFAULT_CAMERA, SimCamera
+
+            self.cam = SimCamera(self.env, job.image_size, job.image_size, job.camera or DEFAULT_CAMERA,
+                                 job.render_fast)
+        self.oracles = _make_oracles(self.spec, self.env, job.noise)
+        self.label_env = gymnasium.make(self.spec.singletask_env_id)
+        self.task_goals = None
+        if job.task_goal_prob > 0:
+            infos = self.label_env.unwrapped.task_infos  # type: ignore[attr-defined]
+            self.task_goals = np.asarray(infos[self.spec.task_id - 1]["goal_xyzs"])  # (cubes, 3)
+
+    def episode(self, ep: int, rng: np.random.Generator, reset_seed: int | None) -> Episode:
+        """Episode ``ep`` drawn from ``rng`` and the global ``np.random`` as they stand; the env
+        resets with ``reset_seed`` (None: its own stream goes on)."""
+        job, spec = self.job, self.spec
+        while True:
+            p_stack = _p_stack(spec.dataset_family, rng)
+            roll = _rollout(self.env, self.oracles, job.episode_length, p_stack, reset_seed,
+                            self.task_goals, job.task_goal_prob, rng, self.cam)
+            reset_seed = None  # a regenerated scene episode goes on from the env's stream
+            if spec.dataset_family != "scene" or _scene_healthy(roll["qpos"]):
+                break
+        rewards, dones = label_episode(spec, self.label_env, roll["qpos"], roll.get("button_states"))
+        extras: dict[str, np.ndarray] = {}
+        if job.save_states:
+            extras["states"] = np.concatenate([roll["qpos"], roll["qvel"]], axis=1)  # (N, nq+nv)
+            if "button_states" in roll:
+                extras["button_states"] = roll["button_states"]
+        obs, next_obs = {"state": roll["obs"]}, {"state": roll["next_obs"]}
+        if self.cam is not None:
+            obs[job.image_key], next_obs[job.image_key] = roll["frames"][:-1], roll["frames"][1:]
+        attrs = {"episode": ep, "p_stack": p_stack, "nq": roll["qpos"].shape[1]}
+        return Episode(obs, next_obs, roll["actions"], rewards, dones, attrs, extras)
+
+    def seeded_episode(self, ep: int) -> Episode:
+        """Per-episode mode: episode ``ep`` from :func:`episode_seed` alone, whatever ran before."""
+        s = episode_seed(self.job.seed, ep)
+        with _seeded_global_numpy(s):
+            out = self.episode(ep, np.random.default_rng(s), s)
+        out.attrs["episode_seed"] = s
+        return out
+
+    def close(self) -> None:
+        if self.cam is not None:
+            self.cam.close()
+        self.env.close()
+        self.label_env.close()
+
+
+@dataclass(frozen=True)
+class DatagenJob:
+    """What makes a dataset's episodes, in plain values (it travels to Ray actors): called, it
+    builds the sim and returns ``episode i -> Episode`` in per-episode mode."""
+
+    task: str
+    episode_length: int
+    noise: float
+    seed: int
+    save_states: bool = True
+    task_goal_prob: float = 0.0
+    image_size: int = 0
+    """Resolved: 0 = no images."""
+    image_key: str = "image"
+    camera: str = ""
+    render_fast: bool = False
+
+    def __call__(self) -> Callable[[int], Episode]:
+        return _PlaySim(self).seeded_episode
+
+    def env_args(self, per_episode_seed: bool) -> dict[str, Any]:
+        """The file's ``data.attrs['env_args']`` (the default mode's keys unchanged)."""
+        spec = task_spec(self.task)
+        size = self.image_size
+        args: dict[str, Any] = {
+            "task": spec.name,
+            "env_id": spec.env_id,
+            "singletask_env_id": spec.singletask_env_id,
+            "play_env_id": spec.play_env_id,
+            "control_hz": spec.control_hz,
+            "obs_keys": ["state"] + ([self.image_key] if size > 0 else []),
+            "obs_dim": spec.obs_dim,
+            "act_dim": spec.act_dim,
+            "source": "qc-robot datagen (ogbench PlanOracle play data)",
+            "noise": self.noise,
+            "noise_smoothing": NOISE_SMOOTHING,
+            "seed": self.seed,
+            "episode_length": self.episode_length,
+            "reward": "ogbench singletask: #solved subtasks - #subtasks, on the pre-action state; dones = success",
+            "sparse_reward": False,
+            "task_goal_prob": self.task_goal_prob,
+        }
+        if size > 0:
+            args.update(image_size=size, image_key=self.image_key, camera=self.camera or "front_pixels",
+                        render_fast=self.render_fast, visual=spec.visual)
+        if per_episode_seed:  # only then: default-mode files keep their metadata byte for byte
+            args["seeding"] = "per_episode"
+        return args
+
+
+def _stream_episodes(job: DatagenJob, num_episodes: int) -> Generator[Episode, None, None]:
+    """The default mode: every episode from one stream seeded once (``np.random`` included), the
+    env reset with the seed only before episode 0. The published datasets were made this way."""
+    sim = _PlaySim(job)
+    rng = np.random.default_rng(job.seed)
+    try:
+        with _seeded_global_numpy(job.seed):
+            for ep in range(num_episodes):
+                yield sim.episode(ep, rng, job.seed if ep == 0 else None)
+    finally:
+        sim.close()
+
+
+def _seeded_episodes(job: DatagenJob, num_episodes: int) -> Generator[Episode, None, None]:
+    """Per-episode mode in this process: the same episodes Ray workers make."""
+    sim = _PlaySim(job)
+    try:
+        for ep in range(num_episodes):
+            yield sim.seeded_episode(ep)
+    finally:
+        sim.close()
+
+
+def write_episodes(out_path: str, env_args: dict[str, Any], episodes: Generator[Episode, None, None],
+                   total_steps: int, progress: bool = False, desc: str = "datagen") -> None:
+    """Write ``episodes`` in the order they come into a new file at ``out_path`` (this process is
+    the file's only writer, wherever the episodes were made)."""
+    # closing: a failed write ends the episode source at once (the sim closed, np.random
+    # restored, Ray's actors stopped), not whenever the generator is collected
+    with contextlib.closing(episodes), EpisodeWriter(out_path, env_args, mode="w") as writer:
+        bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress)
+        for episode in episodes:
+            episode.write(writer)
+            bar.update(len(episode.actions))
+        bar.close()
+
+
 def generate(
     task: str,
     num_episodes: int,
@@ -193,6 +371,9 @@ def generate(
     image_key: str = "image",
     camera: str = "",
     render_fast: bool = False,
+    per_episode_seed: bool = False,
+    workers: int = 1,
+    ray_address: str = "",
 ) -> str:
     """Generate ``num_episodes`` play episodes of ``episode_length`` steps into ``out_path``.
 
@@ -203,102 +384,34 @@ def generate(
     evaluation task's goals: small play datasets otherwise rarely contain a solved task.
     ``image_size`` (-1: the task's default, 64 on visual-* tasks, else none; 0: none) records the
     camera image of every step under ``image_key`` (``camera`` '' = ``front_pixels``; rendering
-    costs 35-700 ms a frame here, so image datasets are small). Returns ``out_path``.
+    costs 35-700 ms a frame here, so image datasets are small).
+    ``per_episode_seed``: episode i is drawn from :func:`episode_seed` (seed, i) alone instead of
+    from one stream across episodes (the default); ``workers`` > 1 or a ``ray_address`` makes the
+    episodes on Ray actors, always in that mode, and writes them here in episode order, so the
+    file equals ``workers=1, per_episode_seed=True``'s. Returns ``out_path``.
     """
     spec = task_spec(task)
-    if image_size > 0 or (image_size < 0 and spec.visual):
-        from qc_robot.video import use_offscreen_gl
-
-        use_offscreen_gl()  # before mujoco's first import picks its GL backend
-    import gymnasium
-    import ogbench  # noqa: F401  (registers the envs)
-
     if num_episodes <= 0 or episode_length <= 0:
         raise ValueError("num_episodes and episode_length must be positive")
     size = spec.default_image_size if image_size < 0 else image_size
     if size > 0 and image_key == "state":
         raise ValueError("image_key must differ from the state key 'state'")
-    env = gymnasium.make(
-        spec.play_env_id, terminate_at_goal=False, mode="data_collection", **visual_env_kwargs(spec, size)
-    ).unwrapped
-    use_state_observations(env)  # visual envs: keep the state observation, images come from cam
-    cam = None
-    if size > 0:
-        from qc_robot.sim.camera import DEFAULT_CAMERA, SimCamera
+    if task_goal_prob > 0 and not spec.dataset_family.startswith("cube"):
+        raise ValueError(f"task_goal_prob is only supported for cube tasks, not {spec.name}")
+    job = DatagenJob(spec.name, episode_length, noise, seed, save_states, task_goal_prob, size, image_key,
+                     camera, render_fast)
+    on_ray = workers > 1 or bool(ray_address)
+    per_episode_seed = per_episode_seed or on_ray
+    episodes: Generator[Episode, None, None]
+    if on_ray:
+        from qc_robot.ray_pool import iter_tasks
 
-        cam = SimCamera(env, size, size, camera or DEFAULT_CAMERA, render_fast)
-    oracles = _make_oracles(spec, env, noise)
-    label_env = gymnasium.make(spec.singletask_env_id)
-    task_goals = None
-    if task_goal_prob > 0:
-        if not spec.dataset_family.startswith("cube"):
-            raise ValueError(f"task_goal_prob is only supported for cube tasks, not {spec.name}")
-        infos = label_env.unwrapped.task_infos  # type: ignore[attr-defined]
-        task_goals = np.asarray(infos[spec.task_id - 1]["goal_xyzs"])  # (cubes, 3)
-    env_args = {
-        "task": spec.name,
-        "env_id": spec.env_id,
-        "singletask_env_id": spec.singletask_env_id,
-        "play_env_id": spec.play_env_id,
-        "control_hz": spec.control_hz,
-        "obs_keys": ["state"] + ([image_key] if size > 0 else []),
-        "obs_dim": spec.obs_dim,
-        "act_dim": spec.act_dim,
-        "source": "qc-robot datagen (ogbench PlanOracle play data)",
-        "noise": noise,
-        "noise_smoothing": NOISE_SMOOTHING,
-        "seed": seed,
-        "episode_length": episode_length,
-        "reward": "ogbench singletask: #solved subtasks - #subtasks, on the pre-action state; dones = success",
-        "sparse_reward": False,
-        "task_goal_prob": task_goal_prob,
-    }
-    if size > 0:
-        env_args.update(image_size=size, image_key=image_key, camera=camera or "front_pixels",
-                        render_fast=render_fast, visual=spec.visual)
-    rng = np.random.default_rng(seed)
-    with _seeded_global_numpy(seed), EpisodeWriter(out_path, env_args, mode="w") as writer:
-        bar = tqdm(
-            total=num_episodes * episode_length,
-            desc=f"datagen {task}",
-            unit="step",
-            disable=not progress,
-        )
-        first = True
-        for ep in range(num_episodes):
-            while True:
-                p_stack = _p_stack(spec.dataset_family, rng)
-                roll = _rollout(env, oracles, episode_length, p_stack, seed if first else None,
-                                task_goals, task_goal_prob, rng, cam)
-                first = False
-                if spec.dataset_family != "scene" or _scene_healthy(roll["qpos"]):
-                    break
-            rewards, dones = label_episode(spec, label_env, roll["qpos"], roll.get("button_states"))
-            extras: dict[str, np.ndarray] = {}
-            if save_states:
-                extras["states"] = np.concatenate(
-                    [roll["qpos"], roll["qvel"]], axis=1
-                )  # (N, nq+nv)
-                if "button_states" in roll:
-                    extras["button_states"] = roll["button_states"]
-            obs, next_obs = {"state": roll["obs"]}, {"state": roll["next_obs"]}
-            if cam is not None:
-                obs[image_key], next_obs[image_key] = roll["frames"][:-1], roll["frames"][1:]
-            writer.add_episode(
-                obs=obs,
-                actions=roll["actions"],
-                rewards=rewards,
-                dones=dones,
-                next_obs=next_obs,
-                attrs={"episode": ep, "p_stack": p_stack, "nq": roll["qpos"].shape[1]},
-                extras=extras,
-            )
-            bar.update(episode_length)
-        bar.close()
-    if cam is not None:
-        cam.close()
-    env.close()
-    label_env.close()
+        episodes = iter_tasks(job, num_episodes, workers, address=ray_address, progress=progress,
+                              desc=f"datagen {task} (episodes)")
+    else:
+        episodes = (_seeded_episodes if per_episode_seed else _stream_episodes)(job, num_episodes)
+    write_episodes(out_path, job.env_args(per_episode_seed), episodes, num_episodes * episode_length,
+                   progress=progress and not on_ray, desc=f"datagen {task}")
     return out_path
 
 
@@ -319,6 +432,9 @@ def run_datagen(cfg: DatagenConfig) -> int:
         image_key=cfg.env.image_key,
         camera=cfg.env.camera,
         render_fast=cfg.env.render_fast,
+        per_episode_seed=cfg.data.per_episode_seed,
+        workers=cfg.workers,
+        ray_address=cfg.ray_address,
     )
     elapsed = time.perf_counter() - start
     ds = load_flat(path, obs_keys=["state"])  # the summary needs no pixels

@@ -44,6 +44,17 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def ray_local():
+    """A small local Ray instance (2 CPUs), shut down after the test (run_tasks joins a running one)."""
+    from skip_reasons import RAY_MISSING
+
+    ray = pytest.importorskip("ray", reason=RAY_MISSING)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def offscreen_gl() -> None:
     """Skip a rendering test where no offscreen GL context (EGL/OSMesa) can be made."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cluster_rig import DieOnce, ship_by_value
 
 from qc_robot.cli import main
 
@@ -27,15 +28,6 @@ def checkpoint(tiny_dataset, tmp_path_factory) -> Path:
     assert main(["train", "experiment=smoke", f"data.path={tiny_dataset}", f"training.run_dir={run}",
                  "training.offline_steps=2", "training.online_steps=0", "training.eval_episodes=0"]) == 0
     return run / CHECKPOINT
-
-
-@pytest.fixture
-def ray_local():
-    """A small local Ray instance, shut down after the test (run_tasks joins a running one)."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
-    yield ray
-    ray.shutdown()
 
 
 def _summary(out: str) -> list[str]:
@@ -83,27 +75,6 @@ def test_eval_on_two_workers_equals_the_sequential_eval(checkpoint, tmp_path, ca
 
 
 @dataclass(frozen=True)
-class DieOnce:
-    """Episodes of ``inner``; the worker running episode ``victim`` the first time exits mid-run
-    (``os._exit``, as a killed process would), leaving ``marker`` behind as proof."""
-
-    inner: object
-    victim: int
-    marker: str
-
-    def __call__(self):
-        run = self.inner()  # type: ignore[operator]
-
-        def episode(i: int):
-            if i == self.victim and not os.path.exists(self.marker):
-                Path(self.marker).write_text(str(os.getpid()))
-                os._exit(1)
-            return run(i)
-
-        return episode
-
-
-@dataclass(frozen=True)
 class CountRuns:
     """Task i returns i and appends a line to ``log`` per run (to count the runs per task)."""
 
@@ -128,8 +99,7 @@ class AlwaysDies:
 
 
 def _by_value(ray) -> None:
-    """Ship this test module's classes to the workers by value (tests/ is not on their path)."""
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ship_by_value(ray, __name__)
 
 
 def test_a_killed_workers_episode_is_rerun_and_counted_once(checkpoint, tmp_path, ray_local):
