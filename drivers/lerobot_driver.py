@@ -43,12 +43,15 @@ from typing import Any
 import numpy as np
 
 from qc_robot.drivers.base import Driver, DriverSpec, IOBudgetSpent, SensorError, arm_episode_steps
+from qc_robot.drivers.lerobot_versions import (
+    import_failure,
+    legacy_calibration_dir,
+    type_modules,
+    unknown_type_message,
+)
 from qc_robot.policies.base import ObsField
 
 log = logging.getLogger("qc_robot.lerobot")
-
-INSTALL_HINT = ("pip install 'qc-robot[lerobot]' (on a CPU-only torch: pip install --no-deps 'lerobot>=0.3.3,<0.4' "
-                "and then draccus==0.10.0 pyserial deepdiff huggingface-hub feetech-servo-sdk)")
 
 
 @dataclass
@@ -109,17 +112,25 @@ class LeRobotConfig:
 def _import_lerobot(package: str) -> Any:
     try:
         return importlib.import_module(package)
-    except ImportError as e:
-        raise RuntimeError(f"LeRobot is not installed or incomplete ({e}); {INSTALL_HINT}") from e
+    except (ImportError, RuntimeError) as e:  # RuntimeError: a torchvision not built for this torch (0.4)
+        raise RuntimeError(import_failure(e)) from e
+
+
+def _import_type_module(module: str) -> None:
+    """Import a module that may register a config type; one this LeRobot lacks is skipped, but one
+    that exists and fails (a missing dependency) says so."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise RuntimeError(f"{module} does not import: {import_failure(e)}") from e
 
 
 def _config_class(base: Any, package: str, type_name: str) -> Any:
     """The registered config class for ``type_name``; imports the package's modules to register it."""
-    if type_name not in base.get_known_choices():
-        try:  # most types live in a module of the same name (so101_follower, koch_leader, ...)
-            importlib.import_module(f"{package}.{type_name}")
-        except ImportError:
-            pass
+    for module in type_modules(type_name):  # most types live in a module of the same name (0.4: a map)
+        if type_name not in base.get_known_choices():
+            _import_type_module(f"{package}.{module}")
     if type_name not in base.get_known_choices():
         pkg = importlib.import_module(package)
         for mod in pkgutil.iter_modules(pkg.__path__):
@@ -128,12 +139,28 @@ def _config_class(base: Any, package: str, type_name: str) -> Any:
             except Exception:  # noqa: BLE001 - any import failure just means "not available"
                 continue
     if type_name not in base.get_known_choices():
-        raise ValueError(f"unknown LeRobot type {type_name!r}; available: {sorted(base.get_known_choices())}")
+        raise ValueError(unknown_type_message(type_name, sorted(base.get_known_choices())))
     return base.get_choice_class(type_name)
+
+
+def lerobot_config_class(kind: str, type_name: str) -> Any:
+    """LeRobot's config class for a robot (``kind='robots'``) or teleoperator (``'teleoperators'``)
+    type; RuntimeError when LeRobot or what its modules import is missing, ValueError for an unknown type."""
+    mod = _import_lerobot(f"lerobot.{kind}")
+    return _config_class(mod.RobotConfig if kind == "robots" else mod.TeleoperatorConfig, f"lerobot.{kind}", type_name)
 
 
 def _build(kind: str, type_name: str, args: Mapping[str, Any]) -> Any:
     """A LeRobot robot (``kind='robots'``) or teleoperator (``'teleoperators'``) from type and args."""
+    device = _make(kind, type_name, args)
+    legacy = legacy_calibration_dir(device, type_name, dict(args))
+    if legacy is not None:  # a calibration made under LeRobot 0.3, where 0.4 does not look
+        log.info("using the LeRobot 0.3 calibration folder %s", legacy)
+        device = _make(kind, type_name, {**args, "calibration_dir": str(legacy)})
+    return device
+
+
+def _make(kind: str, type_name: str, args: Mapping[str, Any]) -> Any:
     draccus = _import_lerobot("draccus")
     package = f"lerobot.{kind}"
     mod = _import_lerobot(package)
