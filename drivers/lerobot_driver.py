@@ -15,7 +15,8 @@ The robot is chosen like on LeRobot's command line: a config type (``so101_follo
 
 Joint ranges come from the LeRobot calibration file (``range_min``/``range_max`` of each motor and
 its normalisation mode), so a target outside the range the arm was calibrated to never reaches a
-motor; ``joint_low``/``joint_high`` override them. Holding keeps the last target sent (not the
+motor; ``joint_low``/``joint_high`` replace them in the map to [-1, 1] (a dataset's range), and
+the calibration still bounds every target. Holding keeps the last target sent (not the
 measured position, which sags under gravity and would creep), but a delta target never runs
 more than one step ahead of the measured pose: a blocked joint or a gripper closed on an object
 does not wind its target up to the joint limit. LeRobot's own ``max_relative_target`` (a cap of
@@ -75,7 +76,8 @@ class LeRobotConfig:
     normalize: bool = True
     """Joint targets and state in [-1, 1] over each joint's range (False: LeRobot's own units)."""
     joint_low: list[float] = field(default_factory=list)
-    """Per action feature, in LeRobot units; [] = from the robot's calibration."""
+    """Per action feature, in LeRobot units; [] = from the robot's calibration. Targets still stay
+    inside the calibrated range where the robot has one."""
     joint_high: list[float] = field(default_factory=list)
     home: list[float] = field(default_factory=list)
     """Joint targets ``reset`` moves to (normalised unless ``normalize`` is off); [] = stay put."""
@@ -271,8 +273,11 @@ class LeRobotDriver(Driver):
         self._state_keys = [k for k, v in feats.items() if not isinstance(v, tuple)]
         self._camera_keys = [k for k, v in feats.items() if isinstance(v, tuple)]
         act_keys = list(self.robot.action_features)
+        self._limits: tuple[np.ndarray, np.ndarray] | None = None  # calibrated range, LeRobot units
         if cfg.joint_low or cfg.joint_high:
             low, high = np.asarray(cfg.joint_low, np.float64), np.asarray(cfg.joint_high, np.float64)
+            with contextlib.suppress(ValueError):  # no calibrated bus: the given range is all there is
+                self._limits = joint_ranges(self.robot, act_keys)
         else:
             low, high = joint_ranges(self.robot, act_keys)
         self.actions = JointMap(act_keys, low, high, cfg.normalize)
@@ -451,7 +456,11 @@ class LeRobotDriver(Driver):
         return None if self._target is None else self._target.copy()
 
     def _send(self, target: np.ndarray) -> None:
-        sent = self.robot.send_action(self.actions.to_dict(target))  # LeRobot may clip (max_relative_target)
+        goal = self.actions.to_dict(target)
+        if self._limits is not None:  # a wider joint_low/joint_high (a dataset's range): LeRobot bounds
+            lo, hi = self._limits  # targets to the calibration in its range units, not in degrees (0.4's default)
+            goal = {k: min(max(v, float(a)), float(b)) for (k, v), a, b in zip(goal.items(), lo, hi, strict=True)}
+        sent = self.robot.send_action(goal)  # LeRobot may clip (max_relative_target)
         self._target = np.clip(self.actions.to_vector(sent), self._tgt_lo, self._tgt_hi)
 
     def _apply(self, action: np.ndarray) -> None:

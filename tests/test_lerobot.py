@@ -80,6 +80,25 @@ def test_degree_ranges_come_from_the_calibration(tmp_path: Path) -> None:
         sim.close()
 
 
+def test_a_joint_range_wider_than_the_calibration_never_reaches_a_motor(tmp_path: Path) -> None:
+    """``joint_low``/``joint_high`` (a dataset's range) wider than the calibration: in degrees (LeRobot
+    0.4's default) LeRobot itself does not bound a goal, so the driver keeps it inside the calibration."""
+    sim, args = calibrated_so101("follower", tmp_path)
+    try:
+        cfg = LeRobotConfig(robot_args={**args, "use_degrees": True}, action_mode="absolute", max_relative_target=0.0,
+                            joint_low=[-170.0] * 5 + [0.0], joint_high=[170.0] * 5 + [100.0])
+        with LeRobotDriver(cfg) as d:
+            d.reset(0)
+            d.send_action(np.ones(6))  # 170 degrees: beyond every calibrated body joint but wrist_roll
+            assert [sim.goal(i) for i in IDS[:4]] == [RANGES[i][1] for i in IDS[:4]]
+            assert sim.goal(5) == int(170 * 4095 / 360 + 2047.5)  # wrist_roll turns a whole turn: 170 fits
+            d.send_action(-np.ones(6))
+            assert [sim.goal(i) for i in IDS] == [RANGES[i][0] for i in IDS[:4]] + [sim.goal(5), RANGES[6][0]]
+            assert sim.goal(5) == int(-170 * 4095 / 360 + 2047.5)
+    finally:
+        sim.close()
+
+
 def test_actions_reach_the_motors_in_ticks(follower) -> None:
     d, sim = follower
     d.reset(0)
