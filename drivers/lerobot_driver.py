@@ -456,12 +456,17 @@ class LeRobotDriver(Driver):
         return None if self._target is None else self._target.copy()
 
     def _send(self, target: np.ndarray) -> None:
-        goal = self.actions.to_dict(target)
-        if self._limits is not None:  # a wider joint_low/joint_high (a dataset's range): LeRobot bounds
-            lo, hi = self._limits  # targets to the calibration in its range units, not in degrees (0.4's default)
-            goal = {k: min(max(v, float(a)), float(b)) for (k, v), a, b in zip(goal.items(), lo, hi, strict=True)}
+        goal = self._bounded(self.actions.to_dict(target))
         sent = self.robot.send_action(goal)  # LeRobot may clip (max_relative_target)
         self._target = np.clip(self.actions.to_vector(sent), self._tgt_lo, self._tgt_hi)
+
+    def _bounded(self, goal: dict[str, float]) -> dict[str, float]:
+        """``goal`` inside the calibrated range where joint_low/joint_high replaced it (a dataset's range):
+        LeRobot bounds goals to the calibration in its range units, not in degrees (0.4's default)."""
+        if self._limits is None:
+            return goal
+        lo, hi = self._limits
+        return {k: min(max(v, float(a)), float(b)) for (k, v), a, b in zip(goal.items(), lo, hi, strict=True)}
 
     def _apply(self, action: np.ndarray) -> None:
         prev = self.hold_target()
@@ -527,13 +532,14 @@ class LeRobotDriver(Driver):
             bus.disable_torque()
             return
         pose = self._measured if self._measured is not None else self.hold_target()
-        pose = np.clip(pose, self._tgt_lo, self._tgt_hi)
+        held = np.clip(pose, self._tgt_lo, self._tgt_hi)
         if bus is not None:  # the bus directly: the robot's send_action reads first (max_relative_target)
-            goal = self.actions.to_dict(pose)
+            # where the calibration bounds the goal, a pose outside joint_low/joint_high is held as measured
+            goal = self._bounded(self.actions.to_dict(held if self._limits is None else pose))
             bus.sync_write("Goal_Position", {k.removesuffix(".pos"): v for k, v in goal.items()})
-            self._target = pose.astype(np.float32)
+            self._target = held.astype(np.float32)
         else:
-            self._send(pose)
+            self._send(held)
 
     def park(self) -> None:
         """Stop, then move to the ``park`` pose (if set)."""

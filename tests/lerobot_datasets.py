@@ -9,6 +9,7 @@ success on the last frame of even episodes only, and the task ``"task e"``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,10 @@ def lerobot_dataset_class() -> Any:
     return LeRobotDataset
 
 
-def make_dataset(root: Path, camera: str = "", rewards: bool = True, lengths: list[int] | None = None) -> Path:
-    """A LeRobotDataset at ``root`` written by LeRobot. ``camera``: '' (none), 'video' or 'image'."""
+def make_dataset(root: Path, camera: str = "", rewards: bool = True, lengths: list[int] | None = None,
+                 values: Callable[[int, int], tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+    """A LeRobotDataset at ``root`` written by LeRobot. ``camera``: '' (none), 'video' or 'image';
+    ``values(e, t)``: (state, action) of episode e, frame t instead of the mix-up-revealing numbers."""
     cls = lerobot_dataset_class()
     features: dict[str, Any] = {
         "observation.state": {"dtype": "float32", "shape": (len(JOINTS),), "names": JOINTS},
@@ -67,7 +70,8 @@ def make_dataset(root: Path, camera: str = "", rewards: bool = True, lengths: li
     task_arg = "task" in inspect.signature(ds.add_frame).parameters
     for e, n in enumerate(lengths or LENGTHS):
         for t in range(n):
-            frame: dict[str, Any] = {"observation.state": state(e, t), "action": action(e, t)}
+            st, act = values(e, t) if values else (state(e, t), action(e, t))
+            frame: dict[str, Any] = {"observation.state": st, "action": act}
             if rewards:
                 last = t == n - 1 and e % 2 == 0
                 frame["next.reward"] = np.array([float(last)], np.float32)
