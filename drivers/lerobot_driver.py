@@ -15,7 +15,8 @@ The robot is chosen like on LeRobot's command line: a config type (``so101_follo
 
 Joint ranges come from the LeRobot calibration file (``range_min``/``range_max`` of each motor and
 its normalisation mode), so a target outside the range the arm was calibrated to never reaches a
-motor; ``joint_low``/``joint_high`` override them. Holding keeps the last target sent (not the
+motor; ``joint_low``/``joint_high`` replace them in the map to [-1, 1] (a dataset's range), and
+the calibration still bounds every target. Holding keeps the last target sent (not the
 measured position, which sags under gravity and would creep), but a delta target never runs
 more than one step ahead of the measured pose: a blocked joint or a gripper closed on an object
 does not wind its target up to the joint limit. LeRobot's own ``max_relative_target`` (a cap of
@@ -44,12 +45,15 @@ import numpy as np
 
 from qc_robot.drivers.base import Driver, DriverSpec, IOBudgetSpent, SensorError, arm_episode_steps
 from qc_robot.drivers.late_replies import drop_late_replies, serial_ports
+from qc_robot.drivers.lerobot_versions import (
+    import_failure,
+    legacy_calibration_dir,
+    type_modules,
+    unknown_type_message,
+)
 from qc_robot.policies.base import ObsField
 
 log = logging.getLogger("qc_robot.lerobot")
-
-INSTALL_HINT = ("pip install 'qc-robot[lerobot]' (on a CPU-only torch: pip install --no-deps 'lerobot>=0.3.3,<0.4' "
-                "and then draccus==0.10.0 pyserial deepdiff huggingface-hub feetech-servo-sdk)")
 
 
 @dataclass
@@ -73,7 +77,8 @@ class LeRobotConfig:
     normalize: bool = True
     """Joint targets and state in [-1, 1] over each joint's range (False: LeRobot's own units)."""
     joint_low: list[float] = field(default_factory=list)
-    """Per action feature, in LeRobot units; [] = from the robot's calibration."""
+    """Per action feature, in LeRobot units; [] = from the robot's calibration. Targets still stay
+    inside the calibrated range where the robot has one."""
     joint_high: list[float] = field(default_factory=list)
     home: list[float] = field(default_factory=list)
     """Joint targets ``reset`` moves to (normalised unless ``normalize`` is off); [] = stay put."""
@@ -110,17 +115,25 @@ class LeRobotConfig:
 def _import_lerobot(package: str) -> Any:
     try:
         return importlib.import_module(package)
-    except ImportError as e:
-        raise RuntimeError(f"LeRobot is not installed or incomplete ({e}); {INSTALL_HINT}") from e
+    except (ImportError, RuntimeError) as e:  # RuntimeError: a torchvision not built for this torch (0.4)
+        raise RuntimeError(import_failure(e)) from e
+
+
+def _import_type_module(module: str) -> None:
+    """Import a module that may register a config type; one this LeRobot lacks is skipped, but one
+    that exists and fails (a missing dependency) says so."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise RuntimeError(f"{module} does not import: {import_failure(e)}") from e
 
 
 def _config_class(base: Any, package: str, type_name: str) -> Any:
     """The registered config class for ``type_name``; imports the package's modules to register it."""
-    if type_name not in base.get_known_choices():
-        try:  # most types live in a module of the same name (so101_follower, koch_leader, ...)
-            importlib.import_module(f"{package}.{type_name}")
-        except ImportError:
-            pass
+    for module in type_modules(type_name):  # most types live in a module of the same name (0.4: a map)
+        if type_name not in base.get_known_choices():
+            _import_type_module(f"{package}.{module}")
     if type_name not in base.get_known_choices():
         pkg = importlib.import_module(package)
         for mod in pkgutil.iter_modules(pkg.__path__):
@@ -129,12 +142,28 @@ def _config_class(base: Any, package: str, type_name: str) -> Any:
             except Exception:  # noqa: BLE001 - any import failure just means "not available"
                 continue
     if type_name not in base.get_known_choices():
-        raise ValueError(f"unknown LeRobot type {type_name!r}; available: {sorted(base.get_known_choices())}")
+        raise ValueError(unknown_type_message(type_name, sorted(base.get_known_choices())))
     return base.get_choice_class(type_name)
+
+
+def lerobot_config_class(kind: str, type_name: str) -> Any:
+    """LeRobot's config class for a robot (``kind='robots'``) or teleoperator (``'teleoperators'``)
+    type; RuntimeError when LeRobot or what its modules import is missing, ValueError for an unknown type."""
+    mod = _import_lerobot(f"lerobot.{kind}")
+    return _config_class(mod.RobotConfig if kind == "robots" else mod.TeleoperatorConfig, f"lerobot.{kind}", type_name)
 
 
 def _build(kind: str, type_name: str, args: Mapping[str, Any]) -> Any:
     """A LeRobot robot (``kind='robots'``) or teleoperator (``'teleoperators'``) from type and args."""
+    device = _make(kind, type_name, args)
+    legacy = legacy_calibration_dir(device, type_name, dict(args))
+    if legacy is not None:  # a calibration made under LeRobot 0.3, where 0.4 does not look
+        log.info("using the LeRobot 0.3 calibration folder %s", legacy)
+        device = _make(kind, type_name, {**args, "calibration_dir": str(legacy)})
+    return device
+
+
+def _make(kind: str, type_name: str, args: Mapping[str, Any]) -> Any:
     draccus = _import_lerobot("draccus")
     package = f"lerobot.{kind}"
     mod = _import_lerobot(package)
@@ -245,8 +274,11 @@ class LeRobotDriver(Driver):
         self._state_keys = [k for k, v in feats.items() if not isinstance(v, tuple)]
         self._camera_keys = [k for k, v in feats.items() if isinstance(v, tuple)]
         act_keys = list(self.robot.action_features)
+        self._limits: tuple[np.ndarray, np.ndarray] | None = None  # calibrated range, LeRobot units
         if cfg.joint_low or cfg.joint_high:
             low, high = np.asarray(cfg.joint_low, np.float64), np.asarray(cfg.joint_high, np.float64)
+            with contextlib.suppress(ValueError):  # no calibrated bus: the given range is all there is
+                self._limits = joint_ranges(self.robot, act_keys)
         else:
             low, high = joint_ranges(self.robot, act_keys)
         self.actions = JointMap(act_keys, low, high, cfg.normalize)
@@ -430,9 +462,18 @@ class LeRobotDriver(Driver):
         return None if self._target is None else self._target.copy()
 
     def _send(self, target: np.ndarray) -> None:
+        goal = self._bounded(self.actions.to_dict(target))
         drop_late_replies(self._ports)  # LeRobot may read the present position first
-        sent = self.robot.send_action(self.actions.to_dict(target))  # LeRobot may clip (max_relative_target)
+        sent = self.robot.send_action(goal)  # LeRobot may clip (max_relative_target)
         self._target = np.clip(self.actions.to_vector(sent), self._tgt_lo, self._tgt_hi)
+
+    def _bounded(self, goal: dict[str, float]) -> dict[str, float]:
+        """``goal`` inside the calibrated range where joint_low/joint_high replaced it (a dataset's range):
+        LeRobot bounds goals to the calibration in its range units, not in degrees (0.4's default)."""
+        if self._limits is None:
+            return goal
+        lo, hi = self._limits
+        return {k: min(max(v, float(a)), float(b)) for (k, v), a, b in zip(goal.items(), lo, hi, strict=True)}
 
     def _apply(self, action: np.ndarray) -> None:
         prev = self.hold_target()
@@ -498,13 +539,14 @@ class LeRobotDriver(Driver):
             bus.disable_torque()
             return
         pose = self._measured if self._measured is not None else self.hold_target()
-        pose = np.clip(pose, self._tgt_lo, self._tgt_hi)
+        held = np.clip(pose, self._tgt_lo, self._tgt_hi)
         if bus is not None:  # the bus directly: the robot's send_action reads first (max_relative_target)
-            goal = self.actions.to_dict(pose)
+            # where the calibration bounds the goal, a pose outside joint_low/joint_high is held as measured
+            goal = self._bounded(self.actions.to_dict(held if self._limits is None else pose))
             bus.sync_write("Goal_Position", {k.removesuffix(".pos"): v for k, v in goal.items()})
-            self._target = pose.astype(np.float32)
+            self._target = held.astype(np.float32)
         else:
-            self._send(pose)
+            self._send(held)
 
     def park(self) -> None:
         """Stop, then move to the ``park`` pose (if set)."""

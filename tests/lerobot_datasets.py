@@ -9,12 +9,13 @@ success on the last frame of even episodes only, and the task ``"task e"``.
 from __future__ import annotations
 
 import inspect
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from lerobot_env import torchvision_python
 
 JOINTS = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos", "gripper.pos"]
 LENGTHS = [5, 6, 7]
@@ -34,35 +35,6 @@ def grey(e: int, t: int) -> int:
     return 10 * t + 60 * e
 
 
-def _torchvision_python() -> None:
-    """Make torchvision's Python importable where its C extension cannot load.
-
-    PyPI's torchvision is built for PyPI's CUDA torch; beside the CPU torch wheel this project pins,
-    its ``_C`` extension does not load, and torchvision's import then fails registering fake kernels
-    for two of its operators (``torchvision::nms``/``qnms``), which do not exist without it.
-    Declaring those two schemas lets the pure-Python rest load: LeRobot's datasets use only that
-    (its transforms); no torchvision operator is ever run here.
-    """
-    try:
-        import torchvision  # noqa: F401
-    except ModuleNotFoundError:
-        return  # LeRobot's import then says what is missing
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-        import torch
-
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        lib = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _keep.append(lib)  # the schemas live as long as the library object
-
-
-_keep: list[Any] = []
-
-
 def lerobot_dataset_class() -> Any:
     """LeRobot's ``LeRobotDataset`` or a skip that says what is missing."""
     pytest.importorskip("pyarrow", reason="qc-robot[lerobot-data] not installed")
@@ -71,7 +43,7 @@ def lerobot_dataset_class() -> Any:
     if np.lib.NumpyVersion(np.__version__) >= "2.4.0":
         pytest.skip("LeRobot's writer converts (1,)-shaped values with float(), which numpy >= 2.4 refuses: "
                     "install numpy<2.4 beside LeRobot (.ci/run does)")
-    _torchvision_python()
+    torchvision_python()
     try:
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
     except ImportError as e:
@@ -79,8 +51,10 @@ def lerobot_dataset_class() -> Any:
     return LeRobotDataset
 
 
-def make_dataset(root: Path, camera: str = "", rewards: bool = True, lengths: list[int] | None = None) -> Path:
-    """A LeRobotDataset at ``root`` written by LeRobot. ``camera``: '' (none), 'video' or 'image'."""
+def make_dataset(root: Path, camera: str = "", rewards: bool = True, lengths: list[int] | None = None,
+                 values: Callable[[int, int], tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+    """A LeRobotDataset at ``root`` written by LeRobot. ``camera``: '' (none), 'video' or 'image';
+    ``values(e, t)``: (state, action) of episode e, frame t instead of the mix-up-revealing numbers."""
     cls = lerobot_dataset_class()
     features: dict[str, Any] = {
         "observation.state": {"dtype": "float32", "shape": (len(JOINTS),), "names": JOINTS},
@@ -96,7 +70,8 @@ def make_dataset(root: Path, camera: str = "", rewards: bool = True, lengths: li
     task_arg = "task" in inspect.signature(ds.add_frame).parameters
     for e, n in enumerate(lengths or LENGTHS):
         for t in range(n):
-            frame: dict[str, Any] = {"observation.state": state(e, t), "action": action(e, t)}
+            st, act = values(e, t) if values else (state(e, t), action(e, t))
+            frame: dict[str, Any] = {"observation.state": st, "action": act}
             if rewards:
                 last = t == n - 1 and e % 2 == 0
                 frame["next.reward"] = np.array([float(last)], np.float32)

@@ -4,6 +4,11 @@ What ``lerobot-calibrate`` leaves behind is reproduced through LeRobot's own bus
 is written into the (simulated) motors and saved as ``<calibration_dir>/<id>.json``. The ranges
 differ per joint and one homing offset is non-zero, so a mix-up of joints or of the offset's sign
 shows in the tests.
+
+The arm is built through the adapter's own lookup by config type (``so101_follower``/``so101_leader``),
+so the same rig serves LeRobot 0.3 (modules ``so101_follower``...) and 0.4 (``so_follower``...). Its
+joints are in ±100 range units (``use_degrees=False``: 0.3's default, 0.4 defaults to degrees), so
+the tests can state goals in servo ticks on either release.
 """
 
 from __future__ import annotations
@@ -23,16 +28,12 @@ def calibrated_so101(kind: str, calibration_dir: Path, robot_id: str = "rig") ->
     the LeRobot config arguments that reach it. The caller closes the simulator."""
     from lerobot.motors import MotorCalibration
 
-    if kind == "follower":
-        from lerobot.robots.so101_follower import SO101Follower as Cls
-        from lerobot.robots.so101_follower import SO101FollowerConfig as Cfg
-    else:
-        from lerobot.teleoperators.so101_leader import SO101Leader as Cls
-        from lerobot.teleoperators.so101_leader import SO101LeaderConfig as Cfg
+    from qc_robot.drivers.lerobot_driver import make_lerobot_robot, make_lerobot_teleoperator
 
     sim = FeetechBusSim(IDS).__enter__()
-    args = {"port": sim.port, "id": robot_id, "calibration_dir": str(calibration_dir)}
-    dev = Cls(Cfg(port=sim.port, id=robot_id, calibration_dir=Path(calibration_dir)))
+    args = {"port": sim.port, "id": robot_id, "calibration_dir": str(calibration_dir), "use_degrees": False}
+    dev = (make_lerobot_robot("so101_follower", args) if kind == "follower"
+           else make_lerobot_teleoperator("so101_leader", args))
     cal = {name: MotorCalibration(id=m.id, drive_mode=0, homing_offset=OFFSETS[m.id],
                                   range_min=RANGES[m.id][0], range_max=RANGES[m.id][1])
            for name, m in dev.bus.motors.items()}

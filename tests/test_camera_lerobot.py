@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from skip_reasons import LEROBOT_MISSING
+from lerobot_env import require_lerobot_arms
 
-pytest.importorskip("lerobot.robots.so101_follower", reason=LEROBOT_MISSING)
-pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
+require_lerobot_arms()
 cv2 = pytest.importorskip("cv2")
 
 from lerobot_rig import calibrated_so101  # noqa: E402

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from skip_reasons import LEROBOT_MISSING
 
 from qc_robot import protocol as P
 from qc_robot.drivers.base import Driver
@@ -26,8 +25,9 @@ from qc_robot.drivers.safety import SafeDriver, SafetyConfig
 
 
 def _lerobot(stack: contextlib.ExitStack, tmp: Path) -> Driver:
-    pytest.importorskip("lerobot.robots.so101_follower", reason=LEROBOT_MISSING)
-    pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
+    from lerobot_env import require_lerobot_arms
+
+    require_lerobot_arms()
     from lerobot_rig import calibrated_so101
 
     sim, args = calibrated_so101("follower", tmp)

@@ -14,16 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from skip_reasons import LEROBOT_MISSING
+from lerobot_env import require_lerobot_arms
 
-pytest.importorskip("lerobot.robots.so101_follower", reason=LEROBOT_MISSING)
-pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
+require_lerobot_arms()
 
 from feetech_sim import FeetechBusSim  # noqa: E402
 from lerobot_rig import IDS, OFFSETS, RANGES, calibrated_so101  # noqa: E402
 
 from qc_robot.drivers.base import IOBudgetSpent, SensorError  # noqa: E402
-from qc_robot.drivers.lerobot_driver import LeRobotConfig, LeRobotDriver, make_lerobot_robot  # noqa: E402
+from qc_robot.drivers.lerobot_driver import (  # noqa: E402
+    LeRobotConfig,
+    LeRobotDriver,
+    lerobot_config_class,
+    make_lerobot_robot,
+)
 from qc_robot.drivers.registry import driver_config, make_driver  # noqa: E402
 from qc_robot.drivers.safety import SafeDriver, SafetyConfig  # noqa: E402
 
@@ -57,7 +61,7 @@ def test_spec_is_mapped_from_the_robots_features(follower) -> None:
     assert s.action_dim == 6 and d.actions.keys == [f"{j}.pos" for j in JOINTS]
     np.testing.assert_array_equal(s.action_low, -np.ones(6))
     np.testing.assert_array_equal(s.action_high, np.ones(6))
-    # LeRobot units: body joints -100..100, the gripper 0..100 (use_degrees=False is the 0.3 default)
+    # LeRobot units: body joints -100..100, the gripper 0..100 (the rig's use_degrees=False)
     np.testing.assert_array_equal(d.actions.low, [-100] * 5 + [0])
     np.testing.assert_array_equal(d.actions.high, [100] * 6)
     assert d.realtime and s.hello("lerobot").action_dim == 6
@@ -72,6 +76,25 @@ def test_degree_ranges_come_from_the_calibration(tmp_path: Path) -> None:
         assert d.actions.low[0] == pytest.approx(-1000 * 360 / 4095) and d.actions.high[0] == pytest.approx(1000 * 360 / 4095)
         assert d.actions.low[1] == pytest.approx(-1200 * 360 / 4095)
         np.testing.assert_allclose(d.spec.action_low, d.actions.low.astype(np.float32))
+    finally:
+        sim.close()
+
+
+def test_a_joint_range_wider_than_the_calibration_never_reaches_a_motor(tmp_path: Path) -> None:
+    """``joint_low``/``joint_high`` (a dataset's range) wider than the calibration: in degrees (LeRobot
+    0.4's default) LeRobot itself does not bound a goal, so the driver keeps it inside the calibration."""
+    sim, args = calibrated_so101("follower", tmp_path)
+    try:
+        cfg = LeRobotConfig(robot_args={**args, "use_degrees": True}, action_mode="absolute", max_relative_target=0.0,
+                            joint_low=[-170.0] * 5 + [0.0], joint_high=[170.0] * 5 + [100.0])
+        with LeRobotDriver(cfg) as d:
+            d.reset(0)
+            d.send_action(np.ones(6))  # 170 degrees: beyond every calibrated body joint but wrist_roll
+            assert [sim.goal(i) for i in IDS[:4]] == [RANGES[i][1] for i in IDS[:4]]
+            assert sim.goal(5) == int(170 * 4095 / 360 + 2047.5)  # wrist_roll turns a whole turn: 170 fits
+            d.send_action(-np.ones(6))
+            assert [sim.goal(i) for i in IDS] == [RANGES[i][0] for i in IDS[:4]] + [sim.goal(5), RANGES[6][0]]
+            assert sim.goal(5) == int(-170 * 4095 / 360 + 2047.5)
     finally:
         sim.close()
 
@@ -184,6 +207,34 @@ def test_unknown_robot_type_and_bad_arguments_are_clear_errors() -> None:
         make_lerobot_robot("so999_follower", {})
     with pytest.raises(ValueError, match="bad arguments"):
         make_lerobot_robot("so101_follower", {"port": "/dev/null", "no_such_field": 1})
+
+
+def test_names_that_differ_between_lerobot_releases_point_at_the_one_installed() -> None:
+    """0.4 renamed the bimanual SO arm (bi_so100_follower -> bi_so_follower) and put the SO arms in a
+    module ``so_follower`` that is no config type: the error names what this release calls it."""
+    known = lerobot_config_class("robots", "so101_follower").get_known_choices()
+    ours, other = ("bi_so_follower", "bi_so100_follower") if "bi_so_follower" in known else \
+        ("bi_so100_follower", "bi_so_follower")
+    with pytest.raises(ValueError, match=f"unknown LeRobot type '{other}' \\(did you mean '{ours}'\\?\\)"):
+        make_lerobot_robot(other, {})
+    with pytest.raises(ValueError, match="did you mean 'so101_follower'"):
+        make_lerobot_robot("so_follower", {})
+
+
+def test_a_calibration_in_lerobot_0_3s_default_folder_is_found(tmp_path: Path, monkeypatch) -> None:
+    """LeRobot's default calibration folder is named after the robot class: ``so101_follower`` in
+    0.3, ``so_follower`` in 0.4. A calibration made under 0.3 is still found (its home redirected here)."""
+    import lerobot.robots.robot as robot_module
+
+    monkeypatch.setattr(robot_module, "HF_LEROBOT_CALIBRATION", tmp_path)
+    sim, args = calibrated_so101("follower", tmp_path / "robots" / "so101_follower")
+    try:
+        del args["calibration_dir"]
+        with LeRobotDriver(LeRobotConfig(robot_args=args)) as d:
+            assert d.robot.calibration_fpath == tmp_path / "robots" / "so101_follower" / "rig.json"
+            assert d.robot.is_connected and d.robot.is_calibrated
+    finally:
+        sim.close()
 
 
 def test_a_failed_read_is_a_sensor_error_never_the_last_observation(follower) -> None:

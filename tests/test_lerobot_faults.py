@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from skip_reasons import LEROBOT_MISSING
+from lerobot_env import require_lerobot_arms
 
-pytest.importorskip("lerobot.robots.so101_follower", reason=LEROBOT_MISSING)
-pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
+require_lerobot_arms()
 
 from episode_rig import TickClock, run_scripted  # noqa: E402
 from feetech_sim import FeetechBusSim  # noqa: E402
@@ -156,6 +155,9 @@ def test_release_torque_switches_torque_off_only_after_the_park(rig) -> None:
 
 _CHILD = """
 import json, sys
+sys.path.insert(0, sys.argv[2])
+from lerobot_env import torchvision_python
+torchvision_python()  # as in this process: LeRobot 0.4 imports torchvision with its robot classes
 from qc_robot.drivers.config import DriveConfig
 from qc_robot.drivers.drive import run_drive
 kw = json.loads(sys.argv[1])
@@ -176,7 +178,7 @@ def test_sigterm_during_an_episode_parks_the_arm_and_exits_cleanly(rig, tmp_path
     try:
         kw = {"driver": "lerobot", "server": srv.address, "episodes": 1000, "time_scale": 4.0,
               "driver_args": {"robot_args": args, "max_episode_steps": 100_000, "park": park, "reset_s": 0.1}}
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(kw)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(kw), str(Path(__file__).parent)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
         deadline = time.monotonic() + 120  # hang guard (start-up imports LeRobot and torch)
         while srv.stats.chunks < 3 and proc.poll() is None and time.monotonic() < deadline:

@@ -11,11 +11,9 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
-import pytest
-from skip_reasons import LEROBOT_MISSING
+from lerobot_env import require_lerobot_arms
 
-pytest.importorskip("lerobot.robots.so101_follower", reason=LEROBOT_MISSING)
-pytest.importorskip("scservo_sdk", reason="feetech-servo-sdk not installed")
+require_lerobot_arms()
 
 from lerobot_rig import RANGES, calibrated_so101  # noqa: E402
 
