@@ -343,7 +343,7 @@ class LeRobotDriver(Driver):
     def connect(self) -> None:
         if self.robot.is_connected:
             return
-        self.robot.connect(calibrate=False)  # calibration is an interactive LeRobot step, never implicit
+        self._connect_robot()
         if not self.robot.is_calibrated:
             self.robot.disconnect()
             raise RuntimeError(f"{self.robot} is not calibrated (its motors do not match "
@@ -351,6 +351,22 @@ class LeRobotDriver(Driver):
                                f"--robot.type={self.cfg.robot_type} --robot.port=... --robot.id={self.robot.id}`")
         self._limit_gripper()
         self._target = self._measured = self._read_joints()
+
+    def _connect_robot(self) -> None:
+        """LeRobot's connect (calibration is an interactive LeRobot step, never implicit), once more
+        after a communication error: configuring the motors is a few dozen acknowledged writes, and
+        one packet lost on a USB adapter would otherwise end the run before it starts."""
+        for attempt in (1, 2):
+            try:
+                self.robot.connect(calibrate=False)
+                return
+            except ConnectionError as e:
+                if attempt == 2:
+                    raise
+                log.warning("connect: %s; connecting once more", e)
+                with contextlib.suppress(Exception):  # the bus may be open, half configured
+                    if self.robot.is_connected:
+                        self.robot.disconnect()
 
     @property
     def _ports(self) -> list[Any]:

@@ -12,8 +12,8 @@ next read, the behaviour of a well-tuned position loop at 30 Hz; enabling torque
 where it is; a servo with torque off stays where the "hand" puts it (``move``), which is how a
 leader arm is read. ``block`` puts an obstacle in a joint's way (the shaft stops there whatever
 the goal: a gripper closed on an object). Faults: ``corrupt`` (every reply fails its checksum),
-``dead`` (the adapter is gone: nothing is answered and nothing reaches a servo) and
-``delay_replies`` (replies arrive after the SDK stopped waiting for them).
+``dead`` (the adapter is gone: nothing is answered and nothing reaches a servo),
+``delay_replies`` (replies arrive after the SDK stopped waiting for them) and ``lose_writes``.
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ class FeetechBusSim:
         self.dead = False
         """True: the bus is gone (unplugged adapter, power loss): no packet is handled or answered."""
         self._late: list[bytes] | None = None  # replies held back by ``delay_replies``
+        self._lose: dict[int, int] = {}  # register address -> writes to it still to lose (``lose_writes``)
         self.replies_held = threading.Event()
         """Set when a reply has been held back (so a test knows a read is waiting on it)."""
         self._master, self._slave = os.openpty()
@@ -203,6 +204,12 @@ class FeetechBusSim:
             self._late = []
             self.replies_held.clear()
 
+    def lose_writes(self, address: int, n: int = 1) -> None:
+        """The next ``n`` single-servo writes to register ``address`` never reach a servo (a packet
+        lost on the wire): no servo acts on them or answers, and the SDK times out."""
+        with self.lock:
+            self._lose[address] = n
+
     def send_late_replies(self) -> int:
         """Write the held replies now, in order, and answer at once again; how many there were."""
         with self.lock:
@@ -260,6 +267,10 @@ class FeetechBusSim:
                     self.errors.append(f"bad checksum in {packet.hex()}")
                     continue
                 if self.dead:
+                    continue
+                if packet[4] in (WRITE, REG_WRITE) and self._lose.get(packet[5], 0) > 0:
+                    with self.lock:
+                        self._lose[packet[5]] -= 1
                     continue
                 with self.lock:
                     self.packets += 1

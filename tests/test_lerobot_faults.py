@@ -279,3 +279,17 @@ def test_a_reply_that_arrives_after_its_read_timed_out_is_not_the_next_reading(r
         after = d.get_observation()["state"]
         assert after[5] > before[5] + 0.1, (before, after)
         np.testing.assert_allclose(d.get_observation()["state"], after, atol=1e-6)
+
+
+def test_a_packet_lost_while_lerobot_configures_the_arm_costs_one_more_connect(rig) -> None:
+    """One write of LeRobot's motor configuration lost on the wire (CI saw 'Failed to write
+    Acceleration ... no status packet' end a drive before its first step): connect tries once more."""
+    sim, args = rig
+    acceleration = 41  # STS3215 register LeRobot's configure writes on every motor
+    sim.lose_writes(acceleration, 1)
+    with _driver(args) as d:
+        assert d.robot.is_connected and d.get_observation()["state"].shape == (6,)
+    assert all(any(a == acceleration for a, _ in sim.writes(i)) for i in IDS)
+    sim.lose_writes(acceleration, 2)  # lost again on the second try: the error, not a loop
+    with pytest.raises(ConnectionError, match="Acceleration"):
+        _driver(args).connect()
