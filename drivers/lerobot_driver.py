@@ -275,6 +275,7 @@ class LeRobotDriver(Driver):
         self._camera_keys = [k for k, v in feats.items() if isinstance(v, tuple)]
         act_keys = list(self.robot.action_features)
         self._limits: tuple[np.ndarray, np.ndarray] | None = None  # calibrated range, LeRobot units
+        self._ports: list[Any] = []  # the buses' serial ports, emptied of late replies before each transaction
         if cfg.joint_low or cfg.joint_high:
             low, high = np.asarray(cfg.joint_low, np.float64), np.asarray(cfg.joint_high, np.float64)
             with contextlib.suppress(ValueError):  # no calibrated bus: the given range is all there is
@@ -342,8 +343,10 @@ class LeRobotDriver(Driver):
     # -- lifecycle ------------------------------------------------------------------------------------
     def connect(self) -> None:
         if self.robot.is_connected:
+            self._ports = serial_ports(self.robot)
             return
         self._connect_robot()
+        self._ports = serial_ports(self.robot)  # pyserial opens them at connect: found once, here
         if not self.robot.is_calibrated:
             self.robot.disconnect()
             raise RuntimeError(f"{self.robot} is not calibrated (its motors do not match "
@@ -368,9 +371,6 @@ class LeRobotDriver(Driver):
                     if self.robot.is_connected:
                         self.robot.disconnect()
 
-    @property
-    def _ports(self) -> list[Any]:
-        return serial_ports(self.robot)  # pyserial opens them at connect: looked up each time
 
     def _limit_gripper(self) -> None:
         bus = getattr(self.robot, "bus", None)

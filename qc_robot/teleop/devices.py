@@ -178,6 +178,7 @@ class LeRobotLeaderDevice(TeleopDevice):
         while it exceeds the threshold."""
         self.to_action, self.teleop_type, self.teleop_args = to_action, teleop_type, dict(teleop_args or {})
         self.teleop = teleop
+        self._ports: list[Any] = []  # the leader bus's serial port, found at connect
         self.read_errors = 0
         self.distance, self.takeover_threshold = distance, takeover_threshold
 
@@ -199,6 +200,7 @@ class LeRobotLeaderDevice(TeleopDevice):
             self.teleop = make_lerobot_teleoperator(self.teleop_type, self.teleop_args)
         if not self.teleop.is_connected:
             self.teleop.connect(calibrate=False)
+        self._ports = serial_ports(self.teleop)
         if not self.teleop.is_calibrated:
             self.teleop.disconnect()
             raise RuntimeError(f"{self.teleop} is not calibrated; run `lerobot-calibrate --teleop.type="
@@ -209,7 +211,7 @@ class LeRobotLeaderDevice(TeleopDevice):
             self.teleop.disconnect()
 
     def read(self) -> TeleopCommand:
-        drop_late_replies(serial_ports(self.teleop))  # a late reply would be read as this tick's
+        drop_late_replies(self._ports)  # a late reply would be read as this tick's
         try:
             joints = self.teleop.get_action()
         except Exception as e:  # a glitch on the leader's bus: hold this tick, keep the session
