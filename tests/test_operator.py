@@ -42,11 +42,11 @@ TASK = "cube-single-task1"
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[ControlServer, Journal]]:
-    """The shipped policy served with a transition journal (the learner port is bound, unused)
-    and an episode log."""
+    """The shipped policy, its noise seeded so that its outcomes repeat, served with a transition
+    journal (the learner port is bound, unused) and an episode log."""
     journal = Journal(str(tmp_path / "journal"))
     link = LearnerLink(f"ipc://{tmp_path / 'learner.ipc'}", journal)
-    srv = ControlServer(load_policy("default"), "tcp://127.0.0.1:*", learner_link=link,
+    srv = ControlServer(load_policy("default", seed=0), "tcp://127.0.0.1:*", learner_link=link,
                         episode_logger=EpisodeLogger(str(tmp_path / "episodes"), {"source": "test"})).start()
     yield srv, journal
     srv.stop()
