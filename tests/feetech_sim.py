@@ -14,15 +14,24 @@ leader arm is read. ``block`` puts an obstacle in a joint's way (the shaft stops
 the goal: a gripper closed on an object). Faults: ``corrupt`` (every reply fails its checksum),
 ``dead`` (the adapter is gone: nothing is answered and nothing reaches a servo),
 ``delay_replies`` (replies arrive after the SDK stopped waiting for them) and ``lose_writes``.
+
+The servos run in a child process (``python feetech_sim.py FD``), driven through a socket pair:
+in the test's own process they shared its interpreter lock with the SDK, whose reads poll the port
+in a busy loop, and on a loaded machine they missed its reply window (CI under LeRobot 0.4.4).
 """
 
 from __future__ import annotations
 
 import os
 import select
+import socket
+import subprocess
+import sys
 import threading
 import time
 import tty
+from multiprocessing.connection import Connection
+from typing import Any
 
 # STS3215 memory map (EPROM then SRAM): address, bytes
 FIRMWARE_MAJOR, FIRMWARE_MINOR, MODEL = 0, 1, 3
@@ -129,36 +138,134 @@ def _patient_sdk() -> None:
 
 
 class FeetechBusSim:
-    """Servos on a pty; ``port`` is the path to give the robot. Use as a context manager."""
+    """Servos on a pty, run in a child process; ``port`` is the path to give the robot. Use as a
+    context manager. Every method runs in the child (see ``_Bus``)."""
 
     def __init__(self, ids: list[int], positions: list[int] | None = None) -> None:
-        _patient_sdk()
-        positions = positions or [RESOLUTION // 2] * len(ids)
+        _patient_sdk()  # the SDK runs here, in the test's process
+        ours, theirs = socket.socketpair()
+        self._proc = subprocess.Popen([sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._call_lock = threading.Lock()
+        self._final: dict[int, dict[str, Any]] | None = None  # each servo's readings at close
+        self.port: str = self._call("start", list(ids), positions or [RESOLUTION // 2] * len(ids))
+
+    def _call(self, name: str, *args: Any) -> Any:
+        with self._call_lock:
+            if self._conn.closed:
+                if self._final is not None and args and args[0] in self._final and name in self._final[args[0]]:
+                    return self._final[args[0]][name]  # what the servos ended with stays readable
+                raise RuntimeError(f"the feetech stand-in is closed ({name})")
+            try:
+                self._conn.send((name, args))
+                if not self._conn.poll(120.0):  # a hang guard, not a timing check
+                    raise TimeoutError(f"the feetech stand-in did not answer {name}")
+                ok, value = self._conn.recv()
+            except (EOFError, OSError) as e:
+                raise RuntimeError(f"the feetech stand-in process died (exit {self._proc.poll()})") from e
+        if not ok:
+            raise RuntimeError(f"feetech stand-in, {name}: {value}")
+        return value
+
+    def __enter__(self) -> FeetechBusSim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._conn.closed:
+            try:
+                self._final = self._call("final")
+                self._call("close")
+            except RuntimeError:
+                pass
+            self._conn.close()
+        try:
+            self._proc.wait(10.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    @property
+    def corrupt(self) -> bool:
+        """True: every reply has a wrong checksum (a noisy cable); the SDK reports a corrupt packet."""
+        return bool(self._call("get", "corrupt"))
+
+    @corrupt.setter
+    def corrupt(self, value: bool) -> None:
+        self._call("set", "corrupt", value)
+
+    @property
+    def dead(self) -> bool:
+        """True: the bus is gone (unplugged adapter, power loss): no packet is handled or answered."""
+        return bool(self._call("get", "dead"))
+
+    @dead.setter
+    def dead(self, value: bool) -> None:
+        self._call("set", "dead", value)
+
+    def settle(self, timeout_s: float = 60.0) -> None:
+        self._call("settle", timeout_s)
+
+    def move(self, servo_id: int, actual: int) -> None:
+        self._call("move", servo_id, actual)
+
+    def block(self, servo_id: int, low: int, high: int) -> None:
+        self._call("block", servo_id, low, high)
+
+    def delay_replies(self) -> None:
+        self._call("delay_replies")
+
+    def lose_writes(self, address: int, n: int = 1) -> None:
+        self._call("lose_writes", address, n)
+
+    def send_late_replies(self) -> int:
+        return int(self._call("send_late_replies"))
+
+    def replies_held(self) -> bool:
+        return bool(self._call("replies_held"))
+
+    def present(self, servo_id: int) -> int:
+        return int(self._call("present", servo_id))
+
+    def goal(self, servo_id: int) -> int:
+        return int(self._call("goal", servo_id))
+
+    def actual(self, servo_id: int) -> int:
+        return int(self._call("actual", servo_id))
+
+    def torque(self, servo_id: int) -> bool:
+        return bool(self._call("torque", servo_id))
+
+    def writes(self, servo_id: int) -> list[tuple[int, bytes]]:
+        return list(self._call("writes", servo_id))
+
+    def poke(self, servo_id: int, address: int, data: bytes) -> None:
+        self._call("poke", servo_id, address, data)
+
+
+class _Bus:
+    """The servos and the pty they answer on, in the child process; a thread serves the wire."""
+
+    def __init__(self, ids: list[int], positions: list[int]) -> None:
         self.servos = {i: Servo(i, p) for i, p in zip(ids, positions, strict=True)}
         self.lock = threading.Lock()
         self.packets = 0
         self.errors: list[str] = []
         self._busy = False
         self.corrupt = False
-        """True: every reply has a wrong checksum (a noisy cable); the SDK reports a corrupt packet."""
         self.dead = False
-        """True: the bus is gone (unplugged adapter, power loss): no packet is handled or answered."""
         self._late: list[bytes] | None = None  # replies held back by ``delay_replies``
         self._lose: dict[int, int] = {}  # register address -> writes to it still to lose (``lose_writes``)
-        self.replies_held = threading.Event()
-        """Set when a reply has been held back (so a test knows a read is waiting on it)."""
+        self._replies_held = threading.Event()  # a reply has been held back: a read waits on it
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)
         self.port = os.ttyname(self._slave)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="feetech-sim", daemon=True)
-
-    def __enter__(self) -> FeetechBusSim:
         self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         self._stop.set()
@@ -202,7 +309,7 @@ class FeetechBusSim:
         the SDK stopped waiting for it (a stalled USB adapter or host), as a real bus can."""
         with self.lock:
             self._late = []
-            self.replies_held.clear()
+            self._replies_held.clear()
 
     def lose_writes(self, address: int, n: int = 1) -> None:
         """The next ``n`` single-servo writes to register ``address`` never reach a servo (a packet
@@ -217,6 +324,24 @@ class FeetechBusSim:
             for reply in late:
                 os.write(self._master, reply)
         return len(late)
+
+    def replies_held(self) -> bool:
+        return self._replies_held.is_set()
+
+    def final(self) -> dict[int, dict[str, Any]]:
+        """Each servo's readings, kept by the parent for a test's checks after ``close``."""
+        return {i: {name: getattr(self, name)(i) for name in ("present", "goal", "actual", "torque", "writes")}
+                for i in self.servos}
+
+    def actual(self, servo_id: int) -> int:
+        self.settle()
+        with self.lock:
+            return self.servos[servo_id].actual
+
+    def poke(self, servo_id: int, address: int, data: bytes) -> None:
+        """Write a servo's registers directly (what another tool left in its EPROM); not logged."""
+        with self.lock:
+            self.servos[servo_id].mem[address : address + len(data)] = data
 
     def present(self, servo_id: int) -> int:
         self.settle()
@@ -281,7 +406,7 @@ class FeetechBusSim:
                     with self.lock:
                         if self._late is not None:
                             self._late.append(reply)
-                            self.replies_held.set()
+                            self._replies_held.set()
                             continue
                         os.write(self._master, reply)
             with self.lock:
@@ -318,3 +443,43 @@ class FeetechBusSim:
             return b""
         self.errors.append(f"unsupported instruction {instr:#x}")
         return b""
+
+
+def _child(fd: int) -> None:
+    """The child process: build the bus on ``start``, then run each call the parent sends until
+    ``close`` or until the parent is gone (its end of the socket closed, e.g. killed)."""
+    conn = Connection(fd)
+    bus: _Bus | None = None
+    while True:
+        try:
+            name, args = conn.recv()
+        except (EOFError, OSError):
+            break
+        try:
+            if name == "start":
+                bus = _Bus(*args)
+                value: Any = bus.port
+            elif bus is None:
+                raise RuntimeError("not started")
+            elif name == "get":
+                value = getattr(bus, args[0])
+            elif name == "set":
+                with bus.lock:
+                    setattr(bus, args[0], args[1])
+                value = None
+            elif name == "close":
+                bus.close()
+                conn.send((True, None))
+                return
+            else:
+                value = getattr(bus, name)(*args)
+        except Exception as e:  # noqa: BLE001 - the parent raises it with the call's name
+            conn.send((False, repr(e)))
+            continue
+        conn.send((True, value))
+    if bus is not None:
+        bus.close()
+
+
+if __name__ == "__main__":
+    _child(int(sys.argv[1]))

@@ -110,9 +110,7 @@ def test_actions_reach_the_motors_in_ticks(follower) -> None:
     np.testing.assert_allclose(applied, a, atol=2e-3)  # what LeRobot sent, read back from its return value
     np.testing.assert_allclose(d.get_observation()["state"], a, atol=2e-3)  # the servos got there
     # the homing offset is the servo's: the shaft of joint 2 sits offset ticks from its goal register
-    goal2 = sim.goal(2)
-    with sim.lock:
-        assert sim.servos[2].actual == goal2 + OFFSETS[2]
+    assert sim.actual(2) == sim.goal(2) + OFFSETS[2]
 
 
 def test_delta_mode_steps_each_target_by_at_most_max_step(tmp_path: Path) -> None:
@@ -192,8 +190,7 @@ def test_uncalibrated_arm_is_refused_with_the_calibration_command(tmp_path: Path
             LeRobotDriver(LeRobotConfig(robot_args={"port": sim.port, "id": "new", "calibration_dir": str(tmp_path)}))
     sim, args = calibrated_so101("follower", tmp_path / "a")
     try:  # the file exists but the motors hold another calibration (e.g. swapped arm)
-        with sim.lock:
-            sim.servos[3].mem[9:11] = (1234).to_bytes(2, "little")
+        sim.poke(3, 9, (1234).to_bytes(2, "little"))  # Min_Position_Limit
         d = LeRobotDriver(LeRobotConfig(robot_args=args))
         with pytest.raises(RuntimeError, match="lerobot-calibrate"):
             d.connect()

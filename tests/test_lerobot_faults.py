@@ -273,7 +273,7 @@ def test_a_reply_that_arrives_after_its_read_timed_out_is_not_the_next_reading(r
         sim.delay_replies()
         with pytest.raises(SensorError):
             d.get_observation()
-        assert sim.replies_held.is_set() and sim.send_late_replies() > 0
+        assert sim.replies_held() and sim.send_late_replies() > 0
         moved = sim.present(6) + 200  # the gripper pushed open: the next reading must show it
         sim.block(6, moved, moved)
         after = d.get_observation()["state"]
