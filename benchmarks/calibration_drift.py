@@ -3,6 +3,7 @@
 
     python benchmarks/calibration_drift.py --robots 0 3 5                 # logs with simulator states
     python benchmarks/calibration_drift.py --robots 0 5 --stateless       # real-arm logs: no `states`
+    python benchmarks/calibration_drift.py --robots 0 1 2 3 4 5 6 7 --fresh 6 --unchanged-only  # false alarms
 
 For each robot: a realtime excitation log (``--episodes`` x ``--steps``, seed 100 + 10 i, as the
 sysid matrix) is fitted with the ``step=sysid`` defaults (``identify``), and the fit saved as the
@@ -12,7 +13,8 @@ the arm sweeps through the cube) of the unchanged robot, and one random excitati
 with each change: kp, damping and armature x(1 + c) for c in ``--changes``, friction ±0.1 and
 ±0.2 N·m where that stays >= 0. ``--stateless`` deletes the MuJoCo ``states`` from every log
 (what a real arm records). Printed: a markdown row per check (exit code, flagged parameters, the
-refit's shift of each parameter). CPU only; run it niced beside other work.
+refit's shift of each parameter), each fit's parameters and convergence, and the false-alarm count
+on the unchanged logs with its one-sided 95 % upper bound. CPU only; run it niced beside other work.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=2.0)
     ap.add_argument("--fresh", type=int, default=2, help="fresh random excitations of the unchanged robot")
     ap.add_argument("--changes", type=float, nargs="*", default=[-0.2, -0.1, 0.1, 0.2])
+    ap.add_argument("--unchanged-only", action="store_true", help="only the unchanged robots' logs (false alarms)")
     ap.add_argument("--stateless", action="store_true")
     ap.add_argument("--global-evals", type=int, default=480, help="sysid's global stage (480: the default)")
     ap.add_argument("--json", default="")
@@ -62,7 +65,8 @@ def main() -> None:
     from qc_robot.calibration.sysid import identify
     from qc_robot.drivers.sim import SimConfig, SimDriver
 
-    rows = []
+    rows: list[dict] = []
+    fits: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         def log(params: dict[str, float], delay: int, name: str, seed: int, push: bool = False) -> str:
             robot = save_calibration(Calibration("hidden", TASK, physics={"params": params, "ranges": {},
@@ -94,11 +98,14 @@ def main() -> None:
                 "sigma": res.sigma, "fit": fit}), Path(tmp) / f"robot{i}.json")
             print(f"robot {i}: fit {res.params} error {res.error_after:.3g} converged {res.converged} "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
+            fits.append({"robot": i, "hidden": hidden, "fit": res.params, "error": res.error_after,
+                         "converged": res.converged, "delay": [delay, res.delay_steps]})
             cases: list[tuple[str, dict[str, float], bool]] = [("unchanged", hidden, False)] * args.fresh
             cases.append(("unchanged, push (contact)", hidden, True))
             for k in ("kp", "damping", "armature"):
-                cases += [(f"{k} {c:+.0%}", {**hidden, k: hidden[k] * (1 + c)}, False) for c in args.changes]
-            for dv in (-0.2, -0.1, 0.1, 0.2):
+                cases += [(f"{k} {c:+.0%}", {**hidden, k: hidden[k] * (1 + c)}, False)
+                          for c in ([] if args.unchanged_only else args.changes)]
+            for dv in () if args.unchanged_only else (-0.2, -0.1, 0.1, 0.2):
                 if hidden["frictionloss"] + dv >= 0:
                     cases.append((f"frictionloss {dv:+.1f} N·m", {**hidden, "frictionloss": hidden["frictionloss"] + dv},
                                   False))
@@ -121,8 +128,42 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     _table(rows)
+    _fits(fits)
+    _false_alarms(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"checks": rows, "fits": fits}, indent=1))
+
+
+def _fits(fits: list[dict]) -> None:
+    print("\n| robot | " + " | ".join(f"{k} (hidden, fit)" for k in KINDS) + " | delay | replay error | converged |")
+    print("|---" * (len(KINDS) + 4) + "|")
+    for f in fits:
+        cells = [f"{f['hidden'][k]:g}, {f['fit'][k]:.4g}" for k in KINDS]
+        print(f"| {f['robot']} | " + " | ".join(cells)
+              + f" | {f['delay'][0]}, {f['delay'][1]} | {f['error']:.2g} | {'yes' if f['converged'] else 'NO'} |")
+
+
+def upper_bound(k: int, n: int, level: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate seen k times in n: the p whose binomial
+    P(X <= k) is 1 - level (bisection; 0 in n gives 1 - (1 - level)^(1/n))."""
+    from math import comb
+
+    def cdf(p: float) -> float:
+        return sum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k + 1))
+
+    lo, hi = k / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) > 1 - level else (lo, mid)
+    return hi
+
+
+def _false_alarms(rows: list[dict]) -> None:
+    unchanged = [r for r in rows if r["case"].startswith("unchanged")]
+    if unchanged:
+        k = sum(r["rc"] != 0 for r in unchanged)
+        print(f"\nunchanged robots: {len(unchanged)} fresh logs, {k} false alarms; one-sided 95 % upper bound "
+              f"on the false-alarm rate: {upper_bound(k, len(unchanged)):.1%}")
 
 
 def _table(rows: list[dict]) -> None:
