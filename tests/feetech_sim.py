@@ -123,18 +123,29 @@ class Servo:
 
 
 STAND_IN_LATENCY_MS = 500
-"""The SDK waits 2 × ``LATENCY_TIMER`` ms (16: a USB adapter's latency) plus the bytes' time for a
-reply. These servos answer from a Python thread, which a loaded machine can stall for longer than
-that; the read would then fail although no test injected a fault. The stand-in gets 500 ms (a
-1 s wait; 200 ms failed reads in CI beside other jobs): a dead bus still fails every read, only later."""
+"""How long the SDK waits for a reply from the stand-in: 2 × this (1 s) plus the bytes' time. A
+real adapter's reply comes within LeRobot's 50 ms; these servos answer from another process, which a
+loaded machine can leave unscheduled for longer than that, and the read would then fail although
+no test injected a fault (CI, beside other jobs). A dead bus still fails every read, only later."""
+
+
+def _patient(port_handler: Any, packet_length: int) -> None:
+    port_handler.packet_start_time = port_handler.getCurrentTime()
+    port_handler.packet_timeout = port_handler.tx_time_per_byte * (packet_length + 3) + 2.0 * STAND_IN_LATENCY_MS
 
 
 def _patient_sdk() -> None:
+    """Give the stand-in ``STAND_IN_LATENCY_MS``: in the SDK's own timeout, and in the one LeRobot
+    puts on each bus it makes (``patch_setPacketTimeout``: 50 ms plus the bytes' time), which
+    replaces the SDK's. Buses made from now on get it; the tests import LeRobot first."""
     try:
         import scservo_sdk.port_handler as ph
     except ImportError:  # the tests that need it skip
         return
     ph.LATENCY_TIMER = max(ph.LATENCY_TIMER, STAND_IN_LATENCY_MS)
+    lerobot_feetech = sys.modules.get("lerobot.motors.feetech.feetech")
+    if lerobot_feetech is not None and hasattr(lerobot_feetech, "patch_setPacketTimeout"):
+        lerobot_feetech.patch_setPacketTimeout = _patient
 
 
 class FeetechBusSim:
