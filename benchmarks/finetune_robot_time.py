@@ -255,16 +255,17 @@ def plot(results: list[ArmResult], offline: tuple[int, int], rates: dict[str, li
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for r in results:
+    for i, r in enumerate(results):
+        color = f"C{i}"  # the same colour for an arm in both panels
         xs = [0.0] + [s.minute for s in r.snaps]
         ks = [offline] + [(s.k, s.n) for s in r.snaps]
         ys = [k / n for k, n in ks]
         cis = [wilson(k, n) for k, n in ks]
         ax.errorbar(xs, ys, yerr=[[y - c[0] for y, c in zip(ys, cis, strict=True)],
                                   [c[1] - y for y, c in zip(ys, cis, strict=True)]],
-                    marker="o", capsize=3, label=f"({r.arm}) {ARMS[r.arm]}")
+                    marker="o", capsize=3, color=color, label=f"({r.arm}) {ARMS[r.arm]}")
         if r.arm in rates:
-            bx.plot([s.minute for s in r.snaps], rates[r.arm], marker="s", label=f"({r.arm})")
+            bx.plot([s.minute for s in r.snaps], rates[r.arm], marker="s", color=color, label=f"({r.arm})")
     ax.axhline(offline[0] / offline[1], color="gray", ls="--", label="(d) offline policy")
     ax.set_ylabel("success (95% Wilson CI)")
     ax.set_ylim(-0.02, 1.02)
