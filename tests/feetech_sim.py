@@ -155,6 +155,8 @@ class FeetechBusSim:
     def __init__(self, ids: list[int], positions: list[int] | None = None) -> None:
         _patient_sdk()  # the SDK runs here, in the test's process
         ours, theirs = socket.socketpair()
+        for end in (ours, theirs):  # blocking whatever socket.setdefaulttimeout says (the xArm SDK sets 1 s)
+            end.setblocking(True)
         self._proc = subprocess.Popen([sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()])
         theirs.close()
         self._conn = Connection(ours.detach())
@@ -459,6 +461,7 @@ class _Bus:
 def _child(fd: int) -> None:
     """The child process: build the bus on ``start``, then run each call the parent sends until
     ``close`` or until the parent is gone (its end of the socket closed, e.g. killed)."""
+    os.set_blocking(fd, True)
     conn = Connection(fd)
     bus: _Bus | None = None
     while True:
