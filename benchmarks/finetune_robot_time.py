@@ -221,6 +221,8 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path, onnx: Path, ckpt: Pat
         print(f"  arm {arm}: {minute:g} robot minutes", flush=True)
     res.wall_s = time.monotonic() - t0
     stop(drive)
+    # drive prints its closing summary on SIGINT; two 30-minute arms left none (docs/results.md §6)
+    print(f"  arm {arm}: drive exited with code {drive.returncode}", flush=True)
     stop(ft, signal.SIGINT, 300)
     stop(server)
     res.drive_log = (d / "drive.log").read_text()
@@ -228,6 +230,7 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path, onnx: Path, ckpt: Pat
         s.updates, s.env_steps, s.episodes = ckpt_counts(s.path, offline_step)
     done.write_text(json.dumps({
         "minutes": args.minutes, "eval_every": args.eval_every, "wall_s": res.wall_s, "cmd": res.cmd,
+        "drive_exit": drive.returncode,
         "snaps": [{"minute": s.minute, "updates": s.updates, "env_steps": s.env_steps, "episodes": s.episodes}
                   for s in res.snaps]}))
     return res
