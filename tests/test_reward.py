@@ -3,6 +3,7 @@ MuJoCo sim, labelled by the session as a person's verdict keys would label them.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -196,3 +197,70 @@ def test_camera_images_train_through_the_image_encoder_and_export(tmp_path):
     with pytest.raises(ValueError, match="'image' is \\[32, 32, 3\\]"):
         det.check_spec([ObsField("state", (28,)), ObsField("image", (32, 32, 3), "uint8")])
     assert set(np.unique(fr.labels)) <= {POSITIVE, NEGATIVE, IGNORED}
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 more episodes on other seeds than ``demos``: what a detector is checked on."""
+    out = tmp_path_factory.mktemp("fresh") / "today.hdf5"
+    cfg = TeleopConfig(driver="sim", env=EnvConfig(name="cube-single-task1"), device="scripted", out=str(out),
+                       realtime=False, time_scale=1000.0, oracle="plan", oracle_noise=0.1,
+                       outcomes=["auto", "failure"] * 6, end_after=40, max_steps=100, operator="tester",
+                       status=False, seed=777)
+    assert run_teleop(cfg) == 0
+    return out
+
+
+def test_check_measures_the_exported_file_as_the_robot_runs_it(trained, fresh, tmp_path, capsys):
+    """``reward check=``: the batched rates equal what the runtime decides frame by frame."""
+    from qc_robot.cli import main
+    from qc_robot.reward.data import load_labelled
+
+    _, path = trained
+    report = tmp_path / "check.json"
+    assert main(["reward", str(fresh), f"check={path}", f"report={report}"]) == 0
+    text = capsys.readouterr().out
+    assert "episodes: precision" in text and "95% upper bound" in text and "not held out" not in text
+    r = json.loads(report.read_text())
+    det = SuccessDetector.load(path)
+    frames = load_labelled([str(fresh)], ["state"], 5, 5)
+    fired = []
+    for e in range(frames.num_episodes):  # the robot's loop: reset, then one update per frame
+        det.reset()
+        fired.append(any([det.update({"state": s}).fired for s in frames.state[frames.episode == e]]))
+    fired_a, ok = np.array(fired), frames.success
+    ep = r["episode"]
+    assert (r["episodes"], r["successes"]) == (12, int(ok.sum()))
+    assert (ep["tp"], ep["fp"], ep["fn"], ep["tn"]) == (
+        int((fired_a & ok).sum()), int((fired_a & ~ok).sum()), int((~fired_a & ok).sum()), int((~fired_a & ~ok).sum()))
+    sweep = {s["threshold"]: s for s in r["episode_sweep"]}
+    assert sweep[0.5]["fp"] == ep["fp"] and sweep[0.5]["tp"] == ep["tp"]  # the stored threshold is 0.5
+    assert all(a["tp"] >= b["tp"] and a["fp"] >= b["fp"]  # a higher threshold never fires more
+               for a, b in itertools.pairwise(r["episode_sweep"]))
+    assert ep["fpr_upper95"] >= ep["fpr"]
+
+
+def test_check_says_when_the_episodes_are_not_held_out(trained, demos, capsys):
+    from qc_robot.cli import main
+
+    _, path = trained
+    assert main(["reward", str(demos), f"check={path}"]) == 0
+    assert "these rates are not held out" in capsys.readouterr().out
+
+
+def test_check_refuses_a_missing_detector_in_one_line(fresh, capsys):
+    from qc_robot.cli import main
+
+    assert main(["reward", str(fresh), "check=/nonexistent/reward.onnx"]) != 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "/nonexistent/reward.onnx not found" in lines[0], lines
+
+
+def test_false_positive_bound_is_clopper_pearson():
+    from qc_robot.reward.check import binomial_upper
+
+    assert binomial_upper(0, 0) is None and binomial_upper(5, 5) == 1.0
+    assert binomial_upper(0, 103) == pytest.approx(1 - 0.05 ** (1 / 103), rel=1e-6)  # closed form at k = 0
+    stats = pytest.importorskip("scipy.stats")
+    for k, n in [(1, 20), (3, 104), (12, 900)]:
+        assert binomial_upper(k, n) == pytest.approx(stats.beta.ppf(0.95, k + 1, n - k), rel=1e-6)

@@ -78,3 +78,9 @@ class RewardConfig:
     """Largest |ONNX − torch| probability difference the export check accepts."""
     progress: bool = True
     """Show a progress bar."""
+    check: str = ""
+    """Train nothing: measure this exported detector on ``paths`` (each episode held out: record
+    them apart from its training files), at its threshold and debounce and over a sweep, with a
+    95% upper bound on the per-episode false-positive rate."""
+    report: str = ""
+    """With ``check``: also write the measured rates as JSON to this path."""

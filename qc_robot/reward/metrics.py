@@ -18,6 +18,10 @@ import numpy as np
 from qc_robot.policies.success_detector import first_fire
 from qc_robot.reward.data import IGNORED, POSITIVE
 
+SWEEP = (0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
+"""Thresholds at which the held-out per-episode rates are also reported (to pick one for a
+target false-positive rate without retraining: ``drive`` can override the file's)."""
+
 
 def rates(pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     """precision, recall, false-positive rate and F1 of boolean predictions (None where a rate

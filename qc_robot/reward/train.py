@@ -25,7 +25,7 @@ from qc_robot.reward.data import (
     read_filter,
     split_episodes,
 )
-from qc_robot.reward.metrics import episode_metrics, frame_metrics, summary_line
+from qc_robot.reward.metrics import SWEEP, episode_metrics, frame_metrics, summary_line
 from qc_robot.reward.model import DetectorNet
 
 
@@ -111,11 +111,6 @@ def fit(cfg: RewardConfig, frames: LabelledFrames, train: np.ndarray) -> tuple[D
     return net.eval(), losses
 
 
-SWEEP = (0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
-"""Thresholds at which the held-out per-episode rates are also reported (to pick one for a
-target false-positive rate without retraining: ``drive`` can override the file's)."""
-
-
 def evaluate(net: DetectorNet, frames: LabelledFrames, episodes: np.ndarray, threshold: float,
              debounce: int, sweep: tuple[float, ...] = ()) -> dict[str, Any]:
     """Per-frame and per-episode metrics of ``net`` on ``episodes`` (and per-episode recall and
@@ -196,7 +191,10 @@ def train_and_export(cfg: RewardConfig) -> tuple[TrainedDetector, Path]:
 
 
 def run_reward(cfg: RewardConfig) -> int:
-    """CLI ``qc-robot reward``: train, measure on held-out episodes, export, write the metrics JSON."""
+    """CLI ``qc-robot reward``: train, measure on held-out episodes, export, write the metrics JSON
+    (with ``check=``: measure an exported detector instead, :mod:`qc_robot.reward.check`)."""
+    if cfg.check:
+        return _run_check(cfg)
     result, path = train_and_export(cfg)
     m, s = result.metrics, result.metrics["split"]
     print(f"success detector for {m['task'] or 'the task'} on {m['obs_keys']}: {s['train_episodes']} training, "
@@ -210,6 +208,18 @@ def run_reward(cfg: RewardConfig) -> int:
     print(f"exported to {path} (onnxruntime matches torch within {m['export']['parity_max_abs']:.2g}); "
           f"metrics in {metrics_path(path)}")
     return 0
+
+
+def _run_check(cfg: RewardConfig) -> int:
+    from qc_robot.cli_errors import UserError
+    from qc_robot.reward.check import run_check
+
+    for p in [cfg.check, *cfg.paths]:
+        if not Path(p).is_file():
+            raise UserError(f"{p} not found (check=DETECTOR.onnx, then HDF5 episode files with verdicts)")
+    if not cfg.paths:
+        raise UserError("check: no episode files to measure it on (qc-robot reward FILE.hdf5 ... check=reward.onnx)")
+    return run_check(cfg.check, list(cfg.paths), cfg.report)
 
 
 def _fmt(v: float | None) -> str:
