@@ -7,6 +7,7 @@ with the control loop of ``qc_robot.drivers.runner`` and prints per-episode and 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -186,7 +187,7 @@ def _run_drive(cfg: DriveConfig) -> int:
                 print("the operator ended the run")
                 break
     except KeyboardInterrupt:
-        print("interrupted")
+        print("interrupted", flush=True)
     finally:
         if operator is not None:
             operator.close()
@@ -240,6 +241,7 @@ def _run_drive(cfg: DriveConfig) -> int:
               f"{s['overrules']} of {s['verdicts']} operator verdicts ({s['overrules_false_positive']} false "
               f"positives, {s['overrules_false_negative']} missed successes); {s['nan_frames']} non-finite frames "
               "gave no reward")
+    sys.stdout.flush()  # the summary reaches a log file even if the process dies in its shutdown
     return 0
 
 

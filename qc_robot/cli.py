@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     from qc_robot.cli_errors import EXIT_USAGE, explain
     from qc_robot.config import MissingKeysError
 
+    if argv is None:  # a process of its own (a robot's drive among them): a hard crash leaves its stack on stderr
+        import faulthandler
+
+        faulthandler.enable()
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings()
     if not argv or argv[0] in ("-h", "--help", "help"):
