@@ -4,7 +4,9 @@ judges during fine-tuning (issue 24: "at or below 2% per episode on held-out epi
 Reads an out-dir of ``finetune_robot_time.py``. For the offline policy and each fine-tuning
 checkpoint named (exported to ONNX), records --episodes fresh episodes on the blind sim through
 ``serve`` (``log_dir``) + ``drive``, each judged by the scripted operator from the sim's hidden
-outcome (no detector: the verdicts are the truth), on seeds no other stage used. Then
+outcome (no detector: the verdicts are the truth), on seeds no other stage used. By default the
+operator only judges (--takeovers 0): a failure is then the policy's own, and there are many to
+count false fires in (with takeovers most episodes of these policies succeed). Then
 ``qc-robot reward FILES check=DETECTOR`` measures each detector on them, per policy and pooled:
 per-episode false-positive rate (fires in failed episodes) with its one-sided 95% upper bound,
 recall, and the same over a sweep of thresholds.
@@ -37,14 +39,15 @@ def record(args: argparse.Namespace, onnx: Path, d: Path, seed: int) -> list[Pat
     try:
         run(["qc-robot", "drive", "driver=sim", f"env={args.task}", f"server=tcp://127.0.0.1:{args.port}",
              f"episodes={args.episodes}", f"seed={seed}", "realtime=false", "blind=true", "operator=scripted",
-             f"operator_args.noise={args.noise:g}", "env.sparse_reward=true"], 7200, d.with_suffix(".drive.log"))
+             f"operator_args.noise={args.noise:g}", f"operator_args.max_takeovers={args.takeovers}",
+             "env.sparse_reward=true"], 7200, d.with_suffix(".drive.log"))
     finally:
         stop(server)
     return sorted(d.glob("*.hdf5"))
 
 
 def check(detector: Path, files: list[Path], report: Path) -> dict:
-    if not report.exists():
+    if not report.exists() or json.loads(report.read_text())["data"] != list(map(str, files)):
         run(["qc-robot", "reward", *map(str, files), f"check={detector}", f"report={report}"], 1800,
             report.with_suffix(".log"))
     return json.loads(report.read_text())
@@ -77,6 +80,7 @@ def main() -> int:
     ap.add_argument("--threshold", type=float, default=0.99, help="the threshold the arms ran the detector at")
     ap.add_argument("--episodes", type=int, default=150, help="episodes per policy")
     ap.add_argument("--seed", type=int, default=900_000, help="first seed (no other stage uses 900000 and up)")
+    ap.add_argument("--takeovers", type=int, default=0, help="the scripted operator's takeovers an episode")
     ap.add_argument("--task", default="cube-single-task1")
     ap.add_argument("--noise", type=float, default=0.3)
     ap.add_argument("--port", type=int, default=5581)
@@ -92,7 +96,7 @@ def main() -> int:
         if not onnx.exists():
             run(["qc-robot", "export", f"checkpoint={ckpt}", f"out={onnx}"], 600, onnx.with_suffix(".export.log"))
         policies.append((f"{ckpt.parent.name}/{ckpt.stem}", onnx))
-    files = {name: record(args, onnx, d / name.replace("/", "_"), args.seed + 10_000 * i)
+    files = {name: record(args, onnx, d / f"{name.replace('/', '_')}_t{args.takeovers}", args.seed + 10_000 * i)
              for i, (name, onnx) in enumerate(policies)}
 
     for det in [out / x for x in args.detectors.split(",") if x]:
@@ -100,8 +104,9 @@ def main() -> int:
         print("| episodes of | episodes | successes | false fires / failed episodes | FPR | 95% upper | recall |")
         print("|---|---|---|---|---|---|---|")
         for name, fs in files.items():
-            print(row(name, check(det, fs, d / f"{det.stem}_{name.replace('/', '_')}.json"), args.threshold))
-        pooled = check(det, [f for fs in files.values() for f in fs], d / f"{det.stem}_pooled.json")
+            print(row(name, check(det, fs, d / f"{det.stem}_{name.replace('/', '_')}_t{args.takeovers}.json"),
+                      args.threshold))
+        pooled = check(det, [f for fs in files.values() for f in fs], d / f"{det.stem}_pooled_t{args.takeovers}.json")
         print(row("all", pooled, args.threshold))
         if pooled["trained_on_these_files"]:
             print(f"(not held out: it trained on {pooled['trained_on_these_files']})")

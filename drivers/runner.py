@@ -326,20 +326,23 @@ def run_episode(driver: SafeDriver, executor: ChunkExecutor | None, episode_id: 
     rows). An operator then has ``review_s`` seconds to overrule it, and may end an episode with a
     'success' the detector missed; both kinds of overrule are counted (``overruled``).
 
-    ``learner_wait``: called after the reset; it holds the robot while the learner is too far
+    ``learner_wait``: called before the reset; it holds the robot while the learner is too far
     behind and returns the seconds it waited (those ticks are no part of the episode).
     """
     t0 = time.monotonic()
     lockstep_pacer = pacer if executor is None and not driver.realtime else None
     ex: ChunkExecutor | _NoPolicy = executor if executor is not None else _NoPolicy()
+    res = EpisodeResult(episode_id, False, 0, 0, 0, 0, 0.0)
+    # before the reset, not after: a robot whose episode clock starts at its reset (the sim's time
+    # limit) would spend the episode holding while it waits, and start it already over
+    waited = learner_wait() if learner_wait is not None else 0.0
     obs = driver.reset(seed)
     ex.reset()
-    res = EpisodeResult(episode_id, False, 0, 0, 0, 0, 0.0)
-    if learner_wait is not None and (waited := learner_wait()) > 0:
+    if waited > 0:
         res.learner_wait_s = waited
         if driver.realtime:
             driver.executed_steps()  # the held ticks are no episode
-        obs = driver.get_observation()
+            obs = driver.get_observation()
     if operator is not None:
         if reset_phase:
             ready = _reset_phase(driver, operator, pacer, reset_wait_s)

@@ -122,3 +122,37 @@ def test_heartbeat_echoes_nobody_waits_for_are_not_kept(rig):
         client.poll(0.001)
     assert client.ping(timeout_s=30.0) is not None  # a ping that waits still gets its round trip
     assert len(client._pong) <= 8
+
+
+def test_a_wait_longer_than_an_episode_leaves_the_next_episode_whole():
+    """The sim's episode clock starts at its reset: a wait after it would hold through the
+    episode's time limit and start it already over (seen in a 30-minute arm: 0-step 'failures')."""
+    import numpy as np
+    from episode_rig import ScriptedActions
+
+    from qc_robot.drivers.registry import make_safe_driver
+    from qc_robot.drivers.runner import run_episode
+    from qc_robot.drivers.sim import SimConfig
+
+    pytest.importorskip("ogbench")
+    limit = 10
+    driver = make_safe_driver("sim", SimConfig(env="cube-single-task1", realtime=True, time_scale=4.0,
+                                               max_episode_steps=limit))
+    period = 1.0 / (driver.spec.control_hz * 4.0)
+    waits: list[float] = []
+
+    def learner_wait() -> float:  # a learner behind for three episodes' worth of robot time
+        threading.Event().wait(3 * limit * period)
+        waits.append(3 * limit * period)
+        return waits[-1]
+
+    try:
+        zero = np.zeros(driver.spec.action_dim, np.float32)
+        res = run_episode(driver, ScriptedActions(lambda step: zero), 0, 0,  # type: ignore[arg-type]
+                          learner_wait=learner_wait, stall_timeout_s=30.0)
+    finally:
+        driver.close()
+    assert waits and res.learner_wait_s == waits[0]
+    # the robot ran the whole episode (a wait after the reset left it 0 steps); the loop's own tick
+    # count may fall short of the robot's under load, which is why rows are not compared exactly
+    assert res.robot_steps == limit and res.rows >= 1, res
