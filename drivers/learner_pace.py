@@ -57,6 +57,8 @@ class LearnerPace:
                 log.warning("the learner owes %d updates (limit %d): the robot waits at its reset", behind,
                             self.limit)
                 said = True
+                if self.driver.end_reason is None:  # a latched stop stays latched until the reset
+                    self.driver.rearm()  # a hold we chose: not the watchdog's missing-action trip
             if self.max_s > 0 and time.monotonic() - t0 >= self.max_s:
                 self.gave_up += 1
                 log.warning("waited %.0f s for the learner (still %d updates behind): going on", self.max_s, behind)

@@ -156,3 +156,35 @@ def test_a_wait_longer_than_an_episode_leaves_the_next_episode_whole():
     # the robot ran the whole episode (a wait after the reset left it 0 steps); the loop's own tick
     # count may fall short of the robot's under load, which is why rows are not compared exactly
     assert res.robot_steps == limit and res.rows >= 1, res
+
+
+def test_holding_for_the_learner_trips_no_watchdog(rig):
+    """The wait comes right after an episode whose actions armed the watchdog: holding on purpose
+    for longer than ``watchdog_s`` is no missing action (seen as one trip per wait in an arm)."""
+    import numpy as np
+
+    from qc_robot.drivers.registry import make_safe_driver
+    from qc_robot.drivers.sim import SimConfig
+
+    pytest.importorskip("ogbench")
+    srv, link, client, _ = rig
+    sim = make_safe_driver("sim", SimConfig(env="cube-single-task1", realtime=True))
+    learner = _learner(link, 500)
+    period = 0.05
+    words: list[int] = []
+
+    def on_word(behind: int) -> None:  # pay the backlog after 2 x watchdog_s of held periods
+        words.append(behind)
+        if len(words) * period > 2 * sim.cfg.watchdog_s:
+            learner.behind = 0
+
+    try:
+        sim.reset(0)
+        sim.act(np.zeros(sim.spec.action_dim, np.float32))  # the last episode's action: the watchdog is armed
+        pace = LearnerPace(client, sim, limit=100, max_s=0.0, period_s=period, on_word=on_word)
+        assert pace() > sim.cfg.watchdog_s
+        assert sim.stats.trips == 0 and sim.end_reason is None and sim.stats.held >= len(words) - 1
+    finally:
+        learner.behind = 0
+        learner.close()
+        sim.close()
