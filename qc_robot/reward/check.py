@@ -14,8 +14,7 @@ import numpy as np
 
 from qc_robot.policies.success_detector import OUTPUT, SuccessDetector
 from qc_robot.reward.data import load_labelled
-from qc_robot.reward.metrics import episode_metrics, frame_metrics, summary_line
-from qc_robot.reward.train import SWEEP
+from qc_robot.reward.metrics import SWEEP, episode_metrics, frame_metrics, summary_line
 
 CHECK_SWEEP = (*SWEEP, 0.995, 0.999)
 """Training's sweep, finer at the top, where a threshold for a low false-positive target lies."""
