@@ -91,7 +91,7 @@ def choice_agreement_lines(states: int, device: str) -> list[str]:
     """How often bf16 Euler + fp32 ranking keeps the all-fp32 best-of-N choice (reference size)."""
     hidden, n, steps = [512] * 4, 32, 10
     flow = trained_like_flow(OBS_DIM, 5 * ACT_DIM, hidden, updates=300, batch=256)
-    fast = FastFlow(flow, torch.bfloat16, fused_linear_available(torch.device(device)))
+    fast = FastFlow(flow, torch.bfloat16, fused_linear_available(torch.device(device), torch.bfloat16))
     fast.refresh()
     g = torch.Generator().manual_seed(2)
     obs = torch.randn(states, OBS_DIM, generator=g)

@@ -35,7 +35,7 @@ def two_threads() -> Iterator[None]:
 @torch.no_grad()
 def test_bf16_euler_with_fp32_ranking_matches_the_fp32_choice() -> None:
     flow = trained_like_flow(OD, D, HIDDEN, updates=40)
-    fast = FastFlow(flow, torch.bfloat16, fused_linear_available(torch.device("cpu")))
+    fast = FastFlow(flow, torch.bfloat16, fused_linear_available(torch.device("cpu"), torch.bfloat16))
     fast.refresh()
     g = torch.Generator().manual_seed(2)
     obs = torch.randn(B, OD, generator=g)

@@ -203,10 +203,9 @@ class QCAgent(nn.Module):
         self._fast_flow: FastFlow | None = None
         self._fast_critic: FastCritic | None = None
         if cfg.fast_sampling and cfg.fourier_time_dims == 0:
-            fused = fused_linear_available(self.device)
-            self._fast_flow = FastFlow(self.flow, dtype, fused)
-            if cfg.actor_type == "best_of_n":
-                self._fast_critic = FastCritic(self.critic, fused)
+            self._fast_flow = FastFlow(self.flow, dtype, fused_linear_available(self.device, dtype))
+            if cfg.actor_type == "best_of_n":  # the critic ranks in fp32
+                self._fast_critic = FastCritic(self.critic, fused_linear_available(self.device))
             self._lp = []
             self._sampling = {"flow": self.flow, "critic": self.critic}
 

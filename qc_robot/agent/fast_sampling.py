@@ -33,13 +33,15 @@ from qc_robot.agent.networks import (
 )
 
 
-def fused_linear_available(device: torch.device) -> bool:
-    """oneDNN's fused linear (+GELU) exists and runs here (CPU builds with mkldnn)."""
+def fused_linear_available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's fused linear (+GELU) exists and runs here in ``dtype`` (CPU builds with mkldnn;
+    bf16 only on CPUs oneDNN has a bf16 kernel for: an AVX2-only CPU has none)."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     try:
-        x = torch.ones(2, 3)
-        torch.ops.mkldnn._linear_pointwise(x, torch.ones(4, 3), torch.zeros(4), "gelu", [], "none")
+        x = torch.ones(2, 3, dtype=dtype)
+        torch.ops.mkldnn._linear_pointwise(x, torch.ones(4, 3, dtype=dtype), torch.zeros(4, dtype=dtype), "gelu", [],
+                                           "none")
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
     return True
