@@ -143,27 +143,14 @@ def _fits(fits: list[dict]) -> None:
               + f" | {f['delay'][0]}, {f['delay'][1]} | {f['error']:.2g} | {'yes' if f['converged'] else 'NO'} |")
 
 
-def upper_bound(k: int, n: int, level: float = 0.95) -> float:
-    """One-sided Clopper-Pearson upper bound on a rate seen k times in n: the p whose binomial
-    P(X <= k) is 1 - level (bisection; 0 in n gives 1 - (1 - level)^(1/n))."""
-    from math import comb
-
-    def cdf(p: float) -> float:
-        return sum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k + 1))
-
-    lo, hi = k / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) > 1 - level else (lo, mid)
-    return hi
-
-
 def _false_alarms(rows: list[dict]) -> None:
+    from qc_robot.reward.check import binomial_upper  # one-sided Clopper-Pearson
+
     unchanged = [r for r in rows if r["case"].startswith("unchanged")]
     if unchanged:
         k = sum(r["rc"] != 0 for r in unchanged)
         print(f"\nunchanged robots: {len(unchanged)} fresh logs, {k} false alarms; one-sided 95 % upper bound "
-              f"on the false-alarm rate: {upper_bound(k, len(unchanged)):.1%}")
+              f"on the false-alarm rate: {binomial_upper(k, len(unchanged)):.1%}")
 
 
 def _table(rows: list[dict]) -> None:
