@@ -350,16 +350,25 @@ class SuccessDetector:
             arr = arr.astype(np.float32, copy=False).reshape(-1)
             finite = finite and bool(np.all(np.isfinite(arr)))
             parts.append(arr)
-        feed: dict[str, np.ndarray] = {"observation": np.concatenate(parts)[None]}  # (1, O)
+        images: dict[str, np.ndarray] = {}
         for f in self.meta.image_fields:
             img = np.asarray(obs[f.key]) if f.key in obs else None
             if img is None or img.dtype != np.uint8 or img.shape != f.shape:
                 got = "missing" if img is None else f"{img.dtype} {img.shape}"
                 raise ValueError(f"image {f.key!r} is {got}, the detector reads uint8 {f.shape}")
-            feed[f.key] = np.ascontiguousarray(img)[None]
+            images[f.key] = img[None]
         if not finite:
             return float("nan")
-        return float(self.session.run([OUTPUT], feed)[0].reshape(-1)[0])
+        return float(self.probabilities(np.concatenate(parts)[None], images)[0])
+
+    def probabilities(self, state: np.ndarray, images: Mapping[str, np.ndarray]) -> np.ndarray:
+        """P(success) of a batch, unchecked: ``state`` (B, O) the flat fields in spec order,
+        ``images`` key → (B, H, W, C) uint8. NaN where the output is not finite (a row whose
+        input is not finite is the caller's to mark)."""
+        feed = {"observation": np.ascontiguousarray(state, np.float32),
+                **{f.key: np.ascontiguousarray(images[f.key]) for f in self.meta.image_fields}}
+        out = np.asarray(self.session.run([OUTPUT], feed)[0], np.float32).reshape(-1)
+        return np.where(np.isfinite(out), out, np.float32(np.nan))
 
     def update(self, obs: Mapping[str, Any]) -> Decision:
         """Score one frame and advance the debounce; the episode's decision is ``fired``."""

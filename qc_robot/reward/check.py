@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from qc_robot.policies.success_detector import OUTPUT, SuccessDetector
+from qc_robot.policies.success_detector import SuccessDetector
 from qc_robot.reward.data import load_labelled
 from qc_robot.reward.metrics import SWEEP, episode_metrics, frame_metrics, summary_line
 
@@ -46,14 +46,9 @@ def detector_probabilities(det: SuccessDetector, state: np.ndarray, images: dict
                            batch: int = 4096) -> np.ndarray:
     """P(success) of each frame through the exported graph, in batches; NaN where a frame's input
     or output is not finite (the runtime gives such a frame no reward)."""
-    out = np.full(len(state), np.nan, np.float32)
-    for lo in range(0, len(state), batch):
-        sl = slice(lo, lo + batch)
-        feed = {"observation": np.ascontiguousarray(state[sl], np.float32),
-                **{f.key: np.ascontiguousarray(images[f.key][sl]) for f in det.meta.image_fields}}
-        out[sl] = det.session.run([OUTPUT], feed)[0].reshape(-1)
+    out = np.concatenate([det.probabilities(state[lo:lo + batch], {k: v[lo:lo + batch] for k, v in images.items()})
+                          for lo in range(0, len(state), batch)]) if len(state) else np.zeros(0, np.float32)
     out[~np.isfinite(state).all(axis=1)] = np.nan
-    out[~np.isfinite(out)] = np.nan
     return out
 
 
