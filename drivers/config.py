@@ -112,6 +112,10 @@ class DriveConfig:
     nothing without a learner or with one that keeps up; the time waited is reported."""
     learner_wait_max_s: float = 600.0
     """Longest wait at one reset (0: no cap); then the episode starts anyway (counted)."""
+    reward_reload: bool = False
+    """Watch ``reward_model``: a new file there (``qc-robot reward`` retrained on the operator's
+    overrules, same ``out=``) is loaded at the next episode's start; one that does not load or
+    does not fit the robot is reported and the previous detector stays (``drivers/detector_reload.py``)."""
     reward_threshold: float = -1.0
     """The detector's probability threshold (< 0: the one exported with it)."""
     reward_debounce: int = 0

@@ -77,6 +77,7 @@ def _run_drive(cfg: DriveConfig) -> int:
             if cfg.calibration else None
         operator = _operator(cfg, driver)
         detector = _detector(cfg, driver)
+        reload = _reload(cfg, driver) if detector is not None and cfg.reward_reload else None
     except (ValueError, RuntimeError) as e:  # CalibrationError is a ValueError; a missing device extra
         print(f"drive: {e}")
         return 2
@@ -174,6 +175,8 @@ def _run_drive(cfg: DriveConfig) -> int:
                             view.episode(i) if view is not None else None)
             if outbox is not None:
                 outbox.begin_episode(first_episode + i)
+            if reload is not None and detector is not None:
+                detector = reload.refresh(detector, first_episode + i)
             r = run_episode(driver, executor, first_episode + i, cfg.seed + i, pacer, client, cfg.send_transitions,
                             on_rows=on_rows, pace=pace, max_steps=cfg.max_steps, operator=operator, stage=stage,
                             verdict_rewards=verdict_rewards, reset_wait_s=cfg.reset_wait_s, detector=detector,
@@ -240,7 +243,8 @@ def _run_drive(cfg: DriveConfig) -> int:
         print(f"reward model: fired in {sum(r.detector_fired for r in results)}/{len(results)} episodes; overruled "
               f"{s['overrules']} of {s['verdicts']} operator verdicts ({s['overrules_false_positive']} false "
               f"positives, {s['overrules_false_negative']} missed successes); {s['nan_frames']} non-finite frames "
-              "gave no reward")
+              "gave no reward" + (f"; reloaded {reload.reloads} time(s), {reload.refused} changed file(s) refused"
+                                  if reload is not None else ""))
     sys.stdout.flush()  # the summary reaches a log file even if the process dies in its shutdown
     return 0
 
@@ -293,6 +297,8 @@ def _detector(cfg: DriveConfig, driver: SafeDriver) -> Any:
     if not cfg.reward_model:
         if cfg.reward == "detector":
             raise ValueError("reward=detector needs reward_model=PATH (a detector exported by qc-robot reward)")
+        if cfg.reward_reload:
+            raise ValueError("reward_reload watches reward_model=PATH: give one")
         return None
     if cfg.reward not in ("auto", "detector"):
         raise ValueError(f"reward_model gives the rewards: it cannot be combined with reward={cfg.reward}")
@@ -301,14 +307,27 @@ def _detector(cfg: DriveConfig, driver: SafeDriver) -> Any:
                          "and the detector is not what decides)")
     from pathlib import Path
 
-    from qc_robot.policies.success_detector import SuccessDetector
-
     if not Path(cfg.reward_model).is_file():
         raise ValueError(f"reward_model: no file {cfg.reward_model} (export one with qc-robot reward)")
-    det = SuccessDetector.load(cfg.reward_model, threshold=cfg.reward_threshold if cfg.reward_threshold >= 0 else None,
-                               debounce=cfg.reward_debounce or None)
+    det = _load_detector(cfg, cfg.reward_model)
     det.check_spec(driver.spec.obs_fields)
     return det
+
+
+def _load_detector(cfg: DriveConfig, path: str) -> Any:
+    from qc_robot.policies.success_detector import SuccessDetector
+
+    return SuccessDetector.load(path, threshold=cfg.reward_threshold if cfg.reward_threshold >= 0 else None,
+                                debounce=cfg.reward_debounce or None)
+
+
+def _reload(cfg: DriveConfig, driver: SafeDriver) -> Any:
+    """``reward_reload``: a re-exported ``reward_model`` is swapped in at the next episode."""
+    from functools import partial
+
+    from qc_robot.drivers.detector_reload import DetectorReload
+
+    return DetectorReload(cfg.reward_model, partial(_load_detector, cfg), driver.spec.obs_fields)
 
 
 def _client_curve(cfg: DriveConfig) -> Any:

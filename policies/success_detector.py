@@ -298,6 +298,13 @@ class SuccessDetector:
         """Load an exported detector (:class:`MetadataError` for a file that is not one)."""
         return cls(path, threshold=threshold, debounce=debounce, providers=providers, threads=threads)
 
+    def carry_counts(self, previous: SuccessDetector) -> None:
+        """Go on counting where ``previous`` left off (a re-exported detector swapped in between
+        episodes: the run's fires, verdicts, overrules and non-finite frames stay whole)."""
+        self.frames, self.episodes, self.fires = previous.frames, previous.episodes, previous.fires
+        self.verdicts, self.nan_frames = previous.verdicts, previous.nan_frames
+        self.overrules = list(previous.overrules)
+
     # -- start of a run -----------------------------------------------------------------------
     def check_spec(self, obs_fields: Iterable[ObsField]) -> None:
         """Refuse a robot whose observations do not carry what the detector reads: ValueError
