@@ -129,7 +129,8 @@ def judge(args: argparse.Namespace, out: Path, onnx: Path, rnd: int, detector: P
                f"episodes={args.judged * (rnd + 1)}", f"seed={50_000 + 10_000 * rnd}", "realtime=false", "blind=true",
                "operator=scripted", f"operator_args.noise={args.noise:g}", "env.sparse_reward=true"]
         if detector is not None:
-            cmd += [f"reward_model={detector}", "operator_args.verdicts=false", "review_s=0.2"]
+            cmd += [f"reward_model={detector}", "operator_args.verdicts=false", "review_s=0.2",
+                    f"operator_args.missed_after={args.missed_after}"]
         try:
             run(cmd, 3600, out / f"drive_judged{rnd}.log")
         finally:
@@ -185,7 +186,7 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path, onnx: Path, ckpt: Pat
     d.mkdir(parents=True)
     drv, lrn = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
     serve_cmd = ["qc-robot", "serve", "--policy", str(onnx), f"bind={drv}", f"learner_bind={lrn}",
-                 f"journal_dir={d / 'journal'}", "threads=1", "providers=cpu"]
+                 f"journal_dir={d / 'journal'}", f"log_dir={d / 'served'}", "threads=1", "providers=cpu"]
     ft_cmd = ["qc-robot", "finetune", f"checkpoint={ckpt}", f"server={lrn}", f"run_dir={d / 'ft'}",
               f"utd={args.utd}", f"push_every={args.push_every}", f"save_every={args.save_every}", "threads=1",
               "replay_capacity=100000", "log_interval=250", f"seed={args.seed}"]
@@ -195,7 +196,8 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path, onnx: Path, ckpt: Pat
     if arm in ("a", "b", "a_fp"):
         drive_cmd += ["blind=true", f"reward_model={out / 'reward.onnx'}"]
     if arm in ("a", "a_fp"):
-        drive_cmd += ["operator=scripted", "operator_args.verdicts=false", f"operator_args.noise={args.noise:g}"]
+        drive_cmd += ["operator=scripted", "operator_args.verdicts=false", f"operator_args.noise={args.noise:g}",
+                      f"operator_args.missed_after={args.missed_after}"]
     if arm == "a_fp":
         drive_cmd += [f"reward_threshold={args.fp_threshold:g}"]
     elif arm in ("a", "b") and args.detector_threshold > 0:
@@ -309,6 +311,9 @@ def main() -> int:
     ap.add_argument("--fp-target", type=float, default=0.0,
                     help="arms a, b: the lowest detector threshold whose held-out per-episode false-positive rate "
                          "is at most this (-1: the threshold stored in the detector)")
+    ap.add_argument("--missed-after", type=int, default=0,
+                    help="the scripted operator presses success on a success the detector missed for this many "
+                         "ticks (0: never, the runs in docs/results.md)")
     ap.add_argument("--utd", type=int, default=1)
     ap.add_argument("--push-every", type=int, default=50)
     ap.add_argument("--save-every", type=int, default=100)

@@ -224,3 +224,42 @@ def test_the_scripted_operator_reviews_fires_against_the_hidden_truth(tmp_path):
         srv.stop()
     assert r.detector_fired and r.rows == 3  # debounce 3 on a detector that always says yes
     assert not truth and r.verdict == "failure" and r.overruled == "false_positive"
+
+
+@pytest.mark.parametrize("missed_after", [0, 5])
+def test_the_scripted_operator_presses_success_on_one_the_detector_missed(tmp_path, missed_after):
+    """A never-firing detector on the blind sim, the oracle in control throughout: with
+    ``missed_after`` the scripted operator overrules the missed success once it has held that many
+    ticks; without it the episode runs on, and ends a failure on the detector's word."""
+    from qc_robot.server.serve import load_policy
+    from qc_robot.teleop.operator import OperatorConfig
+    from qc_robot.teleop.supervisor import ScriptedSupervisor
+
+    srv = ControlServer(load_policy("default"), "tcp://127.0.0.1:*").start()
+    try:
+        cfg = compose("drive", [f"server={srv.address}", "env=cube-single-task1", "driver=sim", "realtime=false",
+                                "blind=true"])
+        driver = build_driver(cfg)
+        f = driver.spec.obs_fields[0]
+        det = SuccessDetector.load(_export(tmp_path / "never.onnx", [0.0] * f.shape[0], -10.0, key=f.key,
+                                           dim=f.shape[0]))
+        sup = ScriptedSupervisor.for_driver(driver, OperatorConfig(
+            verdicts=False, missed_after=missed_after, patience=1, takeover_steps=400, max_takeovers=1, noise=0.0))
+        driver.connect()
+        client = PolicyClient(srv.address, driver.spec.hello("sim"), outbox=None)
+        ex = ChunkExecutor(client, client.connect(10.0).chunk_len, "open_loop", wait_when_empty=True)
+        held: list[bool] = []
+        r = run_episode(driver, ex, 0, 3, None, client, operator=Operator(sup), stage=EpisodeStage(),
+                        verdict_rewards=True, detector=det, review_s=600.0,
+                        on_rows=lambda rows: held.extend(driver.driver.hidden_info().success for _ in rows))
+        client.close()
+        driver.close()
+    finally:
+        srv.stop()
+    assert not r.detector_fired
+    assert any(held), "the oracle never reached the goal: nothing to miss"
+    if missed_after:
+        assert r.verdict == "success" and r.success and r.overruled == "false_negative"
+        assert det.summary()["overrules_false_negative"] == 1
+    else:
+        assert not r.success and r.verdict == "failure" and not r.overruled

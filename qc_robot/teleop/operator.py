@@ -65,6 +65,10 @@ class OperatorConfig:
     """scripted: press 'success' as soon as the sim's hidden success holds. false: leave the
     episodes' outcome to ``drive reward_model=`` (it still takes over, and reviews each of the
     detector's fires against the truth, overruling a false one)."""
+    missed_after: int = 0
+    """scripted, with ``verdicts=false``: press 'success' once the hidden success has held this
+    many ticks without the detector firing, overruling a missed success as a person watching the
+    arm does (20: a second at 20 Hz); 0: never (the detector's misses stay failures)."""
     seed: int = 0
     """scripted: seed of its takeover draws and the oracle's noise."""
 

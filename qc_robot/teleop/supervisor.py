@@ -7,7 +7,8 @@ no hardware and no human:
   driver with ``blind=true`` withholds reward and success from the loop, as a real arm does, and
   exposes them only through ``SimDriver.hidden_info``, which this operator alone reads); with
   ``verdicts=false`` the success detector (``drive reward_model=``) decides instead, and this
-  operator only reviews its fires against the truth (overruling the false ones);
+  operator reviews its fires against the truth (overruling the false ones) and, with
+  ``missed_after``, presses "success" on a success the detector has not fired on in that many ticks;
 * **takeovers**: when the policy makes no progress for ``patience`` steps (the target cube and
   the gripper no closer to where they must go, by ``progress_eps``) it takes over with OGBench's
   cube oracle for ``takeover_steps`` steps, at most ``max_takeovers`` times an episode, each with
@@ -46,6 +47,7 @@ class ScriptedSupervisor(TeleopDevice):
         self._left = 0
         self._takeovers = 0
         self._reviewing = False
+        self._success_ticks = 0
 
     @classmethod
     def for_driver(cls, driver: Any, cfg: OperatorConfig) -> ScriptedSupervisor:
@@ -60,7 +62,10 @@ class ScriptedSupervisor(TeleopDevice):
 
     def help(self) -> str:
         c = self.cfg
-        return (f"scripted operator: verdicts from the sim's hidden success; takes over with the {c.oracle} "
+        judges = ("verdicts from the sim's hidden success" if c.verdicts else
+                  "reviews the detector's fires against the sim's hidden success"
+                  + (f", presses success on one it missed for {c.missed_after} ticks" if c.missed_after > 0 else ""))
+        return (f"scripted operator: {judges}; takes over with the {c.oracle} "
                 f"oracle after {c.patience} steps without progress ({c.takeover_steps} steps, at most "
                 f"{c.max_takeovers} an episode, rate {c.rate:g}); ready after {c.ready_after} reset ticks")
 
@@ -68,6 +73,7 @@ class ScriptedSupervisor(TeleopDevice):
         self.oracle.episode_started(obs)
         self._in_episode = True
         self._best, self._since, self._left, self._takeovers = np.inf, 0, 0, 0
+        self._success_ticks = 0
 
     def episode_ended(self) -> None:
         self.oracle.episode_ended()
@@ -94,7 +100,9 @@ class ScriptedSupervisor(TeleopDevice):
             return TeleopCommand(None, [Event.START] if self._reset_ticks > self.cfg.ready_after else [])
         if self._reviewing:  # the detector ended the episode: confirm it, or overrule a false fire
             return TeleopCommand(None, [Event.SUCCESS if self.sim.hidden_info().success else Event.FAILURE])
-        if self.cfg.verdicts and self.sim.hidden_info().success:
+        success = self.sim.hidden_info().success
+        self._success_ticks = self._success_ticks + 1 if success else 0
+        if success and (self.cfg.verdicts or 0 < self.cfg.missed_after <= self._success_ticks):
             return TeleopCommand(None, [Event.SUCCESS], takeover=False)
         pot = self._potential()
         if pot < self._best - self.cfg.progress_eps:
