@@ -26,6 +26,10 @@ Stages (each kept in --out-dir and reused when its output exists):
    - ``c``: the sim's true sparse reward, no operator (the upper bound);
    - ``a_fp``: arm a with the detector's threshold at --fp-threshold (pick it from the held-out
      sweep the detector prints to give about 10% false positives per episode);
+   - ``a_reload``: arm a with ``reward_reload=true``: every --eval-every minutes the detector is
+     retrained (niced) on the pipeline's files plus the episodes the arm's server logged so far
+     (``a_reload/served``, the operator's overrules included) and exported over the file ``drive``
+     watches (``a_reload/reward_live.onnx``); ``drive`` swaps it in at its next episode;
    - ``d`` is the offline policy: every arm's minute-0 point.
 5. Each copied checkpoint is evaluated with ``qc-robot eval`` on --eval-episodes fresh episodes
    (the same seeds for every point), after the arms ran (evaluation never competes with a live
@@ -62,6 +66,7 @@ ARMS = {
     "b": "detector reward, no operator",
     "c": "the sim's true reward (upper bound)",
     "a_fp": "arm a, detector threshold lowered",
+    "a_reload": "arm a, detector retrained as it runs",
 }
 
 
@@ -172,7 +177,7 @@ def ckpt_counts(path: Path, offline_step: int) -> tuple[int, int, int]:
 
 
 def run_arm(arm: str, args: argparse.Namespace, out: Path, onnx: Path, ckpt: Path, offline_step: int,
-            port: int) -> ArmResult:
+            port: int, files: list[Path]) -> ArmResult:
     d = out / arm
     done = d / "arm.json"
     if done.exists():  # ran before with these settings: reuse its snapshots (evaluated afresh)
@@ -193,14 +198,18 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path, onnx: Path, ckpt: Pat
     drive_cmd = ["qc-robot", "drive", "driver=sim", f"env={args.task}", f"server={drv}", "episodes=100000",
                  f"seed={args.drive_seed}", "env.sparse_reward=true", "realtime=true", f"outbox_dir={d / 'outbox'}",
                  f"learner_wait={args.learner_wait}"]
-    if arm in ("a", "b", "a_fp"):
+    live = d / "reward_live.onnx"  # a_reload: the file drive watches, retrained as the arm runs
+    if arm == "a_reload":
+        shutil.copy(out / "reward.onnx", live)
+        drive_cmd += ["blind=true", f"reward_model={live}", "reward_reload=true"]
+    elif arm in ("a", "b", "a_fp"):
         drive_cmd += ["blind=true", f"reward_model={out / 'reward.onnx'}"]
-    if arm in ("a", "a_fp"):
+    if arm in ("a", "a_fp", "a_reload"):
         drive_cmd += ["operator=scripted", "operator_args.verdicts=false", f"operator_args.noise={args.noise:g}",
                       f"operator_args.missed_after={args.missed_after}"]
     if arm == "a_fp":
         drive_cmd += [f"reward_threshold={args.fp_threshold:g}"]
-    elif arm in ("a", "b") and args.detector_threshold > 0:
+    elif arm in ("a", "b", "a_reload") and args.detector_threshold > 0:
         drive_cmd += [f"reward_threshold={args.detector_threshold:g}"]
     server = background(serve_cmd, d / "serve.log")
     time.sleep(3)
@@ -221,6 +230,15 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path, onnx: Path, ckpt: Pat
             shutil.copy(src, snap)
             res.snaps.append(Snapshot(minute, snap))
         print(f"  arm {arm}: {minute:g} robot minutes", flush=True)
+        served = sorted((d / "served").glob("*.hdf5"))  # complete versions: the logger commits by os.replace
+        if arm == "a_reload" and minute < args.minutes and served:
+            try:
+                run(["nice", "-n", "10", "qc-robot", "reward", *map(str, files + served), f"out={live}",
+                     f"positive_frames={args.positive_frames}", f"gap_frames={args.gap_frames}", "progress=false"],
+                    3600, d / f"reward_live_{minute:g}min.log")
+                shutil.copy(live, d / f"reward_live_{minute:g}min.onnx")
+            except RuntimeError as e:  # the robot keeps its detector; the arm goes on
+                print(f"  arm {arm}: retraining the detector failed: {str(e).splitlines()[0]}", flush=True)
     res.wall_s = time.monotonic() - t0
     stop(drive)
     # drive prints its closing summary on SIGINT; two 30-minute arms left none (docs/results.md §6)
@@ -364,13 +382,13 @@ def main() -> int:
               and r["fpr"] <= args.fp_target]
         args.detector_threshold = min(ok) if ok else max(r["threshold"] for r in det["valid"]["episode_sweep"])
 
-    results = [run_arm(a, args, out, onnx, ckpt, offline_step, args.port + 2 * i) for i, a in enumerate(arms)]
+    results = [run_arm(a, args, out, onnx, ckpt, offline_step, args.port + 2 * i, files) for i, a in enumerate(arms)]
     offline = cached_eval(out / "eval_offline.json", ckpt, args)
     for r in results:
         for s in r.snaps:
             s.k, s.n = cached_eval(out / r.arm / f"eval_{s.minute:g}.json", s.path, args)
     rates = {r.arm: intervention_rates(out / r.arm / "ft" / "episodes.csv", r.snaps) for r in results
-             if r.arm in ("a", "a_fp")}
+             if r.arm in ("a", "a_fp", "a_reload")}
     plot(results, offline, rates, Path(args.png))
 
     n_demo_ok, n_demo = labels(demos)

@@ -100,10 +100,11 @@ class ScriptedSupervisor(TeleopDevice):
             return TeleopCommand(None, [Event.START] if self._reset_ticks > self.cfg.ready_after else [])
         if self._reviewing:  # the detector ended the episode: confirm it, or overrule a false fire
             return TeleopCommand(None, [Event.SUCCESS if self.sim.hidden_info().success else Event.FAILURE])
-        success = self.sim.hidden_info().success
-        self._success_ticks = self._success_ticks + 1 if success else 0
-        if success and (self.cfg.verdicts or 0 < self.cfg.missed_after <= self._success_ticks):
-            return TeleopCommand(None, [Event.SUCCESS], takeover=False)
+        if self.cfg.verdicts or self.cfg.missed_after > 0:
+            success = self.sim.hidden_info().success
+            self._success_ticks = self._success_ticks + 1 if success else 0
+            if success and (self.cfg.verdicts or self._success_ticks >= self.cfg.missed_after):
+                return TeleopCommand(None, [Event.SUCCESS], takeover=False)
         pot = self._potential()
         if pot < self._best - self.cfg.progress_eps:
             self._best, self._since = pot, 0
