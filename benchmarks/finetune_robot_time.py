@@ -230,8 +230,9 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path, onnx: Path, ckpt: Pat
             shutil.copy(src, snap)
             res.snaps.append(Snapshot(minute, snap))
         print(f"  arm {arm}: {minute:g} robot minutes", flush=True)
-        served = sorted((d / "served").glob("*.hdf5"))  # complete versions: the logger commits by os.replace
-        if arm == "a_reload" and minute < args.minutes and served:
+        # complete versions: the logger commits by os.replace
+        served = sorted((d / "served").glob("*.hdf5")) if arm == "a_reload" else []
+        if served and minute < args.minutes:
             try:
                 run(["nice", "-n", "10", "qc-robot", "reward", *map(str, files + served), f"out={live}",
                      f"positive_frames={args.positive_frames}", f"gap_frames={args.gap_frames}", "progress=false"],
