@@ -9,7 +9,9 @@ operator only judges (--takeovers 0): a failure is then the policy's own, and th
 count false fires in (with takeovers most episodes of these policies succeed). Then
 ``qc-robot reward FILES check=DETECTOR`` measures each detector on them, per policy and pooled:
 per-episode false-positive rate (fires in failed episodes) with its one-sided 95% upper bound,
-recall, and the same over a sweep of thresholds.
+early fires (successes it fires on before they happen: on the robot these end the episode as a
+false success too), the two together per episode (what an operator reviewing fires sees), recall,
+and the same over a sweep of thresholds.
 
     OMP_NUM_THREADS=1 python benchmarks/detector_check.py --out-dir runs/robot_time \\
         --checkpoints a/ckpt_10min.pt,a/ckpt_20min.pt --episodes 150 --detectors reward.onnx
@@ -68,7 +70,8 @@ def pct(v: float | None) -> str:
 def row(name: str, r: dict, threshold: float) -> str:
     e = at(r, threshold)
     return (f"| {name} | {r['episodes']} | {r['successes']} | {e['fp']} / {r['episodes'] - r['successes']} | "
-            f"{pct(e['fpr'])} | {pct(e['fpr_upper95'])} | {pct(e['recall'])} |")
+            f"{pct(e['fpr'])} | {pct(e['fpr_upper95'])} | {e['early_fires']} / {r['successes']} | "
+            f"{pct((e['fp'] + e['early_fires']) / r['episodes'])} | {pct(e['recall'])} |")
 
 
 def main() -> int:
@@ -101,8 +104,9 @@ def main() -> int:
 
     for det in [out / x for x in args.detectors.split(",") if x]:
         print(f"\n{det.name} at threshold {args.threshold:g} (debounce as stored), on episodes of each policy and pooled:\n")
-        print("| episodes of | episodes | successes | false fires / failed episodes | FPR | 95% upper | recall |")
-        print("|---|---|---|---|---|---|---|")
+        print("| episodes of | episodes | successes | false fires / failed episodes | FPR | 95% upper | "
+              "early fires / successes | any false fire, per episode | recall |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, fs in files.items():
             print(row(name, check(det, fs, d / f"{det.stem}_{name.replace('/', '_')}_t{args.takeovers}.json"),
                       args.threshold))

@@ -224,17 +224,43 @@ def test_check_measures_the_exported_file_as_the_robot_runs_it(trained, fresh, t
     r = json.loads(report.read_text())
     det = SuccessDetector.load(path)
     frames = load_labelled([str(fresh)], ["state"], 5, 5)
-    fired = []
-    for e in range(frames.num_episodes):  # the robot's loop: reset, then one update per frame
-        det.reset()
-        fired.append(any([det.update({"state": s}).fired for s in frames.state[frames.episode == e]]))
+    def robot(det: SuccessDetector) -> tuple[list[bool], int]:
+        """Fired per episode, and successes it fired on before their gap and positives began."""
+        fired, early = [], 0
+        for e in range(frames.num_episodes):  # the robot's loop: reset, then one update per frame
+            det.reset()
+            decisions = [det.update({"state": s}) for s in frames.state[frames.episode == e]]
+            fired.append(decisions[-1].fired)
+            at, labels = decisions[-1].fired_at, frames.labels[frames.episode == e]
+            early += bool(frames.success[e] and at is not None and at < int(np.argmax(labels != NEGATIVE)))
+        return fired, early
+
+    fired, early = robot(det)
     fired_a, ok = np.array(fired), frames.success
     ep = r["episode"]
     assert (r["episodes"], r["successes"]) == (12, int(ok.sum()))
     assert (ep["tp"], ep["fp"], ep["fn"], ep["tn"]) == (
         int((fired_a & ok).sum()), int((fired_a & ~ok).sum()), int((~fired_a & ok).sum()), int((~fired_a & ~ok).sum()))
     sweep = {s["threshold"]: s for s in r["episode_sweep"]}
+    assert ep["early_fires"] == early  # a success it would have ended before it happened
     assert sweep[0.5]["fp"] == ep["fp"] and sweep[0.5]["tp"] == ep["tp"]  # the stored threshold is 0.5
+    early_by_threshold = {t: robot(SuccessDetector.load(path, threshold=t))[1] for t in sweep}
+    assert {t: s["early_fires"] for t, s in sweep.items()} == early_by_threshold
+
+    # a detector that says yes from the first frame ends every success early: check counts each
+    from qc_robot.policies.success_detector import DetectorMetadata
+    from qc_robot.reward.export import export_detector
+    from qc_robot.reward.model import DetectorNet
+
+    net = DetectorNet(det.meta.obs_dim, {}, hidden=[])
+    with torch.no_grad():
+        net.head.net[0].weight.zero_()
+        net.head.net[0].bias.fill_(10.0)
+    always, _ = export_detector(net, DetectorMetadata(obs_fields=det.meta.obs_fields, positive_frames=5, gap_frames=5),
+                                tmp_path / "always.onnx", frames.state[:2], {})
+    assert main(["reward", str(fresh), f"check={always}", f"report={report}"]) == 0
+    fired, early = robot(SuccessDetector.load(always))
+    assert early == int(ok.sum()) > 0 and json.loads(report.read_text())["episode"]["early_fires"] == early
     assert all(a["tp"] >= b["tp"] and a["fp"] >= b["fp"]  # a higher threshold never fires more
                for a, b in itertools.pairwise(r["episode_sweep"]))
     assert ep["fpr_upper95"] >= ep["fpr"]

@@ -76,7 +76,8 @@ def check_detector(path: str, files: list[str]) -> dict[str, Any]:
         "frame": frame_metrics(prob, frames.labels, det.threshold),
         "episode": at(det.threshold),
         "episode_sweep": [{"threshold": t, **{k: v for k, v in at(t).items()
-                                              if k in ("precision", "recall", "fpr", "fp", "tp", "fpr_upper95")}}
+                                              if k in ("precision", "recall", "fpr", "fp", "tp", "fpr_upper95",
+                                                       "early_fires")}}
                           for t in CHECK_SWEEP],
         "trained_on_these_files": overlap,
         "nan_frames": int(np.isnan(prob).sum()),
@@ -92,10 +93,11 @@ def run_check(path: str, files: list[str], report: str = "") -> int:
     if r["trained_on_these_files"]:
         print(f"note: it was trained on {r['trained_on_these_files']}: these rates are not held out")
     print(summary_line("frames", r["frame"]))
-    print(summary_line("episodes", e) + f", false-positive rate <= {_pct(e['fpr_upper95'])} (95% upper bound)")
+    print(summary_line("episodes", e) + f", false-positive rate <= {_pct(e['fpr_upper95'])} (95% upper bound); "
+          f"early fires {e['early_fires']} (successes it would have ended as one before they happened)")
     print("episodes by threshold: " + ", ".join(
-        f"{s['threshold']:g}: recall {_pct(s['recall'])} fpr {_pct(s['fpr'])} (<= {_pct(s['fpr_upper95'])})"
-        for s in r["episode_sweep"]))
+        f"{s['threshold']:g}: recall {_pct(s['recall'])} fpr {_pct(s['fpr'])} (<= {_pct(s['fpr_upper95'])}) "
+        f"early {s['early_fires']}" for s in r["episode_sweep"]))
     if report:
         Path(report).parent.mkdir(parents=True, exist_ok=True)
         Path(report).write_text(json.dumps(r, indent=2) + "\n")
