@@ -40,7 +40,8 @@ def record(args: argparse.Namespace, onnx: Path, d: Path, seed: int) -> list[Pat
     time.sleep(3)
     try:
         run(["qc-robot", "drive", "driver=sim", f"env={args.task}", f"server=tcp://127.0.0.1:{args.port}",
-             f"episodes={args.episodes}", f"seed={seed}", "realtime=false", "blind=true", "operator=scripted",
+             f"episodes={args.episodes}", f"seed={seed}", f"realtime={str(args.realtime).lower()}", "blind=true",
+             "operator=scripted",
              f"operator_args.noise={args.noise:g}", f"operator_args.max_takeovers={args.takeovers}",
              "env.sparse_reward=true"], 7200, d.with_suffix(".drive.log"))
     finally:
@@ -84,6 +85,9 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=150, help="episodes per policy")
     ap.add_argument("--seed", type=int, default=900_000, help="first seed (no other stage uses 900000 and up)")
     ap.add_argument("--takeovers", type=int, default=0, help="the scripted operator's takeovers an episode")
+    ap.add_argument("--realtime", action="store_true",
+                    help="record on the 20 Hz wall clock, as the arms run (lockstep by default: faster)")
+    ap.add_argument("--skip-offline", action="store_true", help="only the checkpoints' episodes")
     ap.add_argument("--task", default="cube-single-task1")
     ap.add_argument("--noise", type=float, default=0.3)
     ap.add_argument("--port", type=int, default=5581)
@@ -91,6 +95,7 @@ def main() -> int:
     out = Path(args.out_dir)
     d = out / "check"
     d.mkdir(exist_ok=True)
+    tag = f"t{args.takeovers}" + ("_rt" if args.realtime else "")  # recordings and reports kept apart
 
     policies: list[tuple[str, Path]] = [("offline", out / "model.onnx")]
     for c in [c for c in args.checkpoints.split(",") if c]:
@@ -99,8 +104,9 @@ def main() -> int:
         if not onnx.exists():
             run(["qc-robot", "export", f"checkpoint={ckpt}", f"out={onnx}"], 600, onnx.with_suffix(".export.log"))
         policies.append((f"{ckpt.parent.name}/{ckpt.stem}", onnx))
-    files = {name: record(args, onnx, d / f"{name.replace('/', '_')}_t{args.takeovers}", args.seed + 10_000 * i)
-             for i, (name, onnx) in enumerate(policies)}
+    files = {name: record(args, onnx, d / f"{name.replace('/', '_')}_{tag}", args.seed + 10_000 * i)
+             for i, (name, onnx) in enumerate(policies)  # a policy's seeds do not depend on --skip-offline
+             if not (args.skip_offline and name == "offline")}
 
     for det in [out / x for x in args.detectors.split(",") if x]:
         print(f"\n{det.name} at threshold {args.threshold:g} (debounce as stored), on episodes of each policy and pooled:\n")
@@ -108,9 +114,9 @@ def main() -> int:
               "early fires / successes | any false fire, per episode | recall |")
         print("|---|---|---|---|---|---|---|---|---|")
         for name, fs in files.items():
-            print(row(name, check(det, fs, d / f"{det.stem}_{name.replace('/', '_')}_t{args.takeovers}.json"),
+            print(row(name, check(det, fs, d / f"{det.stem}_{name.replace('/', '_')}_{tag}.json"),
                       args.threshold))
-        pooled = check(det, [f for fs in files.values() for f in fs], d / f"{det.stem}_pooled_t{args.takeovers}.json")
+        pooled = check(det, [f for fs in files.values() for f in fs], d / f"{det.stem}_pooled_{tag}.json")
         print(row("all", pooled, args.threshold))
         if pooled["trained_on_these_files"]:
             print(f"(not held out: it trained on {pooled['trained_on_these_files']})")
